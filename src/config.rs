@@ -1,0 +1,784 @@
+//! Configuration (SPEC §2): a TOML file plus `KEYROTD__SECTION__KEY` overrides.
+//!
+//! Loading is two steps, as in vector: [`Config::load`] parses and runs the pure
+//! [`Config::validate`] (no I/O beyond reading the file and the admin key); connecting
+//! to stores happens later, in [`crate::store::build`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobMatcher};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem; always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub openai: OpenAiConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub stores: BTreeMap<String, StoreConfig>,
+    #[serde(default)]
+    pub rotate: Vec<RuleConfig>,
+    #[serde(default)]
+    pub notify: NotifyConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Cron, 5-field (crontab) or 6-field (with seconds), UTC.
+    pub schedule: String,
+    pub run_on_start: bool,
+    /// Parallel API calls / rotations.
+    pub concurrency: usize,
+    /// `/metrics`, `/healthz`, `/readyz`; off when unset.
+    pub listen: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Identifies this process in intents (defaults to hostname:pid).
+    pub instance_id: Option<String>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            schedule: "0 */15 * * * *".into(),
+            run_on_start: true,
+            concurrency: 8,
+            listen: None,
+            shutdown_timeout: Duration::from_secs(30),
+            instance_id: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiConfig {
+    pub base_url: String,
+    pub admin_key_env: Option<String>,
+    pub admin_key_file: Option<PathBuf>,
+    /// Refused: secrets are never inline. Present only to say so clearly.
+    #[serde(skip_serializing)]
+    pub admin_key: Option<serde::de::IgnoredAny>,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+    /// Cap on a server-requested `retry-after` wait.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    pub include_archived: bool,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        OpenAiConfig {
+            base_url: "https://api.openai.com/v1".into(),
+            admin_key_env: None,
+            admin_key_file: None,
+            admin_key: None,
+            request_timeout: Duration::from_secs(30),
+            max_retries: 6,
+            max_retry_after: Duration::from_secs(60),
+            include_archived: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserKeys {
+    Report,
+    Revoke,
+}
+
+/// `none` or a duration after which OpenAI expires newly minted keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyExpiry(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for KeyExpiry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().eq_ignore_ascii_case("none") || s.trim().is_empty() {
+            return Ok(KeyExpiry(None));
+        }
+        humantime::parse_duration(s.trim())
+            .map(|d| KeyExpiry(Some(d)))
+            .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e} (use \"none\" or a duration like \"90d\")")))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+    pub verify: bool,
+    pub user_keys: UserKeys,
+    pub key_expiry: KeyExpiry,
+    /// A key whose `expires_at` falls within this window is `expiring_soon` (rotated).
+    #[serde(with = "humantime_serde")]
+    pub expiry_warning: Duration,
+    /// A `keyrotd-*` key no store references is swept only when older than this, so a
+    /// concurrent process's freshly minted key is never taken for an orphan.
+    #[serde(with = "humantime_serde")]
+    pub orphan_min_age: Duration,
+    /// How long an intent protects a slot from other processes.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How long verification retries a new key before giving up.
+    #[serde(with = "humantime_serde")]
+    pub verify_timeout: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            max_age: Duration::from_secs(90 * 86400),
+            grace_period: Duration::from_secs(86400),
+            verify: true,
+            user_keys: UserKeys::Report,
+            key_expiry: KeyExpiry(None),
+            expiry_warning: Duration::from_secs(7 * 86400),
+            orphan_min_age: Duration::from_secs(3600),
+            lease: Duration::from_secs(600),
+            verify_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A `[stores.<name>]` section; `type` picks the backend.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StoreConfig {
+    Vault(VaultConfig),
+    AwsSecretsManager(AwsConfig),
+    File(FileConfig),
+}
+
+impl StoreConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreConfig::Vault(_) => "vault",
+            StoreConfig::AwsSecretsManager(_) => "aws_secrets_manager",
+            StoreConfig::File(_) => "file",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    pub address: String,
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub ca_cert: String,
+    pub auth: VaultAuth,
+    /// Store-call retries on 5xx / connection errors.
+    #[serde(default = "default_store_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_store_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_mount() -> String {
+    "secret".into()
+}
+fn default_store_retries() -> u32 {
+    4
+}
+fn default_store_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+/// Vault auth; credentials only by env var or file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VaultAuth {
+    Token {
+        token_env: Option<String>,
+        token_file: Option<PathBuf>,
+    },
+    Approle {
+        #[serde(default = "default_approle_mount")]
+        mount: String,
+        role_id_env: Option<String>,
+        role_id_file: Option<PathBuf>,
+        secret_id_env: Option<String>,
+        secret_id_file: Option<PathBuf>,
+    },
+    Kubernetes {
+        #[serde(default = "default_k8s_mount")]
+        mount: String,
+        role: String,
+        #[serde(default = "default_jwt_file")]
+        jwt_file: PathBuf,
+    },
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+fn default_k8s_mount() -> String {
+    "kubernetes".into()
+}
+fn default_jwt_file() -> PathBuf {
+    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    pub region: String,
+    #[serde(default)]
+    pub endpoint_url: String,
+    #[serde(default)]
+    pub kms_key_id: String,
+    /// Optional named profile of the shared config files.
+    #[serde(default)]
+    pub profile: String,
+    #[serde(default = "default_store_retries")]
+    pub max_retries: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Mint on the same service account; fall back to a new service account when the
+    /// API refuses to delete a service account's key.
+    #[default]
+    Auto,
+    SameServiceAccount,
+    NewServiceAccount,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    /// Project id or name, glob.
+    pub project: String,
+    /// Service-account name, glob.
+    #[serde(default = "default_star")]
+    pub service_account: String,
+    pub stores: Vec<String>,
+    pub path: String,
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub grace_period: Option<Duration>,
+    #[serde(default)]
+    pub verify: Option<bool>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+}
+
+fn default_star() -> String {
+    "*".into()
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Environment variable holding the URL (webhook URLs are credentials).
+    pub url_env: Option<String>,
+    pub url_file: Option<PathBuf>,
+    #[serde(default)]
+    pub format: WebhookFormat,
+    /// Events to send; empty = all.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
+}
+
+/// A validated rule: globs compiled, overrides resolved.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub name: String,
+    pub project: GlobMatcher,
+    pub service_account: GlobMatcher,
+    pub stores: Vec<String>,
+    pub path: String,
+    pub max_age: Duration,
+    pub grace_period: Duration,
+    pub verify: bool,
+    pub scopes: Vec<String>,
+    pub strategy: Strategy,
+}
+
+impl Rule {
+    /// Whether the rule covers this project (by id or name) and service account (by name).
+    pub fn matches(&self, project_id: &str, project_name: &str, sa_name: &str) -> bool {
+        (self.project.is_match(project_id) || self.project.is_match(project_name))
+            && self.service_account.is_match(sa_name)
+    }
+
+    /// Renders the path template for one slot.
+    pub fn render_path(&self, vars: &PathVars<'_>) -> String {
+        render_template(&self.path, vars)
+    }
+}
+
+/// The variables a rule's `path` may use.
+#[derive(Clone, Copy, Debug)]
+pub struct PathVars<'a> {
+    pub project_id: &'a str,
+    pub project_name: &'a str,
+    pub service_account_id: &'a str,
+    pub service_account_name: &'a str,
+}
+
+pub const PATH_VARS: [&str; 4] = [
+    "project_id",
+    "project_name",
+    "service_account_id",
+    "service_account_name",
+];
+
+fn render_template(template: &str, v: &PathVars<'_>) -> String {
+    template
+        .replace("{project_id}", v.project_id)
+        .replace("{project_name}", v.project_name)
+        .replace("{service_account_id}", v.service_account_id)
+        .replace("{service_account_name}", v.service_account_name)
+}
+
+/// Where the admin key comes from; the key itself is read by [`Config::admin_key`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminKeySource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl Config {
+    /// Reads `path` (TOML), applies `KEYROTD__*` environment overrides, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::File {
+                path: path.display().to_string(),
+                message: "not found (set --config or KEYROTD_CONFIG)".into(),
+            });
+        }
+        let builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(env_source());
+        Self::from_builder(builder, &path.display().to_string())
+    }
+
+    /// Parses TOML text (plus environment overrides) and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let builder = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(env_source());
+        Self::from_builder(builder, "<inline>")
+    }
+
+    fn from_builder(
+        builder: config::ConfigBuilder<config::builder::DefaultState>,
+        origin: &str,
+    ) -> Result<Config, ConfigError> {
+        let raw = builder.build().map_err(|e| ConfigError::File {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let cfg: Config = raw.try_deserialize().map_err(|e| map_config_error(origin, e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Pure checks that serde cannot express. Errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_schedule(&self.daemon.schedule)
+            .map_err(|m| ConfigError::invalid("daemon.schedule", m))?;
+        if self.daemon.concurrency == 0 || self.daemon.concurrency > 256 {
+            return Err(ConfigError::invalid(
+                "daemon.concurrency",
+                format!("{} is outside 1..=256", self.daemon.concurrency),
+            ));
+        }
+        if let Some(listen) = &self.daemon.listen {
+            listen.parse::<std::net::SocketAddr>().map_err(|e| {
+                ConfigError::invalid("daemon.listen", format!("{listen:?} is not host:port ({e})"))
+            })?;
+        }
+        if self.openai.admin_key.is_some() {
+            return Err(ConfigError::invalid(
+                "openai.admin_key",
+                "inline admin keys are refused: a key in a config file leaks through backups, \
+                 ConfigMaps and `ps`; use admin_key_env or admin_key_file (a systemd credential \
+                 or a Kubernetes Secret mount)",
+            ));
+        }
+        self.admin_key_source()?;
+        let url = reqwest::Url::parse(&self.openai.base_url).map_err(|e| {
+            ConfigError::invalid("openai.base_url", format!("{:?}: {e}", self.openai.base_url))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::invalid("openai.base_url", "scheme must be http or https"));
+        }
+        if self.openai.max_retries > 20 {
+            return Err(ConfigError::invalid("openai.max_retries", "at most 20"));
+        }
+        if self.policy.max_age.is_zero() {
+            return Err(ConfigError::invalid("policy.max_age", "must be greater than zero"));
+        }
+        for (name, store) in &self.stores {
+            validate_store(name, store)?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, rule) in self.rotate.iter().enumerate() {
+            let key = |k: &str| format!("rotate[{i}].{k}");
+            if rule.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(rule.name.as_str()) {
+                return Err(ConfigError::invalid(key("name"), format!("duplicate rule name {:?}", rule.name)));
+            }
+            compile_glob(&rule.project).map_err(|m| ConfigError::invalid(key("project"), m))?;
+            compile_glob(&rule.service_account)
+                .map_err(|m| ConfigError::invalid(key("service_account"), m))?;
+            if rule.stores.is_empty() {
+                return Err(ConfigError::invalid(key("stores"), "name at least one store"));
+            }
+            for s in &rule.stores {
+                if !self.stores.contains_key(s) {
+                    let known: Vec<&str> = self.stores.keys().map(String::as_str).collect();
+                    return Err(ConfigError::invalid(
+                        key("stores"),
+                        format!("unknown store {s:?} (configured: {known:?})"),
+                    ));
+                }
+            }
+            validate_path_template(&rule.path).map_err(|m| ConfigError::invalid(key("path"), m))?;
+            if rule.max_age == Some(Duration::ZERO) {
+                return Err(ConfigError::invalid(key("max_age"), "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rotation needs at least one rule; `plan` and `check-config` do not.
+    pub fn require_rules(&self) -> Result<(), ConfigError> {
+        if self.rotate.is_empty() {
+            return Err(ConfigError::invalid(
+                "rotate",
+                "no [[rotate]] rules: nothing would ever be rotated; add a rule or use `keyrotd plan`",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn admin_key_source(&self) -> Result<AdminKeySource, ConfigError> {
+        match (&self.openai.admin_key_env, &self.openai.admin_key_file) {
+            (Some(_), Some(_)) => Err(ConfigError::invalid(
+                "openai.admin_key_env",
+                "set only one of admin_key_env and admin_key_file",
+            )),
+            (Some(env), None) if !env.trim().is_empty() => Ok(AdminKeySource::Env(env.clone())),
+            (None, Some(file)) => Ok(AdminKeySource::File(file.clone())),
+            _ => Err(ConfigError::invalid(
+                "openai.admin_key_env",
+                "no admin key source: set admin_key_env (an environment variable name) or admin_key_file",
+            )),
+        }
+    }
+
+    /// Reads the admin key from its environment variable or file.
+    pub fn admin_key(&self) -> Result<SecretString, ConfigError> {
+        match self.admin_key_source()? {
+            AdminKeySource::Env(var) => match std::env::var(&var) {
+                Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_string())),
+                Ok(_) => Err(ConfigError::invalid(
+                    "openai.admin_key_env",
+                    format!("environment variable {var} is empty"),
+                )),
+                Err(_) => Err(ConfigError::invalid(
+                    "openai.admin_key_env",
+                    format!("environment variable {var} is not set"),
+                )),
+            },
+            AdminKeySource::File(path) => read_secret_file(&path)
+                .map_err(|m| ConfigError::invalid("openai.admin_key_file", m)),
+        }
+    }
+
+    /// Rules with globs compiled and per-rule overrides resolved, in order.
+    pub fn rules(&self) -> Vec<Rule> {
+        self.rotate
+            .iter()
+            .map(|r| Rule {
+                name: r.name.clone(),
+                // validate() compiled these already.
+                project: compile_glob(&r.project).unwrap_or_else(|_| match_nothing()),
+                service_account: compile_glob(&r.service_account)
+                    .unwrap_or_else(|_| match_nothing()),
+                stores: r.stores.clone(),
+                path: r.path.clone(),
+                max_age: r.max_age.unwrap_or(self.policy.max_age),
+                grace_period: r.grace_period.unwrap_or(self.policy.grace_period),
+                verify: r.verify.unwrap_or(self.policy.verify),
+                scopes: r.scopes.clone(),
+                strategy: r.strategy,
+            })
+            .collect()
+    }
+}
+
+/// Reads a secret from a file, trimming the trailing newline. The error never contains
+/// the content.
+pub fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(SecretString::from(s.trim().to_string())),
+        Ok(_) => Err(format!("file {} is empty", path.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Reads a secret from `env` or `file` (exactly one set); `key` names the config key.
+pub fn read_secret(
+    key: &str,
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<SecretString, ConfigError> {
+    match (env, file) {
+        (Some(var), None) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_string())),
+            _ => Err(ConfigError::invalid(
+                format!("{key}_env"),
+                format!("environment variable {var} is not set or empty"),
+            )),
+        },
+        (None, Some(path)) => {
+            read_secret_file(path).map_err(|m| ConfigError::invalid(format!("{key}_file"), m))
+        }
+        (Some(_), Some(_)) => Err(ConfigError::invalid(
+            format!("{key}_env"),
+            format!("set only one of {key}_env and {key}_file"),
+        )),
+        (None, None) => Err(ConfigError::invalid(
+            format!("{key}_env"),
+            format!("set {key}_env or {key}_file"),
+        )),
+    }
+}
+
+fn env_source() -> config::Environment {
+    config::Environment::with_prefix("KEYROTD")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("rotate.stores")
+        .with_list_parse_key("notify.webhooks.events")
+}
+
+fn map_config_error(origin: &str, e: config::ConfigError) -> ConfigError {
+    match &e {
+        config::ConfigError::Type { key: Some(k), .. } => ConfigError::invalid(k.clone(), e.to_string()),
+        config::ConfigError::Message(m) => {
+            // serde messages from the `config` crate carry the key after "for key".
+            ConfigError::File {
+                path: origin.to_string(),
+                message: m.clone(),
+            }
+        }
+        _ => ConfigError::File {
+            path: origin.to_string(),
+            message: e.to_string(),
+        },
+    }
+}
+
+fn validate_store(name: &str, store: &StoreConfig) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("stores.{name}.{k}");
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ConfigError::invalid(
+            format!("stores.{name}"),
+            "store names use letters, digits, '-' and '_'",
+        ));
+    }
+    match store {
+        StoreConfig::Vault(v) => {
+            let url = reqwest::Url::parse(&v.address)
+                .map_err(|e| ConfigError::invalid(key("address"), format!("{:?}: {e}", v.address)))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(ConfigError::invalid(key("address"), "scheme must be http or https"));
+            }
+            if v.mount.trim_matches('/').is_empty() {
+                return Err(ConfigError::invalid(key("mount"), "must not be empty"));
+            }
+            match &v.auth {
+                VaultAuth::Token { token_env, token_file } => {
+                    if token_env.is_some() == token_file.is_some() {
+                        return Err(ConfigError::invalid(
+                            key("auth"),
+                            "token auth needs exactly one of token_env and token_file",
+                        ));
+                    }
+                }
+                VaultAuth::Approle {
+                    role_id_env,
+                    role_id_file,
+                    secret_id_env,
+                    secret_id_file,
+                    ..
+                } => {
+                    if role_id_env.is_some() == role_id_file.is_some() {
+                        return Err(ConfigError::invalid(
+                            key("auth"),
+                            "approle auth needs exactly one of role_id_env and role_id_file",
+                        ));
+                    }
+                    if secret_id_env.is_some() == secret_id_file.is_some() {
+                        return Err(ConfigError::invalid(
+                            key("auth"),
+                            "approle auth needs exactly one of secret_id_env and secret_id_file",
+                        ));
+                    }
+                }
+                VaultAuth::Kubernetes { role, .. } => {
+                    if role.trim().is_empty() {
+                        return Err(ConfigError::invalid(key("auth.role"), "must not be empty"));
+                    }
+                }
+            }
+        }
+        StoreConfig::AwsSecretsManager(a) => {
+            if a.region.trim().is_empty() {
+                return Err(ConfigError::invalid(key("region"), "must not be empty"));
+            }
+            if !a.endpoint_url.is_empty() {
+                reqwest::Url::parse(&a.endpoint_url).map_err(|e| {
+                    ConfigError::invalid(key("endpoint_url"), format!("{:?}: {e}", a.endpoint_url))
+                })?;
+            }
+        }
+        StoreConfig::File(f) => {
+            if f.dir.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(key("dir"), "must not be empty"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn compile_glob(pattern: &str) -> Result<GlobMatcher, String> {
+    if pattern.is_empty() {
+        return Err("empty glob (use \"*\" to match everything)".into());
+    }
+    Glob::new(pattern)
+        .map(|g| g.compile_matcher())
+        .map_err(|e| format!("bad glob {pattern:?}: {}", e.kind()))
+}
+
+fn match_nothing() -> GlobMatcher {
+    Glob::new("\u{0}never\u{0}").map(|g| g.compile_matcher()).unwrap_or_else(|_| unreachable!())
+}
+
+fn validate_path_template(path: &str) -> Result<(), String> {
+    if path.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    let mut rest = path;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed '{{' in {path:?}"))?;
+        let var = &after[..close];
+        if !PATH_VARS.contains(&var) {
+            return Err(format!(
+                "unknown variable {{{var}}} in {path:?} (known: {})",
+                PATH_VARS.map(|v| format!("{{{v}}}")).join(", ")
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    if rest.contains('}') {
+        return Err(format!("stray '}}' in {path:?}"));
+    }
+    if path.starts_with('/') || path.split('/').any(|seg| seg == "..") {
+        return Err(format!("{path:?} must be relative and must not contain '..'"));
+    }
+    Ok(())
+}
+
+/// Parses a 5- or 6-field cron expression into the 6-field form the scheduler takes.
+pub fn parse_schedule(expr: &str) -> Result<String, String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let six = match fields.len() {
+        5 => format!("0 {}", fields.join(" ")),
+        6 => fields.join(" "),
+        n => {
+            return Err(format!(
+                "{expr:?} has {n} fields; use 5 (crontab: min hour dom mon dow) or 6 (with seconds first)"
+            ))
+        }
+    };
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(&six)
+        .map_err(|e| format!("{expr:?} is not a valid cron expression: {e}"))?;
+    Ok(six)
+}
+
+impl fmt::Display for UserKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UserKeys::Report => "report",
+            UserKeys::Revoke => "revoke",
+        })
+    }
+}

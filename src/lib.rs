@@ -1,0 +1,29 @@
+//! keyrotd rotates OpenAI project API keys into the secret stores their consumers read,
+//! crash-safely: a new key is minted, stored everywhere, verified and promoted before the
+//! old one is revoked after a grace period.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML configuration, `KEYROTD__*` overrides, pure validation.
+//! - [`openai`]: the Admin API client (pagination, retries) and its models.
+//! - [`store`]: the secret-store trait and its backends (Vault/OpenBao KV v2, AWS
+//!   Secrets Manager, file). Knows nothing of OpenAI.
+//! - [`policy`]: pure verdicts for one key (ok, rotate, revoke, report, orphan).
+//! - [`plan`]: the organization inventory and the read-only plan.
+//! - [`rotation`]: the slot state machine, the only place that orders
+//!   mint → stage → verify → promote → retire.
+//! - [`sim`]: the Admin API simulator used by `keyrotd demo`, `keyrotd sim` and tests.
+
+pub mod config;
+pub mod openai;
+pub mod plan;
+pub mod policy;
+pub mod rotation;
+pub mod sim;
+pub mod store;
+pub mod telemetry;
+
+/// Exit code for a bad configuration (SPEC §1).
+pub const EXIT_BAD_CONFIG: i32 = 2;
+/// Exit code when some action failed (SPEC §1).
+pub const EXIT_FAILED: i32 = 1;

@@ -1,0 +1,243 @@
+//! Admin API objects, typed from `spec/openai-admin-openapi.json`.
+//!
+//! Deserialisation is tolerant: unknown fields are ignored and every field the spec
+//! marks nullable (or that a real server might omit) is an `Option`.
+
+use std::fmt;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// `{"object": "list", "data": [...], "first_id", "last_id", "has_more"}`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ListResponse<T> {
+    #[serde(default)]
+    pub object: Option<String>,
+    pub data: Vec<T>,
+    #[serde(default)]
+    pub first_id: Option<String>,
+    #[serde(default)]
+    pub last_id: Option<String>,
+    pub has_more: bool,
+}
+
+/// `Project`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct Project {
+    pub id: String,
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub created_at: i64,
+    #[serde(default)]
+    pub archived_at: Option<i64>,
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+impl Project {
+    /// The name, or the id when the project has none.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.id)
+    }
+    pub fn is_archived(&self) -> bool {
+        self.archived_at.is_some() || self.status.as_deref() == Some("archived")
+    }
+}
+
+/// `ProjectApiKey` (the listing object; never carries the value).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct ProjectApiKey {
+    pub id: String,
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub redacted_value: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub created_at: i64,
+    #[serde(default)]
+    pub last_used_at: Option<i64>,
+    /// Not in the spec excerpt; read when a server sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default)]
+    pub owner_project_access: Option<OwnerAccess>,
+    pub owner: ApiKeyOwner,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerAccess {
+    Active,
+    Inactive,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerType {
+    User,
+    ServiceAccount,
+}
+
+impl OwnerType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OwnerType::User => "user",
+            OwnerType::ServiceAccount => "service_account",
+        }
+    }
+}
+
+/// `owner` of a `ProjectApiKey`: `type` plus the matching object.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct ApiKeyOwner {
+    #[serde(rename = "type")]
+    pub kind: OwnerType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<OwnerUser>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<OwnerServiceAccount>,
+}
+
+impl ApiKeyOwner {
+    pub fn id(&self) -> Option<&str> {
+        match self.kind {
+            OwnerType::User => self.user.as_ref().map(|u| u.id.as_str()),
+            OwnerType::ServiceAccount => self.service_account.as_ref().map(|s| s.id.as_str()),
+        }
+    }
+    pub fn name(&self) -> Option<&str> {
+        match self.kind {
+            OwnerType::User => self.user.as_ref().and_then(|u| u.name.as_deref().or(u.email.as_deref())),
+            OwnerType::ServiceAccount => self.service_account.as_ref().and_then(|s| s.name.as_deref()),
+        }
+    }
+}
+
+/// `ProjectApiKeyOwnerUser`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct OwnerUser {
+    pub id: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<i64>,
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// `ProjectApiKeyOwnerServiceAccount`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct OwnerServiceAccount {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<i64>,
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// `ProjectServiceAccount`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct ServiceAccount {
+    pub id: String,
+    #[serde(default)]
+    pub object: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub role: Option<String>,
+    pub created_at: i64,
+}
+
+/// `CreateProjectServiceAccountApiKeyBody` (+ `expires_in_seconds`, which the spec
+/// excerpt does not list; sent only when `policy.key_expiry` is set).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CreateKeyRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+}
+
+/// `ServiceAccountApiKeyBody` / `ProjectServiceAccountApiKey`: the only place a key's
+/// value appears. `Debug` redacts it.
+#[derive(Clone, Deserialize)]
+pub struct CreatedKey {
+    pub id: String,
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(deserialize_with = "de_secret")]
+    pub value: SecretString,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub created_at: i64,
+}
+
+impl fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("id", &self.id)
+            .field("value", &"[REDACTED]")
+            .field("name", &self.name)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+fn de_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    Ok(SecretString::from(String::deserialize(d)?))
+}
+
+/// `ProjectServiceAccountCreateRequest`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateServiceAccountRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_service_account_only: Option<bool>,
+}
+
+/// `ProjectServiceAccountCreateResponse`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CreatedServiceAccount {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub role: Option<String>,
+    pub created_at: i64,
+    #[serde(default)]
+    pub api_key: Option<CreatedKey>,
+}
+
+/// `ProjectApiKeyDeleteResponse` / `ProjectServiceAccountDeleteResponse`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Deleted {
+    pub id: String,
+    #[serde(default)]
+    pub object: Option<String>,
+    pub deleted: bool,
+}
+
+/// `Error` inside `ErrorResponse`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct ApiErrorBody {
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub param: Option<String>,
+    #[serde(default)]
+    pub code: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ErrorResponse {
+    pub error: ApiErrorBody,
+}

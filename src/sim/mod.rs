@@ -1,0 +1,1 @@
+//! In-process OpenAI Admin API simulator (see `keyrotd sim`, `keyrotd demo`, tests).

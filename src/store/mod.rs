@@ -1,0 +1,347 @@
+//! Secret stores: where consumers read the slot's key.
+//!
+//! The store layer knows nothing of OpenAI. It keeps, at one path per slot, the six
+//! SPEC §3 fields consumers read plus the rotation bookkeeping the engine needs to
+//! resume after a crash (an intent recorded before minting, a staged *pending* record,
+//! the previous key id and when it was promoted). Every write is compare-and-set on a
+//! [`Version`] obtained from [`SecretStore::read`].
+//!
+//! The state of a slot in one store is a [`SlotState`]; the engine changes it only
+//! through [`Transition`]s, whose meaning is fixed once, in [`SlotState::apply`]. Stores
+//! that keep the whole state in one document (Vault, file) persist `apply`'s result;
+//! AWS Secrets Manager maps transitions onto its version stages.
+//!
+//! Adding a backend: one file implementing [`SecretStore`], one arm in [`build`].
+
+pub mod aws;
+pub mod file;
+pub mod vault;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::config::StoreConfig;
+
+/// Value of the `managed_by` field and of the `managed-by` tag/metadata.
+pub const MANAGED_BY: &str = "keyrotd";
+
+/// The six fields of SPEC §3: what consumers read.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SecretRecord {
+    #[serde(with = "secret_string")]
+    pub api_key: SecretString,
+    pub key_id: String,
+    pub project_id: String,
+    pub service_account_id: String,
+    pub created_at: DateTime<Utc>,
+    pub managed_by: String,
+}
+
+impl fmt::Debug for SecretRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretRecord")
+            .field("api_key", &"[REDACTED]")
+            .field("key_id", &self.key_id)
+            .field("project_id", &self.project_id)
+            .field("service_account_id", &self.service_account_id)
+            .field("created_at", &self.created_at)
+            .field("managed_by", &self.managed_by)
+            .finish()
+    }
+}
+
+impl PartialEq for SecretRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.api_key.expose_secret() == other.api_key.expose_secret()
+            && self.key_id == other.key_id
+            && self.project_id == other.project_id
+            && self.service_account_id == other.service_account_id
+            && self.created_at == other.created_at
+            && self.managed_by == other.managed_by
+    }
+}
+
+/// Serde for `SecretString` that writes the value (stores must hold it) but is only
+/// used inside store documents.
+pub mod secret_string {
+    use secrecy::{ExposeSecret, SecretString};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.expose_secret())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+        Ok(SecretString::from(String::deserialize(d)?))
+    }
+}
+
+/// Recorded before minting so that a key created by a process that then died can be
+/// found again by its exact name (the create endpoint has no idempotency key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// Exact name the key is (about to be) created with: `keyrotd-<UTC timestamp>-<attempt>`.
+    pub key_name: String,
+    /// Identifies the process that recorded the intent (hostname:pid:random).
+    pub owner: String,
+    /// Until then the owner is presumed alive and working on the slot.
+    pub lease_until: DateTime<Utc>,
+    pub attempt: u32,
+    /// The service account the key is minted on (differs from the current record's
+    /// with strategy `new_service_account`).
+    pub service_account_id: String,
+}
+
+/// Rotation bookkeeping kept beside the six fields (`rotation` in the JSON document).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Bookkeeping {
+    pub intent: Option<Intent>,
+    /// The key the current one replaced; revoked after the grace period.
+    pub previous_key_id: Option<String>,
+    /// Service account of the previous key (strategy `new_service_account` deletes it).
+    pub previous_service_account_id: Option<String>,
+    /// When the current key was promoted: the grace clock.
+    pub promoted_at: Option<DateTime<Utc>>,
+}
+
+/// Opaque compare-and-set token: Vault's metadata version, a hash of the file's
+/// content, AWS's current/pending version ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Version(pub String);
+
+impl Version {
+    /// The version of a path that holds nothing yet (Vault `cas = 0`).
+    pub fn absent() -> Self {
+        Version(String::new())
+    }
+    pub fn is_absent(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One store's view of one slot.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlotState {
+    /// What consumers read now.
+    pub current: Option<SecretRecord>,
+    /// Staged, not yet promoted (AWS: the `AWSPENDING` version).
+    pub pending: Option<SecretRecord>,
+    pub book: Bookkeeping,
+    /// Compare-and-set token for the next write; [`Version::absent`] when nothing is stored.
+    pub version: Version,
+}
+
+/// The only ways the engine changes a slot's state in a store.
+#[derive(Clone, Debug)]
+pub enum Transition {
+    /// Record an intent before minting.
+    Intent(Intent),
+    /// Stage the new record as pending (the intent stays until promotion).
+    Stage(SecretRecord),
+    /// Make the pending record with this key id current; the old current becomes the
+    /// previous key; intent and pending are cleared; `promoted_at` is set.
+    Promote { key_id: String, at: DateTime<Utc> },
+    /// Drop the intent and any pending record (verification failed, race lost, orphan
+    /// cleaned up). The current record is untouched.
+    Abandon,
+    /// The previous key (this id) has been revoked: forget it.
+    Retired { key_id: String },
+}
+
+/// Why a transition cannot be applied to a state; a bug or a concurrent writer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("nothing is pending with key id {0}")]
+    NotPending(String),
+    #[error("the previous key is not {0}")]
+    NotPrevious(String),
+}
+
+impl SlotState {
+    /// The pure meaning of a transition. Document stores (Vault, file) persist the
+    /// result; it is also the reference the AWS backend's stage moves are tested against.
+    pub fn apply(&self, t: &Transition) -> Result<SlotState, TransitionError> {
+        let mut next = self.clone();
+        match t {
+            Transition::Intent(intent) => next.book.intent = Some(intent.clone()),
+            Transition::Stage(rec) => next.pending = Some(rec.clone()),
+            Transition::Promote { key_id, at } => {
+                let pending = match &self.pending {
+                    Some(p) if &p.key_id == key_id => p.clone(),
+                    _ => return Err(TransitionError::NotPending(key_id.clone())),
+                };
+                if let Some(cur) = &self.current {
+                    if cur.key_id != pending.key_id {
+                        next.book.previous_key_id = Some(cur.key_id.clone());
+                        next.book.previous_service_account_id =
+                            Some(cur.service_account_id.clone());
+                    }
+                }
+                next.current = Some(pending);
+                next.pending = None;
+                next.book.intent = None;
+                next.book.promoted_at = Some(*at);
+            }
+            Transition::Abandon => {
+                next.pending = None;
+                next.book.intent = None;
+            }
+            Transition::Retired { key_id } => {
+                if self.book.previous_key_id.as_deref() != Some(key_id.as_str()) {
+                    return Err(TransitionError::NotPrevious(key_id.clone()));
+                }
+                next.book.previous_key_id = None;
+                next.book.previous_service_account_id = None;
+            }
+        }
+        Ok(next)
+    }
+
+    /// Every key id this state references (current, pending, previous).
+    pub fn referenced_key_ids(&self) -> impl Iterator<Item = &str> {
+        self.current
+            .iter()
+            .chain(self.pending.iter())
+            .map(|r| r.key_id.as_str())
+            .chain(self.book.previous_key_id.as_deref())
+    }
+}
+
+/// The JSON document Vault and the file store keep: the six fields flattened at the
+/// top (absent before the first promotion) and the bookkeeping under `rotation`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Document {
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub current: Option<SecretRecord>,
+    #[serde(default)]
+    pub rotation: DocRotation,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DocRotation {
+    #[serde(flatten)]
+    pub book: Bookkeeping,
+    pub pending: Option<SecretRecord>,
+}
+
+impl Document {
+    pub fn from_state(s: &SlotState) -> Self {
+        Document {
+            current: s.current.clone(),
+            rotation: DocRotation {
+                book: s.book.clone(),
+                pending: s.pending.clone(),
+            },
+        }
+    }
+
+    pub fn into_state(self, version: Version) -> SlotState {
+        SlotState {
+            current: self.current,
+            pending: self.rotation.pending,
+            book: self.rotation.book,
+            version,
+        }
+    }
+}
+
+/// What kind of failure a store reported; retry logic reads [`StoreError::is_temporary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    NotFound,
+    PermissionDenied,
+    /// Check-and-set mismatch: another writer changed the slot.
+    Conflict,
+    Throttled,
+    Unavailable,
+    InvalidConfig,
+    /// The stored document is not what keyrotd writes.
+    InvalidData,
+    Other,
+}
+
+impl fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreErrorKind::NotFound => "not found",
+            StoreErrorKind::PermissionDenied => "permission denied",
+            StoreErrorKind::Conflict => "check-and-set conflict",
+            StoreErrorKind::Throttled => "throttled",
+            StoreErrorKind::Unavailable => "unavailable",
+            StoreErrorKind::InvalidConfig => "invalid config",
+            StoreErrorKind::InvalidData => "invalid data",
+            StoreErrorKind::Other => "error",
+        })
+    }
+}
+
+/// A store failure. The message never contains a secret value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("store {store:?}: {kind}: {message}")]
+pub struct StoreError {
+    pub store: String,
+    pub kind: StoreErrorKind,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn new(store: impl Into<String>, kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        StoreError {
+            store: store.into(),
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Worth retrying: throttling and unavailability.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self.kind, StoreErrorKind::Throttled | StoreErrorKind::Unavailable)
+    }
+}
+
+pub type StoreResult<T> = std::result::Result<T, StoreError>;
+
+/// A secret-store backend.
+#[async_trait]
+pub trait SecretStore: Send + Sync + fmt::Debug {
+    /// The name the config gives this store (`[stores.<name>]`).
+    fn name(&self) -> &str;
+
+    /// The backend type (`vault`, `aws_secrets_manager`, `file`).
+    fn kind(&self) -> &'static str;
+
+    /// Reads the slot at `path`. A path that holds nothing yields a default state with
+    /// [`Version::absent`].
+    async fn read(&self, path: &str) -> StoreResult<SlotState>;
+
+    /// Applies `t` if the slot is still at `expected` (else `Conflict`), and returns the
+    /// new state as stored.
+    async fn apply(&self, path: &str, expected: &Version, t: &Transition)
+        -> StoreResult<SlotState>;
+
+    /// Proves the store is reachable and the credentials work.
+    async fn health(&self) -> StoreResult<()>;
+
+    /// Proves keyrotd may write under `path` without disturbing a slot (writes and
+    /// removes a probe next to it, or checks capabilities).
+    async fn probe_write(&self, path: &str) -> StoreResult<()>;
+}
+
+pub type DynStore = Arc<dyn SecretStore>;
+
+/// Builds the backend a `[stores.<name>]` section describes. Connects (logs in) but
+/// writes nothing.
+pub async fn build(name: &str, cfg: &StoreConfig) -> StoreResult<DynStore> {
+    Ok(match cfg {
+        StoreConfig::File(c) => Arc::new(file::FileStore::new(name, c)?),
+        StoreConfig::Vault(c) => Arc::new(vault::VaultStore::connect(name, c).await?),
+        StoreConfig::AwsSecretsManager(c) => Arc::new(aws::AwsStore::connect(name, c).await?),
+    })
+}
