@@ -145,7 +145,8 @@ pub enum Transition {
     /// Stage the new record as pending (the intent stays until promotion).
     Stage(SecretRecord),
     /// Make the pending record with this key id current; the old current becomes the
-    /// previous key; intent and pending are cleared; `promoted_at` is set.
+    /// previous key; intent and pending are cleared; `promoted_at` is set. Idempotent:
+    /// when the key is already current it only sets a missing `promoted_at`.
     Promote { key_id: String, at: DateTime<Utc> },
     /// Drop the intent and any pending record (verification failed, race lost, orphan
     /// cleaned up). The current record is untouched.
@@ -172,8 +173,18 @@ impl SlotState {
             Transition::Intent(intent) => next.book.intent = Some(intent.clone()),
             Transition::Stage(rec) => next.pending = Some(rec.clone()),
             Transition::Promote { key_id, at } => {
-                let pending = match &self.pending {
-                    Some(p) if &p.key_id == key_id => p.clone(),
+                let pending = match (&self.pending, &self.current) {
+                    (Some(p), _) if &p.key_id == key_id => p.clone(),
+                    // Already promoted (a retry after a crash, or AWS's label moved but
+                    // the grace clock was not written): only fill in what is missing.
+                    (_, Some(c)) if &c.key_id == key_id => {
+                        if next.pending.as_ref().is_some_and(|p| &p.key_id == key_id) {
+                            next.pending = None;
+                        }
+                        next.book.intent = None;
+                        next.book.promoted_at.get_or_insert(*at);
+                        return Ok(next);
+                    }
                     _ => return Err(TransitionError::NotPending(key_id.clone())),
                 };
                 if let Some(cur) = &self.current {
