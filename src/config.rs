@@ -782,3 +782,135 @@ impl fmt::Display for UserKeys {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [openai]
+        admin_key_env = "CONFIG_TEST_ADMIN_KEY"
+        [stores.local]
+        type = "file"
+        dir = "/tmp/keyrotd-test"
+        [[rotate]]
+        name = "all"
+        project = "*"
+        stores = ["local"]
+        path = "openai/{project_name}/{service_account_name}"
+    "#;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn base_config_is_valid_and_defaults_apply() {
+        let c = Config::from_toml(BASE).expect("valid");
+        assert_eq!(c.daemon.concurrency, 8);
+        assert_eq!(c.policy.max_age, Duration::from_secs(90 * 86400));
+        assert_eq!(c.rules()[0].grace_period, Duration::from_secs(86400));
+        assert_eq!(
+            c.admin_key_source().unwrap(),
+            AdminKeySource::Env("CONFIG_TEST_ADMIN_KEY".into())
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&format!("{BASE}\n[policy]\nmax_agee = \"3d\"\n"));
+        assert!(e.contains("max_agee"), "{e}");
+    }
+
+    #[test]
+    fn unknown_nested_store_key_is_named() {
+        let e = err(&BASE.replace("dir = ", "dri = \"x\"\ndir = "));
+        assert!(e.contains("dri"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = err(&format!("{BASE}\n[policy]\ngrace_period = \"24 parsecs\"\n"));
+        assert!(e.contains("grace_period"), "{e}");
+    }
+
+    #[test]
+    fn bad_cron_is_named() {
+        let e = err(&format!("{BASE}\n[daemon]\nschedule = \"61 * * * *\"\n"));
+        assert!(e.contains("daemon.schedule"), "{e}");
+        let e = err(&format!("{BASE}\n[daemon]\nschedule = \"* * *\"\n"));
+        assert!(e.contains("3 fields"), "{e}");
+    }
+
+    #[test]
+    fn five_and_six_field_cron_accepted() {
+        assert_eq!(parse_schedule("*/5 * * * *").unwrap(), "0 */5 * * * *");
+        assert_eq!(parse_schedule("30 0 3 * * *").unwrap(), "30 0 3 * * *");
+    }
+
+    #[test]
+    fn bad_glob_is_named() {
+        let e = err(&BASE.replace("project = \"*\"", "project = \"prod-[\""));
+        assert!(e.contains("rotate[0].project"), "{e}");
+    }
+
+    #[test]
+    fn inline_admin_key_refused_with_reason() {
+        let e = err(&BASE.replace(
+            "admin_key_env = \"CONFIG_TEST_ADMIN_KEY\"",
+            "admin_key = \"sk-admin-inline\"",
+        ));
+        assert!(e.contains("openai.admin_key"), "{e}");
+        assert!(e.contains("admin_key_env or admin_key_file"), "{e}");
+        assert!(!e.contains("sk-admin-inline"), "{e}");
+    }
+
+    #[test]
+    fn missing_env_var_and_unreadable_file_are_named() {
+        let c = Config::from_toml(&BASE.replace("CONFIG_TEST_ADMIN_KEY", "KEYROTD_SURELY_UNSET_VAR"))
+            .unwrap();
+        let e = c.admin_key().unwrap_err().to_string();
+        assert!(e.contains("openai.admin_key_env") && e.contains("KEYROTD_SURELY_UNSET_VAR"), "{e}");
+        let c = Config::from_toml(&BASE.replace(
+            "admin_key_env = \"CONFIG_TEST_ADMIN_KEY\"",
+            "admin_key_file = \"/nonexistent/admin-key\"",
+        ))
+        .unwrap();
+        let e = c.admin_key().unwrap_err().to_string();
+        assert!(e.contains("openai.admin_key_file") && e.contains("/nonexistent/admin-key"), "{e}");
+    }
+
+    #[test]
+    fn rule_naming_unknown_store_is_named() {
+        let e = err(&BASE.replace("stores = [\"local\"]", "stores = [\"local\", \"vualt\"]"));
+        assert!(e.contains("rotate[0].stores") && e.contains("vualt"), "{e}");
+    }
+
+    #[test]
+    fn empty_rules_rejected_only_where_rotation_is_requested() {
+        let text = BASE.split("[[rotate]]").next().unwrap();
+        let c = Config::from_toml(text).expect("plan works without rules");
+        let e = c.require_rules().unwrap_err().to_string();
+        assert!(e.contains("`rotate`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_path_variable_rejected() {
+        let e = err(&BASE.replace("{service_account_name}", "{sa}"));
+        assert!(e.contains("rotate[0].path") && e.contains("{sa}"), "{e}");
+    }
+
+    #[test]
+    fn unknown_store_type_rejected() {
+        let e = err(&BASE.replace("type = \"file\"", "type = \"s3\""));
+        assert!(e.contains("s3"), "{e}");
+    }
+
+    #[test]
+    fn key_expiry_parses() {
+        let c = Config::from_toml(&format!("{BASE}\n[policy]\nkey_expiry = \"30d\"\n")).unwrap();
+        assert_eq!(c.policy.key_expiry, KeyExpiry(Some(Duration::from_secs(30 * 86400))));
+        let e = err(&format!("{BASE}\n[policy]\nkey_expiry = \"soon\"\n"));
+        assert!(e.contains("key_expiry"), "{e}");
+    }
+}

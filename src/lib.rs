@@ -15,6 +15,7 @@
 //! - [`sim`]: the Admin API simulator used by `keyrotd demo`, `keyrotd sim` and tests.
 
 pub mod config;
+pub mod metrics;
 pub mod openai;
 pub mod plan;
 pub mod policy;

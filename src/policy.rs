@@ -1,0 +1,448 @@
+//! The staleness policy: a pure function of (key, rules, now).
+//!
+//! [`evaluate`] gives each key a [`Verdict`] and the [`Reason`]s behind it. It knows
+//! nothing of stores; the slot-level overlay (a key that is a slot's previous key, or a
+//! `keyrotd-*` orphan) is applied by [`crate::plan`], which sees the stores.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::{PolicyConfig, Rule, UserKeys};
+use crate::openai::models::{OwnerAccess, OwnerType, Project, ProjectApiKey};
+
+/// What keyrotd will do (or would do) about a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Ok,
+    /// A managed service-account key to be replaced.
+    Rotate,
+    /// To be deleted (a user key under `user_keys = "revoke"`, a stale extra key or the
+    /// previous key of a managed service account).
+    Revoke,
+    /// Needs a human: keyrotd will not touch it.
+    Report,
+    /// A `keyrotd-*` key that no store references.
+    Orphan,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 5] = [
+        Verdict::Ok,
+        Verdict::Rotate,
+        Verdict::Revoke,
+        Verdict::Report,
+        Verdict::Orphan,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Rotate => "rotate",
+            Verdict::Revoke => "revoke",
+            Verdict::Report => "report",
+            Verdict::Orphan => "orphan",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a key got its verdict. Several may apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Older than the rule's (or the policy's) `max_age`.
+    Stale,
+    /// `last_used_at` is null.
+    NeverUsed,
+    /// Last used longer ago than `max_age`.
+    Unused,
+    /// The owner no longer has access to the project.
+    OwnerInactive,
+    /// `policy.key_expiry` asks for expiring keys, and this one never expires.
+    NoExpiry,
+    /// Expires within `policy.expiry_warning` (or has expired).
+    ExpiringSoon,
+    /// The previous key of a slot, awaiting retirement after the grace period.
+    InGrace,
+    /// The previous key of a slot whose grace period is over.
+    GraceOver,
+    /// A `keyrotd-*` key that no store references.
+    Unreferenced,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Stale => "stale",
+            Reason::NeverUsed => "never_used",
+            Reason::Unused => "unused",
+            Reason::OwnerInactive => "owner_inactive",
+            Reason::NoExpiry => "no_expiry",
+            Reason::ExpiringSoon => "expiring_soon",
+            Reason::InGrace => "in_grace",
+            Reason::GraceOver => "grace_over",
+            Reason::Unreferenced => "unreferenced",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of [`evaluate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evaluation {
+    pub verdict: Verdict,
+    pub reasons: Vec<Reason>,
+    /// Index into the rules of the first rule that matches the key's service account.
+    pub rule: Option<usize>,
+    /// The max age that applied.
+    pub max_age: Duration,
+}
+
+/// Converts an API unix timestamp.
+pub fn ts(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(secs, 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// How old a key is at `now` (zero for keys from the future).
+pub fn age(key: &ProjectApiKey, now: DateTime<Utc>) -> Duration {
+    (now - ts(key.created_at)).to_std().unwrap_or(Duration::ZERO)
+}
+
+/// The first rule matching a service-account key in this project; user keys match none.
+pub fn matching_rule(key: &ProjectApiKey, project: &Project, rules: &[Rule]) -> Option<usize> {
+    if key.owner.kind != OwnerType::ServiceAccount {
+        return None;
+    }
+    let sa_name = key.owner.name()?;
+    rules
+        .iter()
+        .position(|r| r.matches(&project.id, project.display_name(), sa_name))
+}
+
+/// Verdict and reasons for one key. Pure: same inputs, same answer.
+///
+/// - A key is `stale` when strictly older than `max_age` (exactly `max_age` is not).
+/// - A service-account key that a rule matches is rotated when stale or expiring soon.
+/// - A stale user key is revoked under `user_keys = "revoke"`, else reported; user keys
+///   with other risk signals (owner inactive, unused) are reported.
+/// - Any other key with a risk signal is reported; keyrotd never touches it.
+pub fn evaluate(
+    key: &ProjectApiKey,
+    project: &Project,
+    rules: &[Rule],
+    policy: &PolicyConfig,
+    now: DateTime<Utc>,
+) -> Evaluation {
+    let rule = matching_rule(key, project, rules);
+    let max_age = rule.map_or(policy.max_age, |i| rules[i].max_age);
+    let max_age_chrono = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+
+    let mut reasons = Vec::new();
+    if age(key, now) > max_age {
+        reasons.push(Reason::Stale);
+    }
+    match key.last_used_at {
+        None => reasons.push(Reason::NeverUsed),
+        Some(t) if now - ts(t) > max_age_chrono => reasons.push(Reason::Unused),
+        Some(_) => {}
+    }
+    if key.owner_project_access == Some(OwnerAccess::Inactive) {
+        reasons.push(Reason::OwnerInactive);
+    }
+    match key.expires_at {
+        None if policy.key_expiry.0.is_some() => reasons.push(Reason::NoExpiry),
+        Some(exp) => {
+            let warn = chrono::Duration::from_std(policy.expiry_warning)
+                .unwrap_or(chrono::Duration::MAX);
+            if ts(exp) - now <= warn {
+                reasons.push(Reason::ExpiringSoon);
+            }
+        }
+        None => {}
+    }
+
+    let has = |r: Reason| reasons.contains(&r);
+    let verdict = match key.owner.kind {
+        OwnerType::ServiceAccount if rule.is_some() => {
+            if has(Reason::Stale) || has(Reason::ExpiringSoon) {
+                Verdict::Rotate
+            } else if has(Reason::OwnerInactive) {
+                Verdict::Report
+            } else {
+                Verdict::Ok
+            }
+        }
+        OwnerType::ServiceAccount => {
+            if has(Reason::Stale) || has(Reason::ExpiringSoon) || has(Reason::OwnerInactive) {
+                Verdict::Report
+            } else {
+                Verdict::Ok
+            }
+        }
+        OwnerType::User => {
+            if has(Reason::Stale) {
+                match policy.user_keys {
+                    UserKeys::Revoke => Verdict::Revoke,
+                    UserKeys::Report => Verdict::Report,
+                }
+            } else if has(Reason::OwnerInactive) || has(Reason::Unused) || has(Reason::ExpiringSoon)
+            {
+                Verdict::Report
+            } else {
+                Verdict::Ok
+            }
+        }
+    };
+    Evaluation {
+        verdict,
+        reasons,
+        rule,
+        max_age,
+    }
+}
+
+/// Prefix of every key keyrotd mints.
+pub const KEY_NAME_PREFIX: &str = "keyrotd-";
+
+/// Whether keyrotd minted this key (by its name).
+pub fn is_keyrotd_key(key: &ProjectApiKey) -> bool {
+    key.name
+        .as_deref()
+        .is_some_and(|n| n.starts_with(KEY_NAME_PREFIX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, KeyExpiry};
+    use crate::openai::models::{ApiKeyOwner, OwnerServiceAccount, OwnerUser};
+
+    const DAY: i64 = 86400;
+
+    fn now() -> DateTime<Utc> {
+        ts(1_800_000_000)
+    }
+
+    /// Fixture builder in the controller-rs style: `Key::sa("backend").aged(days)`.
+    struct Key(ProjectApiKey);
+
+    impl Key {
+        fn sa(name: &str) -> Key {
+            Key(ProjectApiKey {
+                id: "key_1".into(),
+                object: None,
+                redacted_value: None,
+                name: Some("k".into()),
+                created_at: now().timestamp() - DAY,
+                last_used_at: Some(now().timestamp() - 60),
+                expires_at: None,
+                owner_project_access: Some(OwnerAccess::Active),
+                owner: ApiKeyOwner {
+                    kind: OwnerType::ServiceAccount,
+                    user: None,
+                    service_account: Some(OwnerServiceAccount {
+                        id: "svc_acct_1".into(),
+                        name: Some(name.into()),
+                        created_at: None,
+                        role: None,
+                    }),
+                },
+            })
+        }
+        fn user() -> Key {
+            let mut k = Key::sa("x");
+            k.0.owner = ApiKeyOwner {
+                kind: OwnerType::User,
+                user: Some(OwnerUser {
+                    id: "user_1".into(),
+                    email: Some("a@example.com".into()),
+                    name: Some("A".into()),
+                    created_at: None,
+                    role: None,
+                }),
+                service_account: None,
+            };
+            k
+        }
+        fn created_secs_ago(mut self, secs: i64) -> Key {
+            self.0.created_at = now().timestamp() - secs;
+            self
+        }
+        fn never_used(mut self) -> Key {
+            self.0.last_used_at = None;
+            self
+        }
+        fn last_used_secs_ago(mut self, secs: i64) -> Key {
+            self.0.last_used_at = Some(now().timestamp() - secs);
+            self
+        }
+        fn inactive(mut self) -> Key {
+            self.0.owner_project_access = Some(OwnerAccess::Inactive);
+            self
+        }
+        fn expires_in(mut self, secs: i64) -> Key {
+            self.0.expires_at = Some(now().timestamp() + secs);
+            self
+        }
+    }
+
+    fn project(name: &str) -> Project {
+        Project {
+            id: "proj_1".into(),
+            object: None,
+            name: Some(name.into()),
+            created_at: 0,
+            archived_at: None,
+            status: None,
+        }
+    }
+
+    fn setup(extra: &str) -> (Vec<Rule>, PolicyConfig) {
+        std::env::set_var("POLICY_TEST_KEY", "x");
+        let cfg = Config::from_toml(&format!(
+            r#"
+            [openai]
+            admin_key_env = "POLICY_TEST_KEY"
+            [policy]
+            max_age = "90d"
+            {extra}
+            [stores.local]
+            type = "file"
+            dir = "/tmp/x"
+            [[rotate]]
+            name = "prod"
+            project = "prod-*"
+            service_account = "backend"
+            stores = ["local"]
+            path = "openai/{{project_name}}"
+            max_age = "30d"
+            "#
+        ))
+        .expect("valid config");
+        (cfg.rules(), cfg.policy)
+    }
+
+    fn eval(k: Key, project_name: &str, extra: &str) -> Evaluation {
+        let (rules, policy) = setup(extra);
+        evaluate(&k.0, &project(project_name), &rules, &policy, now())
+    }
+
+    #[test]
+    fn age_exactly_max_age_is_not_stale_one_second_more_is() {
+        let e = eval(Key::sa("backend").created_secs_ago(30 * DAY), "prod-a", "");
+        assert_eq!(e.verdict, Verdict::Ok);
+        assert!(!e.reasons.contains(&Reason::Stale));
+        let e = eval(Key::sa("backend").created_secs_ago(30 * DAY + 1), "prod-a", "");
+        assert_eq!(e.verdict, Verdict::Rotate);
+        assert_eq!(e.reasons, vec![Reason::Stale]);
+        assert_eq!(e.rule, Some(0));
+    }
+
+    #[test]
+    fn rule_max_age_overrides_policy_only_where_it_matches() {
+        // 60 days: stale under the rule (30d), fresh under the policy (90d).
+        let k = || Key::sa("backend").created_secs_ago(60 * DAY);
+        assert_eq!(eval(k(), "prod-a", "").verdict, Verdict::Rotate);
+        let e = eval(k(), "dev-a", "");
+        assert_eq!(e.verdict, Verdict::Ok);
+        assert_eq!(e.rule, None);
+        assert_eq!(e.max_age, Duration::from_secs(90 * 86400));
+    }
+
+    #[test]
+    fn unmatched_stale_service_account_key_is_reported_not_rotated() {
+        let e = eval(Key::sa("worker").created_secs_ago(100 * DAY), "prod-a", "");
+        assert_eq!(e.verdict, Verdict::Report);
+        assert_eq!(e.reasons, vec![Reason::Stale]);
+    }
+
+    #[test]
+    fn null_last_used_is_never_used_and_does_not_rotate_alone() {
+        let e = eval(Key::sa("backend").never_used(), "prod-a", "");
+        assert_eq!(e.verdict, Verdict::Ok);
+        assert_eq!(e.reasons, vec![Reason::NeverUsed]);
+    }
+
+    #[test]
+    fn unused_means_last_use_older_than_max_age() {
+        let e = eval(
+            Key::user().created_secs_ago(10 * DAY).last_used_secs_ago(91 * DAY),
+            "prod-a",
+            "",
+        );
+        assert_eq!(e.reasons, vec![Reason::Unused]);
+        assert_eq!(e.verdict, Verdict::Report);
+        let e = eval(Key::user().last_used_secs_ago(90 * DAY), "prod-a", "");
+        assert_eq!(e.verdict, Verdict::Ok);
+    }
+
+    #[test]
+    fn user_keys_are_reported_or_revoked_never_rotated() {
+        let stale = || Key::user().created_secs_ago(91 * DAY);
+        let e = eval(stale(), "prod-a", "");
+        assert_eq!((e.verdict, e.rule), (Verdict::Report, None));
+        let e = eval(stale(), "prod-a", "user_keys = \"revoke\"");
+        assert_eq!(e.verdict, Verdict::Revoke);
+        // Fresh but the owner left the project: a human should look.
+        let e = eval(Key::user().inactive(), "prod-a", "user_keys = \"revoke\"");
+        assert_eq!((e.verdict, e.reasons.clone()), (Verdict::Report, vec![Reason::OwnerInactive]));
+    }
+
+    #[test]
+    fn expiry_in_the_past_or_soon_rotates_a_managed_key() {
+        let e = eval(Key::sa("backend").expires_in(-DAY), "prod-a", "");
+        assert_eq!(e.verdict, Verdict::Rotate);
+        assert_eq!(e.reasons, vec![Reason::ExpiringSoon]);
+        let e = eval(Key::sa("backend").expires_in(7 * DAY), "prod-a", "");
+        assert_eq!(e.verdict, Verdict::Rotate);
+        let e = eval(Key::sa("backend").expires_in(7 * DAY + 1), "prod-a", "");
+        assert_eq!(e.verdict, Verdict::Ok);
+    }
+
+    #[test]
+    fn no_expiry_only_flagged_when_policy_wants_expiring_keys() {
+        assert!(eval(Key::sa("backend"), "prod-a", "").reasons.is_empty());
+        let e = eval(Key::sa("backend"), "prod-a", "key_expiry = \"30d\"");
+        assert_eq!(e.reasons, vec![Reason::NoExpiry]);
+        assert_eq!(e.verdict, Verdict::Ok);
+        let (_, p) = setup("key_expiry = \"none\"");
+        assert_eq!(p.key_expiry, KeyExpiry(None));
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_matches_project_id_or_name() {
+        let (mut rules, policy) = setup("");
+        let mut second = rules[0].clone();
+        second.name = "catch-all".into();
+        second.project = globset::Glob::new("*").unwrap().compile_matcher();
+        second.service_account = globset::Glob::new("*").unwrap().compile_matcher();
+        rules.push(second);
+        let k = Key::sa("backend").0;
+        assert_eq!(matching_rule(&k, &project("prod-x"), &rules), Some(0));
+        assert_eq!(matching_rule(&k, &project("dev-x"), &rules), Some(1));
+        let mut p = project("unnamed");
+        p.id = "prod-by-id".into();
+        assert_eq!(matching_rule(&k, &p, &rules), Some(0));
+        let _ = policy;
+    }
+
+    #[test]
+    fn future_created_at_has_zero_age() {
+        let k = Key::sa("backend").created_secs_ago(-100).0;
+        assert_eq!(age(&k, now()), Duration::ZERO);
+    }
+}

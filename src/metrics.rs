@@ -1,0 +1,194 @@
+//! Prometheus metrics (SPEC §6), rendered in the text exposition format.
+//!
+//! A handful of counters and gauges do not justify a metrics framework; this registry
+//! is a few atomics and maps behind one lock, shared by the engine and the listener.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+use crate::openai::ApiStats;
+use crate::policy::Verdict;
+
+/// Outcome label of `keyrotd_rotations_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RotationOutcome {
+    Completed,
+    Failed,
+    /// The new key never verified; it was revoked and never promoted.
+    VerifyFailed,
+    /// Another process owns the slot (check-and-set lost); our key was revoked.
+    Conflict,
+}
+
+impl RotationOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationOutcome::Completed => "completed",
+            RotationOutcome::Failed => "failed",
+            RotationOutcome::VerifyFailed => "verify_failed",
+            RotationOutcome::Conflict => "conflict",
+        }
+    }
+}
+
+/// Outcome label of `keyrotd_revocations_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RevocationOutcome {
+    Revoked,
+    AlreadyGone,
+    Failed,
+}
+
+impl RevocationOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationOutcome::Revoked => "revoked",
+            RevocationOutcome::AlreadyGone => "already_gone",
+            RevocationOutcome::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    keys: BTreeMap<&'static str, u64>,
+    rotations: BTreeMap<&'static str, u64>,
+    revocations: BTreeMap<&'static str, u64>,
+    cycle_duration_seconds: Option<f64>,
+    last_success_timestamp_seconds: Option<f64>,
+    oldest_key_age_seconds: Option<f64>,
+    cycles: BTreeMap<&'static str, u64>,
+    slot_failures: u64,
+}
+
+/// The metrics registry.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    pub fn rotation(&self, o: RotationOutcome) {
+        self.with(|m| *m.rotations.entry(o.as_str()).or_default() += 1);
+    }
+
+    pub fn revocation(&self, o: RevocationOutcome) {
+        self.with(|m| *m.revocations.entry(o.as_str()).or_default() += 1);
+    }
+
+    pub fn slot_failed(&self) {
+        self.with(|m| m.slot_failures += 1);
+    }
+
+    /// Replaces the per-verdict key counts and the oldest key age after a scan.
+    pub fn set_keys(&self, counts: &BTreeMap<Verdict, u64>, oldest_age_seconds: Option<f64>) {
+        self.with(|m| {
+            m.keys.clear();
+            for v in Verdict::ALL {
+                m.keys.insert(v.as_str(), counts.get(&v).copied().unwrap_or(0));
+            }
+            m.oldest_key_age_seconds = oldest_age_seconds;
+        });
+    }
+
+    /// Records a finished cycle; `ok` cycles move the last-success timestamp.
+    pub fn cycle_finished(&self, duration_seconds: f64, ok: bool, now_unix: f64) {
+        self.with(|m| {
+            m.cycle_duration_seconds = Some(duration_seconds);
+            *m.cycles.entry(if ok { "ok" } else { "failed" }).or_default() += 1;
+            if ok {
+                m.last_success_timestamp_seconds = Some(now_unix);
+            }
+        });
+    }
+
+    pub fn rotations(&self, o: RotationOutcome) -> u64 {
+        self.with(|m| m.rotations.get(o.as_str()).copied().unwrap_or(0))
+    }
+
+    pub fn revocations(&self, o: RevocationOutcome) -> u64 {
+        self.with(|m| m.revocations.get(o.as_str()).copied().unwrap_or(0))
+    }
+
+    /// Prometheus text format, including the API request counters.
+    pub fn render(&self, api: Option<&ApiStats>) -> String {
+        let mut out = String::new();
+        self.with(|m| {
+            family(&mut out, "keyrotd_keys", "gauge", "Project API keys by verdict at the last scan.");
+            for (v, n) in &m.keys {
+                let _ = writeln!(out, "keyrotd_keys{{verdict=\"{v}\"}} {n}");
+            }
+            family(&mut out, "keyrotd_rotations_total", "counter", "Slot rotations by outcome.");
+            for o in [
+                RotationOutcome::Completed,
+                RotationOutcome::Failed,
+                RotationOutcome::VerifyFailed,
+                RotationOutcome::Conflict,
+            ] {
+                let n = m.rotations.get(o.as_str()).copied().unwrap_or(0);
+                let _ = writeln!(out, "keyrotd_rotations_total{{outcome=\"{}\"}} {n}", o.as_str());
+            }
+            family(&mut out, "keyrotd_revocations_total", "counter", "Key revocations by outcome.");
+            for o in [
+                RevocationOutcome::Revoked,
+                RevocationOutcome::AlreadyGone,
+                RevocationOutcome::Failed,
+            ] {
+                let n = m.revocations.get(o.as_str()).copied().unwrap_or(0);
+                let _ = writeln!(out, "keyrotd_revocations_total{{outcome=\"{}\"}} {n}", o.as_str());
+            }
+            family(&mut out, "keyrotd_cycles_total", "counter", "Rotation cycles by result.");
+            for r in ["ok", "failed"] {
+                let n = m.cycles.get(r).copied().unwrap_or(0);
+                let _ = writeln!(out, "keyrotd_cycles_total{{result=\"{r}\"}} {n}");
+            }
+            family(&mut out, "keyrotd_slot_failures_total", "counter", "Slots that failed a cycle.");
+            let _ = writeln!(out, "keyrotd_slot_failures_total {}", m.slot_failures);
+            for (name, help, v) in [
+                ("keyrotd_cycle_duration_seconds", "Duration of the last cycle.", m.cycle_duration_seconds),
+                (
+                    "keyrotd_last_success_timestamp_seconds",
+                    "Unix time of the last cycle in which nothing failed.",
+                    m.last_success_timestamp_seconds,
+                ),
+                (
+                    "keyrotd_oldest_key_age_seconds",
+                    "Age of the oldest project API key at the last scan.",
+                    m.oldest_key_age_seconds,
+                ),
+            ] {
+                if let Some(v) = v {
+                    family(&mut out, name, "gauge", help);
+                    let _ = writeln!(out, "{name} {v}");
+                }
+            }
+        });
+        if let Some(api) = api {
+            family(
+                &mut out,
+                "keyrotd_api_requests_total",
+                "counter",
+                "Admin API requests by endpoint and HTTP status (0: no response).",
+            );
+            for (ep, status, n) in api.snapshot() {
+                let _ = writeln!(
+                    out,
+                    "keyrotd_api_requests_total{{endpoint=\"{}\",status=\"{status}\"}} {n}",
+                    ep.as_str()
+                );
+            }
+        }
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
