@@ -14,7 +14,11 @@
 //!   mint → stage → verify → promote → retire.
 //! - [`sim`]: the Admin API simulator used by `keyrotd demo`, `keyrotd sim` and tests.
 
+pub mod app;
+pub mod check;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod metrics;
 pub mod openai;
 pub mod plan;

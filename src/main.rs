@@ -1,1 +1,239 @@
-fn main() {}
+//! The `keyrotd` binary: CLI parsing, telemetry, exit codes.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use keyrotd::config::{self, Config};
+use keyrotd::telemetry::{self, LogFormat};
+use keyrotd::{app, daemon, EXIT_BAD_CONFIG, EXIT_FAILED};
+
+/// Rotates OpenAI project API keys into the secret stores their consumers read.
+#[derive(Parser, Debug)]
+#[command(name = "keyrotd", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file [default: $KEYROTD_CONFIG, else /etc/keyrotd/keyrotd.toml]
+    #[arg(long, global = true, env = "KEYROTD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format [default: pretty on a TTY, json otherwise]
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log level or filter directive (RUST_LOG wins when set)
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The daemon: rotation cycles on daemon.schedule until SIGTERM/SIGINT
+    Run,
+    /// One full cycle, then exit (for a CronJob or a systemd timer)
+    Once {
+        /// Decide and report; mint, write and revoke nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Read-only: every key with its verdict and reasons
+    Plan {
+        #[arg(long, value_enum, default_value = "table")]
+        format: PlanFormat,
+    },
+    /// Load and validate the configuration
+    CheckConfig {
+        /// Also prove the admin key and reach every store
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Self-contained showcase: simulator, file store, plan, one cycle
+    Demo,
+    /// Serve the OpenAI Admin API simulator (for tests and benchmarks)
+    Sim(SimArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PlanFormat {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct SimArgs {
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: String,
+    /// The admin key the simulator accepts
+    #[arg(long, default_value = "sk-admin-sim")]
+    admin_key: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 3)]
+    projects: usize,
+    #[arg(long, default_value_t = 2)]
+    service_accounts: usize,
+    #[arg(long, default_value_t = 1)]
+    keys_per_account: usize,
+    #[arg(long, default_value_t = 1)]
+    user_keys: usize,
+    #[arg(long, default_value_t = 0.5)]
+    stale_fraction: f64,
+    /// Injected latency per request, in milliseconds
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = cli.log_format.unwrap_or_else(LogFormat::detect);
+    telemetry::init(format, &cli.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyrotd: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED as u8);
+        }
+    };
+    let code = rt.block_on(dispatch(cli));
+    ExitCode::from(code as u8)
+}
+
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/etc/keyrotd/keyrotd.toml"))
+}
+
+fn load(cli: &Cli) -> Result<Config, i32> {
+    Config::load(&config_path(cli)).map_err(|e| {
+        eprintln!("keyrotd: {e}");
+        EXIT_BAD_CONFIG
+    })
+}
+
+async fn dispatch(cli: Cli) -> i32 {
+    match &cli.command {
+        Command::Demo => keyrotd::demo::run().await,
+        Command::Sim(args) => sim(args).await,
+        Command::CheckConfig { connect } => {
+            let cfg = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(e) = cfg.admin_key() {
+                eprintln!("keyrotd: {e}");
+                return EXIT_BAD_CONFIG;
+            }
+            println!("config OK: {}", config_path(&cli).display());
+            if *connect {
+                return keyrotd::check::connect(&cfg).await;
+            }
+            0
+        }
+        Command::Plan { format } => {
+            let cfg = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let engine = match app::build_engine(&cfg, true).await {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("keyrotd: {e}");
+                    return EXIT_BAD_CONFIG;
+                }
+            };
+            match engine.plan().await {
+                Ok((_, _, plan)) => {
+                    match format {
+                        PlanFormat::Json => println!("{}", plan.to_json()),
+                        PlanFormat::Table => {
+                            let color = std::io::stdout().is_terminal();
+                            let _ = plan.render_table(&mut std::io::stdout().lock(), color);
+                        }
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("keyrotd: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
+        Command::Once { dry_run } => {
+            let cfg = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(e) = cfg.require_rules() {
+                eprintln!("keyrotd: {e}");
+                return EXIT_BAD_CONFIG;
+            }
+            let engine = match app::build_engine(&cfg, *dry_run).await {
+                Ok(e) => Arc::new(e),
+                Err(e) => {
+                    eprintln!("keyrotd: {e}");
+                    return EXIT_BAD_CONFIG;
+                }
+            };
+            let token = engine.shutdown.clone();
+            tokio::spawn(async move {
+                daemon::shutdown_signal().await;
+                tracing::info!(event = "daemon.stopping", "shutdown requested; finishing in-flight slots");
+                token.cancel();
+            });
+            let report = engine.cycle().await;
+            if report.any_failed() {
+                EXIT_FAILED
+            } else {
+                0
+            }
+        }
+        Command::Run => {
+            let cfg = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(e) = cfg.require_rules() {
+                eprintln!("keyrotd: {e}");
+                return EXIT_BAD_CONFIG;
+            }
+            let schedule = match config::parse_schedule(&cfg.daemon.schedule) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("keyrotd: config key `daemon.schedule`: {e}");
+                    return EXIT_BAD_CONFIG;
+                }
+            };
+            let listen = cfg.daemon.listen.as_deref().and_then(|l| l.parse().ok());
+            let engine = match app::build_engine(&cfg, false).await {
+                Ok(e) => Arc::new(e),
+                Err(e) => {
+                    eprintln!("keyrotd: {e}");
+                    return EXIT_BAD_CONFIG;
+                }
+            };
+            let opts = daemon::RunOptions {
+                schedule,
+                run_on_start: cfg.daemon.run_on_start,
+                listen,
+                shutdown_timeout: cfg.daemon.shutdown_timeout,
+            };
+            match daemon::run(engine, opts).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("keyrotd: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
+    }
+}
+
+async fn sim(args: &SimArgs) -> i32 {
+    let _ = args;
+    eprintln!("keyrotd sim: not wired yet");
+    EXIT_FAILED
+}

@@ -1,0 +1,362 @@
+//! The rotation engine: one cycle over every slot, the only place that orders
+//! mint → stage → verify → promote → retire (SPEC §4) and keeps the invariants (§5).
+//!
+//! A cycle scans the organization, derives the slots from the rules, and runs each
+//! slot's state machine ([`slot`]) with bounded concurrency. A failing slot is logged,
+//! counted and retried next cycle; it never stops the others (I6). All state that must
+//! survive a restart lives in the stores, so a process on another machine picks up
+//! where a dead one stopped.
+
+mod slot;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{PolicyConfig, Rule, UserKeys};
+use crate::metrics::{Metrics, RevocationOutcome};
+use crate::openai::models::{OwnerType, ProjectApiKey};
+use crate::openai::{ApiError, Client};
+use crate::plan::{self, Inventory, Plan, Slot, SlotView};
+use crate::policy::{self, Verdict};
+use crate::store::DynStore;
+
+pub use slot::SlotOutcome;
+
+/// The engine's notion of now; tests substitute a manual clock.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// Wall-clock time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<std::sync::Mutex<DateTime<Utc>>>);
+
+impl ManualClock {
+    pub fn new(t: DateTime<Utc>) -> Self {
+        ManualClock(Arc::new(std::sync::Mutex::new(t)))
+    }
+    pub fn advance(&self, d: Duration) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *g += chrono::Duration::from_std(d).unwrap_or_default();
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Engine settings that are not rules or policy.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub concurrency: usize,
+    pub include_archived: bool,
+    /// Written into intents: who is working on a slot.
+    pub instance_id: String,
+    /// Decide and log, change nothing anywhere.
+    pub dry_run: bool,
+    /// First wait between verification attempts (doubles up to 5 s).
+    pub verify_backoff: Duration,
+}
+
+/// One slot's result in a cycle.
+#[derive(Debug, Clone)]
+pub struct SlotReport {
+    pub slot: Slot,
+    pub outcome: Result<SlotOutcome, String>,
+}
+
+/// What a cycle did.
+#[derive(Debug, Default)]
+pub struct CycleReport {
+    pub slots: Vec<SlotReport>,
+    /// Revocations of user keys (`user_keys = "revoke"`).
+    pub user_keys_revoked: Vec<String>,
+    /// Failures outside slots (user-key revocations).
+    pub other_failures: Vec<String>,
+    /// Set when the scan itself failed: nothing was done.
+    pub scan_error: Option<String>,
+    pub plan: Option<Plan>,
+    pub duration: Duration,
+    /// Slots skipped because shutdown was requested.
+    pub skipped: usize,
+}
+
+impl CycleReport {
+    pub fn failed_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.outcome.is_err()).count()
+    }
+    /// True when anything failed (the exit code of `once`).
+    pub fn any_failed(&self) -> bool {
+        self.scan_error.is_some() || self.failed_slots() > 0 || !self.other_failures.is_empty()
+    }
+}
+
+/// The rotation engine.
+pub struct Engine {
+    pub client: Client,
+    pub stores: BTreeMap<String, DynStore>,
+    pub rules: Vec<Rule>,
+    pub policy: PolicyConfig,
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("stores", &self.stores.keys().collect::<Vec<_>>())
+            .field("rules", &self.rules.len())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Scans the organization and reads every slot's stores, changing nothing.
+    pub async fn plan(&self) -> Result<(Inventory, Vec<SlotView>, Plan), ApiError> {
+        let inv = plan::scan(
+            &self.client,
+            &self.rules,
+            self.settings.include_archived,
+            self.settings.concurrency,
+        )
+        .await?;
+        let slots = plan::slots(&inv, &self.rules);
+        let views = self.read_views(slots).await;
+        let plan = Plan::build(&inv, &views, &self.rules, &self.policy, self.clock.now());
+        Ok((inv, views, plan))
+    }
+
+    async fn read_views(&self, slots: Vec<Slot>) -> Vec<SlotView> {
+        stream::iter(slots.into_iter().map(|slot| async move {
+            let mut states = Vec::new();
+            for name in &slot.stores {
+                let r = match self.stores.get(name) {
+                    Some(s) => s.read(&slot.path).await,
+                    None => Err(crate::store::StoreError::new(
+                        name.clone(),
+                        crate::store::StoreErrorKind::InvalidConfig,
+                        "store is not configured",
+                    )),
+                };
+                states.push((name.clone(), r));
+            }
+            SlotView { slot, states }
+        }))
+        .buffered(self.settings.concurrency.max(1))
+        .collect()
+        .await
+    }
+
+    /// Runs one full cycle. Never panics on API or store errors: they are in the report.
+    pub async fn cycle(&self) -> CycleReport {
+        let started = Instant::now();
+        let mut report = CycleReport::default();
+        info!(event = "cycle.started", dry_run = self.settings.dry_run, "rotation cycle started");
+        let inv = match plan::scan(
+            &self.client,
+            &self.rules,
+            self.settings.include_archived,
+            self.settings.concurrency,
+        )
+        .await
+        {
+            Ok(inv) => inv,
+            Err(e) => {
+                warn!(event = "cycle.failed", outcome = "scan_failed", error = %e, "could not list the organization");
+                report.scan_error = Some(e.to_string());
+                report.duration = started.elapsed();
+                self.metrics.cycle_finished(report.duration.as_secs_f64(), false, unix(self.clock.now()));
+                return report;
+            }
+        };
+        let now = self.clock.now();
+        let slots = plan::slots(&inv, &self.rules);
+
+        // Key gauges and stale-key audit events come from the plan as scanned.
+        let views = self.read_views(slots.clone()).await;
+        let plan = Plan::build(&inv, &views, &self.rules, &self.policy, now);
+        self.record_key_metrics(&inv, &plan, now);
+        for k in &plan.keys {
+            if k.reasons.contains(&policy::Reason::Stale) {
+                info!(
+                    event = "key.stale",
+                    project_id = %k.project_id,
+                    key_id = %k.key_id,
+                    owner_type = k.owner_type,
+                    owner_id = k.owner_id.as_deref().unwrap_or(""),
+                    age_days = k.age_days,
+                    verdict = k.verdict.as_str(),
+                    "stale key"
+                );
+            }
+        }
+        drop(views);
+
+        let by_sa = keys_by_service_account(&inv);
+        let results: Vec<Option<SlotReport>> = stream::iter(slots.into_iter().map(|slot| {
+            let keys = by_sa
+                .get(&(slot.project_id.clone(), slot.service_account_id.clone()))
+                .cloned()
+                .unwrap_or_default();
+            async move {
+                if self.shutdown.is_cancelled() {
+                    return None;
+                }
+                let outcome = slot::run(self, &slot, keys).await;
+                if let Err(e) = &outcome {
+                    self.metrics.slot_failed();
+                    warn!(
+                        event = "rotation.failed",
+                        project_id = %slot.project_id,
+                        service_account_id = %slot.service_account_id,
+                        rule = %slot.rule_name,
+                        outcome = "failed",
+                        error = %e,
+                        "slot failed; it will be retried next cycle"
+                    );
+                }
+                Some(SlotReport {
+                    slot,
+                    outcome: outcome.map_err(|e| e.to_string()),
+                })
+            }
+        }))
+        .buffer_unordered(self.settings.concurrency.max(1))
+        .collect()
+        .await;
+        for r in results {
+            match r {
+                Some(r) => report.slots.push(r),
+                None => report.skipped += 1,
+            }
+        }
+        report.slots.sort_by(|a, b| a.slot.path.cmp(&b.slot.path).then(a.slot.project_id.cmp(&b.slot.project_id)));
+
+        if self.policy.user_keys == UserKeys::Revoke && !self.shutdown.is_cancelled() {
+            self.revoke_user_keys(&inv, &mut report).await;
+        }
+
+        report.duration = started.elapsed();
+        let ok = !report.any_failed();
+        self.metrics
+            .cycle_finished(report.duration.as_secs_f64(), ok, unix(self.clock.now()));
+        info!(
+            event = "cycle.finished",
+            outcome = if ok { "ok" } else { "failed" },
+            slots = report.slots.len(),
+            failed = report.failed_slots(),
+            skipped = report.skipped,
+            duration_ms = report.duration.as_millis() as u64,
+            "rotation cycle finished"
+        );
+        report.plan = Some(plan);
+        report
+    }
+
+    fn record_key_metrics(&self, inv: &Inventory, plan: &Plan, now: DateTime<Utc>) {
+        let mut counts: BTreeMap<Verdict, u64> = BTreeMap::new();
+        for k in &plan.keys {
+            *counts.entry(k.verdict).or_default() += 1;
+        }
+        let oldest = inv
+            .projects
+            .iter()
+            .flat_map(|p| p.keys.iter())
+            .map(|k| policy::age(k, now).as_secs_f64())
+            .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
+        self.metrics.set_keys(&counts, oldest);
+    }
+
+    /// Stale user keys under `user_keys = "revoke"`: deleted once `grace_period` has
+    /// passed since they became stale (`created_at + max_age`), so owners get the same
+    /// warning window as a rotated key's consumers.
+    async fn revoke_user_keys(&self, inv: &Inventory, report: &mut CycleReport) {
+        let now = self.clock.now();
+        for p in &inv.projects {
+            for k in &p.keys {
+                if k.owner.kind != OwnerType::User {
+                    continue;
+                }
+                let e = policy::evaluate(k, &p.project, &self.rules, &self.policy, now);
+                if e.verdict != Verdict::Revoke {
+                    continue;
+                }
+                let due = policy::ts(k.created_at)
+                    + chrono::Duration::from_std(e.max_age + self.policy.grace_period)
+                        .unwrap_or(chrono::Duration::MAX);
+                if now < due {
+                    continue;
+                }
+                if self.settings.dry_run {
+                    info!(event = "key.revoke_planned", project_id = %p.project.id, key_id = %k.id, owner_type = "user", outcome = "dry_run", "would revoke stale user key");
+                    continue;
+                }
+                match self.client.delete_api_key(&p.project.id, &k.id).await {
+                    Ok(_) => {
+                        self.metrics.revocation(RevocationOutcome::Revoked);
+                        info!(event = "key.revoked", project_id = %p.project.id, key_id = %k.id, owner_type = "user", reason = "stale", outcome = "revoked", "revoked stale user key");
+                        report.user_keys_revoked.push(k.id.clone());
+                    }
+                    Err(ApiError::NotFound { .. }) => {
+                        self.metrics.revocation(RevocationOutcome::AlreadyGone);
+                    }
+                    Err(err) => {
+                        self.metrics.revocation(RevocationOutcome::Failed);
+                        warn!(event = "key.revoke_failed", project_id = %p.project.id, key_id = %k.id, owner_type = "user", outcome = "failed", error = %err, "could not revoke stale user key");
+                        report.other_failures.push(format!("revoke user key {}: {err}", k.id));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unix(t: DateTime<Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
+}
+
+/// Service-account keys grouped by (project id, service account id).
+fn keys_by_service_account(inv: &Inventory) -> BTreeMap<(String, String), Vec<ProjectApiKey>> {
+    let mut out: BTreeMap<(String, String), Vec<ProjectApiKey>> = BTreeMap::new();
+    for p in &inv.projects {
+        for k in &p.keys {
+            if let Some(sa) = &k.owner.service_account {
+                if k.owner.kind == OwnerType::ServiceAccount {
+                    out.entry((p.project.id.clone(), sa.id.clone()))
+                        .or_default()
+                        .push(k.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A default instance id: `hostname:pid:random`.
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+}

@@ -1,0 +1,109 @@
+//! Wiring: from a validated [`Config`] to a ready [`Engine`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::openai::{ApiError, Client, ClientConfig};
+use crate::rotation::{default_instance_id, Engine, Settings, SystemClock};
+use crate::store::{self, DynStore, SecretStore, SlotState, StoreError, StoreResult, Transition, Version};
+
+/// Why the engine could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+/// The Admin API client settings a config describes.
+pub fn client_config(cfg: &Config) -> ClientConfig {
+    ClientConfig {
+        base_url: cfg.openai.base_url.clone(),
+        request_timeout: cfg.openai.request_timeout,
+        max_retries: cfg.openai.max_retries,
+        max_retry_after: cfg.openai.max_retry_after,
+        backoff_base: Duration::from_millis(500),
+    }
+}
+
+/// A store whose construction failed (login refused, bad CA file, ...): every call
+/// returns that error, so the slots using it fail and the others carry on (I6).
+#[derive(Debug)]
+pub struct BrokenStore {
+    name: String,
+    kind: &'static str,
+    error: StoreError,
+}
+
+#[async_trait]
+impl SecretStore for BrokenStore {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    async fn read(&self, _path: &str) -> StoreResult<SlotState> {
+        Err(self.error.clone())
+    }
+    async fn apply(&self, _: &str, _: &Version, _: &Transition) -> StoreResult<SlotState> {
+        Err(self.error.clone())
+    }
+    async fn health(&self) -> StoreResult<()> {
+        Err(self.error.clone())
+    }
+    async fn probe_write(&self, _path: &str) -> StoreResult<()> {
+        Err(self.error.clone())
+    }
+}
+
+/// Connects every configured store; failures become [`BrokenStore`]s (and are logged).
+pub async fn build_stores(cfg: &Config) -> BTreeMap<String, DynStore> {
+    let mut out = BTreeMap::new();
+    for (name, sc) in &cfg.stores {
+        let s: DynStore = match store::build(name, sc).await {
+            Ok(s) => s,
+            Err(error) => {
+                warn!(event = "store.unavailable", store = %name, error = %error, "store could not be initialised; slots using it will fail");
+                Arc::new(BrokenStore {
+                    name: name.clone(),
+                    kind: sc.kind(),
+                    error,
+                })
+            }
+        };
+        out.insert(name.clone(), s);
+    }
+    out
+}
+
+/// Builds the engine: reads the admin key, connects stores.
+pub async fn build_engine(cfg: &Config, dry_run: bool) -> Result<Engine, BuildError> {
+    let admin_key = cfg.admin_key()?;
+    let client = Client::new(client_config(cfg), admin_key)?;
+    let stores = build_stores(cfg).await;
+    Ok(Engine {
+        client,
+        stores,
+        rules: cfg.rules(),
+        policy: cfg.policy.clone(),
+        settings: Settings {
+            concurrency: cfg.daemon.concurrency,
+            include_archived: cfg.openai.include_archived,
+            instance_id: cfg.daemon.instance_id.clone().unwrap_or_else(default_instance_id),
+            dry_run,
+            verify_backoff: Duration::from_millis(500),
+        },
+        clock: Arc::new(SystemClock),
+        metrics: Arc::new(Metrics::default()),
+        shutdown: CancellationToken::new(),
+    })
+}

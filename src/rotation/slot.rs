@@ -1,0 +1,693 @@
+//! One slot's state machine (SPEC §4, ROTATION-NOTES): resume → decide → rotate
+//! (intent, mint, stage, verify, promote) → retire → sweep.
+//!
+//! Every step is idempotent and every write is check-and-set against the version just
+//! read, so a crash at any point, or a second process, leaves a state the next run
+//! finishes. Failpoints (feature `failpoints`) sit at each step boundary.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use tracing::{debug, info, warn};
+
+use super::Engine;
+use crate::config::Rule;
+use crate::metrics::{RevocationOutcome, RotationOutcome};
+use crate::openai::models::{CreateKeyRequest, ProjectApiKey};
+use crate::openai::ApiError;
+use crate::plan::Slot;
+use crate::policy::{self, Verdict};
+use crate::store::{
+    DynStore, Intent, SecretRecord, SlotState, StoreError, StoreErrorKind, Transition, MANAGED_BY,
+};
+
+/// What happened to a slot in one cycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotOutcome {
+    /// Nothing to do (the key is fresh; maybe a previous key is still in grace).
+    Fresh,
+    /// A new key was promoted in every store.
+    Rotated { key_id: String },
+    /// Another process holds the slot (live intent, or it won check-and-set).
+    Busy,
+    /// `--dry-run`: what would have been done.
+    Planned(Vec<String>),
+}
+
+/// Why a slot failed this cycle. Never carries a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("OpenAI API: {0}")]
+    Api(#[from] ApiError),
+    #[error("the new key {key_id} failed verification and was revoked: {reason}")]
+    VerifyFailed { key_id: String, reason: String },
+    #[error("store {store:?} read back key {found:?} after promoting {expected}")]
+    ReadBack {
+        store: String,
+        expected: String,
+        found: Option<String>,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+type SlotResult<T> = Result<T, SlotError>;
+
+/// Runs the state machine for one slot. `keys` are the service account's keys as
+/// scanned at the start of the cycle.
+pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotResult<SlotOutcome> {
+    let mut stores: Vec<(String, DynStore)> = Vec::new();
+    for name in &slot.stores {
+        let s = eng.stores.get(name).ok_or_else(|| {
+            SlotError::Store(StoreError::new(
+                name.clone(),
+                StoreErrorKind::InvalidConfig,
+                "store is not configured",
+            ))
+        })?;
+        stores.push((name.clone(), s.clone()));
+    }
+    // Check-and-set stores first: the first store's intent acts as the slot's lock,
+    // and AWS (whose intents are tags) should never be the one deciding a race.
+    stores.sort_by_key(|(_, s)| s.kind() == "aws_secrets_manager");
+    let rule = eng.rules[slot.rule].clone();
+    let mut run = SlotRun {
+        eng,
+        slot,
+        rule,
+        keys,
+        stores,
+        states: Vec::new(),
+        planned: Vec::new(),
+    };
+    run.read_all().await?;
+    if let Some(out) = run.resume().await? {
+        return Ok(out);
+    }
+    let mut outcome = SlotOutcome::Fresh;
+    if let Some(reason) = run.due() {
+        if eng.settings.dry_run {
+            run.planned.push(format!("rotate ({reason})"));
+        } else {
+            if eng.shutdown.is_cancelled() {
+                return Ok(SlotOutcome::Fresh);
+            }
+            outcome = run.rotate(reason).await?;
+            if outcome == SlotOutcome::Busy {
+                return Ok(outcome);
+            }
+        }
+    }
+    run.retire().await?;
+    run.sweep().await?;
+    if eng.settings.dry_run {
+        return Ok(SlotOutcome::Planned(run.planned));
+    }
+    Ok(outcome)
+}
+
+struct SlotRun<'a> {
+    eng: &'a Engine,
+    slot: &'a Slot,
+    rule: Rule,
+    keys: Vec<ProjectApiKey>,
+    stores: Vec<(String, DynStore)>,
+    /// Latest known state per store, same order as `stores`.
+    states: Vec<SlotState>,
+    planned: Vec<String>,
+}
+
+macro_rules! failpoint {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            // A crash, not an error: the harness checks what the next process makes of it.
+            std::process::abort()
+        });
+    };
+}
+
+impl SlotRun<'_> {
+    fn now(&self) -> DateTime<Utc> {
+        self.eng.clock.now()
+    }
+
+    async fn read_all(&mut self) -> SlotResult<()> {
+        let mut states = Vec::with_capacity(self.stores.len());
+        for (_, s) in &self.stores {
+            states.push(s.read(&self.slot.path).await?);
+        }
+        self.states = states;
+        Ok(())
+    }
+
+    /// Applies `t` to store `i` against its last known version.
+    async fn apply(&mut self, i: usize, t: &Transition) -> Result<(), StoreError> {
+        let (_, store) = &self.stores[i];
+        let next = store.apply(&self.slot.path, &self.states[i].version, t).await?;
+        self.states[i] = next;
+        Ok(())
+    }
+
+    fn live(&self, key_id: &str) -> bool {
+        self.keys.iter().any(|k| k.id == key_id)
+    }
+
+    fn my_id(&self) -> &str {
+        &self.eng.settings.instance_id
+    }
+
+    /// Finishes or cleans up a rotation a previous run (of any process) left behind.
+    /// `Some(outcome)` ends the slot's work for this cycle.
+    async fn resume(&mut self) -> SlotResult<Option<SlotOutcome>> {
+        let now = self.now();
+        let intent = self.states.iter().find_map(|s| s.book.intent.clone());
+        if let Some(intent) = &intent {
+            if intent.owner != self.my_id() && intent.lease_until > now {
+                debug!(project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, "slot held by another process");
+                return Ok(Some(SlotOutcome::Busy));
+            }
+        }
+        // Pending records, distinct by key id.
+        let mut pendings: Vec<SecretRecord> = Vec::new();
+        for s in &self.states {
+            if let Some(p) = &s.pending {
+                if !pendings.iter().any(|q| q.key_id == p.key_id) {
+                    pendings.push(p.clone());
+                }
+            }
+        }
+        for p in pendings {
+            if self.eng.settings.dry_run {
+                self.planned.push(format!("resume rotation to {}", p.key_id));
+                return Ok(Some(SlotOutcome::Planned(std::mem::take(&mut self.planned))));
+            }
+            let everywhere_current = self
+                .states
+                .iter()
+                .all(|s| s.current.as_ref().is_some_and(|c| c.key_id == p.key_id));
+            if everywhere_current {
+                // Promoted everywhere, only the pending marker is left (AWS label).
+                let t = Transition::Promote { key_id: p.key_id.clone(), at: now };
+                for i in 0..self.stores.len() {
+                    if self.states[i].pending.is_some() {
+                        self.apply(i, &t).await?;
+                    }
+                }
+                continue;
+            }
+            if !self.live(&p.key_id) {
+                info!(event = "rotation.abandoned", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, outcome = "key_gone", "pending key no longer exists; dropping it");
+                self.abandon_pending(&p.key_id).await?;
+                continue;
+            }
+            info!(event = "rotation.resumed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, "resuming an interrupted rotation");
+            return self.finish(p).await.map(Some);
+        }
+        // An intent with nothing staged: the process died around minting.
+        if let Some(intent) = intent {
+            if self.eng.settings.dry_run {
+                self.planned.push(format!("clean up intent {}", intent.key_name));
+                return Ok(None);
+            }
+            self.cleanup_intent(&intent).await?;
+        }
+        Ok(None)
+    }
+
+    /// Revokes a key minted under `intent` whose value was never recorded, then drops
+    /// the intent.
+    async fn cleanup_intent(&mut self, intent: &Intent) -> SlotResult<()> {
+        let minted = self
+            .find_by_name(&intent.key_name)
+            .await?;
+        if let Some(key_id) = minted {
+            info!(event = "key.unrecorded", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_id = %key_id, key_name = %intent.key_name, "found a key minted by an interrupted run; revoking it");
+            self.revoke(&key_id, "unrecorded").await?;
+        }
+        for i in 0..self.stores.len() {
+            if self.states[i].book.intent.as_ref() == Some(intent) {
+                self.apply(i, &Transition::Abandon).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks a key up by exact name on the slot's service account, listing afresh (a key
+    /// minted after the cycle's scan is not in `keys`).
+    async fn find_by_name(&self, name: &str) -> SlotResult<Option<String>> {
+        if let Some(k) = self.keys.iter().find(|k| k.name.as_deref() == Some(name)) {
+            return Ok(Some(k.id.clone()));
+        }
+        let keys = self.eng.client.list_api_keys(&self.slot.project_id).await?;
+        Ok(keys
+            .into_iter()
+            .find(|k| k.name.as_deref() == Some(name))
+            .map(|k| k.id))
+    }
+
+    async fn abandon_pending(&mut self, key_id: &str) -> SlotResult<()> {
+        for i in 0..self.stores.len() {
+            let has = self.states[i].pending.as_ref().is_some_and(|p| p.key_id == key_id);
+            if has {
+                self.apply(i, &Transition::Abandon).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the slot needs a new key, if it does.
+    fn due(&self) -> Option<&'static str> {
+        let currents: Vec<Option<&SecretRecord>> =
+            self.states.iter().map(|s| s.current.as_ref()).collect();
+        if currents.iter().all(Option::is_none) {
+            return Some("bootstrap");
+        }
+        if currents.iter().any(Option::is_none) {
+            return Some("store_without_key");
+        }
+        let first = currents[0].map(|c| c.key_id.as_str());
+        if currents.iter().any(|c| c.map(|c| c.key_id.as_str()) != first) {
+            return Some("stores_disagree");
+        }
+        let id = first?;
+        let Some(key) = self.keys.iter().find(|k| k.id == id) else {
+            return Some("current_key_missing");
+        };
+        let project = crate::openai::models::Project {
+            id: self.slot.project_id.clone(),
+            object: None,
+            name: Some(self.slot.project_name.clone()),
+            created_at: 0,
+            archived_at: None,
+            status: None,
+        };
+        let e = policy::evaluate(key, &project, std::slice::from_ref(&self.rule), &self.eng.policy, self.now());
+        if e.verdict == Verdict::Rotate {
+            return Some(if e.reasons.contains(&policy::Reason::Stale) {
+                "stale"
+            } else {
+                "expiring_soon"
+            });
+        }
+        None
+    }
+
+    /// Records an intent in every store (the first store's check-and-set decides a
+    /// race), mints, stages, then [`finish`](Self::finish)es.
+    async fn rotate(&mut self, reason: &str) -> SlotResult<SlotOutcome> {
+        let now = self.now();
+        let key_name = format!(
+            "{}{}-{:04x}",
+            policy::KEY_NAME_PREFIX,
+            now.format("%Y%m%dT%H%M%SZ"),
+            rand::random::<u16>()
+        );
+        let intent = Intent {
+            key_name: key_name.clone(),
+            owner: self.my_id().to_string(),
+            lease_until: now
+                + chrono::Duration::from_std(self.eng.policy.lease).unwrap_or(chrono::Duration::MAX),
+            attempt: 1,
+            service_account_id: self.slot.service_account_id.clone(),
+        };
+        info!(event = "rotation.started", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, reason, "rotating slot");
+        failpoint!("before_intent");
+        for i in 0..self.stores.len() {
+            match self.apply(i, &Transition::Intent(intent.clone())).await {
+                Ok(()) => {}
+                Err(e) if e.kind == StoreErrorKind::Conflict => {
+                    // Another process got there first; undo what we wrote and leave.
+                    self.undo_intent(i, &intent).await;
+                    self.eng.metrics.rotation(RotationOutcome::Conflict);
+                    info!(event = "rotation.conflict", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %e.store, outcome = "conflict", "another process is rotating this slot");
+                    return Ok(SlotOutcome::Busy);
+                }
+                Err(e) => {
+                    self.undo_intent(i, &intent).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        failpoint!("after_intent");
+
+        let req = CreateKeyRequest {
+            name: Some(key_name.clone()),
+            scopes: self.rule.scopes.clone(),
+            expires_in_seconds: self.eng.policy.key_expiry.0.map(|d| d.as_secs()),
+        };
+        let created = match self
+            .eng
+            .client
+            .create_service_account_key(&self.slot.project_id, &self.slot.service_account_id, &req)
+            .await
+        {
+            Ok(k) => k,
+            Err(e) => {
+                // No idempotency key: an ambiguous failure may have created the key.
+                warn!(event = "key.mint_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_name = %key_name, error = %e, "minting failed");
+                if let Err(ce) = self.cleanup_intent(&intent).await {
+                    warn!(event = "key.mint_cleanup_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, error = %ce, "cleanup after a failed mint did not finish; the intent stays for the next cycle");
+                }
+                self.eng.metrics.rotation(RotationOutcome::Failed);
+                return Err(e.into());
+            }
+        };
+        failpoint!("after_mint");
+        info!(event = "key.minted", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
+        let record = SecretRecord {
+            api_key: created.value.clone(),
+            key_id: created.id.clone(),
+            project_id: self.slot.project_id.clone(),
+            service_account_id: self.slot.service_account_id.clone(),
+            created_at: policy::ts(created.created_at),
+            managed_by: MANAGED_BY.to_string(),
+        };
+        // The key now exists: it is staged even if shutdown was requested meanwhile.
+        self.keys.push(listing_of(&created, &self.slot.service_account_id, &self.slot.service_account_name));
+        let mut staged_anywhere = false;
+        for i in 0..self.stores.len() {
+            match self.apply(i, &Transition::Stage(record.clone())).await {
+                Ok(()) => {
+                    staged_anywhere = true;
+                    info!(event = "secret.staged", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %record.key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
+                    failpoint!("after_stage_one");
+                }
+                Err(e) if e.kind == StoreErrorKind::Conflict => {
+                    // Lost check-and-set: another writer owns the slot. Our key was
+                    // never served; take it back out and revoke it.
+                    self.abandon_pending(&record.key_id).await.ok();
+                    self.revoke(&record.key_id, "conflict").await.ok();
+                    self.eng.metrics.rotation(RotationOutcome::Conflict);
+                    info!(event = "rotation.conflict", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %record.key_id, store = %e.store, outcome = "conflict", "lost check-and-set while staging; revoked our key");
+                    return Ok(SlotOutcome::Busy);
+                }
+                Err(e) => {
+                    if !staged_anywhere {
+                        // Recorded nowhere: revoke now rather than leave it to the
+                        // intent cleanup of a later cycle.
+                        if self.revoke(&record.key_id, "stage_failed").await.is_ok() {
+                            for j in 0..self.stores.len() {
+                                if self.states[j].book.intent.is_some() {
+                                    let _ = self.apply(j, &Transition::Abandon).await;
+                                }
+                            }
+                        }
+                    }
+                    self.eng.metrics.rotation(RotationOutcome::Failed);
+                    return Err(e.into());
+                }
+            }
+        }
+        failpoint!("after_stage");
+        self.finish(record).await
+    }
+
+    async fn undo_intent(&mut self, upto: usize, intent: &Intent) {
+        for j in 0..upto {
+            if self.states[j].book.intent.as_ref() == Some(intent) {
+                let _ = self.apply(j, &Transition::Abandon).await;
+            }
+        }
+    }
+
+    /// Stages where missing, verifies, promotes everywhere and reads back.
+    async fn finish(&mut self, record: SecretRecord) -> SlotResult<SlotOutcome> {
+        let key_id = record.key_id.clone();
+        for i in 0..self.stores.len() {
+            let has = self.states[i].pending.as_ref().is_some_and(|p| p.key_id == key_id)
+                || self.states[i].current.as_ref().is_some_and(|c| c.key_id == key_id);
+            if !has {
+                self.apply(i, &Transition::Stage(record.clone())).await?;
+                info!(event = "secret.staged", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
+            }
+        }
+        if self.rule.verify {
+            if let Err(reason) = self.verify(&record.api_key).await? {
+                warn!(event = "key.verify_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "failed", reason = %reason, "new key never verified; revoking it");
+                self.abandon_pending(&key_id).await?;
+                self.revoke(&key_id, "verify_failed").await?;
+                self.eng.metrics.rotation(RotationOutcome::VerifyFailed);
+                return Err(SlotError::VerifyFailed { key_id, reason });
+            }
+            info!(event = "key.verified", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "ok", "new key works");
+        }
+        failpoint!("after_verify");
+        let at = self.now();
+        let t = Transition::Promote { key_id: key_id.clone(), at };
+        for i in 0..self.stores.len() {
+            match self.apply(i, &t).await {
+                Ok(()) => {}
+                Err(e) if e.kind == StoreErrorKind::Conflict => {
+                    // Someone else wrote in between: see whether the promotion landed.
+                    let (name, store) = &self.stores[i];
+                    let now = store.read(&self.slot.path).await?;
+                    let landed = now.current.as_ref().is_some_and(|c| c.key_id == key_id);
+                    self.states[i] = now;
+                    if !landed {
+                        self.eng.metrics.rotation(RotationOutcome::Failed);
+                        return Err(SlotError::Other(format!(
+                            "store {name:?} changed while promoting {key_id}; the stores will be reconciled next cycle"
+                        )));
+                    }
+                }
+                Err(e) => {
+                    self.eng.metrics.rotation(RotationOutcome::Failed);
+                    return Err(e.into());
+                }
+            }
+            info!(event = "secret.promoted", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "promoted the new key");
+            failpoint!("after_promote_one");
+        }
+        // Read every store back: what consumers will read must be the new key.
+        for i in 0..self.stores.len() {
+            let (name, store) = &self.stores[i];
+            let back = store.read(&self.slot.path).await?;
+            let found = back.current.as_ref().map(|c| c.key_id.clone());
+            if found.as_deref() != Some(key_id.as_str()) {
+                self.eng.metrics.rotation(RotationOutcome::Failed);
+                return Err(SlotError::ReadBack {
+                    store: name.clone(),
+                    expected: key_id,
+                    found,
+                });
+            }
+            self.states[i] = back;
+        }
+        self.eng.metrics.rotation(RotationOutcome::Completed);
+        info!(event = "rotation.completed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
+        Ok(SlotOutcome::Rotated { key_id })
+    }
+
+    /// `Ok(Ok(()))` verified; `Ok(Err(reason))` rejected for good; `Err` could not tell.
+    async fn verify(&self, key: &SecretString) -> SlotResult<Result<(), String>> {
+        let deadline = tokio::time::Instant::now() + self.eng.policy.verify_timeout;
+        let mut wait = self.eng.settings.verify_backoff;
+        loop {
+            let res = self.eng.client.verify_key(key).await;
+            let last = match res {
+                Ok(()) => return Ok(Ok(())),
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() + wait > deadline {
+                return match last {
+                    ApiError::Unauthorized { .. } | ApiError::Forbidden { .. } => {
+                        Ok(Err(last.to_string()))
+                    }
+                    other => Err(other.into()),
+                };
+            }
+            debug!(error = %last, "new key not accepted yet; retrying");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// DELETEs a key; 404 counts as done.
+    async fn revoke(&self, key_id: &str, reason: &str) -> SlotResult<()> {
+        failpoint!("before_revoke");
+        match self.eng.client.delete_api_key(&self.slot.project_id, key_id).await {
+            Ok(_) => {
+                self.eng.metrics.revocation(RevocationOutcome::Revoked);
+                info!(event = "key.revoked", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "revoked", "revoked key");
+            }
+            Err(ApiError::NotFound { .. }) => {
+                self.eng.metrics.revocation(RevocationOutcome::AlreadyGone);
+                info!(event = "key.revoked", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "already_gone", "key was already gone");
+            }
+            Err(e) => {
+                self.eng.metrics.revocation(RevocationOutcome::Failed);
+                warn!(event = "key.revoke_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "failed", error = %e, "could not revoke key");
+                return Err(e.into());
+            }
+        }
+        failpoint!("after_revoke");
+        Ok(())
+    }
+
+    fn served(&self, key_id: &str) -> bool {
+        self.states.iter().any(|s| {
+            s.current.as_ref().is_some_and(|c| c.key_id == key_id)
+                || s.pending.as_ref().is_some_and(|p| p.key_id == key_id)
+        })
+    }
+
+    fn grace_over(&self, promoted_at: DateTime<Utc>) -> bool {
+        self.now() - promoted_at
+            >= chrono::Duration::from_std(self.rule.grace_period).unwrap_or(chrono::Duration::MAX)
+    }
+
+    /// Revokes each store's previous key once its grace period is over (I3: never a
+    /// key any store of the slot serves), then forgets it.
+    async fn retire(&mut self) -> SlotResult<()> {
+        let mut previous: BTreeSet<String> = BTreeSet::new();
+        for s in &self.states {
+            if let Some(p) = &s.book.previous_key_id {
+                previous.insert(p.clone());
+            }
+        }
+        for key_id in previous {
+            if self.served(&key_id) {
+                warn!(project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key is still served by a store; not revoking");
+                continue;
+            }
+            let holders: Vec<usize> = (0..self.stores.len())
+                .filter(|&i| self.states[i].book.previous_key_id.as_deref() == Some(key_id.as_str()))
+                .collect();
+            let mut due = true;
+            for &i in &holders {
+                match self.states[i].book.promoted_at {
+                    Some(t) if self.grace_over(t) => {}
+                    Some(_) => due = false,
+                    None => {
+                        // Promotion landed without its clock (a crash): start it now.
+                        due = false;
+                        if !self.eng.settings.dry_run {
+                            if let Some(cur) = self.states[i].current.as_ref().map(|c| c.key_id.clone()) {
+                                let at = self.now();
+                                self.apply(i, &Transition::Promote { key_id: cur, at }).await?;
+                            }
+                        }
+                    }
+                }
+            }
+            if !due {
+                debug!(project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key in grace");
+                continue;
+            }
+            if self.eng.settings.dry_run {
+                self.planned.push(format!("revoke previous key {key_id}"));
+                continue;
+            }
+            self.revoke(&key_id, "grace_over").await?;
+            for i in holders {
+                self.apply(i, &Transition::Retired { key_id: key_id.clone() }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Revokes this service account's `keyrotd-*` keys that no store references (older
+    /// than `orphan_min_age`, re-checked against the stores right before each delete),
+    /// and its other stale keys once the slot's current key has been served for a
+    /// full grace period.
+    async fn sweep(&mut self) -> SlotResult<()> {
+        let now = self.now();
+        let referenced: BTreeSet<String> = self
+            .states
+            .iter()
+            .flat_map(|s| s.referenced_key_ids().map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        let intents: BTreeSet<String> = self
+            .states
+            .iter()
+            .filter_map(|s| s.book.intent.as_ref().map(|i| i.key_name.clone()))
+            .collect();
+        let agreed_current = {
+            let ids: BTreeSet<Option<&str>> = self
+                .states
+                .iter()
+                .map(|s| s.current.as_ref().map(|c| c.key_id.as_str()))
+                .collect();
+            ids.len() == 1 && ids.iter().next().is_some_and(|i| i.is_some())
+        };
+        let settled = agreed_current
+            && self
+                .states
+                .iter()
+                .all(|s| s.book.promoted_at.is_some_and(|t| self.grace_over(t)));
+        let project = crate::openai::models::Project {
+            id: self.slot.project_id.clone(),
+            object: None,
+            name: Some(self.slot.project_name.clone()),
+            created_at: 0,
+            archived_at: None,
+            status: None,
+        };
+        let candidates: Vec<(String, &'static str)> = self
+            .keys
+            .iter()
+            .filter(|k| !referenced.contains(&k.id))
+            .filter_map(|k| {
+                if policy::is_keyrotd_key(k) {
+                    let name = k.name.as_deref().unwrap_or_default();
+                    (!intents.contains(name) && policy::age(k, now) >= self.eng.policy.orphan_min_age)
+                        .then(|| (k.id.clone(), "orphan"))
+                } else {
+                    let e = policy::evaluate(k, &project, std::slice::from_ref(&self.rule), &self.eng.policy, now);
+                    (settled && e.verdict == Verdict::Rotate).then(|| (k.id.clone(), "stale_extra"))
+                }
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        if self.eng.settings.dry_run {
+            for (id, why) in candidates {
+                self.planned.push(format!("revoke {why} key {id}"));
+            }
+            return Ok(());
+        }
+        for (key_id, why) in candidates {
+            // Re-read: a concurrent process may have recorded the key since our read.
+            self.read_all().await?;
+            if self.states.iter().any(|s| s.referenced_key_ids().any(|r| r == key_id)) {
+                continue;
+            }
+            self.revoke(&key_id, why).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A listing object for a key minted in this run, so later steps of the same run see it.
+fn listing_of(
+    created: &crate::openai::models::CreatedKey,
+    sa_id: &str,
+    sa_name: &str,
+) -> ProjectApiKey {
+    use crate::openai::models::{ApiKeyOwner, OwnerServiceAccount, OwnerType};
+    ProjectApiKey {
+        id: created.id.clone(),
+        object: None,
+        redacted_value: None,
+        name: created.name.clone(),
+        created_at: created.created_at,
+        last_used_at: None,
+        expires_at: None,
+        owner_project_access: None,
+        owner: ApiKeyOwner {
+            kind: OwnerType::ServiceAccount,
+            user: None,
+            service_account: Some(OwnerServiceAccount {
+                id: sa_id.to_string(),
+                name: Some(sa_name.to_string()),
+                created_at: None,
+                role: None,
+            }),
+        },
+    }
+}
