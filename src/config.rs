@@ -914,3 +914,23 @@ mod tests {
         assert!(e.contains("key_expiry"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod shipped_configs {
+    use super::*;
+
+    /// The example config and the Kubernetes one are parsed by the real loader: a
+    /// renamed key breaks this test, not a user's deployment.
+    #[test]
+    fn shipped_configs_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for rel in ["config/keyrotd.example.toml", "deploy/kubernetes/keyrotd.toml"] {
+            let path = root.join(rel);
+            if rel.starts_with("deploy") && !path.exists() {
+                continue;
+            }
+            let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{rel}: {e}"));
+            assert!(!cfg.rotate.is_empty(), "{rel} has rules");
+        }
+    }
+}
