@@ -163,10 +163,9 @@ impl Metrics {
                     m.oldest_key_age_seconds,
                 ),
             ] {
-                if let Some(v) = v {
-                    family(&mut out, name, "gauge", help);
-                    let _ = writeln!(out, "{name} {v}");
-                }
+                // 0 until the first cycle sets them (the alert rules expect the series).
+                family(&mut out, name, "gauge", help);
+                let _ = writeln!(out, "{name} {}", v.unwrap_or(0.0));
             }
         });
         if let Some(api) = api {

@@ -4,25 +4,34 @@
 //! [`ApiStats`] (for metrics and the benchmarks).
 
 pub mod models;
+mod retry;
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use secrecy::SecretString;
+use reqwest::{Method, StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use self::models::*;
+use self::retry::Retry;
 
 /// An Admin API failure. Carries the HTTP status and the API's own `error.message`;
 /// never a key value.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
-    /// 401: the admin key is wrong, revoked or expired.
-    #[error("admin key rejected (HTTP 401) on {endpoint}: {message}")]
+    /// 401: the admin key is wrong, revoked or expired (on `list_models`: the project
+    /// key being verified was rejected).
+    #[error("{} rejected (HTTP 401) on {endpoint}: {message}", rejected_key(.endpoint))]
     Unauthorized { endpoint: String, message: String },
     /// 403: not an admin key, or missing permission.
     #[error("not an admin key or missing permission (HTTP 403) on {endpoint}: {message}")]
     Forbidden { endpoint: String, message: String },
+    /// 404: the project, key or service account does not exist (any more).
     #[error("not found (HTTP 404) on {endpoint}: {message}")]
     NotFound { endpoint: String, message: String },
     /// Any other non-success status, after retries where retryable.
@@ -36,7 +45,17 @@ pub enum ApiError {
     Decode { endpoint: String, status: u16, message: String },
 }
 
+/// Which key a 401 on `endpoint` refers to.
+fn rejected_key(endpoint: &str) -> &'static str {
+    if endpoint == Endpoint::ListModels.as_str() {
+        "project key"
+    } else {
+        "admin key"
+    }
+}
+
 impl ApiError {
+    /// The HTTP status behind the error; `None` for network failures.
     pub fn status(&self) -> Option<u16> {
         match self {
             ApiError::Unauthorized { .. } => Some(401),
@@ -86,6 +105,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The metric label (`keyrotd_api_requests_total{endpoint}`).
     pub fn as_str(self) -> &'static str {
         match self {
             Endpoint::ListProjects => "list_projects",
@@ -103,84 +123,480 @@ impl Endpoint {
 }
 
 /// Request counters, shared by clones of a [`Client`].
+///
+/// One count per HTTP exchange, retries included, keyed by endpoint and status
+/// (0 when no complete response arrived: timeout, refused connection, cut body).
 #[derive(Debug, Default)]
 pub struct ApiStats {
-    // implementation detail of the client module
+    counts: Mutex<BTreeMap<(Endpoint, u16), u64>>,
+    total: AtomicU64,
 }
 
 impl ApiStats {
     /// (endpoint, status or 0 for network errors, count), sorted.
     pub fn snapshot(&self) -> Vec<(Endpoint, u16, u64)> {
-        todo!()
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().map(|(&(e, s), &n)| (e, s, n)).collect()
     }
     /// Total requests sent (including retries).
     pub fn total(&self) -> u64 {
-        todo!()
+        self.total.load(Ordering::Relaxed)
+    }
+    fn record(&self, endpoint: Endpoint, status: u16) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.entry((endpoint, status)).or_insert(0) += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// The Admin API client. Cheap to clone.
+///
+/// Every call retries by itself where that is safe (see [`ClientConfig`]): 429s after
+/// the server's `retry-after`, 5xx and network failures with jittered exponential
+/// backoff. Creates are only retried when the server certainly did not act.
 #[derive(Clone)]
 pub struct Client {
-    _stats: Arc<ApiStats>,
+    http: reqwest::Client,
+    base: Url,
+    cfg: ClientConfig,
+    admin_key: SecretString,
+    stats: Arc<ApiStats>,
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("admin_key", &"[REDACTED]").finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("base_url", &self.base.as_str())
+            .field("admin_key", &"[REDACTED]")
+            .finish_non_exhaustive()
     }
 }
 
+/// The body of a failed exchange, turned into an [`ApiError`] once retries are over.
+enum Failure {
+    Status { status: StatusCode, headers: reqwest::header::HeaderMap, body: Vec<u8> },
+    /// No complete response; `before_send` when the connection was never established.
+    Network { error: reqwest::Error, before_send: bool },
+}
+
+/// Items of one page, plus what is needed to ask for the next one.
+struct Page<T> {
+    data: Vec<T>,
+    next: Option<String>,
+}
+
 impl Client {
-    pub fn new(_cfg: ClientConfig, _admin_key: SecretString) -> ApiResult<Client> {
-        todo!()
+    /// Builds a client with its own connection pool; `request_timeout` bounds each
+    /// HTTP exchange (not the retries around it).
+    pub fn new(cfg: ClientConfig, admin_key: SecretString) -> ApiResult<Client> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))
+            .timeout(cfg.request_timeout)
+            .connect_timeout(cfg.request_timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| ApiError::Network {
+                endpoint: "client".into(),
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
+        Client::with_http(cfg, admin_key, http)
     }
+
+    /// Like [`Client::new`] but on a caller-supplied `reqwest::Client` (shared pool,
+    /// custom TLS roots, proxies). Its own timeout settings apply as configured there.
+    pub fn with_http(
+        cfg: ClientConfig,
+        admin_key: SecretString,
+        http: reqwest::Client,
+    ) -> ApiResult<Client> {
+        let base = parse_base_url(&cfg.base_url)?;
+        Ok(Client {
+            http,
+            base,
+            cfg,
+            admin_key,
+            stats: Arc::new(ApiStats::default()),
+        })
+    }
+
+    /// The request counters of this client and its clones.
     pub fn stats(&self) -> &Arc<ApiStats> {
-        &self._stats
+        &self.stats
     }
+
     /// Every project (all pages); archived ones only when asked.
-    pub async fn list_projects(&self, _include_archived: bool) -> ApiResult<Vec<Project>> {
-        todo!()
+    pub async fn list_projects(&self, include_archived: bool) -> ApiResult<Vec<Project>> {
+        let path = ["organization", "projects"];
+        let mut extra = Vec::new();
+        if include_archived {
+            extra.push(("include_archived", "true"));
+        }
+        self.list_all(Endpoint::ListProjects, &path, &extra, |p: &Project| p.id.clone())
+            .await
     }
-    pub async fn get_project(&self, _project_id: &str) -> ApiResult<Project> {
-        todo!()
+
+    /// One project by id.
+    pub async fn get_project(&self, project_id: &str) -> ApiResult<Project> {
+        let url = self.url(&["organization", "projects", project_id], &[]);
+        self.call(Endpoint::GetProject, Method::GET, url, None::<&()>, Retry::Idempotent, None)
+            .await
     }
+
     /// Every key of a project (all pages), with `owner_project_access=any`.
-    pub async fn list_api_keys(&self, _project_id: &str) -> ApiResult<Vec<ProjectApiKey>> {
-        todo!()
+    pub async fn list_api_keys(&self, project_id: &str) -> ApiResult<Vec<ProjectApiKey>> {
+        let path = ["organization", "projects", project_id, "api_keys"];
+        let extra = [("owner_project_access", "any")];
+        self.list_all(Endpoint::ListApiKeys, &path, &extra, |k: &ProjectApiKey| k.id.clone())
+            .await
     }
-    pub async fn get_api_key(&self, _project_id: &str, _key_id: &str) -> ApiResult<ProjectApiKey> {
-        todo!()
+
+    /// One key of a project (listing object, no value).
+    pub async fn get_api_key(&self, project_id: &str, key_id: &str) -> ApiResult<ProjectApiKey> {
+        let url = self.url(&["organization", "projects", project_id, "api_keys", key_id], &[]);
+        self.call(Endpoint::GetApiKey, Method::GET, url, None::<&()>, Retry::Idempotent, None)
+            .await
     }
+
     /// DELETE a project key. 404 is returned as `ApiError::NotFound`; callers treat it as done.
-    pub async fn delete_api_key(&self, _project_id: &str, _key_id: &str) -> ApiResult<Deleted> {
-        todo!()
+    pub async fn delete_api_key(&self, project_id: &str, key_id: &str) -> ApiResult<Deleted> {
+        let url = self.url(&["organization", "projects", project_id, "api_keys", key_id], &[]);
+        self.call(Endpoint::DeleteApiKey, Method::DELETE, url, None::<&()>, Retry::Idempotent, None)
+            .await
     }
-    pub async fn list_service_accounts(&self, _project_id: &str) -> ApiResult<Vec<ServiceAccount>> {
-        todo!()
+
+    /// Every service account of a project (all pages).
+    pub async fn list_service_accounts(&self, project_id: &str) -> ApiResult<Vec<ServiceAccount>> {
+        let path = ["organization", "projects", project_id, "service_accounts"];
+        self.list_all(Endpoint::ListServiceAccounts, &path, &[], |s: &ServiceAccount| {
+            s.id.clone()
+        })
+        .await
     }
+
+    /// Creates a service account (and, by default, its first key).
     /// Never retried automatically on an ambiguous failure (no idempotency key).
     pub async fn create_service_account(
         &self,
-        _project_id: &str,
-        _name: &str,
+        project_id: &str,
+        name: &str,
     ) -> ApiResult<CreatedServiceAccount> {
-        todo!()
+        let url = self.url(&["organization", "projects", project_id, "service_accounts"], &[]);
+        let body = CreateServiceAccountRequest {
+            name: name.to_owned(),
+            create_service_account_only: None,
+        };
+        self.call(
+            Endpoint::CreateServiceAccount,
+            Method::POST,
+            url,
+            Some(&body),
+            Retry::Unambiguous,
+            None,
+        )
+        .await
     }
-    pub async fn delete_service_account(&self, _project_id: &str, _sa_id: &str) -> ApiResult<Deleted> {
-        todo!()
+
+    /// Deletes a service account and, with it, all of its keys.
+    pub async fn delete_service_account(&self, project_id: &str, sa_id: &str) -> ApiResult<Deleted> {
+        let url = self.url(
+            &["organization", "projects", project_id, "service_accounts", sa_id],
+            &[],
+        );
+        self.call(
+            Endpoint::DeleteServiceAccount,
+            Method::DELETE,
+            url,
+            None::<&()>,
+            Retry::Idempotent,
+            None,
+        )
+        .await
     }
+
+    /// Mints a key on a service account; the only response that carries a key value.
     /// Never retried automatically on an ambiguous failure (no idempotency key).
     pub async fn create_service_account_key(
         &self,
-        _project_id: &str,
-        _sa_id: &str,
-        _req: &CreateKeyRequest,
+        project_id: &str,
+        sa_id: &str,
+        req: &CreateKeyRequest,
     ) -> ApiResult<CreatedKey> {
-        todo!()
+        let url = self.url(
+            &["organization", "projects", project_id, "service_accounts", sa_id, "api_keys"],
+            &[],
+        );
+        self.call(
+            Endpoint::CreateServiceAccountKey,
+            Method::POST,
+            url,
+            Some(req),
+            Retry::Unambiguous,
+            None,
+        )
+        .await
     }
+
     /// `GET /models` with a project key: Ok(()) when the key works.
-    pub async fn verify_key(&self, _key: &SecretString) -> ApiResult<()> {
-        todo!()
+    /// A rejected key is `ApiError::Unauthorized` on `list_models`.
+    pub async fn verify_key(&self, key: &SecretString) -> ApiResult<()> {
+        let url = self.url(&["models"], &[]);
+        let _: serde::de::IgnoredAny = self
+            .call(Endpoint::ListModels, Method::GET, url, None::<&()>, Retry::Idempotent, Some(key))
+            .await?;
+        Ok(())
     }
+
+    /// `{base}/{segments...}?{query}`, each segment percent-encoded.
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+
+    /// Follows `has_more`/`last_id` from the first page to the last, asking for each
+    /// page exactly once. `id_of` supplies the cursor when a page omits `last_id`.
+    async fn list_all<T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        path: &[&str],
+        extra: &[(&str, &str)],
+        id_of: impl Fn(&T) -> String,
+    ) -> ApiResult<Vec<T>> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.list_page(endpoint, path, extra, after.as_deref(), &id_of).await?;
+            all.extend(page.data);
+            match page.next {
+                Some(next) if after.as_deref() == Some(next.as_str()) => {
+                    return Err(ApiError::Decode {
+                        endpoint: endpoint.as_str().into(),
+                        status: 200,
+                        message: "pagination did not advance (has_more with the same cursor)"
+                            .into(),
+                    });
+                }
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    async fn list_page<T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        path: &[&str],
+        extra: &[(&str, &str)],
+        after: Option<&str>,
+        id_of: &impl Fn(&T) -> String,
+    ) -> ApiResult<Page<T>> {
+        let mut query = vec![("limit", "100")];
+        if let Some(after) = after {
+            query.push(("after", after));
+        }
+        query.extend_from_slice(extra);
+        let url = self.url(path, &query);
+        let list: ListResponse<T> = self
+            .call(endpoint, Method::GET, url, None::<&()>, Retry::Idempotent, None)
+            .await?;
+        if !list.has_more {
+            return Ok(Page { data: list.data, next: None });
+        }
+        let next = list.last_id.clone().or_else(|| list.data.last().map(id_of));
+        match next {
+            Some(next) => Ok(Page { data: list.data, next: Some(next) }),
+            None => Err(ApiError::Decode {
+                endpoint: endpoint.as_str().into(),
+                status: 200,
+                message: "has_more is true but the page has neither last_id nor items".into(),
+            }),
+        }
+    }
+
+    /// One API call with the retry policy `retry`; `key` overrides the admin key.
+    async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
+        &self,
+        endpoint: Endpoint,
+        method: Method,
+        url: Url,
+        body: Option<&B>,
+        retry: Retry,
+        key: Option<&SecretString>,
+    ) -> ApiResult<T> {
+        let mut attempt: u32 = 0;
+        loop {
+            let started = Instant::now();
+            let failure = match self.exchange(method.clone(), url.clone(), body, key).await {
+                Ok((status, headers, bytes)) => {
+                    let code = status.as_u16();
+                    self.log_exchange(endpoint, code, attempt, started);
+                    if status.is_success() {
+                        return decode(endpoint, code, &bytes);
+                    }
+                    Failure::Status { status, headers, body: bytes }
+                }
+                Err((error, before_send)) => {
+                    self.log_exchange(endpoint, 0, attempt, started);
+                    Failure::Network { error, before_send }
+                }
+            };
+            let wait = match &failure {
+                Failure::Status { status, headers, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                    Some(
+                        retry::retry_after(headers, SystemTime::now())
+                            .map(|d| d.min(self.cfg.max_retry_after))
+                            .unwrap_or_else(|| retry::backoff(self.cfg.backoff_base, attempt)),
+                    )
+                }
+                Failure::Status { status, .. }
+                    if status.is_server_error() && retry == Retry::Idempotent =>
+                {
+                    Some(retry::backoff(self.cfg.backoff_base, attempt))
+                }
+                Failure::Network { before_send, .. }
+                    if *before_send || retry == Retry::Idempotent =>
+                {
+                    Some(retry::backoff(self.cfg.backoff_base, attempt))
+                }
+                _ => None,
+            };
+            match wait {
+                Some(wait) if attempt < self.cfg.max_retries => {
+                    tracing::debug!(
+                        endpoint = endpoint.as_str(),
+                        attempt,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "api.retry"
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                _ => return Err(into_error(endpoint, failure)),
+            }
+        }
+    }
+
+    /// Sends one request and reads the whole response. On failure, also says whether
+    /// the request certainly never reached the server (a connect error).
+    async fn exchange<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&B>,
+        key: Option<&SecretString>,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Vec<u8>), (reqwest::Error, bool)> {
+        let token = key.unwrap_or(&self.admin_key);
+        let mut req = self
+            .http
+            .request(method, url)
+            .bearer_auth(token.expose_secret())
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|e| {
+            let before_send = e.is_connect();
+            (e, before_send)
+        })?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.map_err(|e| (e, false))?;
+        Ok((status, headers, bytes.to_vec()))
+    }
+
+    fn log_exchange(&self, endpoint: Endpoint, status: u16, attempt: u32, started: Instant) {
+        self.stats.record(endpoint, status);
+        tracing::debug!(
+            endpoint = endpoint.as_str(),
+            status,
+            attempt,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "api.request"
+        );
+    }
+}
+
+/// Parses `base_url`, accepting it with or without a trailing slash.
+fn parse_base_url(base_url: &str) -> ApiResult<Url> {
+    let invalid = |message: String| ApiError::Network {
+        endpoint: "client".into(),
+        message,
+    };
+    let url = Url::parse(base_url.trim())
+        .map_err(|e| invalid(format!("invalid base_url {base_url:?}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+        return Err(invalid(format!("base_url {base_url:?} is not an http(s) URL")));
+    }
+    Ok(url)
+}
+
+/// Decodes a 2xx body whole; a truncated or mis-shaped body is an error, never a
+/// partial result.
+fn decode<T: DeserializeOwned>(endpoint: Endpoint, status: u16, body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::Decode {
+        endpoint: endpoint.as_str().into(),
+        status,
+        message: retry::mask_keys(&format!("invalid JSON: {e}")),
+    })
+}
+
+/// The final error for a failure no (more) retries will fix.
+fn into_error(endpoint: Endpoint, failure: Failure) -> ApiError {
+    let endpoint_name = endpoint.as_str().to_owned();
+    match failure {
+        Failure::Network { error, .. } => {
+            let error = error.without_url();
+            let kind = if error.is_timeout() {
+                "timed out"
+            } else if error.is_connect() {
+                "connection failed"
+            } else if error.is_body() || error.is_decode() {
+                "response body interrupted"
+            } else {
+                "request failed"
+            };
+            ApiError::Network {
+                endpoint: endpoint_name,
+                message: retry::mask_keys(&format!("{kind}: {}", error_chain(&error))),
+            }
+        }
+        Failure::Status { status, body, .. } => {
+            let (message, code) = match serde_json::from_slice::<ErrorResponse>(&body) {
+                Ok(ErrorResponse { error }) if !error.message.is_empty() => {
+                    (retry::mask_keys(&error.message), error.code)
+                }
+                _ => (retry::excerpt(&body), None),
+            };
+            match status.as_u16() {
+                401 => ApiError::Unauthorized { endpoint: endpoint_name, message },
+                403 => ApiError::Forbidden { endpoint: endpoint_name, message },
+                404 => ApiError::NotFound { endpoint: endpoint_name, message },
+                status => ApiError::Status {
+                    endpoint: endpoint_name,
+                    status,
+                    message,
+                    code,
+                },
+            }
+        }
+    }
+}
+
+/// `error: cause: cause` — reqwest's top-level message alone rarely says what broke.
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

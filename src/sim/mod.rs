@@ -1,1 +1,543 @@
 //! In-process OpenAI Admin API simulator (see `keyrotd sim`, `keyrotd demo`, tests).
+//!
+//! An axum server faithful to `spec/openai-admin-openapi.json`: every endpoint of the
+//! excerpt (projects, project API keys, service accounts and their keys, admin API
+//! keys, `GET /v1/models`), the `{"error": {message, type, param, code}}` error shape,
+//! `limit` 1..=100 (default 20) with `after`/`has_more` pagination, `owner_project_access`,
+//! `include_archived`, plus fault injection and a movable clock for tests.
+//!
+//! # Using it
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use keyrotd::sim::{Faults, Scenario, Sim};
+//! let sim = Sim::new("sk-admin-test");
+//! let truth = Scenario::new(7).projects(3).populate(&sim);   // ground truth per key
+//! let server = sim.start().await?;                          // 127.0.0.1:<free port>
+//! // point a client at server.base_url (ends with /v1), admin key "sk-admin-test" ...
+//! sim.update_faults(|f| f.lose_create_responses = 1);       // change behaviour live
+//! # let _ = truth; server.shutdown().await; Ok(()) }
+//! ```
+//!
+//! For `keyrotd sim --listen ADDR`: build a [`Scenario`] (it parses from
+//! `projects=50,stale=0.3,...`, see [`Scenario`]'s `FromStr`), then
+//! [`run_standalone`] populates, prints the base URL and admin key, and serves until
+//! Ctrl-C. [`serve`] serves a [`Sim`] on any listener.
+//!
+//! # Behaviour worth knowing
+//!
+//! - Lists are in creation order. An `after` cursor naming a deleted key or service
+//!   account stays valid (tombstones); an id that never existed is a 400 on `after`.
+//! - `GET .../api_keys` without `owner_project_access` shows only keys whose owner is
+//!   active in the project ([`Sim::set_owner_active`]); `any` shows all.
+//! - Archived projects keep their keys in listings, but `GET /models` rejects those
+//!   keys, and listing, creating or deleting service accounts there is a 400 (the
+//!   spec: "archived projects have no service accounts").
+//! - A key is live when not deleted, not expired (`expires_in_seconds`, an extension
+//!   to the excerpt, shown as `expires_at` in listings) and its project is not
+//!   archived. `GET /models` answers 200 only for live project keys and moves their
+//!   `last_used_at` to the simulator's now. An admin key there is a 401; a project key
+//!   on an admin endpoint is a 403.
+//! - Admin keys created through `POST /organization/admin_api_keys` authenticate like
+//!   the initial one; deleting one invalidates it.
+//! - `POST /organization/projects/{id}/archive` (real API, not in the excerpt) archives.
+//! - The clock is wall time plus [`Sim::advance`]; it stamps `created_at`,
+//!   `last_used_at` and expiry. [`Faults::propagation_delay`] uses real time.
+//! - Fault order and semantics: see [`Faults`].
+//!
+//! Layout: `route.rs` (endpoint table), `state.rs` (the organization and the
+//! operations, no HTTP), `http.rs` (handler, faults, logging), `faults.rs`,
+//! `scenario.rs` (seeded populations and their ground truth).
+
+mod faults;
+mod http;
+mod route;
+mod scenario;
+mod state;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use self::faults::{
+    FailNext, Faults, LostResponse, MalformedNext, Malformation, RejectVerification, RetryAfter,
+};
+pub use self::route::Route;
+pub use self::scenario::{GroundTruth, Scenario, TruthKey, TruthProject};
+use self::state::{KeyRec, State};
+
+/// Who owns a simulated key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum OwnerRef {
+    /// A user id (`user_...`).
+    User(String),
+    /// A service account id (`svc_acct_...`).
+    ServiceAccount(String),
+}
+
+/// A project as the simulator holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimProject {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub archived_at: Option<i64>,
+}
+
+/// A service account as the simulator holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimServiceAccount {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub role: String,
+    pub created_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+/// A project API key, value included (tests only). `Debug` redacts the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SimKey {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub value: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub owner: OwnerRef,
+    /// The owner's name (user name or service-account name).
+    pub owner_name: String,
+    /// Whether the owner has effective access (`owner_project_access: active`).
+    pub owner_active: bool,
+    pub scopes: Vec<String>,
+    /// Created through the HTTP API rather than seeded.
+    pub minted: bool,
+    pub deleted_at: Option<i64>,
+}
+
+impl fmt::Debug for SimKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimKey")
+            .field("id", &self.id)
+            .field("project_id", &self.project_id)
+            .field("name", &self.name)
+            .field("value", &"[REDACTED]")
+            .field("created_at", &self.created_at)
+            .field("last_used_at", &self.last_used_at)
+            .field("expires_at", &self.expires_at)
+            .field("owner", &self.owner)
+            .field("owner_active", &self.owner_active)
+            .field("minted", &self.minted)
+            .field("deleted_at", &self.deleted_at)
+            .finish()
+    }
+}
+
+/// One request the simulator answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// Arrival order, from 1.
+    pub seq: u64,
+    /// When it arrived (real time).
+    pub at: Instant,
+    pub method: String,
+    /// `None` when the path matched no route.
+    pub route: Option<Route>,
+    pub path: String,
+    /// The raw query string (empty when none).
+    pub query: String,
+    /// The status sent; 0 when the connection was dropped on purpose.
+    pub status: u16,
+}
+
+/// The simulated API: cheap to clone, all clones share one organization.
+#[derive(Clone)]
+pub struct Sim {
+    state: Arc<Mutex<State>>,
+    admin_key: Arc<str>,
+}
+
+impl fmt::Debug for Sim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sim").finish_non_exhaustive()
+    }
+}
+
+impl Sim {
+    /// An empty organization whose admin key is `admin_key`, with a random seed.
+    pub fn new(admin_key: &str) -> Sim {
+        Sim::with_seed(admin_key, rand::random())
+    }
+
+    /// Like [`Sim::new`], with a seeded RNG for ids, key values and random faults.
+    pub fn with_seed(admin_key: &str, seed: u64) -> Sim {
+        Sim {
+            state: Arc::new(Mutex::new(State::new(admin_key, seed))),
+            admin_key: Arc::from(admin_key),
+        }
+    }
+
+    /// The admin key given to [`Sim::new`].
+    pub fn admin_key(&self) -> &str {
+        &self.admin_key
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The axum router serving the API (all under `/v1`).
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .fallback(http::handle)
+            .with_state(self.clone())
+    }
+
+    /// Serves on `127.0.0.1:<free port>` until [`SimServer::shutdown`] or drop.
+    pub async fn start(&self) -> io::Result<SimServer> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let sim = self.clone();
+        let task = tokio::spawn(async move {
+            serve(listener, sim, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Ok(SimServer {
+            base_url: format!("http://{addr}/v1"),
+            addr,
+            sim: self.clone(),
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    // ----- faults and clock -----
+
+    /// The current faults.
+    pub fn faults(&self) -> Faults {
+        self.lock().faults.clone()
+    }
+
+    /// Replaces the faults.
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    /// Changes the faults in place.
+    pub fn update_faults(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.lock().faults);
+    }
+
+    /// The simulator's now (Unix seconds).
+    pub fn now(&self) -> i64 {
+        self.lock().now()
+    }
+
+    /// Moves the simulator's clock forward (whole seconds).
+    pub fn advance(&self, by: Duration) {
+        self.lock().advance(by);
+    }
+
+    // ----- seeding -----
+
+    /// Creates a project; returns its id.
+    pub fn add_project(&self, name: &str) -> String {
+        let mut st = self.lock();
+        let now = st.now();
+        st.new_project(name, now)
+    }
+
+    /// Archives a project; false when unknown.
+    pub fn archive_project(&self, project_id: &str) -> bool {
+        let mut st = self.lock();
+        let now = st.now();
+        st.archive(project_id, now).is_ok()
+    }
+
+    /// Creates a service account (role `member`); `None` when the project is unknown.
+    pub fn add_service_account(&self, project_id: &str, name: &str) -> Option<String> {
+        let mut st = self.lock();
+        let now = st.now();
+        st.new_sa(project_id, name, "member", now).ok()
+    }
+
+    /// Creates a user (role `member` in every project); returns its id.
+    pub fn add_user(&self, name: &str, email: &str) -> String {
+        let mut st = self.lock();
+        let now = st.now();
+        st.new_user(name, email, "member", now)
+    }
+
+    /// Creates a key created now and never used; `None` for an unknown project/owner.
+    pub fn add_key(&self, project_id: &str, owner: OwnerRef, name: &str) -> Option<SimKey> {
+        let now = self.now();
+        self.add_key_at(project_id, owner, name, now, None)
+    }
+
+    /// Creates a key with the given timestamps (seeded, not "minted").
+    pub fn add_key_at(
+        &self,
+        project_id: &str,
+        owner: OwnerRef,
+        name: &str,
+        created_at: i64,
+        last_used_at: Option<i64>,
+    ) -> Option<SimKey> {
+        let mut st = self.lock();
+        let id = st
+            .new_key(project_id, owner, name, created_at, last_used_at, None, Vec::new(), false)
+            .ok()?;
+        st.keys.get(&id).map(|k| sim_key(&st, k))
+    }
+
+    /// Marks an owner (user or service account id) as having, or not having, effective
+    /// access to a project; false when the project is unknown.
+    pub fn set_owner_active(&self, project_id: &str, owner_id: &str, active: bool) -> bool {
+        self.lock().set_owner_active(project_id, owner_id, active).is_ok()
+    }
+
+    /// Deletes a live key, as `DELETE .../api_keys/{id}` would (ignoring faults); false
+    /// when it is unknown or already deleted.
+    pub fn delete_key(&self, key_id: &str) -> bool {
+        let mut st = self.lock();
+        let now = st.now();
+        let Some(project) = st.keys.get(key_id).map(|k| k.project_id.clone()) else {
+            return false;
+        };
+        st.remove_key(&project, key_id, now).is_ok()
+    }
+
+    // ----- inspection -----
+
+    /// Every project, archived included, in creation order.
+    pub fn projects(&self) -> Vec<SimProject> {
+        self.lock().projects.iter().map(sim_project).collect()
+    }
+
+    /// One project.
+    pub fn project(&self, project_id: &str) -> Option<SimProject> {
+        self.lock().project(project_id).ok().map(sim_project)
+    }
+
+    /// The live service accounts of a project, in creation order.
+    pub fn service_accounts(&self, project_id: &str) -> Vec<SimServiceAccount> {
+        let st = self.lock();
+        let Ok(p) = st.project(project_id) else {
+            return Vec::new();
+        };
+        p.sas
+            .values()
+            .filter_map(|id| st.sas.get(id))
+            .map(|s| SimServiceAccount {
+                id: s.id.clone(),
+                project_id: s.project_id.clone(),
+                name: s.name.clone(),
+                role: s.role.clone(),
+                created_at: s.created_at,
+                deleted_at: s.deleted_at,
+            })
+            .collect()
+    }
+
+    /// The keys of a project that are not deleted, in listing order (expired and
+    /// archived-project keys included), with values.
+    pub fn keys(&self, project_id: &str) -> Vec<SimKey> {
+        let st = self.lock();
+        let Ok(p) = st.project(project_id) else {
+            return Vec::new();
+        };
+        p.keys.values().filter_map(|id| st.keys.get(id)).map(|k| sim_key(&st, k)).collect()
+    }
+
+    /// Every not-deleted key of every project.
+    pub fn all_keys(&self) -> Vec<SimKey> {
+        let st = self.lock();
+        st.projects
+            .iter()
+            .flat_map(|p| p.keys.values())
+            .filter_map(|id| st.keys.get(id))
+            .map(|k| sim_key(&st, k))
+            .collect()
+    }
+
+    /// One key, deleted or not.
+    pub fn key(&self, key_id: &str) -> Option<SimKey> {
+        let st = self.lock();
+        st.keys.get(key_id).map(|k| sim_key(&st, k))
+    }
+
+    /// A key's value (deleted keys too).
+    pub fn key_value(&self, key_id: &str) -> Option<String> {
+        self.lock().keys.get(key_id).map(|k| k.value.clone())
+    }
+
+    /// Whether a key would work now: not deleted, not expired, project not archived.
+    /// Ignores `reject_verification` (see [`Sim::use_key`] for the full check).
+    pub fn is_live(&self, key_id: &str) -> bool {
+        let st = self.lock();
+        let now = st.now();
+        st.keys.get(key_id).is_some_and(|k| st.key_is_live(k, now))
+    }
+
+    /// Ids of deleted project keys, in creation order.
+    pub fn deleted_keys(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut deleted: Vec<&KeyRec> = st.keys.values().filter(|k| k.deleted_at.is_some()).collect();
+        deleted.sort_by_key(|k| k.seq);
+        deleted.into_iter().map(|k| k.id.clone()).collect()
+    }
+
+    /// A consumer using a key: exactly what `GET /v1/models` does (moves
+    /// `last_used_at`), without HTTP or request faults. True when the key works.
+    pub fn use_key(&self, value: &str) -> bool {
+        self.lock().use_key(value)
+    }
+
+    /// The request log, oldest first (the last 200,000 requests).
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.lock().log.iter().cloned().collect()
+    }
+
+    /// The logged requests that matched `route`.
+    pub fn requests_to(&self, route: Route) -> Vec<RequestRecord> {
+        self.lock().log.iter().filter(|r| r.route == Some(route)).cloned().collect()
+    }
+
+    /// Requests per (method, path, query): a count above 1 for a list page means the
+    /// page was fetched twice.
+    pub fn request_counts(&self) -> BTreeMap<(String, String, String), u64> {
+        let mut counts = BTreeMap::new();
+        for r in self.lock().log.iter() {
+            *counts.entry((r.method.clone(), r.path.clone(), r.query.clone())).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Empties the request log.
+    pub fn clear_requests(&self) {
+        self.lock().log.clear();
+    }
+}
+
+fn sim_project(p: &state::ProjectRec) -> SimProject {
+    SimProject {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        created_at: p.created_at,
+        archived_at: p.archived_at,
+    }
+}
+
+fn sim_key(st: &State, k: &KeyRec) -> SimKey {
+    let owner_name = match &k.owner {
+        OwnerRef::User(id) => st.users.get(id).map(|u| u.name.clone()),
+        OwnerRef::ServiceAccount(id) => st.sas.get(id).map(|s| s.name.clone()),
+    };
+    SimKey {
+        id: k.id.clone(),
+        project_id: k.project_id.clone(),
+        name: k.name.clone(),
+        value: k.value.clone(),
+        created_at: k.created_at,
+        last_used_at: k.last_used_at,
+        expires_at: k.expires_at,
+        owner: k.owner.clone(),
+        owner_name: owner_name.unwrap_or_default(),
+        owner_active: st.owner_active(k),
+        scopes: k.scopes.clone(),
+        minted: k.minted,
+        deleted_at: k.deleted_at,
+    }
+}
+
+/// A running simulator. Dropping it stops the server.
+pub struct SimServer {
+    /// `http://127.0.0.1:<port>/v1`.
+    pub base_url: String,
+    pub addr: SocketAddr,
+    /// The simulator it serves (a clone sharing the state).
+    pub sim: Sim,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl fmt::Debug for SimServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimServer").field("base_url", &self.base_url).finish_non_exhaustive()
+    }
+}
+
+impl SimServer {
+    /// Stops accepting connections and waits (at most 5 s) for open ones to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Serves `sim` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    sim: Sim,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    axum::serve(listener, sim.router()).with_graceful_shutdown(shutdown).await
+}
+
+/// `keyrotd sim`: populates a simulator from `scenario`, prints its base URL and admin
+/// key (one `KEY=value` line each, easy to `eval`), and serves on `listen` until
+/// Ctrl-C. `admin_key` defaults to a fresh random `sk-admin-...` value.
+pub async fn run_standalone(listen: &str, admin_key: Option<String>, scenario: &Scenario) -> io::Result<()> {
+    let admin_key = admin_key.unwrap_or_else(|| {
+        use rand::Rng;
+        let tail: String = rand::thread_rng()
+            .sample_iter(&rand::distributions::Alphanumeric)
+            .take(48)
+            .map(char::from)
+            .collect();
+        format!("sk-admin-{tail}")
+    });
+    let sim = Sim::with_seed(&admin_key, scenario.seed);
+    let truth = scenario.populate(&sim);
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    println!("OPENAI_BASE_URL=http://{addr}/v1");
+    println!("OPENAI_ADMIN_KEY={admin_key}");
+    println!(
+        "# {} projects, {} keys ({} stale)",
+        truth.projects.len(),
+        truth.keys.len(),
+        truth.keys.iter().filter(|k| k.stale).count()
+    );
+    serve(listener, sim, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}

@@ -356,3 +356,152 @@ pub async fn build(name: &str, cfg: &StoreConfig) -> StoreResult<DynStore> {
         StoreConfig::AwsSecretsManager(c) => Arc::new(aws::AwsStore::connect(name, c).await?),
     })
 }
+
+/// Checks a slot path every backend accepts: relative, `/`-separated, no empty, `.` or
+/// `..` segment, no control character. Backends add their own limits on top.
+pub fn check_path(store: &str, path: &str) -> StoreResult<()> {
+    let refuse = |why: &str| {
+        Err(StoreError::new(
+            store,
+            StoreErrorKind::InvalidConfig,
+            format!("path {path:?} {why}"),
+        ))
+    };
+    if path.is_empty() {
+        return refuse("is empty");
+    }
+    if path.starts_with('/') {
+        return refuse("is absolute; paths are relative to the store");
+    }
+    if path.chars().any(char::is_control) {
+        return refuse("contains a control character");
+    }
+    if path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        return refuse("has an empty, '.' or '..' segment");
+    }
+    Ok(())
+}
+
+/// Describes a JSON (de)serialisation error without quoting the offending value, which
+/// may be a secret: serde's "invalid type: string \"sk-...\"" messages echo input.
+pub fn json_error_summary(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    if msg.starts_with("missing field") || msg.starts_with("unknown field") {
+        return msg;
+    }
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "malformed JSON",
+        serde_json::error::Category::Data => "unexpected JSON value",
+        serde_json::error::Category::Eof => "truncated JSON",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+/// Replaces every occurrence of `secret` in `message` (for messages built from server
+/// responses that could conceivably echo a value keyrotd sent).
+pub fn scrub(message: &str, secret: &SecretString) -> String {
+    let s = secret.expose_secret();
+    if s.is_empty() {
+        message.to_string()
+    } else {
+        message.replace(s, "[REDACTED]")
+    }
+}
+
+/// Runs `op` again while it fails with a temporary error ([`StoreError::is_temporary`]),
+/// at most `max_retries` more times. Waits grow exponentially (200 ms doubling, capped
+/// at 10 s), each drawn at random between half and all of its step so that processes
+/// retrying together spread out.
+pub async fn retry_temporary<T, F, Fut>(max_retries: u32, mut op: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match op().await {
+            Err(e) if e.is_temporary() && attempt < max_retries => {
+                let cap_ms = (200u64 << attempt.min(6)).min(10_000);
+                let wait = rand::Rng::gen_range(&mut rand::thread_rng(), cap_ms / 2..=cap_ms);
+                tracing::debug!(
+                    event = "store.retry",
+                    store = %e.store,
+                    attempt = attempt + 1,
+                    wait_ms = wait,
+                    kind = %e.kind,
+                    "retrying a temporary store failure"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Parses a stored [`Document`] strictly: a record that is present must be complete
+/// (a half-written or hand-edited record is an error, not an empty slot), and an
+/// object holding neither the six fields nor `rotation` is someone else's secret,
+/// which keyrotd refuses to overwrite. `{}` is an empty slot.
+pub fn parse_document(v: serde_json::Value) -> Result<Document, String> {
+    const FIELDS: [&str; 6] = [
+        "api_key",
+        "key_id",
+        "project_id",
+        "service_account_id",
+        "created_at",
+        "managed_by",
+    ];
+    let serde_json::Value::Object(mut map) = v else {
+        return Err("not a JSON object".into());
+    };
+    let rotation = match map.remove("rotation") {
+        Some(r) => Some(
+            serde_json::from_value::<DocRotation>(r)
+                .map_err(|e| format!("bad `rotation`: {}", json_error_summary(&e)))?,
+        ),
+        None => None,
+    };
+    let has_record = FIELDS.iter().any(|f| map.contains_key(*f));
+    if !has_record && rotation.is_none() && !map.is_empty() {
+        return Err("holds data keyrotd did not write (neither `api_key` nor `rotation`)".into());
+    }
+    let current = if has_record {
+        Some(
+            serde_json::from_value::<SecretRecord>(serde_json::Value::Object(map))
+                .map_err(|e| format!("bad record: {}", json_error_summary(&e)))?,
+        )
+    } else {
+        None
+    };
+    Ok(Document {
+        current,
+        rotation: rotation.unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod document_tests {
+    use super::*;
+
+    #[test]
+    fn strict_documents() {
+        let empty = parse_document(serde_json::json!({})).unwrap();
+        assert!(empty.current.is_none());
+        let book_only = parse_document(serde_json::json!({"rotation": {"previous_key_id": "k0"}})).unwrap();
+        assert_eq!(book_only.rotation.book.previous_key_id.as_deref(), Some("k0"));
+        let full = parse_document(serde_json::json!({
+            "api_key": "sk-x", "key_id": "k1", "project_id": "p", "service_account_id": "s",
+            "created_at": "2026-11-27T02:00:00Z", "managed_by": "keyrotd", "rotation": {}
+        }))
+        .unwrap();
+        assert_eq!(full.current.unwrap().key_id, "k1");
+        let half = parse_document(serde_json::json!({"api_key": "sk-secret-value", "key_id": "k1"}));
+        assert!(half.unwrap_err().contains("missing field"));
+        let foreign = parse_document(serde_json::json!({"password": "hunter2"}));
+        assert!(foreign.unwrap_err().contains("did not write"));
+        let leaky = parse_document(serde_json::json!({"rotation": {"intent": "sk-secret-value"}}));
+        assert!(!leaky.unwrap_err().contains("sk-secret-value"));
+    }
+}
