@@ -89,8 +89,13 @@ pub struct Slot {
     pub rule_name: String,
     pub project_id: String,
     pub project_name: String,
+    /// The newest service account of the slot: where a fresh key goes when the stores
+    /// hold none yet.
     pub service_account_id: String,
     pub service_account_name: String,
+    /// Every service account whose path renders to this slot's path, oldest first
+    /// (more than one while strategy `new_service_account` moves the slot).
+    pub service_accounts: Vec<(String, String)>,
     pub stores: Vec<String>,
     pub path: String,
 }
@@ -103,9 +108,9 @@ impl Slot {
 }
 
 /// The slots the rules define: every service account (listed, or seen as a key owner)
-/// of every project, matched by the first rule that covers it. Two service accounts
-/// whose paths render the same in one project share one slot (the one created first),
-/// so two slots never write the same secret.
+/// of every active project, matched by the first rule that covers it. Service
+/// accounts whose paths render the same in one project form one slot (so two slots
+/// never write the same secret); the newest of them is the slot's default account.
 pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
     let mut out = Vec::new();
     for p in &inv.projects {
@@ -118,15 +123,15 @@ pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
         }
         for k in &p.keys {
             if let (OwnerType::ServiceAccount, Some(sa)) = (k.owner.kind, &k.owner.service_account) {
-                accounts
-                    .entry(sa.id.clone())
-                    .or_insert_with(|| (sa.name.clone().unwrap_or_default(), sa.created_at.unwrap_or(0)));
+                accounts.entry(sa.id.clone()).or_insert_with(|| {
+                    (sa.name.clone().unwrap_or_default(), sa.created_at.unwrap_or(0))
+                });
             }
         }
         let mut ordered: Vec<(String, String, i64)> =
             accounts.into_iter().map(|(id, (name, at))| (id, name, at)).collect();
         ordered.sort_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
-        let mut paths = BTreeSet::new();
+        let mut by_path: BTreeMap<String, usize> = BTreeMap::new();
         for (sa_id, sa_name, _) in ordered {
             let Some(ri) = rules
                 .iter()
@@ -141,21 +146,31 @@ pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
                 service_account_id: &sa_id,
                 service_account_name: &sa_name,
             });
-            if !paths.insert(path.clone()) {
+            if let Some(&i) = by_path.get(&path) {
+                let slot: &mut Slot = &mut out[i];
+                slot.service_accounts.push((sa_id.clone(), sa_name.clone()));
+                slot.service_account_id = sa_id;
+                slot.service_account_name = sa_name;
                 continue;
             }
+            by_path.insert(path.clone(), out.len());
             out.push(Slot {
                 rule: ri,
                 rule_name: rule.name.clone(),
                 project_id: p.project.id.clone(),
                 project_name: p.project.display_name().to_string(),
-                service_account_id: sa_id,
-                service_account_name: sa_name,
+                service_account_id: sa_id.clone(),
+                service_account_name: sa_name.clone(),
+                service_accounts: vec![(sa_id, sa_name)],
                 stores: rule.stores.clone(),
                 path,
             });
         }
+        // Paths are unique per project only: a rule without {project_*} in its path
+        // would make projects share a secret. Keep the first, drop the rest.
     }
+    let mut seen = BTreeSet::new();
+    out.retain(|s| seen.insert(s.stores.iter().map(|st| format!("{st}:{}", s.path)).collect::<Vec<_>>().join("|")));
     out
 }
 
@@ -287,13 +302,15 @@ impl Plan {
         let mut refs = Refs::default();
         let mut managed: BTreeMap<(&str, &str), Managed<'_>> = BTreeMap::new();
         for v in views {
-            managed.insert(
-                (v.slot.project_id.as_str(), v.slot.service_account_id.as_str()),
-                Managed {
-                    view: v,
-                    rule: &rules[v.slot.rule],
-                },
-            );
+            for (sa, _) in &v.slot.service_accounts {
+                managed.insert(
+                    (v.slot.project_id.as_str(), sa.as_str()),
+                    Managed {
+                        view: v,
+                        rule: &rules[v.slot.rule],
+                    },
+                );
+            }
             for (store, s) in v.ok_states() {
                 let mut add = |id: &str, role: Role| {
                     let e = refs

@@ -215,10 +215,13 @@ impl Engine {
 
         let by_sa = keys_by_service_account(&inv);
         let results: Vec<Option<SlotReport>> = stream::iter(slots.into_iter().map(|slot| {
-            let keys = by_sa
-                .get(&(slot.project_id.clone(), slot.service_account_id.clone()))
+            let keys: Vec<ProjectApiKey> = slot
+                .service_accounts
+                .iter()
+                .filter_map(|(sa, _)| by_sa.get(&(slot.project_id.clone(), sa.clone())))
+                .flatten()
                 .cloned()
-                .unwrap_or_default();
+                .collect();
             async move {
                 if self.shutdown.is_cancelled() {
                     return None;

@@ -13,7 +13,7 @@ use secrecy::SecretString;
 use tracing::{debug, info, warn};
 
 use super::Engine;
-use crate::config::Rule;
+use crate::config::{Rule, Strategy};
 use crate::metrics::{RevocationOutcome, RotationOutcome};
 use crate::openai::models::{CreateKeyRequest, ProjectApiKey};
 use crate::openai::ApiError;
@@ -22,6 +22,9 @@ use crate::policy::{self, Verdict};
 use crate::store::{
     DynStore, Intent, SecretRecord, SlotState, StoreError, StoreErrorKind, Transition, MANAGED_BY,
 };
+
+/// `Intent::service_account_id` of a rotation that creates a new service account.
+pub const NEW_ACCOUNT: &str = "new";
 
 /// What happened to a slot in one cycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +86,10 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
         stores,
         states: Vec::new(),
         planned: Vec::new(),
+        new_account: false,
+        fallback_rotated: None,
     };
+    run.new_account = run.rule.strategy == Strategy::NewServiceAccount;
     run.read_all().await?;
     if let Some(out) = run.resume().await? {
         return Ok(out);
@@ -103,6 +109,9 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
         }
     }
     run.retire().await?;
+    if let Some(out) = run.fallback_rotated.take() {
+        return Ok(out);
+    }
     run.sweep().await?;
     if eng.settings.dry_run {
         return Ok(SlotOutcome::Planned(run.planned));
@@ -119,6 +128,11 @@ struct SlotRun<'a> {
     /// Latest known state per store, same order as `stores`.
     states: Vec<SlotState>,
     planned: Vec<String>,
+    /// Mint by creating a fresh service account (strategy `new_service_account`, or
+    /// `auto` after the API refused to delete a service account's key).
+    new_account: bool,
+    /// Set when `retire` had to rotate to a new account.
+    fallback_rotated: Option<SlotOutcome>,
 }
 
 macro_rules! failpoint {
@@ -221,10 +235,24 @@ impl SlotRun<'_> {
     /// Revokes a key minted under `intent` whose value was never recorded, then drops
     /// the intent.
     async fn cleanup_intent(&mut self, intent: &Intent) -> SlotResult<()> {
-        let minted = self
-            .find_by_name(&intent.key_name)
-            .await?;
-        if let Some(key_id) = minted {
+        if intent.service_account_id == NEW_ACCOUNT {
+            // A service account created for the slot but never recorded: it has the
+            // slot's account name, was created after the intent, and no store knows it.
+            let since = intent.lease_until
+                - chrono::Duration::from_std(self.eng.policy.lease).unwrap_or_default()
+                - chrono::Duration::seconds(5);
+            let known = self.referenced_accounts();
+            let accounts = self.eng.client.list_service_accounts(&self.slot.project_id).await?;
+            for sa in accounts {
+                if sa.name == self.slot.service_account_name
+                    && policy::ts(sa.created_at) >= since
+                    && !known.contains(&sa.id)
+                {
+                    info!(event = "service_account.unrecorded", project_id = %self.slot.project_id, service_account_id = %sa.id, "found a service account created by an interrupted run; deleting it");
+                    self.delete_account(&sa.id, "unrecorded").await?;
+                }
+            }
+        } else if let Some(key_id) = self.find_by_name(&intent.key_name).await? {
             info!(event = "key.unrecorded", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_id = %key_id, key_name = %intent.key_name, "found a key minted by an interrupted run; revoking it");
             self.revoke(&key_id, "unrecorded").await?;
         }
@@ -312,7 +340,11 @@ impl SlotRun<'_> {
             lease_until: now
                 + chrono::Duration::from_std(self.eng.policy.lease).unwrap_or(chrono::Duration::MAX),
             attempt: 1,
-            service_account_id: self.slot.service_account_id.clone(),
+            service_account_id: if self.new_account {
+                NEW_ACCOUNT.to_string()
+            } else {
+                self.mint_account()
+            },
         };
         info!(event = "rotation.started", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, reason, "rotating slot");
         failpoint!("before_intent");
@@ -334,40 +366,35 @@ impl SlotRun<'_> {
         }
         failpoint!("after_intent");
 
-        let req = CreateKeyRequest {
-            name: Some(key_name.clone()),
-            scopes: self.rule.scopes.clone(),
-            expires_in_seconds: self.eng.policy.key_expiry.0.map(|d| d.as_secs()),
+        let minted = if self.new_account {
+            self.mint_on_new_account(&intent).await
+        } else {
+            self.mint_on_account(&intent).await
         };
-        let created = match self
-            .eng
-            .client
-            .create_service_account_key(&self.slot.project_id, &self.slot.service_account_id, &req)
-            .await
-        {
+        let (created, sa_id) = match minted {
             Ok(k) => k,
             Err(e) => {
                 // No idempotency key: an ambiguous failure may have created the key.
-                warn!(event = "key.mint_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_name = %key_name, error = %e, "minting failed");
+                warn!(event = "key.mint_failed", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_name = %key_name, error = %e, "minting failed");
                 if let Err(ce) = self.cleanup_intent(&intent).await {
-                    warn!(event = "key.mint_cleanup_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, error = %ce, "cleanup after a failed mint did not finish; the intent stays for the next cycle");
+                    warn!(event = "key.mint_cleanup_failed", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, error = %ce, "cleanup after a failed mint did not finish; the intent stays for the next cycle");
                 }
                 self.eng.metrics.rotation(RotationOutcome::Failed);
                 return Err(e.into());
             }
         };
         failpoint!("after_mint");
-        info!(event = "key.minted", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
+        info!(event = "key.minted", project_id = %self.slot.project_id, service_account_id = %sa_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
         let record = SecretRecord {
             api_key: created.value.clone(),
             key_id: created.id.clone(),
             project_id: self.slot.project_id.clone(),
-            service_account_id: self.slot.service_account_id.clone(),
+            service_account_id: sa_id.clone(),
             created_at: policy::ts(created.created_at),
             managed_by: MANAGED_BY.to_string(),
         };
         // The key now exists: it is staged even if shutdown was requested meanwhile.
-        self.keys.push(listing_of(&created, &self.slot.service_account_id, &self.slot.service_account_name));
+        self.keys.push(listing_of(&created, &sa_id, &self.slot.service_account_name));
         let mut staged_anywhere = false;
         for i in 0..self.stores.len() {
             match self.apply(i, &Transition::Stage(record.clone())).await {
@@ -404,6 +431,90 @@ impl SlotRun<'_> {
         }
         failpoint!("after_stage");
         self.finish(record).await
+    }
+
+    /// The service account a same-account rotation mints on: the current key's
+    /// account when it belongs to the slot, else the slot's newest account.
+    fn mint_account(&self) -> String {
+        self.states
+            .iter()
+            .filter_map(|s| s.current.as_ref())
+            .map(|c| c.service_account_id.clone())
+            .find(|sa| self.slot.service_accounts.iter().any(|(id, _)| id == sa))
+            .unwrap_or_else(|| self.slot.service_account_id.clone())
+    }
+
+    async fn mint_on_account(
+        &self,
+        intent: &Intent,
+    ) -> Result<(crate::openai::models::CreatedKey, String), ApiError> {
+        let req = CreateKeyRequest {
+            name: Some(intent.key_name.clone()),
+            scopes: self.rule.scopes.clone(),
+            expires_in_seconds: self.eng.policy.key_expiry.0.map(|d| d.as_secs()),
+        };
+        let k = self
+            .eng
+            .client
+            .create_service_account_key(&self.slot.project_id, &intent.service_account_id, &req)
+            .await?;
+        Ok((k, intent.service_account_id.clone()))
+    }
+
+    /// Strategy `new_service_account`: a fresh account with the slot's account name
+    /// (so the rule and the path still match); its creation returns its key.
+    async fn mint_on_new_account(
+        &self,
+        _intent: &Intent,
+    ) -> Result<(crate::openai::models::CreatedKey, String), ApiError> {
+        let sa = self
+            .eng
+            .client
+            .create_service_account(&self.slot.project_id, &self.slot.service_account_name)
+            .await?;
+        info!(event = "service_account.created", project_id = %self.slot.project_id, service_account_id = %sa.id, name = %sa.name, outcome = "ok", "created a service account for the slot");
+        match sa.api_key {
+            Some(k) => Ok((k, sa.id)),
+            None => Err(ApiError::Decode {
+                endpoint: "create_service_account".into(),
+                status: 200,
+                message: format!("service account {} was created without an api_key", sa.id),
+            }),
+        }
+    }
+
+    /// Deletes a service account (and with it all its keys); 404 counts as done.
+    async fn delete_account(&self, sa_id: &str, reason: &str) -> SlotResult<()> {
+        failpoint!("before_revoke");
+        match self.eng.client.delete_service_account(&self.slot.project_id, sa_id).await {
+            Ok(_) => {
+                self.eng.metrics.revocation(RevocationOutcome::Revoked);
+                info!(event = "service_account.deleted", project_id = %self.slot.project_id, service_account_id = sa_id, reason, outcome = "revoked", "deleted the slot's previous service account and its keys");
+            }
+            Err(ApiError::NotFound { .. }) => {
+                self.eng.metrics.revocation(RevocationOutcome::AlreadyGone);
+            }
+            Err(e) => {
+                self.eng.metrics.revocation(RevocationOutcome::Failed);
+                return Err(e.into());
+            }
+        }
+        failpoint!("after_revoke");
+        Ok(())
+    }
+
+    /// Service accounts of the slot some store references (current, pending, previous).
+    fn referenced_accounts(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for s in &self.states {
+            for r in s.current.iter().chain(s.pending.iter()) {
+                out.insert(r.service_account_id.clone());
+            }
+            if let Some(p) = &s.book.previous_service_account_id {
+                out.insert(p.clone());
+            }
+        }
+        out
     }
 
     async fn undo_intent(&mut self, upto: usize, intent: &Intent) {
@@ -582,7 +693,39 @@ impl SlotRun<'_> {
                 self.planned.push(format!("revoke previous key {key_id}"));
                 continue;
             }
-            self.revoke(&key_id, "grace_over").await?;
+            let prev_account = holders
+                .iter()
+                .find_map(|&i| self.states[i].book.previous_service_account_id.clone());
+            let current_accounts: BTreeSet<String> = self
+                .states
+                .iter()
+                .filter_map(|s| s.current.as_ref().map(|c| c.service_account_id.clone()))
+                .collect();
+            match prev_account {
+                Some(sa) if !current_accounts.contains(&sa) => {
+                    // The slot moved to a new service account: retire the old account.
+                    self.delete_account(&sa, "grace_over").await?;
+                }
+                _ => match self.revoke(&key_id, "grace_over").await {
+                    Ok(()) => {}
+                    Err(SlotError::Api(ApiError::Status { status: 400, message, .. }))
+                        if self.rule.strategy == Strategy::Auto && !self.new_account =>
+                    {
+                        // The API's older behaviour: a service account's key cannot be
+                        // deleted. Move the slot to a fresh account; the old account
+                        // (with this key) is deleted after the next grace period.
+                        warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
+                        self.new_account = true;
+                        let out = self.rotate("strategy_fallback").await?;
+                        if out == SlotOutcome::Busy {
+                            return Ok(());
+                        }
+                        self.fallback_rotated = Some(out);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
             for i in holders {
                 self.apply(i, &Transition::Retired { key_id: key_id.clone() }).await?;
             }
@@ -627,9 +770,13 @@ impl SlotRun<'_> {
             archived_at: None,
             status: None,
         };
+        // Only the account that serves the slot: an older account of a slot that moved
+        // (strategy new_service_account) is deleted whole after its grace period.
+        let serving = self.mint_account();
         let candidates: Vec<(String, &'static str)> = self
             .keys
             .iter()
+            .filter(|k| k.owner.service_account.as_ref().is_some_and(|sa| sa.id == serving))
             .filter(|k| !referenced.contains(&k.id))
             .filter_map(|k| {
                 if policy::is_keyrotd_key(k) {
