@@ -94,9 +94,21 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
     if let Some(out) = run.resume().await? {
         return Ok(out);
     }
+    // Retire first: a rotation overwrites the previous key, which must not be
+    // forgotten before its grace period is over.
+    run.retire().await?;
+    if let Some(out) = run.fallback_rotated.take() {
+        return Ok(out);
+    }
     let mut outcome = SlotOutcome::Fresh;
     if let Some(reason) = run.due() {
-        if eng.settings.dry_run {
+        let routine = matches!(reason, "stale" | "expiring_soon");
+        let in_grace = run.states.iter().any(|s| s.book.previous_key_id.is_some());
+        if routine && in_grace {
+            // The last rotation's grace period is still running (e.g. max_age shorter
+            // than grace_period, or the daemon was down): rotate once it is over.
+            info!(event = "rotation.deferred", project_id = %slot.project_id, service_account_id = %slot.service_account_id, reason, "due, but the previous key is still in its grace period");
+        } else if eng.settings.dry_run {
             run.planned.push(format!("rotate ({reason})"));
         } else {
             if eng.shutdown.is_cancelled() {
@@ -107,10 +119,6 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
                 return Ok(outcome);
             }
         }
-    }
-    run.retire().await?;
-    if let Some(out) = run.fallback_rotated.take() {
-        return Ok(out);
     }
     run.sweep().await?;
     if eng.settings.dry_run {
@@ -804,7 +812,20 @@ impl SlotRun<'_> {
             if self.states.iter().any(|s| s.referenced_key_ids().any(|r| r == key_id)) {
                 continue;
             }
-            self.revoke(&key_id, why).await?;
+            match self.revoke(&key_id, why).await {
+                Ok(()) => {}
+                Err(SlotError::Api(ApiError::Status { status: 400, message, .. }))
+                    if self.rule.strategy == Strategy::Auto && !self.new_account =>
+                {
+                    // Deleting the account's keys is refused: move the slot to a new
+                    // account; this one goes, whole, after the grace period.
+                    warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, service_account_id = %serving, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
+                    self.new_account = true;
+                    self.rotate("strategy_fallback").await?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
