@@ -66,24 +66,12 @@ struct SimArgs {
     /// Address to listen on
     #[arg(long, default_value = "127.0.0.1:8787")]
     listen: String,
-    /// The admin key the simulator accepts
-    #[arg(long, default_value = "sk-admin-sim")]
-    admin_key: String,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    #[arg(long, default_value_t = 3)]
-    projects: usize,
-    #[arg(long, default_value_t = 2)]
-    service_accounts: usize,
-    #[arg(long, default_value_t = 1)]
-    keys_per_account: usize,
-    #[arg(long, default_value_t = 1)]
-    user_keys: usize,
-    #[arg(long, default_value_t = 0.5)]
-    stale_fraction: f64,
-    /// Injected latency per request, in milliseconds
-    #[arg(long, default_value_t = 0)]
-    latency_ms: u64,
+    /// The admin key the simulator accepts [default: a fresh random sk-admin-...]
+    #[arg(long)]
+    admin_key: Option<String>,
+    /// The organization: key=value pairs, e.g. projects=50,service_accounts=2,keys_per_sa=1,user_keys=1,stale=0.3,seed=7
+    #[arg(long, default_value = "projects=3")]
+    scenario: String,
 }
 
 fn main() -> ExitCode {
@@ -233,7 +221,18 @@ async fn dispatch(cli: Cli) -> i32 {
 }
 
 async fn sim(args: &SimArgs) -> i32 {
-    let _ = args;
-    eprintln!("keyrotd sim: not wired yet");
-    EXIT_FAILED
+    let scenario: keyrotd::sim::Scenario = match args.scenario.parse() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keyrotd sim: --scenario: {e}");
+            return EXIT_BAD_CONFIG;
+        }
+    };
+    match keyrotd::sim::run_standalone(&args.listen, args.admin_key.clone(), &scenario).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("keyrotd sim: {}: {e}", args.listen);
+            EXIT_FAILED
+        }
+    }
 }

@@ -57,7 +57,7 @@ pub async fn scan(
 ) -> ApiResult<Inventory> {
     let projects = client.list_projects(include_archived).await?;
     let mut out: Vec<ProjectInventory> = stream::iter(projects.into_iter().map(|project| {
-        let wants_sas = rule_covers_project(rules, &project);
+        let wants_sas = !project.is_archived() && rule_covers_project(rules, &project);
         async move {
             let keys = client.list_api_keys(&project.id).await?;
             let service_accounts = if wants_sas {

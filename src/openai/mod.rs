@@ -36,13 +36,22 @@ pub enum ApiError {
     NotFound { endpoint: String, message: String },
     /// Any other non-success status, after retries where retryable.
     #[error("HTTP {status} on {endpoint}: {message}")]
-    Status { endpoint: String, status: u16, message: String, code: Option<String> },
+    Status {
+        endpoint: String,
+        status: u16,
+        message: String,
+        code: Option<String>,
+    },
     /// Timeout, connection refused, DNS, TLS ... after retries.
     #[error("network error on {endpoint}: {message}")]
     Network { endpoint: String, message: String },
     /// The response was not the JSON the spec describes.
     #[error("malformed response from {endpoint} (HTTP {status}): {message}")]
-    Decode { endpoint: String, status: u16, message: String },
+    Decode {
+        endpoint: String,
+        status: u16,
+        message: String,
+    },
 }
 
 /// Which key a 401 on `endpoint` refers to.
@@ -174,9 +183,16 @@ impl fmt::Debug for Client {
 
 /// The body of a failed exchange, turned into an [`ApiError`] once retries are over.
 enum Failure {
-    Status { status: StatusCode, headers: reqwest::header::HeaderMap, body: Vec<u8> },
+    Status {
+        status: StatusCode,
+        headers: reqwest::header::HeaderMap,
+        body: Vec<u8>,
+    },
     /// No complete response; `before_send` when the connection was never established.
-    Network { error: reqwest::Error, before_send: bool },
+    Network {
+        error: reqwest::Error,
+        before_send: bool,
+    },
 }
 
 /// Items of one page, plus what is needed to ask for the next one.
@@ -202,7 +218,7 @@ impl Client {
     }
 
     /// Like [`Client::new`] but on a caller-supplied `reqwest::Client` (shared pool,
-    /// custom TLS roots, proxies). Its own timeout settings apply as configured there.
+    /// custom TLS roots, proxies). `request_timeout` still bounds each exchange.
     pub fn with_http(
         cfg: ClientConfig,
         admin_key: SecretString,
@@ -230,45 +246,79 @@ impl Client {
         if include_archived {
             extra.push(("include_archived", "true"));
         }
-        self.list_all(Endpoint::ListProjects, &path, &extra, |p: &Project| p.id.clone())
-            .await
+        self.list_all(Endpoint::ListProjects, &path, &extra, |p: &Project| {
+            p.id.clone()
+        })
+        .await
     }
 
     /// One project by id.
     pub async fn get_project(&self, project_id: &str) -> ApiResult<Project> {
         let url = self.url(&["organization", "projects", project_id], &[]);
-        self.call(Endpoint::GetProject, Method::GET, url, None::<&()>, Retry::Idempotent, None)
-            .await
+        self.call(
+            Endpoint::GetProject,
+            Method::GET,
+            url,
+            None::<&()>,
+            Retry::Idempotent,
+            None,
+        )
+        .await
     }
 
     /// Every key of a project (all pages), with `owner_project_access=any`.
     pub async fn list_api_keys(&self, project_id: &str) -> ApiResult<Vec<ProjectApiKey>> {
         let path = ["organization", "projects", project_id, "api_keys"];
         let extra = [("owner_project_access", "any")];
-        self.list_all(Endpoint::ListApiKeys, &path, &extra, |k: &ProjectApiKey| k.id.clone())
-            .await
+        self.list_all(Endpoint::ListApiKeys, &path, &extra, |k: &ProjectApiKey| {
+            k.id.clone()
+        })
+        .await
     }
 
     /// One key of a project (listing object, no value).
     pub async fn get_api_key(&self, project_id: &str, key_id: &str) -> ApiResult<ProjectApiKey> {
-        let url = self.url(&["organization", "projects", project_id, "api_keys", key_id], &[]);
-        self.call(Endpoint::GetApiKey, Method::GET, url, None::<&()>, Retry::Idempotent, None)
-            .await
+        let url = self.url(
+            &["organization", "projects", project_id, "api_keys", key_id],
+            &[],
+        );
+        self.call(
+            Endpoint::GetApiKey,
+            Method::GET,
+            url,
+            None::<&()>,
+            Retry::Idempotent,
+            None,
+        )
+        .await
     }
 
     /// DELETE a project key. 404 is returned as `ApiError::NotFound`; callers treat it as done.
     pub async fn delete_api_key(&self, project_id: &str, key_id: &str) -> ApiResult<Deleted> {
-        let url = self.url(&["organization", "projects", project_id, "api_keys", key_id], &[]);
-        self.call(Endpoint::DeleteApiKey, Method::DELETE, url, None::<&()>, Retry::Idempotent, None)
-            .await
+        let url = self.url(
+            &["organization", "projects", project_id, "api_keys", key_id],
+            &[],
+        );
+        self.call(
+            Endpoint::DeleteApiKey,
+            Method::DELETE,
+            url,
+            None::<&()>,
+            Retry::Idempotent,
+            None,
+        )
+        .await
     }
 
     /// Every service account of a project (all pages).
     pub async fn list_service_accounts(&self, project_id: &str) -> ApiResult<Vec<ServiceAccount>> {
         let path = ["organization", "projects", project_id, "service_accounts"];
-        self.list_all(Endpoint::ListServiceAccounts, &path, &[], |s: &ServiceAccount| {
-            s.id.clone()
-        })
+        self.list_all(
+            Endpoint::ListServiceAccounts,
+            &path,
+            &[],
+            |s: &ServiceAccount| s.id.clone(),
+        )
         .await
     }
 
@@ -279,7 +329,10 @@ impl Client {
         project_id: &str,
         name: &str,
     ) -> ApiResult<CreatedServiceAccount> {
-        let url = self.url(&["organization", "projects", project_id, "service_accounts"], &[]);
+        let url = self.url(
+            &["organization", "projects", project_id, "service_accounts"],
+            &[],
+        );
         let body = CreateServiceAccountRequest {
             name: name.to_owned(),
             create_service_account_only: None,
@@ -296,9 +349,19 @@ impl Client {
     }
 
     /// Deletes a service account and, with it, all of its keys.
-    pub async fn delete_service_account(&self, project_id: &str, sa_id: &str) -> ApiResult<Deleted> {
+    pub async fn delete_service_account(
+        &self,
+        project_id: &str,
+        sa_id: &str,
+    ) -> ApiResult<Deleted> {
         let url = self.url(
-            &["organization", "projects", project_id, "service_accounts", sa_id],
+            &[
+                "organization",
+                "projects",
+                project_id,
+                "service_accounts",
+                sa_id,
+            ],
             &[],
         );
         self.call(
@@ -321,7 +384,14 @@ impl Client {
         req: &CreateKeyRequest,
     ) -> ApiResult<CreatedKey> {
         let url = self.url(
-            &["organization", "projects", project_id, "service_accounts", sa_id, "api_keys"],
+            &[
+                "organization",
+                "projects",
+                project_id,
+                "service_accounts",
+                sa_id,
+                "api_keys",
+            ],
             &[],
         );
         self.call(
@@ -340,7 +410,14 @@ impl Client {
     pub async fn verify_key(&self, key: &SecretString) -> ApiResult<()> {
         let url = self.url(&["models"], &[]);
         let _: serde::de::IgnoredAny = self
-            .call(Endpoint::ListModels, Method::GET, url, None::<&()>, Retry::Idempotent, Some(key))
+            .call(
+                Endpoint::ListModels,
+                Method::GET,
+                url,
+                None::<&()>,
+                Retry::Idempotent,
+                Some(key),
+            )
             .await?;
         Ok(())
     }
@@ -369,7 +446,9 @@ impl Client {
         let mut all = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = self.list_page(endpoint, path, extra, after.as_deref(), &id_of).await?;
+            let page = self
+                .list_page(endpoint, path, extra, after.as_deref(), &id_of)
+                .await?;
             all.extend(page.data);
             match page.next {
                 Some(next) if after.as_deref() == Some(next.as_str()) => {
@@ -401,14 +480,27 @@ impl Client {
         query.extend_from_slice(extra);
         let url = self.url(path, &query);
         let list: ListResponse<T> = self
-            .call(endpoint, Method::GET, url, None::<&()>, Retry::Idempotent, None)
+            .call(
+                endpoint,
+                Method::GET,
+                url,
+                None::<&()>,
+                Retry::Idempotent,
+                None,
+            )
             .await?;
         if !list.has_more {
-            return Ok(Page { data: list.data, next: None });
+            return Ok(Page {
+                data: list.data,
+                next: None,
+            });
         }
         let next = list.last_id.clone().or_else(|| list.data.last().map(id_of));
         match next {
-            Some(next) => Ok(Page { data: list.data, next: Some(next) }),
+            Some(next) => Ok(Page {
+                data: list.data,
+                next: Some(next),
+            }),
             None => Err(ApiError::Decode {
                 endpoint: endpoint.as_str().into(),
                 status: 200,
@@ -437,7 +529,11 @@ impl Client {
                     if status.is_success() {
                         return decode(endpoint, code, &bytes);
                     }
-                    Failure::Status { status, headers, body: bytes }
+                    Failure::Status {
+                        status,
+                        headers,
+                        body: bytes,
+                    }
                 }
                 Err((error, before_send)) => {
                     self.log_exchange(endpoint, 0, attempt, started);
@@ -445,13 +541,13 @@ impl Client {
                 }
             };
             let wait = match &failure {
-                Failure::Status { status, headers, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
-                    Some(
-                        retry::retry_after(headers, SystemTime::now())
-                            .map(|d| d.min(self.cfg.max_retry_after))
-                            .unwrap_or_else(|| retry::backoff(self.cfg.backoff_base, attempt)),
-                    )
-                }
+                Failure::Status {
+                    status, headers, ..
+                } if *status == StatusCode::TOO_MANY_REQUESTS => Some(
+                    retry::retry_after(headers, SystemTime::now())
+                        .map(|d| d.min(self.cfg.max_retry_after))
+                        .unwrap_or_else(|| retry::backoff(self.cfg.backoff_base, attempt)),
+                ),
                 Failure::Status { status, .. }
                     if status.is_server_error() && retry == Retry::Idempotent =>
                 {
@@ -467,10 +563,11 @@ impl Client {
             match wait {
                 Some(wait) if attempt < self.cfg.max_retries => {
                     tracing::debug!(
+                        event = "api.retry",
                         endpoint = endpoint.as_str(),
                         attempt,
                         retry_in_ms = wait.as_millis() as u64,
-                        "api.retry"
+                        "retrying API request"
                     );
                     tokio::time::sleep(wait).await;
                     attempt += 1;
@@ -493,6 +590,7 @@ impl Client {
         let mut req = self
             .http
             .request(method, url)
+            .timeout(self.cfg.request_timeout)
             .bearer_auth(token.expose_secret())
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(body) = body {
@@ -511,11 +609,12 @@ impl Client {
     fn log_exchange(&self, endpoint: Endpoint, status: u16, attempt: u32, started: Instant) {
         self.stats.record(endpoint, status);
         tracing::debug!(
+            event = "api.request",
             endpoint = endpoint.as_str(),
             status,
             attempt,
             duration_ms = started.elapsed().as_millis() as u64,
-            "api.request"
+            "API request"
         );
     }
 }
@@ -529,7 +628,9 @@ fn parse_base_url(base_url: &str) -> ApiResult<Url> {
     let url = Url::parse(base_url.trim())
         .map_err(|e| invalid(format!("invalid base_url {base_url:?}: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
-        return Err(invalid(format!("base_url {base_url:?} is not an http(s) URL")));
+        return Err(invalid(format!(
+            "base_url {base_url:?} is not an http(s) URL"
+        )));
     }
     Ok(url)
 }
@@ -537,10 +638,18 @@ fn parse_base_url(base_url: &str) -> ApiResult<Url> {
 /// Decodes a 2xx body whole; a truncated or mis-shaped body is an error, never a
 /// partial result.
 fn decode<T: DeserializeOwned>(endpoint: Endpoint, status: u16, body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiError::Decode {
-        endpoint: endpoint.as_str().into(),
-        status,
-        message: retry::mask_keys(&format!("invalid JSON: {e}")),
+    serde_json::from_slice(body).map_err(|e| {
+        let kind = match e.classify() {
+            serde_json::error::Category::Eof => "truncated JSON",
+            serde_json::error::Category::Syntax => "invalid JSON",
+            serde_json::error::Category::Data => "unexpected JSON shape",
+            serde_json::error::Category::Io => "unreadable body",
+        };
+        ApiError::Decode {
+            endpoint: endpoint.as_str().into(),
+            status,
+            message: retry::mask_keys(&format!("{kind}: {e}")),
+        }
     })
 }
 
@@ -572,9 +681,18 @@ fn into_error(endpoint: Endpoint, failure: Failure) -> ApiError {
                 _ => (retry::excerpt(&body), None),
             };
             match status.as_u16() {
-                401 => ApiError::Unauthorized { endpoint: endpoint_name, message },
-                403 => ApiError::Forbidden { endpoint: endpoint_name, message },
-                404 => ApiError::NotFound { endpoint: endpoint_name, message },
+                401 => ApiError::Unauthorized {
+                    endpoint: endpoint_name,
+                    message,
+                },
+                403 => ApiError::Forbidden {
+                    endpoint: endpoint_name,
+                    message,
+                },
+                404 => ApiError::NotFound {
+                    endpoint: endpoint_name,
+                    message,
+                },
                 status => ApiError::Status {
                     endpoint: endpoint_name,
                     status,

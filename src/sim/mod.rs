@@ -68,7 +68,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use self::faults::{
-    FailNext, Faults, LostResponse, MalformedNext, Malformation, RejectVerification, RetryAfter,
+    FailNext, Faults, LostResponse, Malformation, MalformedNext, RejectVerification, RetryAfter,
 };
 pub use self::route::Route;
 pub use self::scenario::{GroundTruth, Scenario, TruthKey, TruthProject};
@@ -297,7 +297,16 @@ impl Sim {
     ) -> Option<SimKey> {
         let mut st = self.lock();
         let id = st
-            .new_key(project_id, owner, name, created_at, last_used_at, None, Vec::new(), false)
+            .new_key(
+                project_id,
+                owner,
+                name,
+                created_at,
+                last_used_at,
+                None,
+                Vec::new(),
+                false,
+            )
             .ok()?;
         st.keys.get(&id).map(|k| sim_key(&st, k))
     }
@@ -305,7 +314,9 @@ impl Sim {
     /// Marks an owner (user or service account id) as having, or not having, effective
     /// access to a project; false when the project is unknown.
     pub fn set_owner_active(&self, project_id: &str, owner_id: &str, active: bool) -> bool {
-        self.lock().set_owner_active(project_id, owner_id, active).is_ok()
+        self.lock()
+            .set_owner_active(project_id, owner_id, active)
+            .is_ok()
     }
 
     /// Deletes a live key, as `DELETE .../api_keys/{id}` would (ignoring faults); false
@@ -358,7 +369,11 @@ impl Sim {
         let Ok(p) = st.project(project_id) else {
             return Vec::new();
         };
-        p.keys.values().filter_map(|id| st.keys.get(id)).map(|k| sim_key(&st, k)).collect()
+        p.keys
+            .values()
+            .filter_map(|id| st.keys.get(id))
+            .map(|k| sim_key(&st, k))
+            .collect()
     }
 
     /// Every not-deleted key of every project.
@@ -394,7 +409,11 @@ impl Sim {
     /// Ids of deleted project keys, in creation order.
     pub fn deleted_keys(&self) -> Vec<String> {
         let st = self.lock();
-        let mut deleted: Vec<&KeyRec> = st.keys.values().filter(|k| k.deleted_at.is_some()).collect();
+        let mut deleted: Vec<&KeyRec> = st
+            .keys
+            .values()
+            .filter(|k| k.deleted_at.is_some())
+            .collect();
         deleted.sort_by_key(|k| k.seq);
         deleted.into_iter().map(|k| k.id.clone()).collect()
     }
@@ -412,7 +431,12 @@ impl Sim {
 
     /// The logged requests that matched `route`.
     pub fn requests_to(&self, route: Route) -> Vec<RequestRecord> {
-        self.lock().log.iter().filter(|r| r.route == Some(route)).cloned().collect()
+        self.lock()
+            .log
+            .iter()
+            .filter(|r| r.route == Some(route))
+            .cloned()
+            .collect()
     }
 
     /// Requests per (method, path, query): a count above 1 for a list page means the
@@ -420,7 +444,9 @@ impl Sim {
     pub fn request_counts(&self) -> BTreeMap<(String, String, String), u64> {
         let mut counts = BTreeMap::new();
         for r in self.lock().log.iter() {
-            *counts.entry((r.method.clone(), r.path.clone(), r.query.clone())).or_insert(0) += 1;
+            *counts
+                .entry((r.method.clone(), r.path.clone(), r.query.clone()))
+                .or_insert(0) += 1;
         }
         counts
     }
@@ -475,7 +501,9 @@ pub struct SimServer {
 
 impl fmt::Debug for SimServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SimServer").field("base_url", &self.base_url).finish_non_exhaustive()
+        f.debug_struct("SimServer")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -487,7 +515,10 @@ impl SimServer {
         }
         if let Some(task) = self.task.take() {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }
@@ -508,13 +539,19 @@ pub async fn serve(
     sim: Sim,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, sim.router()).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, sim.router())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// `keyrotd sim`: populates a simulator from `scenario`, prints its base URL and admin
 /// key (one `KEY=value` line each, easy to `eval`), and serves on `listen` until
 /// Ctrl-C. `admin_key` defaults to a fresh random `sk-admin-...` value.
-pub async fn run_standalone(listen: &str, admin_key: Option<String>, scenario: &Scenario) -> io::Result<()> {
+pub async fn run_standalone(
+    listen: &str,
+    admin_key: Option<String>,
+    scenario: &Scenario,
+) -> io::Result<()> {
     let admin_key = admin_key.unwrap_or_else(|| {
         use rand::Rng;
         let tail: String = rand::thread_rng()

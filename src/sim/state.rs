@@ -1,0 +1,1139 @@
+//! The simulated organization and the spec's operations on it. No HTTP here: the
+//! server in `http.rs` authenticates, injects faults and calls [`State::execute`].
+//!
+//! Lists keep a stable order by creation sequence (a `BTreeMap<seq, id>` per parent);
+//! deleted records stay in the id maps as tombstones, so an `after` cursor naming a
+//! deleted item still resolves to its position. A page costs O(log n + page size).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::distributions::Alphanumeric;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+
+use super::faults::{Faults, RejectVerification};
+use super::route::{Ids, Route};
+use super::{OwnerRef, RequestRecord};
+
+/// Longest `expires_in_seconds` accepted (one year, as for admin keys).
+const MAX_EXPIRES_IN: i64 = 31_536_000;
+/// Request-log entries kept (oldest dropped first).
+pub(crate) const LOG_CAPACITY: usize = 200_000;
+
+/// An error in the spec's `ErrorResponse` shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SimError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl SimError {
+    pub fn new(status: u16, message: impl Into<String>) -> SimError {
+        SimError {
+            status,
+            message: message.into(),
+            kind: if status >= 500 {
+                "server_error"
+            } else {
+                "invalid_request_error"
+            },
+            param: None,
+            code: None,
+        }
+    }
+    pub fn invalid(
+        param: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> SimError {
+        SimError {
+            param: Some(param),
+            code: Some(code),
+            ..SimError::new(400, message)
+        }
+    }
+    pub fn not_found(what: &str, id: &str) -> SimError {
+        SimError {
+            code: Some("not_found"),
+            ..SimError::new(404, format!("No such {what}: '{id}'."))
+        }
+    }
+    pub fn with_code(mut self, kind: &'static str, code: Option<&'static str>) -> SimError {
+        self.kind = kind;
+        self.code = code;
+        self
+    }
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+pub(crate) type SimResult<T> = Result<T, SimError>;
+
+pub(crate) struct ProjectRec {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub archived_at: Option<i64>,
+    /// Live keys by creation sequence.
+    pub keys: BTreeMap<u64, String>,
+    /// Live service accounts by creation sequence.
+    pub sas: BTreeMap<u64, String>,
+    /// Owner ids (users or service accounts) without effective access to the project.
+    pub inactive_owners: HashSet<String>,
+}
+
+pub(crate) struct KeyRec {
+    pub id: String,
+    pub seq: u64,
+    pub project_id: String,
+    pub name: String,
+    pub value: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub owner: OwnerRef,
+    pub scopes: Vec<String>,
+    /// Created through the HTTP API (as opposed to seeded by a test or scenario).
+    pub minted: bool,
+    pub created_instant: Instant,
+    pub deleted_at: Option<i64>,
+}
+
+pub(crate) struct SaRec {
+    pub id: String,
+    pub seq: u64,
+    pub project_id: String,
+    pub name: String,
+    pub role: String,
+    pub created_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+pub(crate) struct UserRec {
+    pub id: String,
+    pub name: String,
+    pub email: String,
+    pub role: String,
+    pub created_at: i64,
+}
+
+pub(crate) struct AdminKeyRec {
+    pub id: String,
+    pub seq: u64,
+    pub name: String,
+    pub value: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+    pub deleted: bool,
+}
+
+/// A parsed query string (the last value of a repeated parameter wins).
+#[derive(Debug, Default)]
+pub(crate) struct Query(pub Vec<(String, String)>);
+
+impl Query {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub(crate) struct State {
+    pub rng: StdRng,
+    pub clock_offset: i64,
+    pub faults: Faults,
+    seq: u64,
+    pub projects: Vec<ProjectRec>,
+    pub project_idx: HashMap<String, usize>,
+    pub keys: HashMap<String, KeyRec>,
+    key_by_value: HashMap<String, String>,
+    pub sas: HashMap<String, SaRec>,
+    pub users: HashMap<String, UserRec>,
+    admin_order: BTreeMap<u64, String>,
+    pub admin_keys: HashMap<String, AdminKeyRec>,
+    admin_by_value: HashMap<String, String>,
+    org_owner: String,
+    pub log: VecDeque<RequestRecord>,
+    pub log_seq: u64,
+}
+
+impl State {
+    pub fn new(admin_key: &str, seed: u64) -> State {
+        let mut st = State {
+            rng: StdRng::seed_from_u64(seed),
+            clock_offset: 0,
+            faults: Faults::default(),
+            seq: 0,
+            projects: Vec::new(),
+            project_idx: HashMap::new(),
+            keys: HashMap::new(),
+            key_by_value: HashMap::new(),
+            sas: HashMap::new(),
+            users: HashMap::new(),
+            admin_order: BTreeMap::new(),
+            admin_keys: HashMap::new(),
+            admin_by_value: HashMap::new(),
+            org_owner: String::new(),
+            log: VecDeque::new(),
+            log_seq: 0,
+        };
+        let now = st.now();
+        st.org_owner = st.new_user("Org Owner", "owner@example.com", "owner", now);
+        st.insert_admin_key("Initial Admin Key", admin_key.to_owned(), now, None);
+        st
+    }
+
+    /// The simulator's clock: wall time shifted by [`Sim::advance`](super::Sim::advance).
+    pub fn now(&self) -> i64 {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        wall + self.clock_offset
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// `prefix` + 24 random hex digits, unique among ids in use.
+    fn new_id(&mut self, prefix: &str) -> String {
+        loop {
+            let id = format!("{prefix}{:024x}", self.rng.gen::<u128>() >> 32);
+            let taken = self.project_idx.contains_key(&id)
+                || self.keys.contains_key(&id)
+                || self.sas.contains_key(&id)
+                || self.users.contains_key(&id)
+                || self.admin_keys.contains_key(&id);
+            if !taken {
+                return id;
+            }
+        }
+    }
+
+    fn random_chars(&mut self, n: usize) -> String {
+        (&mut self.rng)
+            .sample_iter(&Alphanumeric)
+            .take(n)
+            .map(char::from)
+            .collect()
+    }
+
+    // ----- seeding (also used by the HTTP operations) -----
+
+    pub fn new_project(&mut self, name: &str, created_at: i64) -> String {
+        let id = self.new_id("proj_");
+        self.project_idx.insert(id.clone(), self.projects.len());
+        self.projects.push(ProjectRec {
+            id: id.clone(),
+            name: name.to_owned(),
+            created_at,
+            archived_at: None,
+            keys: BTreeMap::new(),
+            sas: BTreeMap::new(),
+            inactive_owners: HashSet::new(),
+        });
+        id
+    }
+
+    pub fn project(&self, id: &str) -> SimResult<&ProjectRec> {
+        self.project_idx
+            .get(id)
+            .map(|&i| &self.projects[i])
+            .ok_or_else(|| SimError::not_found("project", id))
+    }
+
+    fn project_mut(&mut self, id: &str) -> SimResult<&mut ProjectRec> {
+        match self.project_idx.get(id) {
+            Some(&i) => Ok(&mut self.projects[i]),
+            None => Err(SimError::not_found("project", id)),
+        }
+    }
+
+    fn live_project(&self, id: &str) -> SimResult<&ProjectRec> {
+        let p = self.project(id)?;
+        if p.archived_at.is_some() {
+            return Err(SimError::new(400, format!("Project '{id}' is archived.")));
+        }
+        Ok(p)
+    }
+
+    pub fn archive(&mut self, id: &str, at: i64) -> SimResult<()> {
+        let p = self.project_mut(id)?;
+        p.archived_at.get_or_insert(at);
+        Ok(())
+    }
+
+    pub fn new_user(&mut self, name: &str, email: &str, role: &str, created_at: i64) -> String {
+        let id = self.new_id("user_");
+        self.users.insert(
+            id.clone(),
+            UserRec {
+                id: id.clone(),
+                name: name.to_owned(),
+                email: email.to_owned(),
+                role: role.to_owned(),
+                created_at,
+            },
+        );
+        id
+    }
+
+    pub fn new_sa(
+        &mut self,
+        project_id: &str,
+        name: &str,
+        role: &str,
+        created_at: i64,
+    ) -> SimResult<String> {
+        self.project(project_id)?;
+        let id = self.new_id("svc_acct_");
+        let seq = self.next_seq();
+        self.sas.insert(
+            id.clone(),
+            SaRec {
+                id: id.clone(),
+                seq,
+                project_id: project_id.to_owned(),
+                name: name.to_owned(),
+                role: role.to_owned(),
+                created_at,
+                deleted_at: None,
+            },
+        );
+        self.project_mut(project_id)?.sas.insert(seq, id.clone());
+        Ok(id)
+    }
+
+    fn live_sa(&self, project_id: &str, sa_id: &str) -> SimResult<&SaRec> {
+        match self.sas.get(sa_id) {
+            Some(sa) if sa.project_id == project_id && sa.deleted_at.is_none() => Ok(sa),
+            _ => Err(SimError::not_found("service account", sa_id)),
+        }
+    }
+
+    /// Creates a project key; the value's prefix follows the owner type.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_key(
+        &mut self,
+        project_id: &str,
+        owner: OwnerRef,
+        name: &str,
+        created_at: i64,
+        last_used_at: Option<i64>,
+        expires_at: Option<i64>,
+        scopes: Vec<String>,
+        minted: bool,
+    ) -> SimResult<String> {
+        self.project(project_id)?;
+        let prefix = match &owner {
+            OwnerRef::User(uid) => {
+                if !self.users.contains_key(uid) {
+                    return Err(SimError::not_found("user", uid));
+                }
+                "sk-proj-"
+            }
+            OwnerRef::ServiceAccount(sa) => {
+                self.live_sa(project_id, sa)?;
+                "sk-svcacct-"
+            }
+        };
+        let id = self.new_id("key_");
+        let value = format!("{prefix}{}", self.random_chars(48));
+        let seq = self.next_seq();
+        self.key_by_value.insert(value.clone(), id.clone());
+        self.keys.insert(
+            id.clone(),
+            KeyRec {
+                id: id.clone(),
+                seq,
+                project_id: project_id.to_owned(),
+                name: name.to_owned(),
+                value,
+                created_at,
+                last_used_at,
+                expires_at,
+                owner,
+                scopes,
+                minted,
+                created_instant: Instant::now(),
+                deleted_at: None,
+            },
+        );
+        self.project_mut(project_id)?.keys.insert(seq, id.clone());
+        Ok(id)
+    }
+
+    /// Deletes a live key of `project_id` (the project's archived state does not matter).
+    pub fn remove_key(&mut self, project_id: &str, key_id: &str, now: i64) -> SimResult<()> {
+        let seq = match self.keys.get_mut(key_id) {
+            Some(k) if k.project_id == project_id && k.deleted_at.is_none() => {
+                k.deleted_at = Some(now);
+                k.seq
+            }
+            _ => return Err(SimError::not_found("API key", key_id)),
+        };
+        self.project_mut(project_id)?.keys.remove(&seq);
+        Ok(())
+    }
+
+    fn insert_admin_key(
+        &mut self,
+        name: &str,
+        value: String,
+        now: i64,
+        expires_at: Option<i64>,
+    ) -> String {
+        let id = self.new_id("key_");
+        let seq = self.next_seq();
+        self.admin_by_value.insert(value.clone(), id.clone());
+        self.admin_order.insert(seq, id.clone());
+        self.admin_keys.insert(
+            id.clone(),
+            AdminKeyRec {
+                id: id.clone(),
+                seq,
+                name: name.to_owned(),
+                value,
+                created_at: now,
+                expires_at,
+                last_used_at: None,
+                deleted: false,
+            },
+        );
+        id
+    }
+
+    pub fn set_owner_active(
+        &mut self,
+        project_id: &str,
+        owner_id: &str,
+        active: bool,
+    ) -> SimResult<()> {
+        let p = self.project_mut(project_id)?;
+        if active {
+            p.inactive_owners.remove(owner_id);
+        } else {
+            p.inactive_owners.insert(owner_id.to_owned());
+        }
+        Ok(())
+    }
+
+    pub fn owner_active(&self, key: &KeyRec) -> bool {
+        self.project(&key.project_id)
+            .map(|p| !p.inactive_owners.contains(key.owner.id()))
+            .unwrap_or(false)
+    }
+
+    /// Not deleted, not expired, in a project that is not archived.
+    pub fn key_is_live(&self, key: &KeyRec, now: i64) -> bool {
+        key.deleted_at.is_none()
+            && key.expires_at.is_none_or(|e| e > now)
+            && self
+                .project(&key.project_id)
+                .is_ok_and(|p| p.archived_at.is_none())
+    }
+
+    pub fn key_by_value(&self, value: &str) -> Option<&KeyRec> {
+        self.key_by_value
+            .get(value)
+            .and_then(|id| self.keys.get(id))
+    }
+
+    /// `GET /models` for a project key: true (and `last_used_at` updated) when the key
+    /// is live and no fault rejects it.
+    pub fn use_key(&mut self, value: &str) -> bool {
+        let now = self.now();
+        let Some(key) = self.key_by_value(value) else {
+            return false;
+        };
+        let rejected = match &self.faults.reject_verification {
+            RejectVerification::None => false,
+            RejectVerification::Minted => key.minted,
+            RejectVerification::All => true,
+            RejectVerification::Keys(ids) => ids.contains(&key.id),
+        };
+        let propagating =
+            key.minted && key.created_instant.elapsed() < self.faults.propagation_delay;
+        if rejected || propagating || !self.key_is_live(key, now) {
+            return false;
+        }
+        let id = key.id.clone();
+        if let Some(k) = self.keys.get_mut(&id) {
+            k.last_used_at = Some(now);
+        }
+        true
+    }
+
+    /// Admin authentication: Ok for a live admin key (and its `last_used_at` moves);
+    /// 403 for a live project key; 401 otherwise.
+    pub fn authenticate_admin(&mut self, bearer: Option<&str>) -> SimResult<()> {
+        let now = self.now();
+        let Some(token) = bearer else {
+            return Err(SimError::new(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an \
+                 Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            )
+            .with_code("invalid_request_error", Some("invalid_api_key")));
+        };
+        if let Some(id) = self.admin_by_value.get(token).cloned() {
+            if let Some(k) = self.admin_keys.get_mut(&id) {
+                if !k.deleted && k.expires_at.is_none_or(|e| e > now) {
+                    k.last_used_at = Some(now);
+                    return Ok(());
+                }
+            }
+        }
+        if self
+            .key_by_value(token)
+            .is_some_and(|k| self.key_is_live(k, now))
+        {
+            return Err(SimError::new(
+                403,
+                "You have insufficient permissions for this operation. Missing scopes: \
+                 api.management.read. Check that you are using an admin API key.",
+            )
+            .with_code("invalid_request_error", Some("insufficient_permissions")));
+        }
+        Err(unauthorized(token))
+    }
+
+    // ----- the operations -----
+
+    /// Runs an operation for an authenticated caller. `bearer` is only read by `/models`.
+    pub fn execute(
+        &mut self,
+        route: Route,
+        ids: &Ids,
+        q: &Query,
+        body: &[u8],
+        bearer: Option<&str>,
+    ) -> SimResult<Value> {
+        let now = self.now();
+        let p = ids.get(0);
+        let x = ids.get(1);
+        match route {
+            Route::ListModels => {
+                let token = bearer.unwrap_or("");
+                if self.use_key(token) {
+                    Ok(models_json())
+                } else {
+                    Err(unauthorized(token))
+                }
+            }
+            Route::ListProjects => self.list_projects(q),
+            Route::CreateProject => {
+                let b = parse_body(body, true)?;
+                let name = required_str(&b, "name")?;
+                let id = self.new_project(&name, now);
+                Ok(self.project_json(self.project(&id)?))
+            }
+            Route::GetProject => Ok(self.project_json(self.project(p)?)),
+            Route::ModifyProject => {
+                let b = parse_body(body, true)?;
+                let name = optional_str(&b, "name")?;
+                let proj = self.project_mut(p)?;
+                if let Some(name) = name {
+                    proj.name = name;
+                }
+                Ok(self.project_json(self.project(p)?))
+            }
+            Route::ArchiveProject => {
+                self.archive(p, now)?;
+                Ok(self.project_json(self.project(p)?))
+            }
+            Route::ListApiKeys => self.list_keys(p, q),
+            Route::GetApiKey => {
+                self.project(p)?;
+                match self.keys.get(x) {
+                    Some(k) if k.project_id == p && k.deleted_at.is_none() => Ok(self.key_json(k)),
+                    _ => Err(SimError::not_found("API key", x)),
+                }
+            }
+            Route::DeleteApiKey => {
+                self.project(p)?;
+                let is_sa_key = match self.keys.get(x) {
+                    Some(k) if k.project_id == p && k.deleted_at.is_none() => {
+                        matches!(k.owner, OwnerRef::ServiceAccount(_))
+                    }
+                    _ => return Err(SimError::not_found("API key", x)),
+                };
+                if is_sa_key && self.faults.refuse_sa_key_delete {
+                    return Err(SimError::new(
+                        400,
+                        "Cannot delete an API key that belongs to a service account. Delete the \
+                         service account instead.",
+                    ));
+                }
+                self.remove_key(p, x, now)?;
+                Ok(
+                    json!({"object": "organization.project.api_key.deleted", "id": x, "deleted": true}),
+                )
+            }
+            Route::ListServiceAccounts => self.list_sas(p, q),
+            Route::CreateServiceAccount => self.create_sa(p, body, now),
+            Route::GetServiceAccount => {
+                self.project(p)?;
+                Ok(sa_json(self.live_sa(p, x)?))
+            }
+            Route::UpdateServiceAccount => {
+                self.live_project(p)?;
+                self.live_sa(p, x)?;
+                let b = parse_body(body, true)?;
+                let name = optional_str(&b, "name")?;
+                let role = optional_str(&b, "role")?;
+                if let Some(r) = &role {
+                    if r != "member" && r != "owner" {
+                        return Err(SimError::invalid(
+                            "role",
+                            "invalid_value",
+                            format!("Invalid 'role': expected 'member' or 'owner', got '{r}'."),
+                        ));
+                    }
+                }
+                let sa = self
+                    .sas
+                    .get_mut(x)
+                    .ok_or_else(|| SimError::not_found("service account", x))?;
+                if let Some(name) = name {
+                    sa.name = name;
+                }
+                if let Some(role) = role {
+                    sa.role = role;
+                }
+                Ok(sa_json(sa))
+            }
+            Route::DeleteServiceAccount => {
+                self.live_project(p)?;
+                let seq = self.live_sa(p, x)?.seq;
+                let owned: Vec<String> = self
+                    .project(p)?
+                    .keys
+                    .values()
+                    .filter(|id| {
+                        self.keys.get(*id).is_some_and(
+                            |k| matches!(&k.owner, OwnerRef::ServiceAccount(s) if s == x),
+                        )
+                    })
+                    .cloned()
+                    .collect();
+                for id in owned {
+                    self.remove_key(p, &id, now)?;
+                }
+                if let Some(sa) = self.sas.get_mut(x) {
+                    sa.deleted_at = Some(now);
+                }
+                self.project_mut(p)?.sas.remove(&seq);
+                Ok(
+                    json!({"object": "organization.project.service_account.deleted", "id": x, "deleted": true}),
+                )
+            }
+            Route::CreateServiceAccountKey => self.create_sa_key(p, x, body, now),
+            Route::ListAdminKeys => self.list_admin_keys(q),
+            Route::CreateAdminKey => {
+                let b = parse_body(body, true)?;
+                let name = required_str(&b, "name")?;
+                let expires_at = expires_in(&b)?.map(|s| now + s);
+                let value = format!("sk-admin-{}", self.random_chars(48));
+                let id = self.insert_admin_key(&name, value.clone(), now, expires_at);
+                let mut v = self.admin_key_json(&self.admin_keys[&id]);
+                v["value"] = Value::String(value);
+                Ok(v)
+            }
+            Route::GetAdminKey => match self.admin_keys.get(p) {
+                Some(k) if !k.deleted => Ok(self.admin_key_json(k)),
+                _ => Err(SimError::not_found("admin API key", p)),
+            },
+            Route::DeleteAdminKey => match self.admin_keys.get_mut(p) {
+                Some(k) if !k.deleted => {
+                    k.deleted = true;
+                    let seq = k.seq;
+                    self.admin_order.remove(&seq);
+                    Ok(
+                        json!({"id": p, "object": "organization.admin_api_key.deleted", "deleted": true}),
+                    )
+                }
+                _ => Err(SimError::not_found("admin API key", p)),
+            },
+        }
+    }
+
+    fn create_sa(&mut self, p: &str, body: &[u8], now: i64) -> SimResult<Value> {
+        self.live_project(p)?;
+        let b = parse_body(body, true)?;
+        let name = required_str(&b, "name")?;
+        let only = match b.get("create_service_account_only") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(v)) => *v,
+            Some(_) => {
+                return Err(SimError::invalid(
+                    "create_service_account_only",
+                    "invalid_type",
+                    "Invalid 'create_service_account_only': expected a boolean.",
+                ))
+            }
+        };
+        let role = if only { "none" } else { "member" };
+        let sa_id = self.new_sa(p, &name, role, now)?;
+        let api_key = if only {
+            Value::Null
+        } else {
+            let owner = OwnerRef::ServiceAccount(sa_id.clone());
+            let key_id = self.new_key(p, owner, "Secret Key", now, None, None, Vec::new(), true)?;
+            created_key_json(&self.keys[&key_id])
+        };
+        let mut v = sa_json(&self.sas[&sa_id]);
+        v["api_key"] = api_key;
+        Ok(v)
+    }
+
+    fn create_sa_key(&mut self, p: &str, sa: &str, body: &[u8], now: i64) -> SimResult<Value> {
+        self.live_project(p)?;
+        self.live_sa(p, sa)?;
+        let b = parse_body(body, false)?;
+        let name = optional_str(&b, "name")?.unwrap_or_else(|| "Secret Key".to_owned());
+        let scopes = match b.get("scopes") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|s| s.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    SimError::invalid(
+                        "scopes",
+                        "invalid_type",
+                        "Invalid 'scopes': expected an array of strings.",
+                    )
+                })?,
+            Some(_) => {
+                return Err(SimError::invalid(
+                    "scopes",
+                    "invalid_type",
+                    "Invalid 'scopes': expected an array of strings.",
+                ))
+            }
+        };
+        let expires_at = expires_in(&b)?.map(|s| now + s);
+        let owner = OwnerRef::ServiceAccount(sa.to_owned());
+        let id = self.new_key(p, owner, &name, now, None, expires_at, scopes, true)?;
+        Ok(created_key_json(&self.keys[&id]))
+    }
+
+    fn list_projects(&self, q: &Query) -> SimResult<Value> {
+        let limit = limit(q)?;
+        let include_archived = match q.get("include_archived") {
+            None => false,
+            Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(SimError::invalid(
+                    "include_archived",
+                    "invalid_type",
+                    format!("Invalid 'include_archived': expected a boolean, got '{other}'."),
+                ))
+            }
+        };
+        let start = match q.get("after") {
+            None => 0,
+            Some(after) => match self.project_idx.get(after) {
+                Some(&i) => i + 1,
+                None => return Err(bad_cursor(after)),
+            },
+        };
+        let items = self.projects[start.min(self.projects.len())..]
+            .iter()
+            .filter(|p| include_archived || p.archived_at.is_none())
+            .map(|p| self.project_json(p));
+        Ok(page(items, limit))
+    }
+
+    fn list_keys(&self, p: &str, q: &Query) -> SimResult<Value> {
+        let proj = self.project(p)?;
+        let limit = limit(q)?;
+        let access = match q.get("owner_project_access") {
+            None | Some("active") => Some(true),
+            Some("inactive") => Some(false),
+            Some("any") => None,
+            Some(other) => {
+                return Err(SimError::invalid(
+                    "owner_project_access",
+                    "invalid_value",
+                    format!(
+                        "Invalid 'owner_project_access': expected one of 'active', 'inactive', \
+                         'any', but got '{other}' instead."
+                    ),
+                ))
+            }
+        };
+        let after = match q.get("after") {
+            None => 0,
+            Some(after) => match self.keys.get(after) {
+                Some(k) if k.project_id == p => k.seq,
+                _ => return Err(bad_cursor(after)),
+            },
+        };
+        let items = proj
+            .keys
+            .range(after + 1..)
+            .filter_map(|(_, id)| self.keys.get(id))
+            .filter(|k| access.is_none_or(|want| self.owner_active(k) == want))
+            .map(|k| self.key_json(k));
+        Ok(page(items, limit))
+    }
+
+    fn list_sas(&self, p: &str, q: &Query) -> SimResult<Value> {
+        let proj = self.live_project(p)?;
+        let limit = limit(q)?;
+        let after = match q.get("after") {
+            None => 0,
+            Some(after) => match self.sas.get(after) {
+                Some(s) if s.project_id == p => s.seq,
+                _ => return Err(bad_cursor(after)),
+            },
+        };
+        let items = proj
+            .sas
+            .range(after + 1..)
+            .filter_map(|(_, id)| self.sas.get(id))
+            .map(sa_json);
+        Ok(page(items, limit))
+    }
+
+    fn list_admin_keys(&self, q: &Query) -> SimResult<Value> {
+        let limit = limit(q)?;
+        let desc = match q.get("order") {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(other) => {
+                return Err(SimError::invalid(
+                    "order",
+                    "invalid_value",
+                    format!(
+                        "Invalid 'order': expected 'asc' or 'desc', but got '{other}' instead."
+                    ),
+                ))
+            }
+        };
+        let cursor = match q.get("after") {
+            None => None,
+            Some(after) => match self.admin_keys.get(after) {
+                Some(k) => Some(k.seq),
+                None => return Err(bad_cursor(after)),
+            },
+        };
+        let render =
+            |(_, id): (&u64, &String)| self.admin_keys.get(id).map(|k| self.admin_key_json(k));
+        Ok(match (desc, cursor) {
+            (false, c) => page(
+                self.admin_order
+                    .range(c.map_or(0, |s| s + 1)..)
+                    .filter_map(render),
+                limit,
+            ),
+            (true, None) => page(self.admin_order.iter().rev().filter_map(render), limit),
+            (true, Some(s)) => page(self.admin_order.range(..s).rev().filter_map(render), limit),
+        })
+    }
+
+    // ----- JSON shapes (as in the spec's schemas) -----
+
+    pub fn project_json(&self, p: &ProjectRec) -> Value {
+        json!({
+            "id": p.id,
+            "object": "organization.project",
+            "name": p.name,
+            "created_at": p.created_at,
+            "archived_at": p.archived_at,
+            "status": if p.archived_at.is_some() { "archived" } else { "active" },
+            "external_key_id": null,
+        })
+    }
+
+    pub fn key_json(&self, k: &KeyRec) -> Value {
+        let owner = match &k.owner {
+            OwnerRef::User(uid) => match self.users.get(uid) {
+                Some(u) => json!({"type": "user", "user": {
+                    "id": u.id, "email": u.email, "name": u.name,
+                    "created_at": u.created_at, "role": u.role,
+                }}),
+                None => json!({"type": "user"}),
+            },
+            OwnerRef::ServiceAccount(sid) => match self.sas.get(sid) {
+                Some(s) => json!({"type": "service_account", "service_account": {
+                    "id": s.id, "name": s.name, "created_at": s.created_at, "role": s.role,
+                }}),
+                None => json!({"type": "service_account"}),
+            },
+        };
+        let mut v = json!({
+            "object": "organization.project.api_key",
+            "redacted_value": redact(&k.value),
+            "name": k.name,
+            "created_at": k.created_at,
+            "last_used_at": k.last_used_at,
+            "id": k.id,
+            "owner_project_access": if self.owner_active(k) { "active" } else { "inactive" },
+            "owner": owner,
+        });
+        if let Some(e) = k.expires_at {
+            v["expires_at"] = json!(e);
+        }
+        v
+    }
+
+    fn admin_key_json(&self, k: &AdminKeyRec) -> Value {
+        let owner = self.users.get(&self.org_owner);
+        json!({
+            "object": "organization.admin_api_key",
+            "id": k.id,
+            "name": k.name,
+            "redacted_value": format!("sk-admin...{}", tail(&k.value)),
+            "created_at": k.created_at,
+            "expires_at": k.expires_at,
+            "last_used_at": k.last_used_at,
+            "owner": {
+                "type": "user",
+                "object": "organization.user",
+                "id": self.org_owner,
+                "name": owner.map(|u| u.name.as_str()).unwrap_or("Org Owner"),
+                "created_at": owner.map(|u| u.created_at).unwrap_or(k.created_at),
+                "role": "owner",
+            },
+        })
+    }
+
+    /// Appends to the request log, dropping the oldest entries beyond capacity.
+    pub fn record(&mut self, mut rec: RequestRecord) {
+        self.log_seq += 1;
+        rec.seq = self.log_seq;
+        if self.log.len() >= LOG_CAPACITY {
+            self.log.pop_front();
+        }
+        self.log.push_back(rec);
+    }
+
+    /// Moves the clock.
+    pub fn advance(&mut self, by: Duration) {
+        self.clock_offset += by.as_secs() as i64;
+    }
+}
+
+impl OwnerRef {
+    pub(crate) fn id(&self) -> &str {
+        match self {
+            OwnerRef::User(id) | OwnerRef::ServiceAccount(id) => id,
+        }
+    }
+}
+
+fn sa_json(s: &SaRec) -> Value {
+    json!({
+        "object": "organization.project.service_account",
+        "id": s.id,
+        "name": s.name,
+        "role": s.role,
+        "created_at": s.created_at,
+    })
+}
+
+fn created_key_json(k: &KeyRec) -> Value {
+    let mut v = json!({
+        "object": "organization.project.service_account.api_key",
+        "value": k.value,
+        "name": k.name,
+        "created_at": k.created_at,
+        "id": k.id,
+    });
+    if let Some(e) = k.expires_at {
+        v["expires_at"] = json!(e);
+    }
+    v
+}
+
+fn models_json() -> Value {
+    json!({"object": "list", "data": [
+        {"id": "gpt-4o", "object": "model", "created": 1_715_367_049, "owned_by": "system", "shutdown_date": null},
+        {"id": "gpt-4o-mini", "object": "model", "created": 1_721_172_741, "owned_by": "system", "shutdown_date": null},
+        {"id": "text-embedding-3-small", "object": "model", "created": 1_705_948_997, "owned_by": "system", "shutdown_date": null},
+    ]})
+}
+
+/// The last four characters of a value (all of it if shorter).
+fn tail(value: &str) -> &str {
+    let start = value.char_indices().rev().nth(3).map_or(0, |(i, _)| i);
+    &value[start..]
+}
+
+/// `sk-...abcd`.
+pub(crate) fn redact(value: &str) -> String {
+    format!("sk-...{}", tail(value))
+}
+
+fn unauthorized(token: &str) -> SimError {
+    let shown = if token.is_empty() {
+        "(empty)".to_owned()
+    } else {
+        redact(token)
+    };
+    SimError::new(
+        401,
+        format!(
+            "Incorrect API key provided: {shown}. You can find your API key at \
+             https://platform.openai.com/account/api-keys."
+        ),
+    )
+    .with_code("invalid_request_error", Some("invalid_api_key"))
+}
+
+fn bad_cursor(after: &str) -> SimError {
+    SimError::invalid(
+        "after",
+        "invalid_value",
+        format!("Invalid 'after': no such object '{after}'."),
+    )
+}
+
+/// `limit`: default 20, 1..=100.
+fn limit(q: &Query) -> SimResult<usize> {
+    let Some(raw) = q.get("limit") else {
+        return Ok(20);
+    };
+    let n: i64 = raw.parse().map_err(|_| {
+        SimError::invalid(
+            "limit",
+            "invalid_type",
+            format!("Invalid 'limit': expected an integer, but got '{raw}' instead."),
+        )
+    })?;
+    if n < 1 {
+        return Err(SimError::invalid(
+            "limit",
+            "integer_below_min_value",
+            format!("Invalid 'limit': integer below minimum value. Expected a value >= 1, but got {n} instead."),
+        ));
+    }
+    if n > 100 {
+        return Err(SimError::invalid(
+            "limit",
+            "integer_above_max_value",
+            format!("Invalid 'limit': integer above maximum value. Expected a value <= 100, but got {n} instead."),
+        ));
+    }
+    Ok(n as usize)
+}
+
+/// A list page: up to `limit` items, `has_more` when one more exists.
+fn page(items: impl Iterator<Item = Value>, limit: usize) -> Value {
+    let mut data: Vec<Value> = Vec::with_capacity(limit.min(100));
+    let mut has_more = false;
+    for item in items {
+        if data.len() == limit {
+            has_more = true;
+            break;
+        }
+        data.push(item);
+    }
+    let first_id = data.first().map(|v| v["id"].clone()).unwrap_or(Value::Null);
+    let last_id = data.last().map(|v| v["id"].clone()).unwrap_or(Value::Null);
+    json!({"object": "list", "data": data, "first_id": first_id, "last_id": last_id, "has_more": has_more})
+}
+
+/// A JSON object body; an absent body is `{}` unless `required`.
+fn parse_body(body: &[u8], required: bool) -> SimResult<Map<String, Value>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        if required {
+            return Err(SimError::new(
+                400,
+                "We could not parse the JSON body of your request. (HINT: This likely means you \
+                 aren't using your HTTP library correctly.)",
+            ));
+        }
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(SimError::new(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you \
+             aren't using your HTTP library correctly.)",
+        )),
+    }
+}
+
+fn optional_str(b: &Map<String, Value>, field: &'static str) -> SimResult<Option<String>> {
+    match b.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(SimError::invalid(
+            field,
+            "invalid_type",
+            format!("Invalid '{field}': expected a string."),
+        )),
+    }
+}
+
+fn required_str(b: &Map<String, Value>, field: &'static str) -> SimResult<String> {
+    match optional_str(b, field)? {
+        Some(s) if !s.is_empty() => Ok(s),
+        _ => Err(SimError::invalid(
+            field,
+            "missing_required_parameter",
+            format!("Missing required parameter: '{field}'."),
+        )),
+    }
+}
+
+/// `expires_in_seconds`: absent, or an integer in 1..=31536000.
+fn expires_in(b: &Map<String, Value>) -> SimResult<Option<i64>> {
+    match b.get("expires_in_seconds") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if (1..=MAX_EXPIRES_IN).contains(&n) => Ok(Some(n)),
+            _ => Err(SimError::invalid(
+                "expires_in_seconds",
+                "invalid_value",
+                format!("Invalid 'expires_in_seconds': expected an integer between 1 and {MAX_EXPIRES_IN}."),
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_keeps_only_the_tail() {
+        assert_eq!(redact("sk-svcacct-abcdefgh1234"), "sk-...1234");
+        assert_eq!(redact("ab"), "sk-...ab");
+    }
+
+    #[test]
+    fn limit_bounds() {
+        let q = |v: &str| Query(vec![("limit".into(), v.into())]);
+        assert_eq!(limit(&Query::default()), Ok(20));
+        assert_eq!(limit(&q("1")), Ok(1));
+        assert_eq!(limit(&q("100")), Ok(100));
+        for bad in ["0", "101", "-1", "ten", ""] {
+            let e = limit(&q(bad)).unwrap_err();
+            assert_eq!((e.status, e.param), (400, Some("limit")), "{bad}");
+        }
+    }
+}

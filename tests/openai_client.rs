@@ -1,0 +1,688 @@
+//! The Admin API client through its public API, against the in-process simulator.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use keyrotd::openai::models::{CreateKeyRequest, OwnerAccess, OwnerType};
+use keyrotd::openai::{ApiError, Client, ClientConfig, Endpoint};
+use keyrotd::sim::{
+    Faults, LostResponse, Malformation, MalformedNext, OwnerRef, RetryAfter, Route, Sim, SimServer,
+};
+use secrecy::{ExposeSecret, SecretString};
+
+const ADMIN: &str = "sk-admin-client-tests-0123456789abcdef";
+
+fn config(base_url: &str) -> ClientConfig {
+    ClientConfig {
+        base_url: base_url.to_owned(),
+        request_timeout: Duration::from_secs(5),
+        max_retries: 3,
+        max_retry_after: Duration::from_secs(5),
+        backoff_base: Duration::from_millis(5),
+    }
+}
+
+async fn setup() -> (Sim, SimServer, Client) {
+    let sim = Sim::with_seed(ADMIN, 1);
+    let server = sim.start().await.expect("start sim");
+    let client = Client::new(config(&server.base_url), SecretString::from(ADMIN)).expect("client");
+    (sim, server, client)
+}
+
+/// A project with one service account; returns (project id, service account id).
+fn project_with_sa(sim: &Sim, name: &str) -> (String, String) {
+    let p = sim.add_project(name);
+    let sa = sim.add_service_account(&p, "backend").expect("sa");
+    (p, sa)
+}
+
+/// Asserts that no (path, query) of `route` was requested twice; returns the count.
+fn assert_pages_once(sim: &Sim, route: Route) -> usize {
+    let reqs = sim.requests_to(route);
+    let distinct: HashSet<(String, String)> = reqs
+        .iter()
+        .map(|r| (r.path.clone(), r.query.clone()))
+        .collect();
+    assert_eq!(
+        distinct.len(),
+        reqs.len(),
+        "a page was requested twice: {reqs:#?}"
+    );
+    reqs.len()
+}
+
+#[tokio::test]
+async fn lists_every_key_of_a_large_project_each_page_once() {
+    let (sim, _server, client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-big");
+    let user = sim.add_user("Alice", "alice@example.com");
+    for i in 0..255 {
+        sim.add_key(&p, OwnerRef::ServiceAccount(sa.clone()), &format!("k{i}"))
+            .unwrap();
+    }
+    for i in 0..3 {
+        sim.add_key(&p, OwnerRef::User(user.clone()), &format!("u{i}"))
+            .unwrap();
+    }
+    // Noise in another project must not leak in.
+    let (other, other_sa) = project_with_sa(&sim, "dev-other");
+    sim.add_key(&other, OwnerRef::ServiceAccount(other_sa), "x")
+        .unwrap();
+
+    let keys = client.list_api_keys(&p).await.unwrap();
+    let want: Vec<String> = sim.keys(&p).into_iter().map(|k| k.id).collect();
+    let got: Vec<String> = keys.iter().map(|k| k.id.clone()).collect();
+    assert_eq!(got.len(), 258);
+    assert_eq!(got, want);
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k.owner.kind == OwnerType::User)
+            .count(),
+        3
+    );
+
+    assert_eq!(assert_pages_once(&sim, Route::ListApiKeys), 3);
+    for r in sim.requests_to(Route::ListApiKeys) {
+        assert!(r.query.contains("limit=100"), "{}", r.query);
+        assert!(r.query.contains("owner_project_access=any"), "{}", r.query);
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        client.stats().snapshot(),
+        vec![(Endpoint::ListApiKeys, 200, 3)]
+    );
+    assert_eq!(client.stats().total(), 3);
+}
+
+#[tokio::test]
+async fn lists_every_project_of_a_large_org_each_page_once() {
+    let (sim, _server, client) = setup().await;
+    let mut active = Vec::new();
+    for i in 0..130 {
+        let id = sim.add_project(&format!("prod-{i}"));
+        if i % 40 == 7 {
+            assert!(sim.archive_project(&id));
+        } else {
+            active.push(id);
+        }
+    }
+    let projects = client.list_projects(false).await.unwrap();
+    assert_eq!(
+        projects.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
+        active
+    );
+    assert!(projects.iter().all(|p| !p.is_archived()));
+    assert_eq!(assert_pages_once(&sim, Route::ListProjects), 2);
+
+    sim.clear_requests();
+    let all = client.list_projects(true).await.unwrap();
+    assert_eq!(all.len(), 130);
+    assert_eq!(all.iter().filter(|p| p.is_archived()).count(), 4);
+    assert_eq!(assert_pages_once(&sim, Route::ListProjects), 2);
+    assert!(sim
+        .requests_to(Route::ListProjects)
+        .iter()
+        .all(|r| r.query.contains("include_archived=true")));
+}
+
+#[tokio::test]
+async fn lists_service_accounts_across_pages() {
+    let (sim, _server, client) = setup().await;
+    let p = sim.add_project("prod-sa");
+    let want: Vec<String> = (0..120)
+        .map(|i| sim.add_service_account(&p, &format!("sa-{i}")).unwrap())
+        .collect();
+    let got: Vec<String> = client
+        .list_service_accounts(&p)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(assert_pages_once(&sim, Route::ListServiceAccounts), 2);
+}
+
+#[tokio::test]
+async fn rate_limit_waits_for_retry_after_then_succeeds() {
+    let (sim, _server, client) = setup().await;
+    sim.add_project("prod-a");
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::Seconds(1),
+        ..Faults::default().fail_next(Route::ListProjects, 429, 1)
+    });
+    let started = Instant::now();
+    let projects = client.list_projects(false).await.unwrap();
+    assert_eq!(projects.len(), 1);
+    let reqs = sim.requests_to(Route::ListProjects);
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![429, 200]
+    );
+    let gap = reqs[1].at.duration_since(reqs[0].at);
+    assert!(gap >= Duration::from_secs(1), "retried after {gap:?}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(
+        client.stats().snapshot(),
+        vec![
+            (Endpoint::ListProjects, 200, 1),
+            (Endpoint::ListProjects, 429, 1)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_honours_retry_after_ms_and_caps_long_waits() {
+    let (sim, server, _client) = setup().await;
+    sim.add_project("prod-a");
+    let cfg = ClientConfig {
+        max_retry_after: Duration::from_millis(300),
+        ..config(&server.base_url)
+    };
+    let client = Client::new(cfg, SecretString::from(ADMIN)).unwrap();
+
+    // retry-after-ms wins over the (rounded-up) retry-after it comes with.
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::Millis(150),
+        ..Faults::default().fail_next(Route::ListProjects, 429, 1)
+    });
+    client.list_projects(false).await.unwrap();
+    let reqs = sim.requests_to(Route::ListProjects);
+    let gap = reqs[1].at.duration_since(reqs[0].at);
+    assert!(
+        gap >= Duration::from_millis(150) && gap < Duration::from_millis(290),
+        "{gap:?}"
+    );
+
+    // A 30 s retry-after is capped at max_retry_after.
+    sim.clear_requests();
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::Seconds(30),
+        ..Faults::default().fail_next(Route::ListProjects, 429, 1)
+    });
+    let started = Instant::now();
+    client.list_projects(false).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let reqs = sim.requests_to(Route::ListProjects);
+    assert!(reqs[1].at.duration_since(reqs[0].at) >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn persistent_server_error_fails_after_max_retries() {
+    let (sim, _server, client) = setup().await;
+    sim.set_faults(Faults::default().fail_next(Route::ListProjects, 500, 100));
+    let err = client.list_projects(false).await.unwrap_err();
+    assert_eq!(err.status(), Some(500));
+    assert!(err.is_temporary());
+    let text = err.to_string();
+    assert!(text.contains("HTTP 500"), "{text}");
+    assert!(
+        text.contains("The server had an error while processing your request"),
+        "{text}"
+    );
+    // max_retries = 3: one try and three retries.
+    assert_eq!(sim.requests_to(Route::ListProjects).len(), 4);
+    assert_eq!(client.stats().total(), 4);
+}
+
+#[tokio::test]
+async fn transient_server_errors_are_retried() {
+    let (sim, _server, client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    let key = sim.add_key(&p, OwnerRef::ServiceAccount(sa), "k").unwrap();
+    sim.set_faults(Faults::default().fail_next(Route::DeleteApiKey, 503, 2));
+    let deleted = client.delete_api_key(&p, &key.id).await.unwrap();
+    assert!(deleted.deleted);
+    assert_eq!(deleted.id, key.id);
+    let statuses: Vec<u16> = sim
+        .requests_to(Route::DeleteApiKey)
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![503, 503, 200]);
+    assert!(!sim.is_live(&key.id));
+}
+
+#[tokio::test]
+async fn wrong_admin_key_fails_at_once() {
+    let (sim, server, _client) = setup().await;
+    let client = Client::new(
+        config(&server.base_url),
+        SecretString::from("sk-admin-wrong"),
+    )
+    .unwrap();
+    let err = client.list_projects(false).await.unwrap_err();
+    assert!(matches!(err, ApiError::Unauthorized { .. }), "{err:?}");
+    assert!(err.to_string().contains("admin key rejected"), "{err}");
+    assert!(
+        err.to_string().contains("Incorrect API key provided"),
+        "{err}"
+    );
+    assert!(!err.is_temporary());
+    assert_eq!(sim.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn project_key_as_admin_key_is_forbidden() {
+    let (sim, server, _client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    let key = sim.add_key(&p, OwnerRef::ServiceAccount(sa), "k").unwrap();
+    let client = Client::new(
+        config(&server.base_url),
+        SecretString::from(key.value.clone()),
+    )
+    .unwrap();
+    let err = client.get_project(&p).await.unwrap_err();
+    assert!(matches!(err, ApiError::Forbidden { .. }), "{err:?}");
+    assert_eq!(sim.requests().len(), 1);
+    assert!(!format!("{err} {err:?}").contains(&key.value));
+}
+
+#[tokio::test]
+async fn other_client_errors_are_not_retried_and_carry_the_api_message() {
+    let (sim, _server, client) = setup().await;
+    let err = client.list_api_keys("proj_doesnotexist").await.unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("proj_doesnotexist"), "{err}");
+    sim.set_faults(Faults::default().fail_next(Route::GetProject, 409, 5));
+    let err = client.get_project("proj_x").await.unwrap_err();
+    match &err {
+        ApiError::Status {
+            status, message, ..
+        } => {
+            assert_eq!(*status, 409);
+            assert_eq!(message, "Simulated failure (HTTP 409).");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn malformed_success_bodies_are_decode_errors() {
+    let (sim, _server, client) = setup().await;
+    for i in 0..150 {
+        sim.add_project(&format!("p{i}"));
+    }
+    let cases = [
+        (Malformation::Truncated, "truncated JSON: EOF while parsing"),
+        (Malformation::NotJson, "invalid JSON: expected value"),
+        (
+            Malformation::WrongShape,
+            "unexpected JSON shape: missing field `data`",
+        ),
+    ];
+    for (kind, expected) in cases {
+        sim.set_faults(Faults::default().malformed_next(Route::ListProjects, kind, 1));
+        let err = client.list_projects(false).await.unwrap_err();
+        match &err {
+            ApiError::Decode {
+                endpoint,
+                status,
+                message,
+            } => {
+                assert_eq!((endpoint.as_str(), *status), ("list_projects", 200));
+                assert!(message.contains(expected), "{kind:?}: {message}");
+            }
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert!(!err.is_temporary());
+    }
+}
+
+#[tokio::test]
+async fn malformed_later_page_fails_the_whole_listing() {
+    let (sim, _server, client) = setup().await;
+    for i in 0..150 {
+        sim.add_project(&format!("p{i}"));
+    }
+    let mut faults = Faults::default();
+    faults.malformed_next.push(MalformedNext {
+        route: Some(Route::ListProjects),
+        kind: Malformation::Truncated,
+        skip: 1,
+        remaining: 1,
+    });
+    sim.set_faults(faults);
+    let err = client.list_projects(false).await.unwrap_err();
+    assert!(matches!(err, ApiError::Decode { .. }), "{err:?}");
+    let reqs = sim.requests_to(Route::ListProjects);
+    assert_eq!(reqs.len(), 2);
+    assert!(reqs[1].query.contains("after="), "{}", reqs[1].query);
+    assert!(sim.faults().malformed_next.is_empty());
+}
+
+#[tokio::test]
+async fn non_json_error_bodies_are_cut_short() {
+    use axum::http::StatusCode;
+    let app = axum::Router::new().fallback(|| async {
+        (
+            StatusCode::BAD_GATEWAY,
+            format!("<html><body>{}</body></html>", "gateway ".repeat(200)),
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let cfg = ClientConfig {
+        max_retries: 1,
+        ..config(&format!("http://{addr}/v1/"))
+    };
+    let client = Client::new(cfg, SecretString::from(ADMIN)).unwrap();
+    let err = client.get_project("proj_1").await.unwrap_err();
+    match &err {
+        ApiError::Status {
+            status,
+            message,
+            code,
+            ..
+        } => {
+            assert_eq!(*status, 502);
+            assert!(
+                message.starts_with("<html><body>gateway gateway"),
+                "{message}"
+            );
+            assert!(
+                message.chars().count() <= 201,
+                "{} chars",
+                message.chars().count()
+            );
+            assert_eq!(code, &None);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        client.stats().snapshot(),
+        vec![(Endpoint::GetProject, 502, 2)]
+    );
+}
+
+#[tokio::test]
+async fn inactive_owner_keys_are_listed() {
+    let (sim, _server, client) = setup().await;
+    let p = sim.add_project("prod-a");
+    let active = sim.add_user("Alice", "alice@example.com");
+    let gone = sim.add_user("Bob", "bob@example.com");
+    let k1 = sim
+        .add_key(&p, OwnerRef::User(active), "alice-laptop")
+        .unwrap();
+    let k2 = sim
+        .add_key(&p, OwnerRef::User(gone.clone()), "bob-laptop")
+        .unwrap();
+    assert!(sim.set_owner_active(&p, &gone, false));
+    let keys = client.list_api_keys(&p).await.unwrap();
+    let access: Vec<(String, Option<OwnerAccess>)> = keys
+        .iter()
+        .map(|k| (k.id.clone(), k.owner_project_access))
+        .collect();
+    assert_eq!(
+        access,
+        vec![
+            (k1.id, Some(OwnerAccess::Active)),
+            (k2.id, Some(OwnerAccess::Inactive))
+        ]
+    );
+    assert_eq!(keys[1].owner.id(), Some(gone.as_str()));
+    assert_eq!(keys[1].owner.name(), Some("Bob"));
+}
+
+#[tokio::test]
+async fn create_is_not_retried_on_server_error() {
+    let (sim, _server, client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    sim.set_faults(Faults::default().fail_next(Route::CreateServiceAccountKey, 500, 1));
+    let req = CreateKeyRequest {
+        name: Some("keyrotd-20260101T000000Z".into()),
+        ..Default::default()
+    };
+    let err = client
+        .create_service_account_key(&p, &sa, &req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(500));
+    assert_eq!(sim.requests_to(Route::CreateServiceAccountKey).len(), 1);
+    assert!(sim.keys(&p).is_empty());
+}
+
+#[tokio::test]
+async fn create_is_retried_on_rate_limit() {
+    let (sim, _server, client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::Millis(20),
+        ..Faults::default().fail_next(Route::CreateServiceAccountKey, 429, 1)
+    });
+    let req = CreateKeyRequest {
+        name: Some("keyrotd-1".into()),
+        scopes: vec!["api.model.read".into()],
+        expires_in_seconds: Some(3600),
+    };
+    let created = client
+        .create_service_account_key(&p, &sa, &req)
+        .await
+        .unwrap();
+    assert_eq!(created.name.as_deref(), Some("keyrotd-1"));
+    assert!(created.value.expose_secret().starts_with("sk-svcacct-"));
+    assert!(!format!("{created:?}").contains(created.value.expose_secret()));
+    let keys = sim.keys(&p);
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].id, created.id);
+    assert_eq!(keys[0].scopes, vec!["api.model.read".to_owned()]);
+    assert_eq!(keys[0].expires_at, Some(created.created_at + 3600));
+    let statuses: Vec<u16> = sim
+        .requests_to(Route::CreateServiceAccountKey)
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![429, 200]);
+    // The listing shows the expiry (an extension to the spec excerpt).
+    let listed = client.get_api_key(&p, &created.id).await.unwrap();
+    assert_eq!(listed.expires_at, Some(created.created_at + 3600));
+}
+
+#[tokio::test]
+async fn lost_create_response_is_an_error_and_the_key_exists() {
+    let (sim, _server, client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    let req = CreateKeyRequest {
+        name: Some("keyrotd-lost".into()),
+        ..Default::default()
+    };
+    for mode in [LostResponse::ServerError, LostResponse::Dropped] {
+        sim.clear_requests();
+        sim.set_faults(Faults {
+            lose_create_responses: 1,
+            lost_response: mode,
+            ..Faults::default()
+        });
+        let err = client
+            .create_service_account_key(&p, &sa, &req)
+            .await
+            .unwrap_err();
+        match mode {
+            LostResponse::ServerError => assert_eq!(err.status(), Some(500), "{err:?}"),
+            LostResponse::Dropped => assert!(matches!(err, ApiError::Network { .. }), "{err:?}"),
+        }
+        assert_eq!(
+            sim.requests_to(Route::CreateServiceAccountKey).len(),
+            1,
+            "{mode:?}"
+        );
+    }
+    let keys = sim.keys(&p);
+    assert_eq!(keys.len(), 2);
+    assert!(keys.iter().all(|k| k.name == "keyrotd-lost" && k.minted));
+    // The engine finds them by name later.
+    let listed = client.list_api_keys(&p).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|k| k.name.as_deref() == Some("keyrotd-lost"))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn create_service_account_returns_its_first_key() {
+    let (sim, _server, client) = setup().await;
+    let p = sim.add_project("prod-a");
+    let created = client
+        .create_service_account(&p, "keyrotd-backend")
+        .await
+        .unwrap();
+    assert_eq!(created.name, "keyrotd-backend");
+    assert_eq!(created.role.as_deref(), Some("member"));
+    let key = created.api_key.expect("api_key");
+    assert_eq!(
+        sim.key_value(&key.id).as_deref(),
+        Some(key.value.expose_secret())
+    );
+    let sas = client.list_service_accounts(&p).await.unwrap();
+    assert_eq!(
+        sas.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec![created.id.as_str()]
+    );
+
+    sim.set_faults(Faults::default().fail_next(Route::CreateServiceAccount, 502, 1));
+    let err = client
+        .create_service_account(&p, "again")
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(502));
+    assert_eq!(sim.requests_to(Route::CreateServiceAccount).len(), 2);
+
+    let deleted = client
+        .delete_service_account(&p, &created.id)
+        .await
+        .unwrap();
+    assert!(deleted.deleted);
+    assert!(!sim.is_live(&key.id));
+}
+
+#[tokio::test]
+async fn timeouts_retry_reads_but_not_creates() {
+    let (sim, server, _client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    let cfg = ClientConfig {
+        request_timeout: Duration::from_millis(150),
+        max_retries: 2,
+        ..config(&server.base_url)
+    };
+    let client = Client::new(cfg, SecretString::from(ADMIN)).unwrap();
+    sim.set_faults(Faults {
+        latency: Duration::from_millis(400),
+        ..Faults::default()
+    });
+    let err = client.list_projects(false).await.unwrap_err();
+    assert!(matches!(err, ApiError::Network { .. }), "{err:?}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert_eq!(
+        client.stats().snapshot(),
+        vec![(Endpoint::ListProjects, 0, 3)]
+    );
+
+    let err = client
+        .create_service_account_key(&p, &sa, &CreateKeyRequest::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Network { .. }), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // One attempt only, and the server did create the key: ambiguous, left to the engine.
+    assert_eq!(sim.requests_to(Route::CreateServiceAccountKey).len(), 1);
+    assert_eq!(sim.keys(&p).len(), 1);
+}
+
+#[tokio::test]
+async fn connect_errors_are_retried_even_for_creates() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let client = Client::new(
+        config(&format!("http://{addr}/v1")),
+        SecretString::from(ADMIN),
+    )
+    .unwrap();
+    let err = client
+        .create_service_account_key("proj_1", "svc_acct_1", &CreateKeyRequest::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Network { .. }), "{err:?}");
+    assert!(err.to_string().contains("connection failed"), "{err}");
+    assert_eq!(
+        client.stats().snapshot(),
+        vec![(Endpoint::CreateServiceAccountKey, 0, 4)]
+    );
+}
+
+#[tokio::test]
+async fn verify_key_accepts_live_keys_and_rejects_deleted_ones() {
+    let (sim, _server, client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    let key = sim.add_key(&p, OwnerRef::ServiceAccount(sa), "k").unwrap();
+    assert_eq!(key.last_used_at, None);
+    sim.advance(Duration::from_secs(3600));
+    client
+        .verify_key(&SecretString::from(key.value.clone()))
+        .await
+        .unwrap();
+    assert_eq!(sim.key(&key.id).unwrap().last_used_at, Some(sim.now()));
+    // /models was called with the project key, not the admin key.
+    assert_eq!(sim.requests_to(Route::ListModels).len(), 1);
+
+    client.delete_api_key(&p, &key.id).await.unwrap();
+    let err = client
+        .verify_key(&SecretString::from(key.value.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Unauthorized { .. }), "{err:?}");
+    assert!(err.to_string().contains("project key rejected"), "{err}");
+    assert!(!format!("{err} {err:?}").contains(&key.value));
+
+    let err = client.delete_api_key(&p, &key.id).await.unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn base_url_with_trailing_slash_and_redacted_debug() {
+    let (sim, server, _client) = setup().await;
+    sim.add_project("prod-a");
+    let client = Client::new(
+        config(&format!("{}/", server.base_url)),
+        SecretString::from(ADMIN),
+    )
+    .unwrap();
+    assert_eq!(client.list_projects(false).await.unwrap().len(), 1);
+    assert_eq!(
+        sim.requests_to(Route::ListProjects)[0].path,
+        "/v1/organization/projects"
+    );
+    let debug = format!("{client:?}");
+    assert!(
+        !debug.contains(ADMIN) && debug.contains("REDACTED"),
+        "{debug}"
+    );
+
+    assert!(Client::new(config("not a url"), SecretString::from(ADMIN)).is_err());
+    assert!(Client::new(config("ftp://example.com/v1"), SecretString::from(ADMIN)).is_err());
+}
+
+#[tokio::test]
+async fn ids_in_paths_are_escaped() {
+    let (sim, _server, client) = setup().await;
+    let err = client
+        .get_api_key("proj_1/../..", "key_1?x=y")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+    let r = &sim.requests()[0];
+    assert_eq!(
+        r.path,
+        "/v1/organization/projects/proj_1%2F..%2F../api_keys/key_1%3Fx=y"
+    );
+    assert_eq!(r.query, "");
+}
