@@ -104,6 +104,7 @@ pub async fn build_engine(cfg: &Config, dry_run: bool) -> Result<Engine, BuildEr
         },
         clock: Arc::new(SystemClock),
         metrics: Arc::new(Metrics::default()),
+        notifier: crate::notify::Notifier::from_config(&cfg.notify)?,
         shutdown: CancellationToken::new(),
     })
 }

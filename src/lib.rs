@@ -20,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod metrics;
+pub mod notify;
 pub mod openai;
 pub mod plan;
 pub mod policy;

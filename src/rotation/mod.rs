@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::{PolicyConfig, Rule, UserKeys};
 use crate::metrics::{Metrics, RevocationOutcome};
+use crate::notify::{Notice, Notifier};
 use crate::openai::models::{OwnerType, ProjectApiKey};
 use crate::openai::{ApiError, Client};
 use crate::plan::{self, Inventory, Plan, Slot, SlotView};
@@ -118,6 +119,7 @@ pub struct Engine {
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+    pub notifier: Notifier,
     pub shutdown: CancellationToken,
 }
 
@@ -198,6 +200,15 @@ impl Engine {
         let plan = Plan::build(&inv, &views, &self.rules, &self.policy, now);
         self.record_key_metrics(&inv, &plan, now);
         for k in &plan.keys {
+            if k.reasons.contains(&policy::Reason::Stale) && k.owner_type == "user" && !self.settings.dry_run {
+                self.notifier.send(Notice::StaleUserKey {
+                    project_id: k.project_id.clone(),
+                    key_id: k.key_id.clone(),
+                    owner_id: k.owner_id.clone().unwrap_or_default(),
+                    owner_name: k.owner_name.clone().unwrap_or_default(),
+                    age_days: k.age_days,
+                });
+            }
             if k.reasons.contains(&policy::Reason::Stale) {
                 info!(
                     event = "key.stale",
@@ -227,6 +238,22 @@ impl Engine {
                     return None;
                 }
                 let outcome = slot::run(self, &slot, keys).await;
+                match &outcome {
+                    Ok(SlotOutcome::Rotated { key_id }) => self.notifier.send(Notice::RotationCompleted {
+                        project_id: slot.project_id.clone(),
+                        service_account_id: slot.service_account_id.clone(),
+                        rule: slot.rule_name.clone(),
+                        key_id: key_id.clone(),
+                        stores: slot.stores.clone(),
+                    }),
+                    Err(e) => self.notifier.send(Notice::RotationFailed {
+                        project_id: slot.project_id.clone(),
+                        service_account_id: slot.service_account_id.clone(),
+                        rule: slot.rule_name.clone(),
+                        error: e.to_string(),
+                    }),
+                    Ok(_) => {}
+                }
                 if let Err(e) = &outcome {
                     self.metrics.slot_failed();
                     warn!(
