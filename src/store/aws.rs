@@ -52,7 +52,7 @@ use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::types::Tag;
 use aws_sdk_secretsmanager::Client;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -118,7 +118,21 @@ struct Described {
 
 impl Described {
     fn tag(&self, key: &str) -> Option<&str> {
-        self.tags.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.tags
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The version `AWSPENDING` is attached to, wherever that is.
+    fn pending_holder(&self) -> Option<&str> {
+        self.pending
+            .as_deref()
+            .or(if self.stale_pending_on_current {
+                self.current.as_deref()
+            } else {
+                None
+            })
     }
 
     fn version(&self) -> Version {
@@ -134,7 +148,12 @@ impl Described {
                 h.update(b"\n");
             }
         }
-        let hash: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let hash: String = h
+            .finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let id = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
         Version(format!(
             "{}|{}|{}|{hash}",
@@ -155,7 +174,9 @@ impl AwsStore {
         }
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(cfg.region.trim().to_string()))
-            .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_retries.saturating_add(1)))
+            .retry_config(
+                RetryConfig::standard().with_max_attempts(cfg.max_retries.saturating_add(1)),
+            )
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5))
@@ -189,29 +210,36 @@ impl AwsStore {
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         match e {
-            SdkError::TimeoutError(_) => self.err(StoreErrorKind::Unavailable, format!("{what}: timed out")),
+            SdkError::TimeoutError(_) => {
+                self.err(StoreErrorKind::Unavailable, format!("{what}: timed out"))
+            }
             SdkError::DispatchFailure(_) => self.err(
                 StoreErrorKind::Unavailable,
-                format!("{what}: {}", DisplayErrorContext(e)),
+                format!("{what}: {}", error_chain(e)),
             ),
-            SdkError::ResponseError(_) => {
-                self.err(StoreErrorKind::Unavailable, format!("{what}: unusable response"))
-            }
+            SdkError::ResponseError(_) => self.err(
+                StoreErrorKind::Unavailable,
+                format!("{what}: unusable response"),
+            ),
             SdkError::ConstructionFailure(_) => self.err(
                 StoreErrorKind::InvalidConfig,
-                format!("{what}: cannot build the request: {}", DisplayErrorContext(e)),
+                format!("{what}: cannot build the request: {}", error_chain(e)),
             ),
             _ => {
                 let code = e.code().unwrap_or("Unknown");
                 let status = e.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
                 let kind = match code {
                     "ResourceNotFoundException" => StoreErrorKind::NotFound,
-                    "AccessDeniedException" | "AccessDenied" | "UnrecognizedClientException"
-                    | "InvalidSignatureException" | "ExpiredTokenException"
-                    | "InvalidClientTokenId" | "MissingAuthenticationToken" => {
-                        StoreErrorKind::PermissionDenied
-                    }
-                    "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded"
+                    "AccessDeniedException"
+                    | "AccessDenied"
+                    | "UnrecognizedClientException"
+                    | "InvalidSignatureException"
+                    | "ExpiredTokenException"
+                    | "InvalidClientTokenId"
+                    | "MissingAuthenticationToken" => StoreErrorKind::PermissionDenied,
+                    "ThrottlingException"
+                    | "TooManyRequestsException"
+                    | "RequestLimitExceeded"
                     | "Throttling" => StoreErrorKind::Throttled,
                     "ResourceExistsException" => StoreErrorKind::Conflict,
                     "InternalServiceError" | "InternalFailure" | "ServiceUnavailable" => {
@@ -234,7 +262,10 @@ impl AwsStore {
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         let mut err = self.classify(what, e);
-        if matches!(e.code(), Some("InvalidParameterException" | "InvalidRequestException")) {
+        if matches!(
+            e.code(),
+            Some("InvalidParameterException" | "InvalidRequestException")
+        ) {
             err.kind = StoreErrorKind::Conflict;
         }
         err
@@ -315,7 +346,10 @@ impl AwsStore {
             .await
             .map_err(|e| self.classify(&what, &e))?;
         let s = out.secret_string().ok_or_else(|| {
-            self.err(StoreErrorKind::InvalidData, format!("{what}: no SecretString (binary secret?)"))
+            self.err(
+                StoreErrorKind::InvalidData,
+                format!("{what}: no SecretString (binary secret?)"),
+            )
         })?;
         serde_json::from_str(s).map_err(|e| {
             self.err(
@@ -390,7 +424,10 @@ impl AwsStore {
         {
             if cur.key_id == decode_tag(key) {
                 book.promoted_at = Some(parse_time(&decode_tag(at)).ok_or_else(|| {
-                    self.err(StoreErrorKind::InvalidData, format!("secret {path:?}: bad tag {TAG_PROMOTED_AT}"))
+                    self.err(
+                        StoreErrorKind::InvalidData,
+                        format!("secret {path:?}: bad tag {TAG_PROMOTED_AT}"),
+                    )
                 })?);
             }
         }
@@ -404,7 +441,10 @@ impl AwsStore {
     }
 
     fn intent_from_tags(&self, path: &str, d: &Described) -> StoreResult<Option<Intent>> {
-        let vals: Vec<Option<String>> = INTENT_TAGS.iter().map(|k| d.tag(k).map(decode_tag)).collect();
+        let vals: Vec<Option<String>> = INTENT_TAGS
+            .iter()
+            .map(|k| d.tag(k).map(decode_tag))
+            .collect();
         if vals.iter().all(Option::is_none) {
             return Ok(None);
         }
@@ -444,7 +484,10 @@ impl AwsStore {
 
     fn tag(&self, key: &str, value: &str) -> StoreResult<Tag> {
         let v = encode_tag(value).ok_or_else(|| {
-            self.err(StoreErrorKind::InvalidData, format!("value for tag {key} is too long"))
+            self.err(
+                StoreErrorKind::InvalidData,
+                format!("value for tag {key} is too long"),
+            )
         })?;
         Ok(Tag::builder().key(key).value(v).build())
     }
@@ -478,7 +521,13 @@ impl AwsStore {
             .map_err(|e| self.classify(&what, &e))
     }
 
-    async fn put_value(&self, path: &str, token: &str, value: &str, stage: &str) -> StoreResult<()> {
+    async fn put_value(
+        &self,
+        path: &str,
+        token: &str,
+        value: &str,
+        stage: &str,
+    ) -> StoreResult<()> {
         let what = format!("put a value into secret {path:?} as {stage}");
         self.client
             .put_secret_value()
@@ -515,7 +564,9 @@ impl AwsStore {
 
     async fn stage(&self, path: &str, d: &Described, rec: &SecretRecord) -> StoreResult<()> {
         let token = request_token("stage", path, &rec.key_id);
-        if d.pending.as_deref() == Some(token.as_str()) || d.current.as_deref() == Some(token.as_str()) {
+        if d.pending.as_deref() == Some(token.as_str())
+            || d.current.as_deref() == Some(token.as_str())
+        {
             return Ok(()); // already staged (or already current)
         }
         if !d.exists {
@@ -525,11 +576,19 @@ impl AwsStore {
             // The first version of a secret always becomes AWSCURRENT: make that a
             // placeholder, so the unverified key is never what consumers read.
             let placeholder = serde_json::json!({ "managed_by": MANAGED_BY }).to_string();
-            self.put_value(path, &request_token("placeholder", path, ""), &placeholder, CURRENT)
-                .await?;
+            self.put_value(
+                path,
+                &request_token("placeholder", path, ""),
+                &placeholder,
+                CURRENT,
+            )
+            .await?;
         }
         let value = serde_json::to_string(rec).map_err(|e| {
-            self.err(StoreErrorKind::Other, format!("cannot encode the record: {}", json_error_summary(&e)))
+            self.err(
+                StoreErrorKind::Other,
+                format!("cannot encode the record: {}", json_error_summary(&e)),
+            )
         })?;
         self.put_value(path, &token, &value, PENDING)
             .await
@@ -537,8 +596,11 @@ impl AwsStore {
         // A version with this token that had lost its labels (an abandoned stage of the
         // same key) is left as it was by PutSecretValue: attach AWSPENDING explicitly.
         let after = self.describe(path).await?;
-        if after.pending.as_deref() != Some(token.as_str()) && after.current.as_deref() != Some(token.as_str()) {
-            self.move_stage(path, PENDING, after.pending.as_deref(), Some(&token)).await?;
+        if after.pending.as_deref() != Some(token.as_str())
+            && after.current.as_deref() != Some(token.as_str())
+        {
+            self.move_stage(path, PENDING, after.pending_holder(), Some(&token))
+                .await?;
         }
         if !d.tags.contains_key(TAG_MANAGED_BY) {
             self.put_tags(path, vec![self.managed_tag()]).await?;
@@ -558,21 +620,29 @@ impl AwsStore {
         let mut tags = self.intent_tags(None)?;
         if pending_is_key {
             let to = d.pending.as_deref();
-            self.move_stage(path, CURRENT, d.current.as_deref(), to).await?;
+            self.move_stage(path, CURRENT, d.current.as_deref(), to)
+                .await?;
             if let Err(e) = self.move_stage(path, PENDING, to, None).await {
                 // Harmless: AWSPENDING on the current version reads as "no pending".
                 tracing::warn!(event = "aws.pending_label_left", store = %self.name, path, error = %e);
             }
             tags.push(self.tag(TAG_PROMOTED_KEY_ID, key_id)?);
-            tags.push(self.tag(TAG_PROMOTED_AT, &at.to_rfc3339_opts(SecondsFormat::Secs, true))?);
+            tags.push(self.tag(
+                TAG_PROMOTED_AT,
+                &at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            )?);
         } else {
             // Already current: finish what a crashed promotion left undone.
             if d.stale_pending_on_current {
-                self.move_stage(path, PENDING, d.current.as_deref(), None).await?;
+                self.move_stage(path, PENDING, d.current.as_deref(), None)
+                    .await?;
             }
             if state.book.promoted_at.is_none() {
                 tags.push(self.tag(TAG_PROMOTED_KEY_ID, key_id)?);
-                tags.push(self.tag(TAG_PROMOTED_AT, &at.to_rfc3339_opts(SecondsFormat::Secs, true))?);
+                tags.push(self.tag(
+                    TAG_PROMOTED_AT,
+                    &at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                )?);
             }
         }
         tags.push(self.managed_tag());
@@ -587,7 +657,8 @@ impl AwsStore {
             self.move_stage(path, PENDING, Some(p), None).await?;
         }
         if d.stale_pending_on_current {
-            self.move_stage(path, PENDING, d.current.as_deref(), None).await?;
+            self.move_stage(path, PENDING, d.current.as_deref(), None)
+                .await?;
         }
         if INTENT_TAGS.iter().any(|k| d.tag(k).is_some()) {
             self.put_tags(path, self.intent_tags(None)?).await?;
@@ -640,10 +711,13 @@ impl SecretStore for AwsStore {
                 }
             }
             Transition::Stage(rec) => self.stage(path, &d, rec).await?,
-            Transition::Promote { key_id, at } => self.promote(path, &state, &d, key_id, *at).await?,
+            Transition::Promote { key_id, at } => {
+                self.promote(path, &state, &d, key_id, *at).await?
+            }
             Transition::Abandon => self.abandon(path, &d).await?,
             Transition::Retired { key_id } => {
-                self.put_tags(path, vec![self.tag(TAG_RETIRED_KEY_ID, key_id)?]).await?
+                self.put_tags(path, vec![self.tag(TAG_RETIRED_KEY_ID, key_id)?])
+                    .await?
             }
         }
         let (after, _) = self.read_described(path).await?;
@@ -654,7 +728,9 @@ impl SecretStore for AwsStore {
                 after.pending.as_ref().map(|p| &p.key_id) != Some(&rec.key_id)
                     && after.current.as_ref().map(|c| &c.key_id) != Some(&rec.key_id)
             }
-            Transition::Promote { key_id, .. } => after.current.as_ref().map(|c| &c.key_id) != Some(key_id),
+            Transition::Promote { key_id, .. } => {
+                after.current.as_ref().map(|c| &c.key_id) != Some(key_id)
+            }
             Transition::Abandon | Transition::Retired { .. } => false,
         };
         if lost {
@@ -704,7 +780,14 @@ fn request_token(purpose: &str, path: &str, key_id: &str) -> String {
     b[6] = (b[6] & 0x0f) | 0x50; // version 5 (name-based, SHA)
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// Characters AWS allows in tag values everywhere (ASCII subset).
@@ -718,7 +801,10 @@ fn encode_tag(v: &str) -> Option<String> {
     let out = if v.chars().all(tag_safe) && !v.starts_with("hex:") {
         v.to_string()
     } else {
-        format!("hex:{}", v.bytes().map(|b| format!("{b:02x}")).collect::<String>())
+        format!(
+            "hex:{}",
+            v.bytes().map(|b| format!("{b:02x}")).collect::<String>()
+        )
     };
     (out.len() <= 256).then_some(out)
 }
@@ -729,7 +815,10 @@ fn decode_tag(v: &str) -> String {
     };
     let bytes: Option<Vec<u8>> = (0..hex.len())
         .step_by(2)
-        .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
         .collect();
     bytes
         .and_then(|b| String::from_utf8(b).ok())
@@ -737,7 +826,9 @@ fn decode_tag(v: &str) -> String {
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 #[cfg(test)]
@@ -756,7 +847,13 @@ mod tests {
 
     #[test]
     fn tag_values_round_trip() {
-        for v in ["keyrotd-20261127T020000Z-1", "host:123:abc", "weird\"value{}", "hex:abc", ""] {
+        for v in [
+            "keyrotd-20261127T020000Z-1",
+            "host:123:abc",
+            "weird\"value{}",
+            "hex:abc",
+            "",
+        ] {
             let e = encode_tag(v).unwrap();
             assert!(e.chars().all(tag_safe), "{e}");
             assert_eq!(decode_tag(&e), v);

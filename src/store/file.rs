@@ -127,7 +127,11 @@ impl FileStore {
                 Ok(m) if m.file_type().is_symlink() => {
                     return Err(self.err(
                         StoreErrorKind::InvalidConfig,
-                        format!("path {:?} goes through a symlink at {}", t.path, d.display()),
+                        format!(
+                            "path {:?} goes through a symlink at {}",
+                            t.path,
+                            d.display()
+                        ),
                     ))
                 }
                 Ok(m) if !m.is_dir() => {
@@ -167,12 +171,17 @@ impl FileStore {
     /// so none is created through a symlink), then re-checks for symlinks.
     fn ensure_dirs(&self, t: &Target) -> StoreResult<()> {
         self.ensure_root()?;
+        let mut parent = self.dir.clone();
         for d in &t.dirs {
             match fs::DirBuilder::new().mode(0o700).create(d) {
-                Ok(()) => {}
+                // Make the new entry durable before files are renamed into it.
+                Ok(()) => File::open(&parent)
+                    .and_then(|p| p.sync_all())
+                    .map_err(|e| self.io_err("sync directory", &parent, &e))?,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(self.io_err("create directory", d, &e)),
             }
+            parent.clone_from(d);
         }
         self.check_no_symlink(t)
     }
@@ -269,7 +278,11 @@ impl FileStore {
         self.ensure_dirs(&t)?;
         let _lock = self.lock(&t)?;
         let bytes = self.read_bytes(&t)?;
-        let found = bytes.as_deref().map(sha256_hex).map(Version).unwrap_or_default();
+        let found = bytes
+            .as_deref()
+            .map(sha256_hex)
+            .map(Version)
+            .unwrap_or_default();
         if &found != expected {
             return Err(self.err(
                 StoreErrorKind::Conflict,
@@ -299,9 +312,12 @@ impl FileStore {
     /// Atomically replaces the target's file with `bytes` (temp file, fsync, rename,
     /// fsync of the directory).
     fn replace(&self, t: &Target, bytes: &[u8]) -> StoreResult<()> {
-        let tmp = t
-            .parent
-            .join(format!(".{}.json.tmp-{}-{:016x}", t.stem, std::process::id(), rand::random::<u64>()));
+        let tmp = t.parent.join(format!(
+            ".{}.json.tmp-{}-{:016x}",
+            t.stem,
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         if let Err(e) = write_new_synced(&tmp, bytes) {
             let _ = fs::remove_file(&tmp);
             return Err(self.io_err("write", &tmp, &e));
@@ -335,7 +351,12 @@ impl FileStore {
         let me = self.clone();
         tokio::task::spawn_blocking(move || f(me))
             .await
-            .map_err(|e| self.err(StoreErrorKind::Other, format!("file store task failed: {e}")))?
+            .map_err(|e| {
+                self.err(
+                    StoreErrorKind::Other,
+                    format!("file store task failed: {e}"),
+                )
+            })?
     }
 }
 
@@ -352,7 +373,10 @@ fn write_new_synced(p: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Hex SHA-256 of `bytes`: the file store's version.
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A version abbreviated for messages.
@@ -386,7 +410,8 @@ impl SecretStore for FileStore {
         t: &Transition,
     ) -> StoreResult<SlotState> {
         let (path, expected, t) = (path.to_string(), expected.clone(), t.clone());
-        self.blocking(move |s| s.apply_blocking(&path, &expected, &t)).await
+        self.blocking(move |s| s.apply_blocking(&path, &expected, &t))
+            .await
     }
 
     async fn health(&self) -> StoreResult<()> {
@@ -414,7 +439,13 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path) -> FileStore {
-        FileStore::new("local", &FileConfig { dir: dir.to_path_buf() }).unwrap()
+        FileStore::new(
+            "local",
+            &FileConfig {
+                dir: dir.to_path_buf(),
+            },
+        )
+        .unwrap()
     }
 
     #[test]
@@ -423,7 +454,16 @@ mod tests {
         let t = s.target("openai/proj/sa").unwrap();
         assert_eq!(t.file, Path::new("/srv/k/openai/proj/sa.json"));
         assert_eq!(t.lock, Path::new("/srv/k/openai/proj/.sa.lock"));
-        for bad in ["", "/etc/passwd", "a/../b", "..", "a//b", "./a", "a/.hidden", "a\n"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "..",
+            "a//b",
+            "./a",
+            "a/.hidden",
+            "a\n",
+        ] {
             let e = s.target(bad).unwrap_err();
             assert_eq!(e.kind, StoreErrorKind::InvalidConfig, "{bad:?}");
         }

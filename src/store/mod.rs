@@ -313,7 +313,10 @@ impl StoreError {
 
     /// Worth retrying: throttling and unavailability.
     pub fn is_temporary(&self) -> bool {
-        matches!(self.kind, StoreErrorKind::Throttled | StoreErrorKind::Unavailable)
+        matches!(
+            self.kind,
+            StoreErrorKind::Throttled | StoreErrorKind::Unavailable
+        )
     }
 }
 
@@ -376,7 +379,10 @@ pub fn check_path(store: &str, path: &str) -> StoreResult<()> {
     if path.chars().any(char::is_control) {
         return refuse("contains a control character");
     }
-    if path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+    if path
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return refuse("has an empty, '.' or '..' segment");
     }
     Ok(())
@@ -390,12 +396,38 @@ pub fn json_error_summary(e: &serde_json::Error) -> String {
         return msg;
     }
     let what = match e.classify() {
-        serde_json::error::Category::Io => "I/O error",
-        serde_json::error::Category::Syntax => "malformed JSON",
-        serde_json::error::Category::Data => "unexpected JSON value",
-        serde_json::error::Category::Eof => "truncated JSON",
+        serde_json::error::Category::Io => "I/O error".to_string(),
+        serde_json::error::Category::Syntax => "malformed JSON".to_string(),
+        // "invalid type: string \"<value>\", expected u32": keep only what was expected,
+        // which serde derives from the type, never from the input.
+        serde_json::error::Category::Data => match msg.rsplit_once(", expected ") {
+            Some((_, expected)) if !expected.contains('"') => {
+                format!("unexpected JSON value (expected {expected})")
+            }
+            _ => "unexpected JSON value".to_string(),
+        },
+        serde_json::error::Category::Eof => "truncated JSON".to_string(),
     };
-    format!("{what} at line {} column {}", e.line(), e.column())
+    if e.line() == 0 {
+        what
+    } else {
+        format!("{what} at line {} column {}", e.line(), e.column())
+    }
+}
+
+/// An error and its sources, `: `-separated, each level's `Display` only.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
 }
 
 /// Replaces every occurrence of `secret` in `message` (for messages built from server
@@ -489,15 +521,20 @@ mod document_tests {
     fn strict_documents() {
         let empty = parse_document(serde_json::json!({})).unwrap();
         assert!(empty.current.is_none());
-        let book_only = parse_document(serde_json::json!({"rotation": {"previous_key_id": "k0"}})).unwrap();
-        assert_eq!(book_only.rotation.book.previous_key_id.as_deref(), Some("k0"));
+        let book_only =
+            parse_document(serde_json::json!({"rotation": {"previous_key_id": "k0"}})).unwrap();
+        assert_eq!(
+            book_only.rotation.book.previous_key_id.as_deref(),
+            Some("k0")
+        );
         let full = parse_document(serde_json::json!({
             "api_key": "sk-x", "key_id": "k1", "project_id": "p", "service_account_id": "s",
             "created_at": "2026-11-27T02:00:00Z", "managed_by": "keyrotd", "rotation": {}
         }))
         .unwrap();
         assert_eq!(full.current.unwrap().key_id, "k1");
-        let half = parse_document(serde_json::json!({"api_key": "sk-secret-value", "key_id": "k1"}));
+        let half =
+            parse_document(serde_json::json!({"api_key": "sk-secret-value", "key_id": "k1"}));
         assert!(half.unwrap_err().contains("missing field"));
         let foreign = parse_document(serde_json::json!({"password": "hunter2"}));
         assert!(foreign.unwrap_err().contains("did not write"));

@@ -109,10 +109,15 @@ impl fmt::Debug for AuthMethod {
                 .field("env", env)
                 .field("file", file)
                 .finish(),
-            AuthMethod::Approle { mount, .. } => {
-                f.debug_struct("Approle").field("mount", mount).finish_non_exhaustive()
-            }
-            AuthMethod::Kubernetes { mount, role, jwt_file } => f
+            AuthMethod::Approle { mount, .. } => f
+                .debug_struct("Approle")
+                .field("mount", mount)
+                .finish_non_exhaustive(),
+            AuthMethod::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            } => f
                 .debug_struct("Kubernetes")
                 .field("mount", mount)
                 .field("role", role)
@@ -173,7 +178,10 @@ impl VaultStore {
         let url = reqwest::Url::parse(&cfg.address)
             .map_err(|e| invalid(format!("address {:?}: {e}", cfg.address)))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid(format!("address {:?}: scheme must be http or https", cfg.address)));
+            return Err(invalid(format!(
+                "address {:?}: scheme must be http or https",
+                cfg.address
+            )));
         }
         let mount = cfg.mount.trim_matches('/').to_string();
         if mount.is_empty() {
@@ -181,7 +189,9 @@ impl VaultStore {
         }
         let namespace = cfg.namespace.trim_matches('/');
         if !header_safe(namespace) {
-            return Err(invalid("namespace contains characters not allowed in an HTTP header".into()));
+            return Err(invalid(
+                "namespace contains characters not allowed in an HTTP header".into(),
+            ));
         }
         let settings = Settings {
             address: cfg.address.clone(),
@@ -190,7 +200,10 @@ impl VaultStore {
             timeout: cfg.request_timeout,
         };
         let auth = match &cfg.auth {
-            VaultAuth::Token { token_env, token_file } => AuthMethod::Token {
+            VaultAuth::Token {
+                token_env,
+                token_file,
+            } => AuthMethod::Token {
                 env: token_env.clone(),
                 file: token_file.clone(),
             },
@@ -207,7 +220,11 @@ impl VaultStore {
                 secret_id_env: secret_id_env.clone(),
                 secret_id_file: secret_id_file.clone(),
             },
-            VaultAuth::Kubernetes { mount, role, jwt_file } => AuthMethod::Kubernetes {
+            VaultAuth::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            } => AuthMethod::Kubernetes {
                 mount: mount.trim_matches('/').to_string(),
                 role: role.clone(),
                 jwt_file: jwt_file.clone(),
@@ -253,11 +270,12 @@ impl VaultStore {
     /// Gets a token the way the config says: reads it (and looks it up) or logs in.
     async fn obtain_token(&self) -> StoreResult<(SecretString, Lease)> {
         let key = |k: &str| format!("stores.{}.auth.{k}", self.name);
-        let cfg_err = |e: crate::config::ConfigError| self.err(StoreErrorKind::InvalidConfig, e.to_string());
+        let cfg_err =
+            |e: crate::config::ConfigError| self.err(StoreErrorKind::InvalidConfig, e.to_string());
         match &self.auth {
             AuthMethod::Token { env, file } => {
-                let token = read_secret(&key("token"), env.as_deref(), file.as_deref())
-                    .map_err(cfg_err)?;
+                let token =
+                    read_secret(&key("token"), env.as_deref(), file.as_deref()).map_err(cfg_err)?;
                 self.check_token_chars(&token)?;
                 let client = build_client(&self.name, &self.settings, &token)?;
                 let info = token::lookup_self(&client)
@@ -281,11 +299,18 @@ impl VaultStore {
                 secret_id_env,
                 secret_id_file,
             } => {
-                let role_id = read_secret(&key("role_id"), role_id_env.as_deref(), role_id_file.as_deref())
-                    .map_err(cfg_err)?;
-                let secret_id =
-                    read_secret(&key("secret_id"), secret_id_env.as_deref(), secret_id_file.as_deref())
-                        .map_err(cfg_err)?;
+                let role_id = read_secret(
+                    &key("role_id"),
+                    role_id_env.as_deref(),
+                    role_id_file.as_deref(),
+                )
+                .map_err(cfg_err)?;
+                let secret_id = read_secret(
+                    &key("secret_id"),
+                    secret_id_env.as_deref(),
+                    secret_id_file.as_deref(),
+                )
+                .map_err(cfg_err)?;
                 let a = auth::approle::login(
                     &*self.login_client,
                     mount,
@@ -293,17 +318,31 @@ impl VaultStore {
                     secret_id.expose_secret(),
                 )
                 .await
-                .map_err(|e| self.classify(&format!("log in with AppRole (auth/{mount})"), &e))?;
+                .map_err(|e| {
+                    login_refused(self.classify(&format!("log in with AppRole (auth/{mount})"), &e))
+                })?;
                 self.token_from_auth(a)
             }
-            AuthMethod::Kubernetes { mount, role, jwt_file } => {
-                let jwt = read_secret_file(jwt_file)
-                    .map_err(|m| self.err(StoreErrorKind::InvalidConfig, format!("{}: {m}", key("jwt_file"))))?;
-                let a = auth::kubernetes::login(&*self.login_client, mount, role, jwt.expose_secret())
-                    .await
-                    .map_err(|e| {
-                        self.classify(&format!("log in with Kubernetes (auth/{mount}, role {role:?})"), &e)
-                    })?;
+            AuthMethod::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            } => {
+                let jwt = read_secret_file(jwt_file).map_err(|m| {
+                    self.err(
+                        StoreErrorKind::InvalidConfig,
+                        format!("{}: {m}", key("jwt_file")),
+                    )
+                })?;
+                let a =
+                    auth::kubernetes::login(&*self.login_client, mount, role, jwt.expose_secret())
+                        .await
+                        .map_err(|e| {
+                            login_refused(self.classify(
+                                &format!("log in with Kubernetes (auth/{mount}, role {role:?})"),
+                                &e,
+                            ))
+                        })?;
                 self.token_from_auth(a)
             }
         }
@@ -432,7 +471,9 @@ impl VaultStore {
             Ok(v) => Ok(v),
             Err(e) => {
                 let err = self.classify(what, &e);
-                if err.kind == StoreErrorKind::PermissionDenied && self.recover_from_denied(generation).await? {
+                if err.kind == StoreErrorKind::PermissionDenied
+                    && self.recover_from_denied(generation).await?
+                {
                     let (client, _) = self.client().await?;
                     return f(client).await.map_err(|e| self.classify(what, &e));
                 }
@@ -463,11 +504,26 @@ impl VaultStore {
                 412 | 500..=599 => StoreErrorKind::Unavailable,
                 _ => StoreErrorKind::Other,
             };
-            let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
-            self.err(kind, format!("{what} at {}: HTTP {code}{detail}", self.address))
+            let detail = if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {detail}")
+            };
+            self.err(
+                kind,
+                format!("{what} at {}: HTTP {code}{detail}", self.address),
+            )
         };
         match e {
-            ClientError::APIError { code, errors } => by_status(*code, &errors.join("; ")),
+            ClientError::APIError { code, errors } => {
+                // Vault wraps multierrors as "1 error occurred:\n\t* permission denied\n\n".
+                let detail = errors
+                    .iter()
+                    .map(|e| e.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                by_status(*code, &detail)
+            }
             ClientError::RestClientError { source } => match source {
                 Rest::ServerResponseError { code, .. } => by_status(*code, ""),
                 Rest::RequestError { source, .. } => self.err(
@@ -480,7 +536,10 @@ impl VaultStore {
                 ),
                 Rest::ResponseParseError { .. } | Rest::ResponseConversionError { .. } => self.err(
                     StoreErrorKind::InvalidData,
-                    format!("{what} at {}: the response is not what Vault's API returns", self.address),
+                    format!(
+                        "{what} at {}: the response is not what Vault's API returns",
+                        self.address
+                    ),
                 ),
                 other => self.err(StoreErrorKind::Other, format!("{what}: {other}")),
             },
@@ -494,9 +553,15 @@ impl VaultStore {
             ),
             ClientError::JsonParseError { .. } => self.err(
                 StoreErrorKind::InvalidData,
-                format!("{what} at {}: the response is not what Vault's API returns", self.address),
+                format!(
+                    "{what} at {}: the response is not what Vault's API returns",
+                    self.address
+                ),
             ),
-            other => self.err(StoreErrorKind::Other, format!("{what} at {}: {other}", self.address)),
+            other => self.err(
+                StoreErrorKind::Other,
+                format!("{what} at {}: {other}", self.address),
+            ),
         }
     }
 
@@ -512,7 +577,9 @@ impl VaultStore {
             .await;
         let meta = match meta {
             Ok(m) => m,
-            Err(e) if e.kind == StoreErrorKind::NotFound => return Ok((SlotState::default(), HashMap::new())),
+            Err(e) if e.kind == StoreErrorKind::NotFound => {
+                return Ok((SlotState::default(), HashMap::new()))
+            }
             Err(e) => return Err(e),
         };
         let custom = meta.custom_metadata.clone().unwrap_or_default();
@@ -521,16 +588,32 @@ impl VaultStore {
             return Ok((SlotState::default(), custom));
         }
         let version = Version(cv.to_string());
-        let destroyed = meta.versions.get(&cv.to_string()).is_some_and(|v| v.destroyed);
-        let data = if destroyed { None } else { self.read_data(path, cv).await? };
+        let destroyed = meta
+            .versions
+            .get(&cv.to_string())
+            .is_some_and(|v| v.destroyed);
+        let data = if destroyed {
+            None
+        } else {
+            self.read_data(path, cv).await?
+        };
         let Some(data) = data else {
             // Deleted or destroyed: nothing to read, but the next write must name `cv`.
-            return Ok((SlotState { version, ..SlotState::default() }, custom));
+            return Ok((
+                SlotState {
+                    version,
+                    ..SlotState::default()
+                },
+                custom,
+            ));
         };
         let doc = parse_document(data).map_err(|why| {
             self.err(
                 StoreErrorKind::InvalidData,
-                format!("{}/{path} version {cv} is not a keyrotd document: {why}", self.mount),
+                format!(
+                    "{}/{path} version {cv} is not a keyrotd document: {why}",
+                    self.mount
+                ),
             )
         })?;
         Ok((doc.into_state(version), custom))
@@ -556,8 +639,12 @@ impl VaultStore {
     /// meets a cas mismatch, an earlier attempt may have landed before its response was
     /// lost: if the version after `cas` holds exactly `data`, that is our write.
     async fn write_cas(&self, path: &str, data: &serde_json::Value, cas: u64) -> StoreResult<u64> {
-        let cas32 = u32::try_from(cas)
-            .map_err(|_| self.err(StoreErrorKind::InvalidData, format!("{path:?}: version {cas} is out of range")))?;
+        let cas32 = u32::try_from(cas).map_err(|_| {
+            self.err(
+                StoreErrorKind::InvalidData,
+                format!("{path:?}: version {cas} is out of range"),
+            )
+        })?;
         let attempts = AtomicU32::new(0);
         let (attempts, this) = (&attempts, self);
         let what = format!("write {path:?} (cas {cas})");
@@ -565,7 +652,14 @@ impl VaultStore {
         let write = move |c: Arc<VaultClient>| {
             let (mount, p, body) = (mount.clone(), p.clone(), body.clone());
             async move {
-                kv2::set_with_options(&*c, &mount, &p, &body, SetSecretRequestOptions { cas: cas32 }).await
+                kv2::set_with_options(
+                    &*c,
+                    &mount,
+                    &p,
+                    &body,
+                    SetSecretRequestOptions { cas: cas32 },
+                )
+                .await
             }
         };
         let write = &write;
@@ -618,9 +712,13 @@ fn build_client(store: &str, s: &Settings, token: &SecretString) -> StoreResult<
         .identity(None)
         .verify(true)
         .timeout(Some(s.timeout));
-    let settings = b
-        .build()
-        .map_err(|e| StoreError::new(store, StoreErrorKind::InvalidConfig, format!("Vault client settings: {e}")))?;
+    let settings = b.build().map_err(|e| {
+        StoreError::new(
+            store,
+            StoreErrorKind::InvalidConfig,
+            format!("Vault client settings: {e}"),
+        )
+    })?;
     VaultClient::new(settings).map_err(|e| match e {
         ClientError::FileReadError { path, source } => StoreError::new(
             store,
@@ -632,8 +730,21 @@ fn build_client(store: &str, s: &Settings, token: &SecretString) -> StoreResult<
             StoreErrorKind::InvalidConfig,
             format!("ca_cert {path} is not a PEM certificate bundle"),
         ),
-        other => StoreError::new(store, StoreErrorKind::InvalidConfig, format!("Vault client: {other}")),
+        other => StoreError::new(
+            store,
+            StoreErrorKind::InvalidConfig,
+            format!("Vault client: {other}"),
+        ),
     })
+}
+
+/// Vault answers bad login credentials with 400 ("invalid role or secret ID"): for a
+/// login, any non-temporary refusal is a permission problem.
+fn login_refused(mut e: StoreError) -> StoreError {
+    if e.kind == StoreErrorKind::Other {
+        e.kind = StoreErrorKind::PermissionDenied;
+    }
+    e
 }
 
 /// Whether `s` can be sent as an HTTP header value (vaultrs panics otherwise).
@@ -698,18 +809,27 @@ impl SecretStore for VaultStore {
                 ),
             ));
         }
-        let mut next = state
-            .apply(t)
-            .map_err(|e| self.err(StoreErrorKind::Conflict, format!("{}/{path}: {e}", self.mount)))?;
+        let mut next = state.apply(t).map_err(|e| {
+            self.err(
+                StoreErrorKind::Conflict,
+                format!("{}/{path}: {e}", self.mount),
+            )
+        })?;
         let cas = if state.version.is_absent() {
             0
         } else {
             state.version.0.parse::<u64>().map_err(|_| {
-                self.err(StoreErrorKind::InvalidData, format!("{path:?}: bad version {:?}", state.version.0))
+                self.err(
+                    StoreErrorKind::InvalidData,
+                    format!("{path:?}: bad version {:?}", state.version.0),
+                )
             })?
         };
         let data = serde_json::to_value(Document::from_state(&next)).map_err(|e| {
-            self.err(StoreErrorKind::Other, format!("cannot encode {path:?}: {}", json_error_summary(&e)))
+            self.err(
+                StoreErrorKind::Other,
+                format!("cannot encode {path:?}: {}", json_error_summary(&e)),
+            )
         })?;
         let written = self.write_cas(path, &data, cas).await?;
         next.version = Version(written.to_string());
@@ -720,9 +840,10 @@ impl SecretStore for VaultStore {
     }
 
     async fn health(&self) -> StoreResult<()> {
-        self.call("look up the token (auth/token/lookup-self)", |c| async move {
-            token::lookup_self(&*c).await.map(|_| ())
-        })
+        self.call(
+            "look up the token (auth/token/lookup-self)",
+            |c| async move { token::lookup_self(&*c).await.map(|_| ()) },
+        )
         .await
     }
 
