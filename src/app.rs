@@ -12,7 +12,9 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::openai::{ApiError, Client, ClientConfig};
 use crate::rotation::{default_instance_id, Engine, Settings, SystemClock};
-use crate::store::{self, DynStore, SecretStore, SlotState, StoreError, StoreResult, Transition, Version};
+use crate::store::{
+    self, DynStore, SecretStore, SlotState, StoreError, StoreResult, Transition, Version,
+};
 
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +100,11 @@ pub async fn build_engine(cfg: &Config, dry_run: bool) -> Result<Engine, BuildEr
         settings: Settings {
             concurrency: cfg.daemon.concurrency,
             include_archived: cfg.openai.include_archived,
-            instance_id: cfg.daemon.instance_id.clone().unwrap_or_else(default_instance_id),
+            instance_id: cfg
+                .daemon
+                .instance_id
+                .clone()
+                .unwrap_or_else(default_instance_id),
             dry_run,
             verify_backoff: Duration::from_millis(500),
         },

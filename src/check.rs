@@ -26,7 +26,11 @@ pub async fn connect(cfg: &Config) -> i32 {
                 Ok(p) => line(
                     true,
                     "OpenAI Admin API",
-                    &format!("admin key accepted by {} ({} projects)", cfg.openai.base_url, p.len()),
+                    &format!(
+                        "admin key accepted by {} ({} projects)",
+                        cfg.openai.base_url,
+                        p.len()
+                    ),
                 ),
                 Err(e) => {
                     failed = true;
@@ -50,7 +54,11 @@ pub async fn connect(cfg: &Config) -> i32 {
     let stores = app::build_stores(cfg).await;
     for (name, store) in &stores {
         match store.health().await {
-            Ok(()) => line(true, &format!("store {name}"), &format!("{} reachable, credentials accepted", store.kind())),
+            Ok(()) => line(
+                true,
+                &format!("store {name}"),
+                &format!("{} reachable, credentials accepted", store.kind()),
+            ),
             Err(e) => {
                 failed = true;
                 line(
@@ -69,7 +77,11 @@ pub async fn connect(cfg: &Config) -> i32 {
                 service_account_name: "keyrotd-probe",
             });
             match store.probe_write(&probe).await {
-                Ok(()) => line(true, &format!("store {name} write ({})", rule.name), &format!("may write {probe}")),
+                Ok(()) => line(
+                    true,
+                    &format!("store {name} write ({})", rule.name),
+                    &format!("may write {probe}"),
+                ),
                 Err(e) => {
                     failed = true;
                     line(

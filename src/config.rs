@@ -129,7 +129,11 @@ impl<'de> Deserialize<'de> for KeyExpiry {
         }
         humantime::parse_duration(s.trim())
             .map(|d| KeyExpiry(Some(d)))
-            .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e} (use \"none\" or a duration like \"90d\")")))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{s:?}: {e} (use \"none\" or a duration like \"90d\")"
+                ))
+            })
     }
 }
 
@@ -432,7 +436,9 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
-        let cfg: Config = raw.try_deserialize().map_err(|e| map_config_error(origin, e))?;
+        let cfg: Config = raw
+            .try_deserialize()
+            .map_err(|e| map_config_error(origin, e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -449,7 +455,10 @@ impl Config {
         }
         if let Some(listen) = &self.daemon.listen {
             listen.parse::<std::net::SocketAddr>().map_err(|e| {
-                ConfigError::invalid("daemon.listen", format!("{listen:?} is not host:port ({e})"))
+                ConfigError::invalid(
+                    "daemon.listen",
+                    format!("{listen:?} is not host:port ({e})"),
+                )
             })?;
         }
         if self.openai.admin_key.is_some() {
@@ -462,16 +471,25 @@ impl Config {
         }
         self.admin_key_source()?;
         let url = reqwest::Url::parse(&self.openai.base_url).map_err(|e| {
-            ConfigError::invalid("openai.base_url", format!("{:?}: {e}", self.openai.base_url))
+            ConfigError::invalid(
+                "openai.base_url",
+                format!("{:?}: {e}", self.openai.base_url),
+            )
         })?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(ConfigError::invalid("openai.base_url", "scheme must be http or https"));
+            return Err(ConfigError::invalid(
+                "openai.base_url",
+                "scheme must be http or https",
+            ));
         }
         if self.openai.max_retries > 20 {
             return Err(ConfigError::invalid("openai.max_retries", "at most 20"));
         }
         if self.policy.max_age.is_zero() {
-            return Err(ConfigError::invalid("policy.max_age", "must be greater than zero"));
+            return Err(ConfigError::invalid(
+                "policy.max_age",
+                "must be greater than zero",
+            ));
         }
         for (name, store) in &self.stores {
             validate_store(name, store)?;
@@ -483,13 +501,19 @@ impl Config {
                 return Err(ConfigError::invalid(key("name"), "must not be empty"));
             }
             if !names.insert(rule.name.as_str()) {
-                return Err(ConfigError::invalid(key("name"), format!("duplicate rule name {:?}", rule.name)));
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("duplicate rule name {:?}", rule.name),
+                ));
             }
             compile_glob(&rule.project).map_err(|m| ConfigError::invalid(key("project"), m))?;
             compile_glob(&rule.service_account)
                 .map_err(|m| ConfigError::invalid(key("service_account"), m))?;
             if rule.stores.is_empty() {
-                return Err(ConfigError::invalid(key("stores"), "name at least one store"));
+                return Err(ConfigError::invalid(
+                    key("stores"),
+                    "name at least one store",
+                ));
             }
             for s in &rule.stores {
                 if !self.stores.contains_key(s) {
@@ -502,7 +526,10 @@ impl Config {
             }
             validate_path_template(&rule.path).map_err(|m| ConfigError::invalid(key("path"), m))?;
             if rule.max_age == Some(Duration::ZERO) {
-                return Err(ConfigError::invalid(key("max_age"), "must be greater than zero"));
+                return Err(ConfigError::invalid(
+                    key("max_age"),
+                    "must be greater than zero",
+                ));
             }
         }
         Ok(())
@@ -625,7 +652,9 @@ fn env_source() -> config::Environment {
 
 fn map_config_error(origin: &str, e: config::ConfigError) -> ConfigError {
     match &e {
-        config::ConfigError::Type { key: Some(k), .. } => ConfigError::invalid(k.clone(), e.to_string()),
+        config::ConfigError::Type { key: Some(k), .. } => {
+            ConfigError::invalid(k.clone(), e.to_string())
+        }
         config::ConfigError::Message(m) => {
             // serde messages from the `config` crate carry the key after "for key".
             ConfigError::File {
@@ -642,7 +671,11 @@ fn map_config_error(origin: &str, e: config::ConfigError) -> ConfigError {
 
 fn validate_store(name: &str, store: &StoreConfig) -> Result<(), ConfigError> {
     let key = |k: &str| format!("stores.{name}.{k}");
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(ConfigError::invalid(
             format!("stores.{name}"),
             "store names use letters, digits, '-' and '_'",
@@ -650,16 +683,23 @@ fn validate_store(name: &str, store: &StoreConfig) -> Result<(), ConfigError> {
     }
     match store {
         StoreConfig::Vault(v) => {
-            let url = reqwest::Url::parse(&v.address)
-                .map_err(|e| ConfigError::invalid(key("address"), format!("{:?}: {e}", v.address)))?;
+            let url = reqwest::Url::parse(&v.address).map_err(|e| {
+                ConfigError::invalid(key("address"), format!("{:?}: {e}", v.address))
+            })?;
             if !matches!(url.scheme(), "http" | "https") {
-                return Err(ConfigError::invalid(key("address"), "scheme must be http or https"));
+                return Err(ConfigError::invalid(
+                    key("address"),
+                    "scheme must be http or https",
+                ));
             }
             if v.mount.trim_matches('/').is_empty() {
                 return Err(ConfigError::invalid(key("mount"), "must not be empty"));
             }
             match &v.auth {
-                VaultAuth::Token { token_env, token_file } => {
+                VaultAuth::Token {
+                    token_env,
+                    token_file,
+                } => {
                     if token_env.is_some() == token_file.is_some() {
                         return Err(ConfigError::invalid(
                             key("auth"),
@@ -723,7 +763,9 @@ fn compile_glob(pattern: &str) -> Result<GlobMatcher, String> {
 }
 
 fn match_nothing() -> GlobMatcher {
-    Glob::new("\u{0}never\u{0}").map(|g| g.compile_matcher()).unwrap_or_else(|_| unreachable!())
+    Glob::new("\u{0}never\u{0}")
+        .map(|g| g.compile_matcher())
+        .unwrap_or_else(|_| unreachable!())
 }
 
 fn validate_path_template(path: &str) -> Result<(), String> {
@@ -749,7 +791,9 @@ fn validate_path_template(path: &str) -> Result<(), String> {
         return Err(format!("stray '}}' in {path:?}"));
     }
     if path.starts_with('/') || path.split('/').any(|seg| seg == "..") {
-        return Err(format!("{path:?} must be relative and must not contain '..'"));
+        return Err(format!(
+            "{path:?} must be relative and must not contain '..'"
+        ));
     }
     Ok(())
 }
@@ -801,7 +845,9 @@ mod tests {
     "#;
 
     fn err(text: &str) -> String {
-        Config::from_toml(text).expect_err("must be rejected").to_string()
+        Config::from_toml(text)
+            .expect_err("must be rejected")
+            .to_string()
     }
 
     #[test]
@@ -830,7 +876,9 @@ mod tests {
 
     #[test]
     fn bad_duration_is_named() {
-        let e = err(&format!("{BASE}\n[policy]\ngrace_period = \"24 parsecs\"\n"));
+        let e = err(&format!(
+            "{BASE}\n[policy]\ngrace_period = \"24 parsecs\"\n"
+        ));
         assert!(e.contains("grace_period"), "{e}");
     }
 
@@ -867,17 +915,24 @@ mod tests {
 
     #[test]
     fn missing_env_var_and_unreadable_file_are_named() {
-        let c = Config::from_toml(&BASE.replace("CONFIG_TEST_ADMIN_KEY", "KEYROTD_SURELY_UNSET_VAR"))
-            .unwrap();
+        let c =
+            Config::from_toml(&BASE.replace("CONFIG_TEST_ADMIN_KEY", "KEYROTD_SURELY_UNSET_VAR"))
+                .unwrap();
         let e = c.admin_key().unwrap_err().to_string();
-        assert!(e.contains("openai.admin_key_env") && e.contains("KEYROTD_SURELY_UNSET_VAR"), "{e}");
+        assert!(
+            e.contains("openai.admin_key_env") && e.contains("KEYROTD_SURELY_UNSET_VAR"),
+            "{e}"
+        );
         let c = Config::from_toml(&BASE.replace(
             "admin_key_env = \"CONFIG_TEST_ADMIN_KEY\"",
             "admin_key_file = \"/nonexistent/admin-key\"",
         ))
         .unwrap();
         let e = c.admin_key().unwrap_err().to_string();
-        assert!(e.contains("openai.admin_key_file") && e.contains("/nonexistent/admin-key"), "{e}");
+        assert!(
+            e.contains("openai.admin_key_file") && e.contains("/nonexistent/admin-key"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -909,7 +964,10 @@ mod tests {
     #[test]
     fn key_expiry_parses() {
         let c = Config::from_toml(&format!("{BASE}\n[policy]\nkey_expiry = \"30d\"\n")).unwrap();
-        assert_eq!(c.policy.key_expiry, KeyExpiry(Some(Duration::from_secs(30 * 86400))));
+        assert_eq!(
+            c.policy.key_expiry,
+            KeyExpiry(Some(Duration::from_secs(30 * 86400)))
+        );
         let e = err(&format!("{BASE}\n[policy]\nkey_expiry = \"soon\"\n"));
         assert!(e.contains("key_expiry"), "{e}");
     }
@@ -924,7 +982,10 @@ mod shipped_configs {
     #[test]
     fn shipped_configs_load() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for rel in ["config/keyrotd.example.toml", "deploy/kubernetes/keyrotd.toml"] {
+        for rel in [
+            "config/keyrotd.example.toml",
+            "deploy/kubernetes/keyrotd.toml",
+        ] {
             let path = root.join(rel);
             if rel.starts_with("deploy") && !path.exists() {
                 continue;

@@ -56,7 +56,10 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "last cycle failed wholesale\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "last cycle failed wholesale\n",
+        )
     }
 }
 
@@ -135,7 +138,10 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
         let tx = tick_tx.clone();
         Box::pin(async move {
             if tx.try_send(()).is_err() {
-                warn!(event = "cycle.overrun", "a cycle is still running and another is queued; this tick is coalesced");
+                warn!(
+                    event = "cycle.overrun",
+                    "a cycle is still running and another is queued; this tick is coalesced"
+                );
             }
         })
     })?;
@@ -146,7 +152,10 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
     }
 
     // Watchdog: systemd restarts us if the runtime stops answering.
-    if let Some(usec) = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(usec) = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         let every = Duration::from_micros(usec / 2);
         let token = engine.shutdown.clone();
         tokio::spawn(async move {
@@ -170,7 +179,10 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
                 break;
             }
             if busy_until_late {
-                info!(event = "cycle.late", "the previous cycle overran the schedule; starting late");
+                info!(
+                    event = "cycle.late",
+                    "the previous cycle overran the schedule; starting late"
+                );
             }
             let report = worker_engine.cycle().await;
             worker_ready.store(report.scan_error.is_none(), Ordering::Relaxed);
@@ -180,14 +192,21 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
     });
 
     shutdown_signal().await;
-    info!(event = "daemon.stopping", "shutdown requested; finishing in-flight work");
+    info!(
+        event = "daemon.stopping",
+        "shutdown requested; finishing in-flight work"
+    );
     sd_notify("STOPPING=1");
     engine.shutdown.cancel();
     let _ = sched.shutdown().await;
     drop(tx);
     match tokio::time::timeout(opts.shutdown_timeout, worker).await {
         Ok(_) => info!(event = "daemon.stopped", outcome = "clean", "stopped"),
-        Err(_) => warn!(event = "daemon.stopped", outcome = "timeout", "in-flight work did not finish within shutdown_timeout"),
+        Err(_) => warn!(
+            event = "daemon.stopped",
+            outcome = "timeout",
+            "in-flight work did not finish within shutdown_timeout"
+        ),
     }
     Ok(())
 }

@@ -78,7 +78,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format.unwrap_or_else(LogFormat::detect);
     telemetry::init(format, &cli.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyrotd: cannot start the async runtime: {e}");
@@ -169,7 +172,10 @@ async fn dispatch(cli: Cli) -> i32 {
             let token = engine.shutdown.clone();
             tokio::spawn(async move {
                 daemon::shutdown_signal().await;
-                tracing::info!(event = "daemon.stopping", "shutdown requested; finishing in-flight slots");
+                tracing::info!(
+                    event = "daemon.stopping",
+                    "shutdown requested; finishing in-flight slots"
+                );
                 token.cancel();
             });
             let report = engine.cycle().await;

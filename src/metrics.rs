@@ -91,7 +91,8 @@ impl Metrics {
         self.with(|m| {
             m.keys.clear();
             for v in Verdict::ALL {
-                m.keys.insert(v.as_str(), counts.get(&v).copied().unwrap_or(0));
+                m.keys
+                    .insert(v.as_str(), counts.get(&v).copied().unwrap_or(0));
             }
             m.oldest_key_age_seconds = oldest_age_seconds;
         });
@@ -101,7 +102,9 @@ impl Metrics {
     pub fn cycle_finished(&self, duration_seconds: f64, ok: bool, now_unix: f64) {
         self.with(|m| {
             m.cycle_duration_seconds = Some(duration_seconds);
-            *m.cycles.entry(if ok { "ok" } else { "failed" }).or_default() += 1;
+            *m.cycles
+                .entry(if ok { "ok" } else { "failed" })
+                .or_default() += 1;
             if ok {
                 m.last_success_timestamp_seconds = Some(now_unix);
             }
@@ -120,11 +123,21 @@ impl Metrics {
     pub fn render(&self, api: Option<&ApiStats>) -> String {
         let mut out = String::new();
         self.with(|m| {
-            family(&mut out, "keyrotd_keys", "gauge", "Project API keys by verdict at the last scan.");
+            family(
+                &mut out,
+                "keyrotd_keys",
+                "gauge",
+                "Project API keys by verdict at the last scan.",
+            );
             for (v, n) in &m.keys {
                 let _ = writeln!(out, "keyrotd_keys{{verdict=\"{v}\"}} {n}");
             }
-            family(&mut out, "keyrotd_rotations_total", "counter", "Slot rotations by outcome.");
+            family(
+                &mut out,
+                "keyrotd_rotations_total",
+                "counter",
+                "Slot rotations by outcome.",
+            );
             for o in [
                 RotationOutcome::Completed,
                 RotationOutcome::Failed,
@@ -132,26 +145,53 @@ impl Metrics {
                 RotationOutcome::Conflict,
             ] {
                 let n = m.rotations.get(o.as_str()).copied().unwrap_or(0);
-                let _ = writeln!(out, "keyrotd_rotations_total{{outcome=\"{}\"}} {n}", o.as_str());
+                let _ = writeln!(
+                    out,
+                    "keyrotd_rotations_total{{outcome=\"{}\"}} {n}",
+                    o.as_str()
+                );
             }
-            family(&mut out, "keyrotd_revocations_total", "counter", "Key revocations by outcome.");
+            family(
+                &mut out,
+                "keyrotd_revocations_total",
+                "counter",
+                "Key revocations by outcome.",
+            );
             for o in [
                 RevocationOutcome::Revoked,
                 RevocationOutcome::AlreadyGone,
                 RevocationOutcome::Failed,
             ] {
                 let n = m.revocations.get(o.as_str()).copied().unwrap_or(0);
-                let _ = writeln!(out, "keyrotd_revocations_total{{outcome=\"{}\"}} {n}", o.as_str());
+                let _ = writeln!(
+                    out,
+                    "keyrotd_revocations_total{{outcome=\"{}\"}} {n}",
+                    o.as_str()
+                );
             }
-            family(&mut out, "keyrotd_cycles_total", "counter", "Rotation cycles by result.");
+            family(
+                &mut out,
+                "keyrotd_cycles_total",
+                "counter",
+                "Rotation cycles by result.",
+            );
             for r in ["ok", "failed"] {
                 let n = m.cycles.get(r).copied().unwrap_or(0);
                 let _ = writeln!(out, "keyrotd_cycles_total{{result=\"{r}\"}} {n}");
             }
-            family(&mut out, "keyrotd_slot_failures_total", "counter", "Slots that failed a cycle.");
+            family(
+                &mut out,
+                "keyrotd_slot_failures_total",
+                "counter",
+                "Slots that failed a cycle.",
+            );
             let _ = writeln!(out, "keyrotd_slot_failures_total {}", m.slot_failures);
             for (name, help, v) in [
-                ("keyrotd_cycle_duration_seconds", "Duration of the last cycle.", m.cycle_duration_seconds),
+                (
+                    "keyrotd_cycle_duration_seconds",
+                    "Duration of the last cycle.",
+                    m.cycle_duration_seconds,
+                ),
                 (
                     "keyrotd_last_success_timestamp_seconds",
                     "Unix time of the last cycle in which nothing failed.",

@@ -75,7 +75,12 @@ pub async fn scan(
     .buffer_unordered(concurrency.max(1))
     .try_collect()
     .await?;
-    out.sort_by(|a, b| a.project.display_name().cmp(b.project.display_name()).then(a.project.id.cmp(&b.project.id)));
+    out.sort_by(|a, b| {
+        a.project
+            .display_name()
+            .cmp(b.project.display_name())
+            .then(a.project.id.cmp(&b.project.id))
+    });
     Ok(Inventory {
         scanned_at: Utc::now(),
         projects: out,
@@ -122,14 +127,20 @@ pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
             accounts.insert(sa.id.clone(), (sa.name.clone(), sa.created_at));
         }
         for k in &p.keys {
-            if let (OwnerType::ServiceAccount, Some(sa)) = (k.owner.kind, &k.owner.service_account) {
+            if let (OwnerType::ServiceAccount, Some(sa)) = (k.owner.kind, &k.owner.service_account)
+            {
                 accounts.entry(sa.id.clone()).or_insert_with(|| {
-                    (sa.name.clone().unwrap_or_default(), sa.created_at.unwrap_or(0))
+                    (
+                        sa.name.clone().unwrap_or_default(),
+                        sa.created_at.unwrap_or(0),
+                    )
                 });
             }
         }
-        let mut ordered: Vec<(String, String, i64)> =
-            accounts.into_iter().map(|(id, (name, at))| (id, name, at)).collect();
+        let mut ordered: Vec<(String, String, i64)> = accounts
+            .into_iter()
+            .map(|(id, (name, at))| (id, name, at))
+            .collect();
         ordered.sort_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
         let mut by_path: BTreeMap<String, usize> = BTreeMap::new();
         for (sa_id, sa_name, _) in ordered {
@@ -170,7 +181,15 @@ pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
         // would make projects share a secret. Keep the first, drop the rest.
     }
     let mut seen = BTreeSet::new();
-    out.retain(|s| seen.insert(s.stores.iter().map(|st| format!("{st}:{}", s.path)).collect::<Vec<_>>().join("|")));
+    out.retain(|s| {
+        seen.insert(
+            s.stores
+                .iter()
+                .map(|st| format!("{st}:{}", s.path))
+                .collect::<Vec<_>>()
+                .join("|"),
+        )
+    });
     out
 }
 
@@ -209,7 +228,9 @@ impl SlotView {
 
     /// The current key id if every store agrees on one.
     pub fn agreed_current(&self) -> Option<&str> {
-        let mut ids = self.ok_states().map(|(_, s)| s.current.as_ref().map(|c| c.key_id.as_str()));
+        let mut ids = self
+            .ok_states()
+            .map(|(_, s)| s.current.as_ref().map(|c| c.key_id.as_str()));
         let first = ids.next()??;
         ids.all(|i| i == Some(first)).then_some(first)
     }
@@ -362,7 +383,11 @@ impl Plan {
                                         .unwrap_or(chrono::Duration::MAX)
                             });
                             verdict = Verdict::Revoke;
-                            reasons.push(if over { Reason::GraceOver } else { Reason::InGrace });
+                            reasons.push(if over {
+                                Reason::GraceOver
+                            } else {
+                                Reason::InGrace
+                            });
                         }
                         None if policy::is_keyrotd_key(k)
                             && policy::age(k, now) >= policy.orphan_min_age =>
@@ -511,7 +536,11 @@ impl Plan {
                     truncate(k.owner_name.as_deref().unwrap_or("-"), 22),
                     k.age_days,
                     verdict,
-                    if reasons.is_empty() { "-".to_string() } else { reasons.join(",") },
+                    if reasons.is_empty() {
+                        "-".to_string()
+                    } else {
+                        reasons.join(",")
+                    },
                 )?;
             }
         }

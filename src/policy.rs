@@ -119,7 +119,9 @@ pub fn ts(secs: i64) -> DateTime<Utc> {
 
 /// How old a key is at `now` (zero for keys from the future).
 pub fn age(key: &ProjectApiKey, now: DateTime<Utc>) -> Duration {
-    (now - ts(key.created_at)).to_std().unwrap_or(Duration::ZERO)
+    (now - ts(key.created_at))
+        .to_std()
+        .unwrap_or(Duration::ZERO)
 }
 
 /// The first rule matching a service-account key in this project; user keys match none.
@@ -166,8 +168,8 @@ pub fn evaluate(
     match key.expires_at {
         None if policy.key_expiry.0.is_some() => reasons.push(Reason::NoExpiry),
         Some(exp) => {
-            let warn = chrono::Duration::from_std(policy.expiry_warning)
-                .unwrap_or(chrono::Duration::MAX);
+            let warn =
+                chrono::Duration::from_std(policy.expiry_warning).unwrap_or(chrono::Duration::MAX);
             if ts(exp) - now <= warn {
                 reasons.push(Reason::ExpiringSoon);
             }
@@ -346,7 +348,11 @@ mod tests {
         let e = eval(Key::sa("backend").created_secs_ago(30 * DAY), "prod-a", "");
         assert_eq!(e.verdict, Verdict::Ok);
         assert!(!e.reasons.contains(&Reason::Stale));
-        let e = eval(Key::sa("backend").created_secs_ago(30 * DAY + 1), "prod-a", "");
+        let e = eval(
+            Key::sa("backend").created_secs_ago(30 * DAY + 1),
+            "prod-a",
+            "",
+        );
         assert_eq!(e.verdict, Verdict::Rotate);
         assert_eq!(e.reasons, vec![Reason::Stale]);
         assert_eq!(e.rule, Some(0));
@@ -380,7 +386,9 @@ mod tests {
     #[test]
     fn unused_means_last_use_older_than_max_age() {
         let e = eval(
-            Key::user().created_secs_ago(10 * DAY).last_used_secs_ago(91 * DAY),
+            Key::user()
+                .created_secs_ago(10 * DAY)
+                .last_used_secs_ago(91 * DAY),
             "prod-a",
             "",
         );
@@ -399,7 +407,10 @@ mod tests {
         assert_eq!(e.verdict, Verdict::Revoke);
         // Fresh but the owner left the project: a human should look.
         let e = eval(Key::user().inactive(), "prod-a", "user_keys = \"revoke\"");
-        assert_eq!((e.verdict, e.reasons.clone()), (Verdict::Report, vec![Reason::OwnerInactive]));
+        assert_eq!(
+            (e.verdict, e.reasons.clone()),
+            (Verdict::Report, vec![Reason::OwnerInactive])
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ async fn stale_keys_rotate_into_every_store_and_retire_after_grace() {
     let w = World::new(scenario(11), Stores::All, "").await;
     let engine = w.engine(false).await;
     let stale = w.stale_prod_sa_keys();
-    assert!(!stale.is_empty(), "scenario has stale prod service-account keys");
+    assert!(
+        !stale.is_empty(),
+        "scenario has stale prod service-account keys"
+    );
 
     let report = engine.cycle().await;
     assert!(!report.any_failed(), "first cycle: {:?}", report.slots);
@@ -47,10 +50,16 @@ async fn stale_keys_rotate_into_every_store_and_retire_after_grace() {
     assert_eq!(states.len(), prod_slots * 3, "three stores per slot");
     // Every store of a slot holds the same, new, live key.
     for ((store, path), st) in &states {
-        let cur = st.current.as_ref().unwrap_or_else(|| panic!("{store} {path} has a key"));
+        let cur = st
+            .current
+            .as_ref()
+            .unwrap_or_else(|| panic!("{store} {path} has a key"));
         assert!(cur.key_id.starts_with("key_"));
         let minted = w.sim.key(&cur.key_id).expect("key exists");
-        assert!(minted.name.starts_with("keyrotd-"), "{store} {path} holds a minted key");
+        assert!(
+            minted.name.starts_with("keyrotd-"),
+            "{store} {path} holds a minted key"
+        );
         assert_eq!(cur.managed_by, "keyrotd");
         assert!(st.pending.is_none() && st.book.intent.is_none());
         let same: BTreeSet<&str> = states
@@ -64,7 +73,10 @@ async fn stale_keys_rotate_into_every_store_and_retire_after_grace() {
     assert_i2(&w, &states);
     // Inside the grace period the old stale keys are still live.
     for k in &stale {
-        assert!(w.sim.is_live(k), "stale key {k} revoked before the grace period");
+        assert!(
+            w.sim.is_live(k),
+            "stale key {k} revoked before the grace period"
+        );
     }
 
     // Right after: nothing to do, nothing minted.
@@ -90,11 +102,24 @@ async fn stale_keys_rotate_into_every_store_and_retire_after_grace() {
         .filter(|k| k.owner_type == keyrotd::openai::models::OwnerType::ServiceAccount)
         .collect();
     for k in fresh_prod_sa {
-        assert!(w.sim.is_live(&k.key_id), "fresh key {} was revoked", k.key_id);
+        assert!(
+            w.sim.is_live(&k.key_id),
+            "fresh key {} was revoked",
+            k.key_id
+        );
     }
     // Keys outside the rule (staging, dev, user keys) are never touched.
-    for k in w.truth.keys.iter().filter(|k| !k.project_name.starts_with("prod-")) {
-        assert!(w.sim.is_live(&k.key_id), "unmanaged key {} was revoked", k.key_id);
+    for k in w
+        .truth
+        .keys
+        .iter()
+        .filter(|k| !k.project_name.starts_with("prod-"))
+    {
+        assert!(
+            w.sim.is_live(&k.key_id),
+            "unmanaged key {} was revoked",
+            k.key_id
+        );
     }
     let states = w.store_states(&engine).await;
     assert_i1(&w, &states);
@@ -119,24 +144,39 @@ async fn stale_current_key_is_replaced_and_previous_retired_after_grace() {
         let cur = st.current.as_ref().unwrap();
         assert_ne!(cur.key_id, old.key_id);
         assert_ne!(cur.api_key.expose_secret(), old.api_key.expose_secret());
-        assert_eq!(st.book.previous_key_id.as_deref(), Some(old.key_id.as_str()));
+        assert_eq!(
+            st.book.previous_key_id.as_deref(),
+            Some(old.key_id.as_str())
+        );
         assert!(st.book.promoted_at.is_some());
-        assert!(w.sim.is_live(&old.key_id), "previous key alive during grace");
+        assert!(
+            w.sim.is_live(&old.key_id),
+            "previous key alive during grace"
+        );
     }
     assert_i1(&w, &second);
 
     w.advance(HOUR - Duration::from_secs(60));
     assert!(!engine.cycle().await.any_failed());
     for (k, _) in &second {
-        assert!(w.sim.is_live(&first[k].current.as_ref().unwrap().key_id), "revoked inside grace");
+        assert!(
+            w.sim.is_live(&first[k].current.as_ref().unwrap().key_id),
+            "revoked inside grace"
+        );
     }
     w.advance(2 * Duration::from_secs(60));
     assert!(!engine.cycle().await.any_failed());
     let third = w.store_states(&engine).await;
     for (k, st) in &third {
-        assert!(!w.sim.is_live(&first[k].current.as_ref().unwrap().key_id), "previous key revoked after grace");
+        assert!(
+            !w.sim.is_live(&first[k].current.as_ref().unwrap().key_id),
+            "previous key revoked after grace"
+        );
         assert_eq!(st.book.previous_key_id, None, "retirement recorded");
-        assert_eq!(st.current.as_ref().unwrap().key_id, second[k].current.as_ref().unwrap().key_id);
+        assert_eq!(
+            st.current.as_ref().unwrap().key_id,
+            second[k].current.as_ref().unwrap().key_id
+        );
     }
     assert_i1(&w, &third);
     assert_i2(&w, &third);
@@ -150,7 +190,8 @@ async fn rejected_verification_promotes_nothing_and_revokes_the_new_key() {
     let before = w.store_states(&engine).await;
     w.advance(91 * DAY);
     let minted_before = w.minted_live();
-    w.sim.update_faults(|f| f.reject_verification = RejectVerification::Minted);
+    w.sim
+        .update_faults(|f| f.reject_verification = RejectVerification::Minted);
 
     let report = engine.cycle().await;
     assert!(report.any_failed());
@@ -166,10 +207,18 @@ async fn rejected_verification_promotes_nothing_and_revokes_the_new_key() {
             before[k].current.as_ref().unwrap().key_id,
             "nothing promoted"
         );
-        assert!(st.pending.is_none() && st.book.intent.is_none(), "rotation abandoned cleanly");
+        assert!(
+            st.pending.is_none() && st.book.intent.is_none(),
+            "rotation abandoned cleanly"
+        );
     }
-    assert_eq!(w.minted_live(), minted_before, "every key minted this cycle was revoked");
-    w.sim.update_faults(|f| f.reject_verification = RejectVerification::None);
+    assert_eq!(
+        w.minted_live(),
+        minted_before,
+        "every key minted this cycle was revoked"
+    );
+    w.sim
+        .update_faults(|f| f.reject_verification = RejectVerification::None);
     assert_i1(&w, &after);
 }
 
@@ -204,7 +253,11 @@ path = "{}/{{project_name}}/{{service_account_name}}"
     let staging: BTreeSet<String> = failed.iter().map(|s| s.slot.project_id.clone()).collect();
     for k in w.sim.all_keys() {
         if staging.contains(&k.project_id) {
-            assert!(!k.name.starts_with("keyrotd-"), "minted {} for a slot whose store is down", k.id);
+            assert!(
+                !k.name.starts_with("keyrotd-"),
+                "minted {} for a slot whose store is down",
+                k.id
+            );
             assert!(k.deleted_at.is_none(), "revoked {} in a failing slot", k.id);
         }
     }
@@ -251,13 +304,21 @@ async fn dry_run_changes_nothing_anywhere() {
         })
         .sum();
     assert!(planned > 0, "the dry run reports what it would do");
-    assert_eq!(snapshot(&w), before, "dry run changed the simulator or the stores");
+    assert_eq!(
+        snapshot(&w),
+        before,
+        "dry run changed the simulator or the stores"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_key_deletion_moves_the_slot_to_a_new_service_account() {
     let w = World::new(
-        Scenario::new(16).projects(3).service_accounts_per_project(1).user_keys_per_project(0).stale_fraction(0.0),
+        Scenario::new(16)
+            .projects(3)
+            .service_accounts_per_project(1)
+            .user_keys_per_project(0)
+            .stale_fraction(0.0),
         Stores::File,
         "",
     )
@@ -266,8 +327,10 @@ async fn refused_key_deletion_moves_the_slot_to_a_new_service_account() {
     let engine = w.engine(false).await;
     assert!(!engine.cycle().await.any_failed());
     let boot = w.store_states(&engine).await;
-    let old_accounts: BTreeSet<String> =
-        boot.values().map(|s| s.current.as_ref().unwrap().service_account_id.clone()).collect();
+    let old_accounts: BTreeSet<String> = boot
+        .values()
+        .map(|s| s.current.as_ref().unwrap().service_account_id.clone())
+        .collect();
 
     // Everything ages; the rotation mints on the same account, and the retirement of
     // the previous key is refused, so the slot moves to a new account.
@@ -290,13 +353,20 @@ async fn refused_key_deletion_moves_the_slot_to_a_new_service_account() {
     assert_i2(&w, &states);
     for st in states.values() {
         let cur = st.current.as_ref().unwrap();
-        assert!(!old_accounts.contains(&cur.service_account_id), "slot moved to a new account");
+        assert!(
+            !old_accounts.contains(&cur.service_account_id),
+            "slot moved to a new account"
+        );
     }
     // The old accounts are gone with every key they had.
     for k in w.sim.all_keys() {
         if let keyrotd::sim::OwnerRef::ServiceAccount(sa) = &k.owner {
             if old_accounts.contains(sa) {
-                assert!(k.deleted_at.is_some(), "key {} of a retired account is live", k.id);
+                assert!(
+                    k.deleted_at.is_some(),
+                    "key {} of a retired account is live",
+                    k.id
+                );
             }
         }
     }

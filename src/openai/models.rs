@@ -110,8 +110,14 @@ impl ApiKeyOwner {
     }
     pub fn name(&self) -> Option<&str> {
         match self.kind {
-            OwnerType::User => self.user.as_ref().and_then(|u| u.name.as_deref().or(u.email.as_deref())),
-            OwnerType::ServiceAccount => self.service_account.as_ref().and_then(|s| s.name.as_deref()),
+            OwnerType::User => self
+                .user
+                .as_ref()
+                .and_then(|u| u.name.as_deref().or(u.email.as_deref())),
+            OwnerType::ServiceAccount => self
+                .service_account
+                .as_ref()
+                .and_then(|s| s.name.as_deref()),
         }
     }
 }

@@ -174,7 +174,11 @@ impl Engine {
     pub async fn cycle(&self) -> CycleReport {
         let started = Instant::now();
         let mut report = CycleReport::default();
-        info!(event = "cycle.started", dry_run = self.settings.dry_run, "rotation cycle started");
+        info!(
+            event = "cycle.started",
+            dry_run = self.settings.dry_run,
+            "rotation cycle started"
+        );
         let inv = match plan::scan(
             &self.client,
             &self.rules,
@@ -188,7 +192,11 @@ impl Engine {
                 warn!(event = "cycle.failed", outcome = "scan_failed", error = %e, "could not list the organization");
                 report.scan_error = Some(e.to_string());
                 report.duration = started.elapsed();
-                self.metrics.cycle_finished(report.duration.as_secs_f64(), false, unix(self.clock.now()));
+                self.metrics.cycle_finished(
+                    report.duration.as_secs_f64(),
+                    false,
+                    unix(self.clock.now()),
+                );
                 return report;
             }
         };
@@ -200,7 +208,10 @@ impl Engine {
         let plan = Plan::build(&inv, &views, &self.rules, &self.policy, now);
         self.record_key_metrics(&inv, &plan, now);
         for k in &plan.keys {
-            if k.reasons.contains(&policy::Reason::Stale) && k.owner_type == "user" && !self.settings.dry_run {
+            if k.reasons.contains(&policy::Reason::Stale)
+                && k.owner_type == "user"
+                && !self.settings.dry_run
+            {
                 self.notifier.send(Notice::StaleUserKey {
                     project_id: k.project_id.clone(),
                     key_id: k.key_id.clone(),
@@ -239,13 +250,15 @@ impl Engine {
                 }
                 let outcome = slot::run(self, &slot, keys).await;
                 match &outcome {
-                    Ok(SlotOutcome::Rotated { key_id }) => self.notifier.send(Notice::RotationCompleted {
-                        project_id: slot.project_id.clone(),
-                        service_account_id: slot.service_account_id.clone(),
-                        rule: slot.rule_name.clone(),
-                        key_id: key_id.clone(),
-                        stores: slot.stores.clone(),
-                    }),
+                    Ok(SlotOutcome::Rotated { key_id }) => {
+                        self.notifier.send(Notice::RotationCompleted {
+                            project_id: slot.project_id.clone(),
+                            service_account_id: slot.service_account_id.clone(),
+                            rule: slot.rule_name.clone(),
+                            key_id: key_id.clone(),
+                            stores: slot.stores.clone(),
+                        })
+                    }
                     Err(e) => self.notifier.send(Notice::RotationFailed {
                         project_id: slot.project_id.clone(),
                         service_account_id: slot.service_account_id.clone(),
@@ -281,7 +294,12 @@ impl Engine {
                 None => report.skipped += 1,
             }
         }
-        report.slots.sort_by(|a, b| a.slot.path.cmp(&b.slot.path).then(a.slot.project_id.cmp(&b.slot.project_id)));
+        report.slots.sort_by(|a, b| {
+            a.slot
+                .path
+                .cmp(&b.slot.path)
+                .then(a.slot.project_id.cmp(&b.slot.project_id))
+        });
 
         if self.policy.user_keys == UserKeys::Revoke && !self.shutdown.is_cancelled() {
             self.revoke_user_keys(&inv, &mut report).await;
@@ -354,7 +372,9 @@ impl Engine {
                     Err(err) => {
                         self.metrics.revocation(RevocationOutcome::Failed);
                         warn!(event = "key.revoke_failed", project_id = %p.project.id, key_id = %k.id, owner_type = "user", outcome = "failed", error = %err, "could not revoke stale user key");
-                        report.other_failures.push(format!("revoke user key {}: {err}", k.id));
+                        report
+                            .other_failures
+                            .push(format!("revoke user key {}: {err}", k.id));
                     }
                 }
             }
@@ -388,5 +408,9 @@ pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "host".into());
-    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }

@@ -169,7 +169,9 @@ impl SlotRun<'_> {
     /// Applies `t` to store `i` against its last known version.
     async fn apply(&mut self, i: usize, t: &Transition) -> Result<(), StoreError> {
         let (_, store) = &self.stores[i];
-        let next = store.apply(&self.slot.path, &self.states[i].version, t).await?;
+        let next = store
+            .apply(&self.slot.path, &self.states[i].version, t)
+            .await?;
         self.states[i] = next;
         Ok(())
     }
@@ -204,8 +206,11 @@ impl SlotRun<'_> {
         }
         for p in pendings {
             if self.eng.settings.dry_run {
-                self.planned.push(format!("resume rotation to {}", p.key_id));
-                return Ok(Some(SlotOutcome::Planned(std::mem::take(&mut self.planned))));
+                self.planned
+                    .push(format!("resume rotation to {}", p.key_id));
+                return Ok(Some(SlotOutcome::Planned(std::mem::take(
+                    &mut self.planned,
+                ))));
             }
             let everywhere_current = self
                 .states
@@ -213,7 +218,10 @@ impl SlotRun<'_> {
                 .all(|s| s.current.as_ref().is_some_and(|c| c.key_id == p.key_id));
             if everywhere_current {
                 // Promoted everywhere, only the pending marker is left (AWS label).
-                let t = Transition::Promote { key_id: p.key_id.clone(), at: now };
+                let t = Transition::Promote {
+                    key_id: p.key_id.clone(),
+                    at: now,
+                };
                 for i in 0..self.stores.len() {
                     if self.states[i].pending.is_some() {
                         self.apply(i, &t).await?;
@@ -232,7 +240,8 @@ impl SlotRun<'_> {
         // An intent with nothing staged: the process died around minting.
         if let Some(intent) = intent {
             if self.eng.settings.dry_run {
-                self.planned.push(format!("clean up intent {}", intent.key_name));
+                self.planned
+                    .push(format!("clean up intent {}", intent.key_name));
                 return Ok(None);
             }
             self.cleanup_intent(&intent).await?;
@@ -250,7 +259,11 @@ impl SlotRun<'_> {
                 - chrono::Duration::from_std(self.eng.policy.lease).unwrap_or_default()
                 - chrono::Duration::seconds(5);
             let known = self.referenced_accounts();
-            let accounts = self.eng.client.list_service_accounts(&self.slot.project_id).await?;
+            let accounts = self
+                .eng
+                .client
+                .list_service_accounts(&self.slot.project_id)
+                .await?;
             for sa in accounts {
                 if sa.name == self.slot.service_account_name
                     && policy::ts(sa.created_at) >= since
@@ -287,7 +300,10 @@ impl SlotRun<'_> {
 
     async fn abandon_pending(&mut self, key_id: &str) -> SlotResult<()> {
         for i in 0..self.stores.len() {
-            let has = self.states[i].pending.as_ref().is_some_and(|p| p.key_id == key_id);
+            let has = self.states[i]
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.key_id == key_id);
             if has {
                 self.apply(i, &Transition::Abandon).await?;
             }
@@ -306,7 +322,10 @@ impl SlotRun<'_> {
             return Some("store_without_key");
         }
         let first = currents[0].map(|c| c.key_id.as_str());
-        if currents.iter().any(|c| c.map(|c| c.key_id.as_str()) != first) {
+        if currents
+            .iter()
+            .any(|c| c.map(|c| c.key_id.as_str()) != first)
+        {
             return Some("stores_disagree");
         }
         let id = first?;
@@ -321,7 +340,13 @@ impl SlotRun<'_> {
             archived_at: None,
             status: None,
         };
-        let e = policy::evaluate(key, &project, std::slice::from_ref(&self.rule), &self.eng.policy, self.now());
+        let e = policy::evaluate(
+            key,
+            &project,
+            std::slice::from_ref(&self.rule),
+            &self.eng.policy,
+            self.now(),
+        );
         if e.verdict == Verdict::Rotate {
             return Some(if e.reasons.contains(&policy::Reason::Stale) {
                 "stale"
@@ -346,7 +371,8 @@ impl SlotRun<'_> {
             key_name: key_name.clone(),
             owner: self.my_id().to_string(),
             lease_until: now
-                + chrono::Duration::from_std(self.eng.policy.lease).unwrap_or(chrono::Duration::MAX),
+                + chrono::Duration::from_std(self.eng.policy.lease)
+                    .unwrap_or(chrono::Duration::MAX),
             attempt: 1,
             service_account_id: if self.new_account {
                 NEW_ACCOUNT.to_string()
@@ -402,7 +428,11 @@ impl SlotRun<'_> {
             managed_by: MANAGED_BY.to_string(),
         };
         // The key now exists: it is staged even if shutdown was requested meanwhile.
-        self.keys.push(listing_of(&created, &sa_id, &self.slot.service_account_name));
+        self.keys.push(listing_of(
+            &created,
+            &sa_id,
+            &self.slot.service_account_name,
+        ));
         let mut staged_anywhere = false;
         for i in 0..self.stores.len() {
             match self.apply(i, &Transition::Stage(record.clone())).await {
@@ -494,7 +524,12 @@ impl SlotRun<'_> {
     /// Deletes a service account (and with it all its keys); 404 counts as done.
     async fn delete_account(&self, sa_id: &str, reason: &str) -> SlotResult<()> {
         failpoint!("before_revoke");
-        match self.eng.client.delete_service_account(&self.slot.project_id, sa_id).await {
+        match self
+            .eng
+            .client
+            .delete_service_account(&self.slot.project_id, sa_id)
+            .await
+        {
             Ok(_) => {
                 self.eng.metrics.revocation(RevocationOutcome::Revoked);
                 info!(event = "service_account.deleted", project_id = %self.slot.project_id, service_account_id = sa_id, reason, outcome = "revoked", "deleted the slot's previous service account and its keys");
@@ -537,8 +572,14 @@ impl SlotRun<'_> {
     async fn finish(&mut self, record: SecretRecord) -> SlotResult<SlotOutcome> {
         let key_id = record.key_id.clone();
         for i in 0..self.stores.len() {
-            let has = self.states[i].pending.as_ref().is_some_and(|p| p.key_id == key_id)
-                || self.states[i].current.as_ref().is_some_and(|c| c.key_id == key_id);
+            let has = self.states[i]
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.key_id == key_id)
+                || self.states[i]
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.key_id == key_id);
             if !has {
                 self.apply(i, &Transition::Stage(record.clone())).await?;
                 info!(event = "secret.staged", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
@@ -556,7 +597,10 @@ impl SlotRun<'_> {
         }
         failpoint!("after_verify");
         let at = self.now();
-        let t = Transition::Promote { key_id: key_id.clone(), at };
+        let t = Transition::Promote {
+            key_id: key_id.clone(),
+            at,
+        };
         for i in 0..self.stores.len() {
             match self.apply(i, &t).await {
                 Ok(()) => {}
@@ -628,7 +672,12 @@ impl SlotRun<'_> {
     /// DELETEs a key; 404 counts as done.
     async fn revoke(&self, key_id: &str, reason: &str) -> SlotResult<()> {
         failpoint!("before_revoke");
-        match self.eng.client.delete_api_key(&self.slot.project_id, key_id).await {
+        match self
+            .eng
+            .client
+            .delete_api_key(&self.slot.project_id, key_id)
+            .await
+        {
             Ok(_) => {
                 self.eng.metrics.revocation(RevocationOutcome::Revoked);
                 info!(event = "key.revoked", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "revoked", "revoked key");
@@ -674,7 +723,9 @@ impl SlotRun<'_> {
                 continue;
             }
             let holders: Vec<usize> = (0..self.stores.len())
-                .filter(|&i| self.states[i].book.previous_key_id.as_deref() == Some(key_id.as_str()))
+                .filter(|&i| {
+                    self.states[i].book.previous_key_id.as_deref() == Some(key_id.as_str())
+                })
                 .collect();
             let mut due = true;
             for &i in &holders {
@@ -685,9 +736,12 @@ impl SlotRun<'_> {
                         // Promotion landed without its clock (a crash): start it now.
                         due = false;
                         if !self.eng.settings.dry_run {
-                            if let Some(cur) = self.states[i].current.as_ref().map(|c| c.key_id.clone()) {
+                            if let Some(cur) =
+                                self.states[i].current.as_ref().map(|c| c.key_id.clone())
+                            {
                                 let at = self.now();
-                                self.apply(i, &Transition::Promote { key_id: cur, at }).await?;
+                                self.apply(i, &Transition::Promote { key_id: cur, at })
+                                    .await?;
                             }
                         }
                     }
@@ -716,9 +770,11 @@ impl SlotRun<'_> {
                 }
                 _ => match self.revoke(&key_id, "grace_over").await {
                     Ok(()) => {}
-                    Err(SlotError::Api(ApiError::Status { status: 400, message, .. }))
-                        if self.rule.strategy == Strategy::Auto && !self.new_account =>
-                    {
+                    Err(SlotError::Api(ApiError::Status {
+                        status: 400,
+                        message,
+                        ..
+                    })) if self.rule.strategy == Strategy::Auto && !self.new_account => {
                         // The API's older behaviour: a service account's key cannot be
                         // deleted. Move the slot to a fresh account; the old account
                         // (with this key) is deleted after the next grace period.
@@ -735,7 +791,13 @@ impl SlotRun<'_> {
                 },
             }
             for i in holders {
-                self.apply(i, &Transition::Retired { key_id: key_id.clone() }).await?;
+                self.apply(
+                    i,
+                    &Transition::Retired {
+                        key_id: key_id.clone(),
+                    },
+                )
+                .await?;
             }
         }
         Ok(())
@@ -750,7 +812,11 @@ impl SlotRun<'_> {
         let referenced: BTreeSet<String> = self
             .states
             .iter()
-            .flat_map(|s| s.referenced_key_ids().map(str::to_string).collect::<Vec<_>>())
+            .flat_map(|s| {
+                s.referenced_key_ids()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let intents: BTreeSet<String> = self
             .states
@@ -784,15 +850,27 @@ impl SlotRun<'_> {
         let candidates: Vec<(String, &'static str)> = self
             .keys
             .iter()
-            .filter(|k| k.owner.service_account.as_ref().is_some_and(|sa| sa.id == serving))
+            .filter(|k| {
+                k.owner
+                    .service_account
+                    .as_ref()
+                    .is_some_and(|sa| sa.id == serving)
+            })
             .filter(|k| !referenced.contains(&k.id))
             .filter_map(|k| {
                 if policy::is_keyrotd_key(k) {
                     let name = k.name.as_deref().unwrap_or_default();
-                    (!intents.contains(name) && policy::age(k, now) >= self.eng.policy.orphan_min_age)
+                    (!intents.contains(name)
+                        && policy::age(k, now) >= self.eng.policy.orphan_min_age)
                         .then(|| (k.id.clone(), "orphan"))
                 } else {
-                    let e = policy::evaluate(k, &project, std::slice::from_ref(&self.rule), &self.eng.policy, now);
+                    let e = policy::evaluate(
+                        k,
+                        &project,
+                        std::slice::from_ref(&self.rule),
+                        &self.eng.policy,
+                        now,
+                    );
                     (settled && e.verdict == Verdict::Rotate).then(|| (k.id.clone(), "stale_extra"))
                 }
             })
@@ -809,14 +887,20 @@ impl SlotRun<'_> {
         for (key_id, why) in candidates {
             // Re-read: a concurrent process may have recorded the key since our read.
             self.read_all().await?;
-            if self.states.iter().any(|s| s.referenced_key_ids().any(|r| r == key_id)) {
+            if self
+                .states
+                .iter()
+                .any(|s| s.referenced_key_ids().any(|r| r == key_id))
+            {
                 continue;
             }
             match self.revoke(&key_id, why).await {
                 Ok(()) => {}
-                Err(SlotError::Api(ApiError::Status { status: 400, message, .. }))
-                    if self.rule.strategy == Strategy::Auto && !self.new_account =>
-                {
+                Err(SlotError::Api(ApiError::Status {
+                    status: 400,
+                    message,
+                    ..
+                })) if self.rule.strategy == Strategy::Auto && !self.new_account => {
                     // Deleting the account's keys is refused: move the slot to a new
                     // account; this one goes, whole, after the grace period.
                     warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, service_account_id = %serving, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");

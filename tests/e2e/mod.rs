@@ -153,7 +153,9 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
             .keys
             .iter()
             .filter(|k| k.project_name.starts_with("prod-") && !k.project_archived)
-            .filter(|k| k.stale && k.owner_type == keyrotd::openai::models::OwnerType::ServiceAccount)
+            .filter(|k| {
+                k.stale && k.owner_type == keyrotd::openai::models::OwnerType::ServiceAccount
+            })
             .map(|k| k.key_id.clone())
             .collect()
     }
@@ -195,19 +197,27 @@ pub fn assert_i1(world: &World, states: &BTreeMap<(String, String), SlotState>) 
 pub fn assert_i2(world: &World, states: &BTreeMap<(String, String), SlotState>) {
     let referenced: BTreeSet<String> = states
         .values()
-        .flat_map(|s| s.referenced_key_ids().map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|s| {
+            s.referenced_key_ids()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .collect();
     let retiring_accounts: BTreeSet<String> = states
         .values()
         .filter_map(|s| s.book.previous_service_account_id.clone())
         .filter(|sa| {
-            !states
-                .values()
-                .any(|s| s.current.as_ref().is_some_and(|c| &c.service_account_id == sa))
+            !states.values().any(|s| {
+                s.current
+                    .as_ref()
+                    .is_some_and(|c| &c.service_account_id == sa)
+            })
         })
         .collect();
     for id in world.minted_live() {
-        let on_retiring = world.owner_sa(&id).is_some_and(|sa| retiring_accounts.contains(&sa));
+        let on_retiring = world
+            .owner_sa(&id)
+            .is_some_and(|sa| retiring_accounts.contains(&sa));
         assert!(
             referenced.contains(&id) || on_retiring,
             "I2: minted key {id} is live but no store references it"
