@@ -27,9 +27,12 @@ impl LogFormat {
 /// Installs the global subscriber. `level` is an `EnvFilter` directive (`info`,
 /// `keyrotd=debug`, ...); `RUST_LOG` wins when set.
 pub fn init(format: LogFormat, level: &str) {
+    // vaultrs/rustify log every non-2xx (a 404 for a slot not created yet included)
+    // at ERROR; the store layer reports what matters itself.
+    let quiet = ",rustify=off,vaultrs=off";
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(format!("{level}{quiet}")))
+        .unwrap_or_else(|_| EnvFilter::new(format!("info{quiet}")));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder

@@ -44,7 +44,12 @@ async fn stale_keys_rotate_into_every_store_and_retire_after_grace() {
     assert!(!report.any_failed(), "first cycle: {:?}", report.slots);
     let prod_slots = report.slots.len();
     assert!(prod_slots >= 2, "prod slots: {prod_slots}");
-    assert_eq!(rotated(&report), prod_slots, "every slot bootstrapped");
+    assert_eq!(
+        rotated(&report),
+        prod_slots,
+        "every slot bootstrapped: {:?}",
+        report.slots.iter().map(|s| &s.outcome).collect::<Vec<_>>()
+    );
 
     let states = w.store_states(&engine).await;
     assert_eq!(states.len(), prod_slots * 3, "three stores per slot");

@@ -153,8 +153,11 @@ macro_rules! failpoint {
 }
 
 impl SlotRun<'_> {
+    /// Now, to the second: what stores record must read back equal (AWS tags keep
+    /// whole seconds).
     fn now(&self) -> DateTime<Utc> {
-        self.eng.clock.now()
+        use chrono::SubsecRound;
+        self.eng.clock.now().trunc_subsecs(0)
     }
 
     async fn read_all(&mut self) -> SlotResult<()> {

@@ -47,6 +47,9 @@ impl World {
     /// A simulator populated by `scenario`, and a config whose first rule (`prod-*`,
     /// every service account) writes to `stores`; `extra` is appended to `[policy]`.
     pub async fn new(scenario: Scenario, stores: Stores, extra_policy: &str) -> World {
+        if std::env::var_os("RUST_LOG").is_some() {
+            keyrotd::telemetry::init(keyrotd::telemetry::LogFormat::Pretty, "info");
+        }
         std::env::set_var(ADMIN_KEY_ENV, ADMIN_KEY);
         let sim = Sim::new(ADMIN_KEY);
         let truth = scenario.populate(&sim);
