@@ -24,6 +24,9 @@ use crate::metrics::Metrics;
 use crate::openai::ApiStats;
 use crate::rotation::Engine;
 
+/// How long shutdown (and `keyrotd once`) waits for queued notifications.
+pub const NOTIFY_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Shared state of the HTTP listener.
 #[derive(Clone)]
 pub struct HttpState {
@@ -174,9 +177,11 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
     let worker_ready = ready.clone();
     let worker = tokio::spawn(async move {
         let mut busy_until_late = false;
-        while let Some(()) = rx.recv().await {
-            if worker_engine.shutdown.is_cancelled() {
-                break;
+        loop {
+            tokio::select! {
+                biased;
+                _ = worker_engine.shutdown.cancelled() => break,
+                tick = rx.recv() => if tick.is_none() { break },
             }
             if busy_until_late {
                 info!(
@@ -200,13 +205,19 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
     engine.shutdown.cancel();
     let _ = sched.shutdown().await;
     drop(tx);
-    match tokio::time::timeout(opts.shutdown_timeout, worker).await {
-        Ok(_) => info!(event = "daemon.stopped", outcome = "clean", "stopped"),
-        Err(_) => warn!(
+    let finished = tokio::time::timeout(opts.shutdown_timeout, worker)
+        .await
+        .is_ok();
+    // Notices of the last cycle (a failure above all) are worth a short wait.
+    engine.notifier.flush(NOTIFY_FLUSH_TIMEOUT).await;
+    if finished {
+        info!(event = "daemon.stopped", outcome = "clean", "stopped");
+    } else {
+        warn!(
             event = "daemon.stopped",
             outcome = "timeout",
             "in-flight work did not finish within shutdown_timeout"
-        ),
+        );
     }
     Ok(())
 }
