@@ -22,15 +22,11 @@ pub async fn connect(cfg: &Config) -> i32 {
                 line(false, "OpenAI client", &e.to_string());
                 failed = true;
             }
-            Ok(client) => match client.list_projects(false).await {
-                Ok(p) => line(
+            Ok(client) => match client.ping().await {
+                Ok(()) => line(
                     true,
                     "OpenAI Admin API",
-                    &format!(
-                        "admin key accepted by {} ({} projects)",
-                        cfg.openai.base_url,
-                        p.len()
-                    ),
+                    &format!("admin key accepted by {}", cfg.openai.base_url),
                 ),
                 Err(e) => {
                     failed = true;

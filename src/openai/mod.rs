@@ -252,6 +252,22 @@ impl Client {
         .await
     }
 
+    /// Proves the admin key with the cheapest admin call: one project, one page.
+    pub async fn ping(&self) -> ApiResult<()> {
+        let url = self.url(&["organization", "projects"], &[("limit", "1")]);
+        let _: ListResponse<Project> = self
+            .call(
+                Endpoint::ListProjects,
+                Method::GET,
+                url,
+                None::<&()>,
+                Retry::Idempotent,
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// One project by id.
     pub async fn get_project(&self, project_id: &str) -> ApiResult<Project> {
         let url = self.url(&["organization", "projects", project_id], &[]);
