@@ -160,6 +160,27 @@ pub struct PolicyConfig {
     /// How long verification retries a new key before giving up.
     #[serde(with = "humantime_serde")]
     pub verify_timeout: Duration,
+    /// When a slot's previous key is revoked: `grace` (after `grace_period`) or
+    /// `unused` (once `last_used_at` shows no use since promotion, between `min_grace`
+    /// and `max_grace`).
+    pub revoke_when: RevokeWhen,
+    /// With `revoke_when = "unused"`: never revoke sooner than this after promotion.
+    #[serde(with = "humantime_serde")]
+    pub min_grace: Duration,
+    /// With `revoke_when = "unused"`: revoke at this age even if still in use.
+    #[serde(with = "humantime_serde")]
+    pub max_grace: Duration,
+    /// How late the Admin API may report a key's use (`last_used_at`).
+    #[serde(with = "humantime_serde")]
+    pub usage_report_delay: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeWhen {
+    #[default]
+    Grace,
+    Unused,
 }
 
 impl Default for PolicyConfig {
@@ -174,6 +195,10 @@ impl Default for PolicyConfig {
             orphan_min_age: Duration::from_secs(3600),
             lease: Duration::from_secs(600),
             verify_timeout: Duration::from_secs(30),
+            revoke_when: RevokeWhen::Grace,
+            min_grace: Duration::from_secs(3600),
+            max_grace: Duration::from_secs(7 * 86400),
+            usage_report_delay: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -335,7 +360,48 @@ pub struct WebhookConfig {
     pub format: WebhookFormat,
     /// Events to send; empty = all.
     #[serde(default)]
-    pub events: Vec<String>,
+    pub events: Vec<NotifyEvent>,
+}
+
+/// What a webhook can be told about (the `event` field of its payload).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+pub enum NotifyEvent {
+    /// A slot's new key was promoted in every store.
+    #[serde(rename = "rotation.completed")]
+    RotationCompleted,
+    /// A slot failed this cycle (it is retried next cycle).
+    #[serde(rename = "rotation.failed")]
+    RotationFailed,
+    /// A user-owned key is stale (user keys cannot be re-issued by the API).
+    #[serde(rename = "key.stale_user")]
+    StaleUserKey,
+}
+
+impl NotifyEvent {
+    /// The event name as sent and configured.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::RotationCompleted => "rotation.completed",
+            NotifyEvent::RotationFailed => "rotation.failed",
+            NotifyEvent::StaleUserKey => "key.stale_user",
+        }
+    }
+}
+
+impl NotifyConfig {
+    /// Pure checks: each webhook names exactly one URL source.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if w.url_env.is_some() == w.url_file.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("notify.webhooks[{i}].url_env"),
+                    "set exactly one of url_env and url_file (webhook URLs are credentials: \
+                     never inline)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -484,6 +550,16 @@ impl Config {
         }
         if self.openai.max_retries > 20 {
             return Err(ConfigError::invalid("openai.max_retries", "at most 20"));
+        }
+        if self.policy.min_grace > self.policy.max_grace {
+            return Err(ConfigError::invalid(
+                "policy.min_grace",
+                format!(
+                    "{} is longer than policy.max_grace ({})",
+                    humantime::format_duration(self.policy.min_grace),
+                    humantime::format_duration(self.policy.max_grace)
+                ),
+            ));
         }
         if self.policy.max_age.is_zero() {
             return Err(ConfigError::invalid(

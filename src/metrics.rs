@@ -60,6 +60,7 @@ struct Inner {
     oldest_key_age_seconds: Option<f64>,
     cycles: BTreeMap<&'static str, u64>,
     slot_failures: u64,
+    still_in_use: u64,
 }
 
 /// The metrics registry.
@@ -80,6 +81,11 @@ impl Metrics {
 
     pub fn revocation(&self, o: RevocationOutcome) {
         self.with(|m| *m.revocations.entry(o.as_str()).or_default() += 1);
+    }
+
+    /// A previous key still in use after its grace period (`key.still_in_use`).
+    pub fn still_in_use(&self) {
+        self.with(|m| m.still_in_use += 1);
     }
 
     pub fn slot_failed(&self) {
@@ -186,6 +192,13 @@ impl Metrics {
                 "Slots that failed a cycle.",
             );
             let _ = writeln!(out, "keyrotd_slot_failures_total {}", m.slot_failures);
+            family(
+                &mut out,
+                "keyrotd_key_still_in_use_total",
+                "counter",
+                "Checks that found a previous key still in use after its grace period.",
+            );
+            let _ = writeln!(out, "keyrotd_key_still_in_use_total {}", m.still_in_use);
             for (name, help, v) in [
                 (
                     "keyrotd_cycle_duration_seconds",

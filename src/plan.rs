@@ -372,22 +372,24 @@ impl Plan {
                             // Served (or about to be): rotate when due, never revoke.
                         }
                         Some(Role::Previous) => {
+                            // Why it is still alive (or that it is due).
                             let promoted = m
                                 .view
                                 .ok_states()
                                 .filter_map(|(_, s)| s.book.promoted_at)
                                 .max();
-                            let over = promoted.is_some_and(|t| {
-                                now - t
-                                    >= chrono::Duration::from_std(m.rule.grace_period)
-                                        .unwrap_or(chrono::Duration::MAX)
+                            let reason = promoted.map_or(Reason::InGrace, |t| {
+                                policy::retirement(
+                                    policy,
+                                    m.rule.grace_period,
+                                    t,
+                                    k.last_used_at,
+                                    now,
+                                )
+                                .reason
                             });
                             verdict = Verdict::Revoke;
-                            reasons.push(if over {
-                                Reason::GraceOver
-                            } else {
-                                Reason::InGrace
-                            });
+                            reasons.push(reason);
                         }
                         None if policy::is_keyrotd_key(k)
                             && policy::age(k, now) >= policy.orphan_min_age =>

@@ -77,6 +77,9 @@ pub enum Reason {
     GraceOver,
     /// A `keyrotd-*` key that no store references.
     Unreferenced,
+    /// A previous key still used since its replacement was promoted
+    /// (`revoke_when = "unused"`): kept until `max_grace`.
+    InUse,
 }
 
 impl Reason {
@@ -91,6 +94,7 @@ impl Reason {
             Reason::InGrace => "in_grace",
             Reason::GraceOver => "grace_over",
             Reason::Unreferenced => "unreferenced",
+            Reason::InUse => "in_use",
         }
     }
 }
@@ -214,6 +218,69 @@ pub fn evaluate(
         reasons,
         rule,
         max_age,
+    }
+}
+
+/// Whether a slot's previous key may be revoked now, and why (not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retirement {
+    pub due: bool,
+    /// `GraceOver` when due; `InGrace` or `InUse` while it waits.
+    pub reason: Reason,
+    /// Used since promotion and past `grace_period`: someone should switch consumers
+    /// over (`key.still_in_use`).
+    pub still_in_use: bool,
+}
+
+/// Decides a previous key's retirement. Pure.
+///
+/// - `revoke_when = "grace"`: due once `grace_period` has passed since promotion.
+/// - `revoke_when = "unused"`: due at the first check after `min_grace` (and after the
+///   API's `usage_report_delay`, so late-reported uses have shown up) at which
+///   `last_used_at` shows no use since promotion; a key still in use is kept until
+///   `max_grace`, and flagged `still_in_use` once `grace_period` is over.
+pub fn retirement(
+    policy: &PolicyConfig,
+    grace_period: Duration,
+    promoted_at: DateTime<Utc>,
+    last_used_at: Option<i64>,
+    now: DateTime<Utc>,
+) -> Retirement {
+    let elapsed = (now - promoted_at).to_std().unwrap_or(Duration::ZERO);
+    let wait = |reason| Retirement {
+        due: false,
+        reason,
+        still_in_use: false,
+    };
+    let due = Retirement {
+        due: true,
+        reason: Reason::GraceOver,
+        still_in_use: false,
+    };
+    match policy.revoke_when {
+        crate::config::RevokeWhen::Grace => {
+            if elapsed >= grace_period {
+                due
+            } else {
+                wait(Reason::InGrace)
+            }
+        }
+        crate::config::RevokeWhen::Unused => {
+            let used_since = last_used_at.is_some_and(|t| ts(t) > promoted_at);
+            if elapsed >= policy.max_grace {
+                due
+            } else if used_since {
+                Retirement {
+                    due: false,
+                    reason: Reason::InUse,
+                    still_in_use: elapsed >= grace_period,
+                }
+            } else if elapsed >= policy.min_grace.max(policy.usage_report_delay) {
+                due
+            } else {
+                wait(Reason::InGrace)
+            }
+        }
     }
 }
 
@@ -449,6 +516,44 @@ mod tests {
         p.id = "prod-by-id".into();
         assert_eq!(matching_rule(&k, &p, &rules), Some(0));
         let _ = policy;
+    }
+
+    #[test]
+    fn retirement_by_grace_and_by_use() {
+        let (_, grace) = setup("");
+        let (_, unused) =
+            setup("revoke_when = \"unused\"\nmin_grace = \"1h\"\nmax_grace = \"7d\"\nusage_report_delay = \"15m\"");
+        let promoted = now() - chrono::Duration::hours(2);
+        let day = Duration::from_secs(86400);
+        // Default: the grace period alone decides.
+        let r = retirement(&grace, day, promoted, None, now());
+        assert_eq!((r.due, r.reason), (false, Reason::InGrace));
+        let r = retirement(&grace, Duration::from_secs(7200), promoted, None, now());
+        assert_eq!((r.due, r.reason), (true, Reason::GraceOver));
+        // Unused: nobody used it since promotion, min_grace passed: due at once.
+        let before = Some(promoted.timestamp() - 60);
+        let r = retirement(&unused, day, promoted, before, now());
+        assert_eq!((r.due, r.reason), (true, Reason::GraceOver));
+        // ... but never before min_grace.
+        let r = retirement(
+            &unused,
+            day,
+            now() - chrono::Duration::minutes(30),
+            before,
+            now(),
+        );
+        assert_eq!((r.due, r.reason), (false, Reason::InGrace));
+        // Still used: kept, flagged once the grace period is over, revoked at max_grace.
+        let used = Some(now().timestamp() - 60);
+        let r = retirement(&unused, day, promoted, used, now());
+        assert_eq!(
+            (r.due, r.reason, r.still_in_use),
+            (false, Reason::InUse, false)
+        );
+        let r = retirement(&unused, Duration::from_secs(3600), promoted, used, now());
+        assert!(!r.due && r.still_in_use);
+        let r = retirement(&unused, day, now() - chrono::Duration::days(7), used, now());
+        assert!(r.due);
     }
 
     #[test]

@@ -731,10 +731,37 @@ impl SlotRun<'_> {
                 })
                 .collect();
             let mut due = true;
+            let last_used = self
+                .keys
+                .iter()
+                .find(|k| k.id == key_id)
+                .and_then(|k| k.last_used_at);
             for &i in &holders {
                 match self.states[i].book.promoted_at {
-                    Some(t) if self.grace_over(t) => {}
-                    Some(_) => due = false,
+                    Some(t) => {
+                        let r = policy::retirement(
+                            &self.eng.policy,
+                            self.rule.grace_period,
+                            t,
+                            last_used,
+                            self.now(),
+                        );
+                        if r.still_in_use {
+                            self.eng.metrics.still_in_use();
+                            warn!(
+                                event = "key.still_in_use",
+                                project_id = %self.slot.project_id,
+                                service_account_id = %self.slot.service_account_id,
+                                key_id = %key_id,
+                                last_used_at = %last_used.map(|t| policy::ts(t).to_rfc3339()).unwrap_or_default(),
+                                promoted_at = %t.to_rfc3339(),
+                                "the previous key is still in use after the grace period; kept until max_grace"
+                            );
+                        }
+                        if !r.due {
+                            due = false;
+                        }
+                    }
                     None => {
                         // Promotion landed without its clock (a crash): start it now.
                         due = false;
