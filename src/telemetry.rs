@@ -55,7 +55,11 @@ fn filter_for(level: &str) -> EnvFilter {
         .unwrap_or_else(|_| EnvFilter::new(format!("info{QUIET_DEPENDENCIES}")))
 }
 
-type Boxed = Box<dyn Layer<tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>> + Send + Sync>;
+type Boxed = Box<
+    dyn Layer<tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>>
+        + Send
+        + Sync,
+>;
 
 fn json_layer() -> Boxed {
     fmt::layer()

@@ -57,7 +57,13 @@ path = "openai/{{project_name}}/{{service_account_name}}"
 
 fn plan_json(s: &Setup, args: &[&str]) -> (i32, serde_json::Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_keyrotd"))
-        .args(["--config", s.config.to_str().unwrap(), "plan", "--format", "json"])
+        .args([
+            "--config",
+            s.config.to_str().unwrap(),
+            "plan",
+            "--format",
+            "json",
+        ])
         .args(args)
         .env("PLAN_TEST_ADMIN_KEY", ADMIN_KEY)
         .output()
@@ -131,23 +137,45 @@ async fn plan_json_matches_the_ground_truth() {
     .await;
     let (code, json, stderr) = plan_json(&s, &[]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(json["generated_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(json["generated_at"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
     let keys = json["keys"].as_array().expect("keys array");
-    let got: BTreeMap<&str, &serde_json::Value> =
-        keys.iter().map(|k| (k["key_id"].as_str().unwrap(), k)).collect();
+    let got: BTreeMap<&str, &serde_json::Value> = keys
+        .iter()
+        .map(|k| (k["key_id"].as_str().unwrap(), k))
+        .collect();
     assert_eq!(got.len(), keys.len(), "no key listed twice");
 
-    let want: Vec<&TruthKey> = s.truth.keys.iter().filter(|k| !k.project_archived).collect();
-    assert!(want.iter().any(|k| k.owner_inactive), "scenario has inactive owners");
-    assert!(s.truth.keys.iter().any(|k| k.project_archived), "scenario has archived projects");
+    let want: Vec<&TruthKey> = s
+        .truth
+        .keys
+        .iter()
+        .filter(|k| !k.project_archived)
+        .collect();
+    assert!(
+        want.iter().any(|k| k.owner_inactive),
+        "scenario has inactive owners"
+    );
+    assert!(
+        s.truth.keys.iter().any(|k| k.project_archived),
+        "scenario has archived projects"
+    );
     let want_ids: BTreeSet<&str> = want.iter().map(|k| k.key_id.as_str()).collect();
     let got_ids: BTreeSet<&str> = got.keys().copied().collect();
-    assert_eq!(got_ids, want_ids, "exactly the scenario's keys (archived projects excluded)");
+    assert_eq!(
+        got_ids, want_ids,
+        "exactly the scenario's keys (archived projects excluded)"
+    );
 
     for k in want {
         let g = got[k.key_id.as_str()];
         let (verdict, reasons) = expected(k, s.truth.now);
-        assert_eq!(g["verdict"], verdict, "verdict of {} ({:?})", k.key_id, k.name);
+        assert_eq!(
+            g["verdict"], verdict,
+            "verdict of {} ({:?})",
+            k.key_id, k.name
+        );
         let got_reasons: BTreeSet<String> = g["reasons"]
             .as_array()
             .unwrap()
@@ -165,7 +193,9 @@ async fn plan_json_matches_the_ground_truth() {
                 OwnerType::ServiceAccount => "service_account",
             }
         );
-        let rule = if verdict == "rotate" || (k.project_name.starts_with("prod-") && k.owner_type == OwnerType::ServiceAccount) {
+        let rule = if verdict == "rotate"
+            || (k.project_name.starts_with("prod-") && k.owner_type == OwnerType::ServiceAccount)
+        {
             serde_json::json!("prod")
         } else {
             serde_json::Value::Null
@@ -173,7 +203,11 @@ async fn plan_json_matches_the_ground_truth() {
         assert_eq!(g["rule"], rule, "rule of {}", k.key_id);
         let age = (s.truth.now - k.created_at) / DAY;
         let got_age = g["age_days"].as_i64().unwrap();
-        assert!((got_age - age).abs() <= 1, "age_days of {}: {got_age} vs {age}", k.key_id);
+        assert!(
+            (got_age - age).abs() <= 1,
+            "age_days of {}: {got_age} vs {age}",
+            k.key_id
+        );
     }
     // Slots: one per prod service account, all bootstrap (no store holds a key yet).
     let slots = json["slots"].as_array().unwrap();
@@ -189,14 +223,21 @@ async fn plan_json_matches_the_ground_truth() {
         assert_eq!(slot["state"], "bootstrap");
         assert_eq!(slot["rule"], "prod");
         assert_eq!(slot["stores"], serde_json::json!(["local"]));
-        assert!(slot["paths"][0].as_str().unwrap().starts_with("openai/prod-"));
+        assert!(slot["paths"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("openai/prod-"));
         assert!(slot["current_key_id"].is_null());
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_includes_archived_projects_when_configured() {
-    let s = setup(Scenario::new(22).projects(3).archived_projects(2), "include_archived = true").await;
+    let s = setup(
+        Scenario::new(22).projects(3).archived_projects(2),
+        "include_archived = true",
+    )
+    .await;
     let (code, json, stderr) = plan_json(&s, &[]);
     assert_eq!(code, 0, "{stderr}");
     let n = json["keys"].as_array().unwrap().len();
@@ -213,13 +254,23 @@ async fn plan_table_has_a_summary_and_no_colour_off_a_tty() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains('\x1b'), "no ANSI colour when stdout is not a TTY");
+    assert!(
+        !text.contains('\x1b'),
+        "no ANSI colour when stdout is not a TTY"
+    );
     let total = s.truth.keys.len();
     let stale = s.truth.keys.iter().filter(|k| k.stale).count();
     let summary = text.lines().last().unwrap();
-    assert!(summary.starts_with(&format!("{total} keys, {stale} stale,")), "{summary}");
+    assert!(
+        summary.starts_with(&format!("{total} keys, {stale} stale,")),
+        "{summary}"
+    );
     for p in &s.truth.projects {
-        assert!(text.contains(&format!("{} ({})", p.name, p.id)), "project header for {}", p.name);
+        assert!(
+            text.contains(&format!("{} ({})", p.name, p.id)),
+            "project header for {}",
+            p.name
+        );
     }
 }
 
@@ -234,7 +285,10 @@ async fn plan_fails_with_1_on_api_errors_and_2_on_bad_config() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("admin key rejected"), "{err}");
-    assert!(!err.contains("sk-admin-wrong"), "the key never appears: {err}");
+    assert!(
+        !err.contains("sk-admin-wrong"),
+        "the key never appears: {err}"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_keyrotd"))
         .args(["--config", s.config.to_str().unwrap(), "plan"])
@@ -243,5 +297,8 @@ async fn plan_fails_with_1_on_api_errors_and_2_on_bad_config() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("openai.admin_key_env") && err.contains("PLAN_TEST_ADMIN_KEY"), "{err}");
+    assert!(
+        err.contains("openai.admin_key_env") && err.contains("PLAN_TEST_ADMIN_KEY"),
+        "{err}"
+    );
 }

@@ -19,19 +19,35 @@ fn sigterm(pid: u32) {
 
 fn write_config(w: &World, extra: &str) -> std::path::PathBuf {
     let path = w.dir.path().join("keyrotd.toml");
-    let toml = w.toml.replacen("[daemon]\n", &format!("[daemon]\n{extra}\n"), 1);
+    let toml = w
+        .toml
+        .replacen("[daemon]\n", &format!("[daemon]\n{extra}\n"), 1);
     std::fs::write(&path, toml).unwrap();
     path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_once_exits_cleanly_and_leaves_no_orphan() {
-    let w = World::new(Scenario::new(31).projects(12).service_accounts_per_project(2), Stores::File, "").await;
+    let w = World::new(
+        Scenario::new(31)
+            .projects(12)
+            .service_accounts_per_project(2),
+        Stores::File,
+        "",
+    )
+    .await;
     // Slow API: the cycle takes seconds, so the signal lands mid-cycle.
-    w.sim.update_faults(|f| f.latency = Duration::from_millis(60));
+    w.sim
+        .update_faults(|f| f.latency = Duration::from_millis(60));
     let config = write_config(&w, "");
     let child = Command::new(env!("CARGO_BIN_EXE_keyrotd"))
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json", "once"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "once",
+        ])
         .env(ADMIN_KEY_ENV, ADMIN_KEY)
         .stderr(Stdio::piped())
         .spawn()
@@ -44,8 +60,14 @@ async fn sigterm_during_once_exits_cleanly_and_leaves_no_orphan() {
     }
     sigterm(child.id());
     let t = Instant::now();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(30), "exits within shutdown_timeout");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "exits within shutdown_timeout"
+    );
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "clean exit:\n{log}");
     assert!(log.contains("\"event\":\"daemon.stopping\""), "{log}");
@@ -61,7 +83,10 @@ async fn sigterm_during_once_exits_cleanly_and_leaves_no_orphan() {
     let report = engine.cycle().await;
     assert!(!report.any_failed(), "{:?}", report.slots);
     let plan = report.plan.unwrap();
-    assert!(plan.keys.iter().all(|k| k.verdict != keyrotd::policy::Verdict::Orphan));
+    assert!(plan
+        .keys
+        .iter()
+        .all(|k| k.verdict != keyrotd::policy::Verdict::Orphan));
     let states = w.store_states(&engine).await;
     assert_i1(&w, &states);
     assert_i2(&w, &states);
@@ -70,9 +95,18 @@ async fn sigterm_during_once_exits_cleanly_and_leaves_no_orphan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_starts_a_cycle_and_stops_on_sigterm() {
     let w = World::new(Scenario::new(32).projects(3), Stores::File, "").await;
-    let config = write_config(&w, "schedule = \"0 0 1 1 *\"\nrun_on_start = true\nshutdown_timeout = \"5s\"");
+    let config = write_config(
+        &w,
+        "schedule = \"0 0 1 1 *\"\nrun_on_start = true\nshutdown_timeout = \"5s\"",
+    );
     let child = Command::new(env!("CARGO_BIN_EXE_keyrotd"))
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json", "run"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "run",
+        ])
         .env(ADMIN_KEY_ENV, ADMIN_KEY)
         .stderr(Stdio::piped())
         .spawn()
@@ -84,11 +118,17 @@ async fn run_starts_a_cycle_and_stops_on_sigterm() {
         if !states.is_empty() && states.values().all(|s| s.current.is_some()) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "run_on_start cycle did not happen");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "run_on_start cycle did not happen"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     sigterm(child.id());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("\"event\":\"daemon.stopped\""), "{log}");
