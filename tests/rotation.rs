@@ -163,7 +163,7 @@ async fn stale_current_key_is_replaced_and_previous_retired_after_grace() {
 
     w.advance(HOUR - Duration::from_secs(60));
     assert!(!engine.cycle().await.any_failed());
-    for (k, _) in &second {
+    for k in second.keys() {
         assert!(
             w.sim.is_live(&first[k].current.as_ref().unwrap().key_id),
             "revoked inside grace"
