@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{AdminKeySource, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::openai::{ApiError, Client, ClientConfig};
 use crate::rotation::{default_instance_id, Engine, Settings, SystemClock};
@@ -23,6 +24,8 @@ pub enum BuildError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error("admin key: {0}")]
+    AdminKey(#[from] crate::admin_key::AdminKeyError),
 }
 
 /// The Admin API client settings a config describes.
@@ -87,11 +90,38 @@ pub async fn build_stores(cfg: &Config) -> BTreeMap<String, DynStore> {
     out
 }
 
-/// Builds the engine: reads the admin key, connects stores.
+/// The admin key to start with: from its environment variable or file, or, with
+/// `openai.admin_key_store`, from that store's record (the seed while it holds none).
+pub async fn admin_key(
+    cfg: &Config,
+    stores: &BTreeMap<String, DynStore>,
+) -> Result<SecretString, BuildError> {
+    match cfg.admin_key_source()? {
+        AdminKeySource::Store { store, path, .. } => {
+            let s = stores.get(&store).ok_or_else(|| ConfigError::Invalid {
+                key: "openai.admin_key_store".into(),
+                message: format!("unknown store {store:?}"),
+            })?;
+            let seed = cfg.admin_key_seed()?;
+            Ok(crate::admin_key::initial_key(s.as_ref(), &path, seed).await?)
+        }
+        _ => Ok(cfg.admin_key()?),
+    }
+}
+
+/// Builds the engine: connects stores, reads the admin key.
 pub async fn build_engine(cfg: &Config, dry_run: bool) -> Result<Engine, BuildError> {
-    let admin_key = cfg.admin_key()?;
-    let client = Client::new(client_config(cfg), admin_key)?;
+    // A key from the environment or a file is read before connecting anything.
+    let direct = match cfg.admin_key_source()? {
+        AdminKeySource::Store { .. } => None,
+        _ => Some(cfg.admin_key()?),
+    };
     let stores = build_stores(cfg).await;
+    let admin_key = match direct {
+        Some(key) => key,
+        None => admin_key(cfg, &stores).await?,
+    };
+    let client = Client::new(client_config(cfg), admin_key)?;
     Ok(Engine {
         client,
         stores,
@@ -107,6 +137,7 @@ pub async fn build_engine(cfg: &Config, dry_run: bool) -> Result<Engine, BuildEr
                 .unwrap_or_else(default_instance_id),
             dry_run,
             verify_backoff: Duration::from_millis(500),
+            admin_key: cfg.admin_key_store(),
         },
         clock: Arc::new(SystemClock),
         metrics: Arc::new(Metrics::default()),

@@ -12,7 +12,8 @@ fn line(ok: bool, what: &str, detail: &str) {
 /// point. Returns the exit code (0 all good, 2 otherwise).
 pub async fn connect(cfg: &Config) -> i32 {
     let mut failed = false;
-    match cfg.admin_key() {
+    let stores = app::build_stores(cfg).await;
+    match app::admin_key(cfg, &stores).await {
         Err(e) => {
             line(false, "admin key", &e.to_string());
             failed = true;
@@ -47,7 +48,6 @@ pub async fn connect(cfg: &Config) -> i32 {
             },
         },
     }
-    let stores = app::build_stores(cfg).await;
     for (name, store) in &stores {
         match store.health().await {
             Ok(()) => line(

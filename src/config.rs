@@ -93,7 +93,24 @@ pub struct OpenAiConfig {
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
     pub include_archived: bool,
+    /// Keep the admin key in this store (a `[stores.<name>]`): keyrotd reads it from the
+    /// record's `api_key` at `admin_key_path`, re-reads it every cycle, and may rotate
+    /// it. `admin_key_env`/`admin_key_file` are then optional and only seed an empty
+    /// store (see [`crate::admin_key`]).
+    pub admin_key_store: Option<String>,
+    /// Path of the admin key's record in `admin_key_store` (default
+    /// [`DEFAULT_ADMIN_KEY_PATH`]).
+    pub admin_key_path: Option<String>,
+    /// Rotate the admin key itself once it is older than `admin_key_max_age`; needs
+    /// `admin_key_store`.
+    pub rotate_admin_key: bool,
+    /// Age at which the stored admin key is rotated (default: `policy.max_age`).
+    #[serde(with = "humantime_serde")]
+    pub admin_key_max_age: Option<Duration>,
 }
+
+/// Where the admin key's record lives in `openai.admin_key_store` by default.
+pub const DEFAULT_ADMIN_KEY_PATH: &str = "keyrotd/admin-key";
 
 impl Default for OpenAiConfig {
     fn default() -> Self {
@@ -106,6 +123,10 @@ impl Default for OpenAiConfig {
             max_retries: 6,
             max_retry_after: Duration::from_secs(60),
             include_archived: false,
+            admin_key_store: None,
+            admin_key_path: None,
+            rotate_admin_key: false,
+            admin_key_max_age: None,
         }
     }
 }
@@ -464,11 +485,29 @@ fn render_template(template: &str, v: &PathVars<'_>) -> String {
         .replace("{service_account_name}", v.service_account_name)
 }
 
-/// Where the admin key comes from; the key itself is read by [`Config::admin_key`].
+/// Where the admin key comes from; the key itself is read by [`Config::admin_key`]
+/// (environment, file) or when the stores are connected ([`crate::app::admin_key`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminKeySource {
     Env(String),
     File(PathBuf),
+    /// The record at `path` in store `store`; `seed` (environment or file) is read
+    /// only while that store holds no record yet.
+    Store {
+        store: String,
+        path: String,
+        seed: Option<Box<AdminKeySource>>,
+    },
+}
+
+/// The admin key kept in a store (`openai.admin_key_store`), and its rotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminKeyStore {
+    pub store: String,
+    pub path: String,
+    pub rotate: bool,
+    /// Rotate once the stored key is older than this.
+    pub max_age: Duration,
 }
 
 impl Config {
@@ -535,6 +574,7 @@ impl Config {
                  or a Kubernetes Secret mount)",
             ));
         }
+        self.validate_admin_key_store()?;
         self.admin_key_source()?;
         let url = reqwest::Url::parse(&self.openai.base_url).map_err(|e| {
             ConfigError::invalid(
@@ -622,24 +662,154 @@ impl Config {
         Ok(())
     }
 
+    /// Where the admin key comes from: `admin_key_store` when set (with
+    /// `admin_key_env`/`admin_key_file`, if any, as its seed), else exactly one of
+    /// `admin_key_env` and `admin_key_file`.
     pub fn admin_key_source(&self) -> Result<AdminKeySource, ConfigError> {
-        match (&self.openai.admin_key_env, &self.openai.admin_key_file) {
-            (Some(_), Some(_)) => Err(ConfigError::invalid(
+        let direct = match (&self.openai.admin_key_env, &self.openai.admin_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "openai.admin_key_env",
+                    "set only one of admin_key_env and admin_key_file",
+                ))
+            }
+            (Some(env), None) if !env.trim().is_empty() => Some(AdminKeySource::Env(env.clone())),
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "openai.admin_key_env",
+                    "must name an environment variable",
+                ))
+            }
+            (None, Some(file)) => Some(AdminKeySource::File(file.clone())),
+            (None, None) => None,
+        };
+        match (self.admin_key_store(), direct) {
+            (Some(s), seed) => Ok(AdminKeySource::Store {
+                store: s.store,
+                path: s.path,
+                seed: seed.map(Box::new),
+            }),
+            (None, Some(direct)) => Ok(direct),
+            (None, None) => Err(ConfigError::invalid(
                 "openai.admin_key_env",
-                "set only one of admin_key_env and admin_key_file",
-            )),
-            (Some(env), None) if !env.trim().is_empty() => Ok(AdminKeySource::Env(env.clone())),
-            (None, Some(file)) => Ok(AdminKeySource::File(file.clone())),
-            _ => Err(ConfigError::invalid(
-                "openai.admin_key_env",
-                "no admin key source: set admin_key_env (an environment variable name) or admin_key_file",
+                "no admin key source: set admin_key_env (an environment variable name), \
+                 admin_key_file, or admin_key_store",
             )),
         }
     }
 
-    /// Reads the admin key from its environment variable or file.
-    pub fn admin_key(&self) -> Result<SecretString, ConfigError> {
+    /// The admin key's store, path and rotation settings, when it is kept in a store.
+    pub fn admin_key_store(&self) -> Option<AdminKeyStore> {
+        let store = self.openai.admin_key_store.clone()?;
+        Some(AdminKeyStore {
+            store,
+            path: self
+                .openai
+                .admin_key_path
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ADMIN_KEY_PATH.to_string()),
+            rotate: self.openai.rotate_admin_key,
+            max_age: self.openai.admin_key_max_age.unwrap_or(self.policy.max_age),
+        })
+    }
+
+    /// Pure checks of `admin_key_store` and the keys that depend on it.
+    fn validate_admin_key_store(&self) -> Result<(), ConfigError> {
+        let o = &self.openai;
+        let Some(store) = &o.admin_key_store else {
+            for (set, key) in [
+                (o.admin_key_path.is_some(), "openai.admin_key_path"),
+                (o.rotate_admin_key, "openai.rotate_admin_key"),
+                (o.admin_key_max_age.is_some(), "openai.admin_key_max_age"),
+            ] {
+                if set {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "needs openai.admin_key_store: only an admin key kept in a store can be \
+                         rotated (the new key must be stored before the old one is deleted)",
+                    ));
+                }
+            }
+            return Ok(());
+        };
+        if !self.stores.contains_key(store) {
+            let known: Vec<&str> = self.stores.keys().map(String::as_str).collect();
+            return Err(ConfigError::invalid(
+                "openai.admin_key_store",
+                format!("unknown store {store:?} (configured: {known:?})"),
+            ));
+        }
+        if let Some(path) = &o.admin_key_path {
+            crate::store::check_path(store, path)
+                .map_err(|e| ConfigError::invalid("openai.admin_key_path", e.message))?;
+        }
+        if o.admin_key_max_age.is_some() && !o.rotate_admin_key {
+            return Err(ConfigError::invalid(
+                "openai.admin_key_max_age",
+                "has no effect without openai.rotate_admin_key = true",
+            ));
+        }
+        if o.admin_key_max_age == Some(Duration::ZERO) {
+            return Err(ConfigError::invalid(
+                "openai.admin_key_max_age",
+                "must be greater than zero",
+            ));
+        }
+        let path = o
+            .admin_key_path
+            .as_deref()
+            .unwrap_or(DEFAULT_ADMIN_KEY_PATH);
+        for (i, rule) in self.rotate.iter().enumerate() {
+            if rule.stores.contains(store) && !rule.path.contains('{') && rule.path == path {
+                return Err(ConfigError::invalid(
+                    format!("rotate[{i}].path"),
+                    format!("{path:?} in store {store:?} is where the admin key is kept"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the admin key can be read without connecting anywhere: the
+    /// environment variable or file (for a store source, the seed, when one is set).
+    /// A key kept in a store is checked by `check-config --connect`.
+    pub fn check_admin_key(&self) -> Result<(), ConfigError> {
+        self.admin_key_seed().map(|_| ())
+    }
+
+    /// The key from `admin_key_env`/`admin_key_file`: the admin key itself, or, with
+    /// `admin_key_store`, the seed for an empty store (`None` when none is set).
+    pub fn admin_key_seed(&self) -> Result<Option<SecretString>, ConfigError> {
         match self.admin_key_source()? {
+            AdminKeySource::Store { seed: None, .. } => Ok(None),
+            _ => self.admin_key().map(Some),
+        }
+    }
+
+    /// Reads the admin key from its environment variable or file (with
+    /// `admin_key_store`: the seed; an error when there is none, since the key itself
+    /// is only known once the store is read).
+    pub fn admin_key(&self) -> Result<SecretString, ConfigError> {
+        let source = match self.admin_key_source()? {
+            AdminKeySource::Store {
+                seed: Some(seed), ..
+            } => *seed,
+            AdminKeySource::Store {
+                store,
+                path,
+                seed: None,
+            } => {
+                return Err(ConfigError::invalid(
+                    "openai.admin_key_store",
+                    format!(
+                        "the admin key is kept in store {store:?} at {path:?} and is read \
+                         when keyrotd connects to it"
+                    ),
+                ))
+            }
+            direct => direct,
+        };
+        match source {
             AdminKeySource::Env(var) => match std::env::var(&var) {
                 Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_string())),
                 Ok(_) => Err(ConfigError::invalid(
@@ -653,6 +823,10 @@ impl Config {
             },
             AdminKeySource::File(path) => read_secret_file(&path)
                 .map_err(|m| ConfigError::invalid("openai.admin_key_file", m)),
+            AdminKeySource::Store { .. } => Err(ConfigError::invalid(
+                "openai.admin_key_store",
+                "a store cannot seed another store",
+            )),
         }
     }
 

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::openai::ApiStats;
-use crate::rotation::Engine;
+use crate::rotation::{CycleReport, Engine};
 
 /// How long shutdown (and `keyrotd once`) waits for queued notifications.
 pub const NOTIFY_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,8 +32,29 @@ pub const NOTIFY_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub api: Arc<ApiStats>,
-    /// False once a cycle failed wholesale (the scan itself failed).
+    /// False while the last cycle failed wholesale (see [`HttpState::record_cycle`]).
     pub ready: Arc<AtomicBool>,
+}
+
+impl HttpState {
+    /// The listener state of an engine: its metrics and API counters, ready (the config
+    /// is loaded) until a cycle fails wholesale.
+    pub fn for_engine(engine: &Engine) -> HttpState {
+        HttpState {
+            metrics: engine.metrics.clone(),
+            api: engine.client.stats().clone(),
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Updates `/readyz` from a finished cycle: not ready when the cycle failed
+    /// wholesale, i.e. the scan failed (bad admin key, API down) or every slot failed
+    /// (a store unreachable); ready again after the next cycle that did some good.
+    pub fn record_cycle(&self, report: &CycleReport) {
+        let wholesale = report.scan_error.is_some()
+            || (!report.slots.is_empty() && report.failed_slots() == report.slots.len());
+        self.ready.store(!wholesale, Ordering::Relaxed);
+    }
 }
 
 /// The `/metrics`, `/healthz`, `/readyz` router.
@@ -119,19 +140,11 @@ pub struct RunOptions {
 
 /// Runs until SIGTERM/SIGINT. Returns when shut down.
 pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
-    let ready = Arc::new(AtomicBool::new(true));
+    let http = HttpState::for_engine(&engine);
     if let Some(addr) = opts.listen {
-        serve_http(
-            addr,
-            HttpState {
-                metrics: engine.metrics.clone(),
-                api: engine.client.stats().clone(),
-                ready: ready.clone(),
-            },
-            engine.shutdown.clone(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("daemon.listen {addr}: {e}"))?;
+        serve_http(addr, http.clone(), engine.shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("daemon.listen {addr}: {e}"))?;
     }
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -174,7 +187,7 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
     info!(event = "daemon.started", schedule = %opts.schedule, "keyrotd running");
 
     let worker_engine = engine.clone();
-    let worker_ready = ready.clone();
+    let worker_http = http.clone();
     let worker = tokio::spawn(async move {
         let mut busy_until_late = false;
         loop {
@@ -190,7 +203,7 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
                 );
             }
             let report = worker_engine.cycle().await;
-            worker_ready.store(report.scan_error.is_none(), Ordering::Relaxed);
+            worker_http.record_cycle(&report);
             // A tick queued during the cycle means we are late.
             busy_until_late = !rx.is_empty();
         }

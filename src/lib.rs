@@ -5,15 +5,19 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML configuration, `KEYROTD__*` overrides, pure validation.
+//! - [`admin_key`]: the admin key kept in a store, re-read every cycle, and its own
+//!   crash-safe rotation.
 //! - [`openai`]: the Admin API client (pagination, retries) and its models.
 //! - [`store`]: the secret-store trait and its backends (Vault/OpenBao KV v2, AWS
 //!   Secrets Manager, file). Knows nothing of OpenAI.
 //! - [`policy`]: pure verdicts for one key (ok, rotate, revoke, report, orphan).
 //! - [`plan`]: the organization inventory and the read-only plan.
+//! - [`report`]: the org-wide inventory report (HTML, JSON, CSV) built from the plan.
 //! - [`rotation`]: the slot state machine, the only place that orders
 //!   mint → stage → verify → promote → retire.
 //! - [`sim`]: the Admin API simulator used by `keyrotd demo`, `keyrotd sim` and tests.
 
+pub mod admin_key;
 pub mod app;
 pub mod check;
 pub mod config;
@@ -24,6 +28,7 @@ pub mod notify;
 pub mod openai;
 pub mod plan;
 pub mod policy;
+pub mod report;
 pub mod rotation;
 pub mod sim;
 pub mod store;

@@ -43,6 +43,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: PlanFormat,
     },
+    /// Read-only org-wide inventory report: every key, its owner, age and verdict
+    Report {
+        #[arg(long, value_enum, default_value = "html")]
+        format: keyrotd::report::Format,
+        /// Write to this file (atomically) instead of stdout
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Load and validate the configuration
     CheckConfig {
         /// Also prove the admin key and reach every store
@@ -75,6 +83,10 @@ struct SimArgs {
 }
 
 fn main() -> ExitCode {
+    // Test builds only: reads FAILPOINTS (e.g. `after_mint=return`) so the crash tests
+    // can stop the real binary at a step boundary of the rotation state machine.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let format = cli.log_format.unwrap_or_else(LogFormat::detect);
     telemetry::init(format, &cli.log_level);
@@ -114,7 +126,7 @@ async fn dispatch(cli: Cli) -> i32 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if let Err(e) = cfg.admin_key() {
+            if let Err(e) = cfg.check_admin_key() {
                 eprintln!("keyrotd: {e}");
                 return EXIT_BAD_CONFIG;
             }
@@ -153,6 +165,36 @@ async fn dispatch(cli: Cli) -> i32 {
                 }
             }
         }
+        Command::Report { format, output } => {
+            let cfg = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let engine = match app::build_engine(&cfg, true).await {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("keyrotd: {e}");
+                    return EXIT_BAD_CONFIG;
+                }
+            };
+            match engine.plan().await {
+                Ok((inv, _, plan)) => {
+                    use keyrotd::report::{self, Report};
+                    let r = Report::build(&inv, &plan, &engine.rules, &engine.policy);
+                    match report::emit(&report::render(&r, *format), output.as_deref()) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            eprintln!("keyrotd: cannot write the report: {e}");
+                            EXIT_FAILED
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("keyrotd: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
         Command::Once { dry_run } => {
             let cfg = match load(&cli) {
                 Ok(c) => c,
@@ -179,6 +221,7 @@ async fn dispatch(cli: Cli) -> i32 {
                 token.cancel();
             });
             let report = engine.cycle().await;
+            engine.notifier.flush(daemon::NOTIFY_FLUSH_TIMEOUT).await;
             if report.any_failed() {
                 EXIT_FAILED
             } else {

@@ -9,7 +9,7 @@ mod retry;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::{Method, StatusCode, Url};
@@ -111,6 +111,10 @@ pub enum Endpoint {
     DeleteServiceAccount,
     CreateServiceAccountKey,
     ListModels,
+    ListAdminApiKeys,
+    GetAdminApiKey,
+    CreateAdminApiKey,
+    DeleteAdminApiKey,
 }
 
 impl Endpoint {
@@ -127,6 +131,10 @@ impl Endpoint {
             Endpoint::DeleteServiceAccount => "delete_service_account",
             Endpoint::CreateServiceAccountKey => "create_service_account_key",
             Endpoint::ListModels => "list_models",
+            Endpoint::ListAdminApiKeys => "list_admin_api_keys",
+            Endpoint::GetAdminApiKey => "get_admin_api_key",
+            Endpoint::CreateAdminApiKey => "create_admin_api_key",
+            Endpoint::DeleteAdminApiKey => "delete_admin_api_key",
         }
     }
 }
@@ -163,12 +171,15 @@ impl ApiStats {
 /// Every call retries by itself where that is safe (see [`ClientConfig`]): 429s after
 /// the server's `retry-after`, 5xx and network failures with jittered exponential
 /// backoff. Creates are only retried when the server certainly did not act.
+///
+/// Clones share the admin key: [`Client::set_admin_key`] (after a rotation of the admin
+/// key itself) switches every clone at once; requests already sent keep the old one.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Url,
     cfg: ClientConfig,
-    admin_key: SecretString,
+    admin_key: Arc<RwLock<SecretString>>,
     stats: Arc<ApiStats>,
 }
 
@@ -229,7 +240,7 @@ impl Client {
             http,
             base,
             cfg,
-            admin_key,
+            admin_key: Arc::new(RwLock::new(admin_key)),
             stats: Arc::new(ApiStats::default()),
         })
     }
@@ -237,6 +248,30 @@ impl Client {
     /// The request counters of this client and its clones.
     pub fn stats(&self) -> &Arc<ApiStats> {
         &self.stats
+    }
+
+    /// Replaces the admin key of this client and all its clones, for every request
+    /// sent from now on.
+    pub fn set_admin_key(&self, key: SecretString) {
+        *self.admin_key.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+
+    /// Whether `key` is the admin key requests are sent with now (compared without
+    /// exposing either value outside this call).
+    pub fn uses_admin_key(&self, key: &SecretString) -> bool {
+        self.admin_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .expose_secret()
+            == key.expose_secret()
+    }
+
+    /// The admin key requests are sent with now.
+    pub fn admin_key(&self) -> SecretString {
+        self.admin_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every project (all pages); archived ones only when asked.
@@ -266,6 +301,80 @@ impl Client {
             )
             .await?;
         Ok(())
+    }
+
+    /// [`Client::ping`] with `key` instead of the client's admin key: proves a new admin
+    /// key before anything relies on it. A rejected key is `ApiError::Unauthorized`
+    /// (or `Forbidden` for a key that is not an admin key).
+    pub async fn ping_with(&self, key: &SecretString) -> ApiResult<()> {
+        let url = self.url(&["organization", "projects"], &[("limit", "1")]);
+        let _: ListResponse<Project> = self
+            .call(
+                Endpoint::ListProjects,
+                Method::GET,
+                url,
+                None::<&()>,
+                Retry::Idempotent,
+                Some(key),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Every admin API key of the organization (all pages; listing objects, no values).
+    pub async fn list_admin_api_keys(&self) -> ApiResult<Vec<AdminApiKey>> {
+        let path = ["organization", "admin_api_keys"];
+        self.list_all(Endpoint::ListAdminApiKeys, &path, &[], |k: &AdminApiKey| {
+            k.id.clone()
+        })
+        .await
+    }
+
+    /// One admin API key by id (listing object, no value).
+    pub async fn get_admin_api_key(&self, key_id: &str) -> ApiResult<AdminApiKey> {
+        let url = self.url(&["organization", "admin_api_keys", key_id], &[]);
+        self.call(
+            Endpoint::GetAdminApiKey,
+            Method::GET,
+            url,
+            None::<&()>,
+            Retry::Idempotent,
+            None,
+        )
+        .await
+    }
+
+    /// Creates an admin API key; the only response that carries an admin key's value.
+    /// Never retried automatically on an ambiguous failure (no idempotency key).
+    pub async fn create_admin_api_key(
+        &self,
+        req: &CreateAdminKeyRequest,
+    ) -> ApiResult<CreatedAdminKey> {
+        let url = self.url(&["organization", "admin_api_keys"], &[]);
+        self.call(
+            Endpoint::CreateAdminApiKey,
+            Method::POST,
+            url,
+            Some(req),
+            Retry::Unambiguous,
+            None,
+        )
+        .await
+    }
+
+    /// DELETE an admin API key (with the client's current admin key). 404 is returned
+    /// as `ApiError::NotFound`; callers treat it as done.
+    pub async fn delete_admin_api_key(&self, key_id: &str) -> ApiResult<Deleted> {
+        let url = self.url(&["organization", "admin_api_keys", key_id], &[]);
+        self.call(
+            Endpoint::DeleteAdminApiKey,
+            Method::DELETE,
+            url,
+            None::<&()>,
+            Retry::Idempotent,
+            None,
+        )
+        .await
     }
 
     /// One project by id.
@@ -602,7 +711,10 @@ impl Client {
         body: Option<&B>,
         key: Option<&SecretString>,
     ) -> Result<(StatusCode, reqwest::header::HeaderMap, Vec<u8>), (reqwest::Error, bool)> {
-        let token = key.unwrap_or(&self.admin_key);
+        let token = match key {
+            Some(k) => k.clone(),
+            None => self.admin_key(),
+        };
         let mut req = self
             .http
             .request(method, url)

@@ -247,3 +247,127 @@ pub struct ApiErrorBody {
 pub struct ErrorResponse {
     pub error: ApiErrorBody,
 }
+
+/// `AdminApiKey` (the listing object; never carries the value).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct AdminApiKey {
+    pub id: String,
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `sk-admin...xyz`: a prefix and a suffix of the value.
+    #[serde(default)]
+    pub redacted_value: Option<String>,
+    pub created_at: i64,
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    #[serde(default)]
+    pub last_used_at: Option<i64>,
+    #[serde(default)]
+    pub owner: Option<AdminApiKeyOwner>,
+}
+
+impl AdminApiKey {
+    /// Whether `value` is consistent with `redacted_value` (`<prefix>...<suffix>`, the
+    /// ellipsis as `...` or `…`). False when the listing has no redacted value.
+    pub fn redaction_matches(&self, value: &str) -> bool {
+        let Some(redacted) = self.redacted_value.as_deref() else {
+            return false;
+        };
+        let split = redacted
+            .split_once("...")
+            .or_else(|| redacted.split_once('\u{2026}'));
+        match split {
+            Some((prefix, suffix)) => {
+                prefix.len() + suffix.len() <= value.len()
+                    && value.starts_with(prefix)
+                    && value.ends_with(suffix)
+                    && !(prefix.is_empty() && suffix.is_empty())
+            }
+            None => false,
+        }
+    }
+}
+
+/// `owner` of an `AdminApiKey`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct AdminApiKeyOwner {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// Body of `POST /organization/admin_api_keys`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CreateAdminKeyRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+}
+
+/// `AdminApiKeyCreateResponse`: the only place an admin key's value appears. `Debug`
+/// redacts it.
+#[derive(Clone, Deserialize)]
+pub struct CreatedAdminKey {
+    pub id: String,
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub redacted_value: Option<String>,
+    pub created_at: i64,
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    #[serde(deserialize_with = "de_secret")]
+    pub value: SecretString,
+}
+
+impl fmt::Debug for CreatedAdminKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedAdminKey")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("value", &"[REDACTED]")
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod admin_key_tests {
+    use super::*;
+
+    fn listed(redacted: Option<&str>) -> AdminApiKey {
+        AdminApiKey {
+            id: "key_1".into(),
+            object: None,
+            name: None,
+            redacted_value: redacted.map(str::to_string),
+            created_at: 0,
+            expires_at: None,
+            last_used_at: None,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn redaction_matching() {
+        let k = listed(Some("sk-admin...wxyz"));
+        assert!(k.redaction_matches("sk-admin-abcdefwxyz"));
+        assert!(!k.redaction_matches("sk-admin-abcdefwxyq"));
+        assert!(!k.redaction_matches("sk-proj-abcdefwxyz"));
+        assert!(!k.redaction_matches("sk-adminwxyz"[..7].as_ref()));
+        assert!(listed(Some("sk-ad\u{2026}xyz")).redaction_matches("sk-admin-xyz"));
+        assert!(!listed(Some("...")).redaction_matches("anything"));
+        assert!(!listed(Some("sk-admin-full")).redaction_matches("sk-admin-full"));
+        assert!(!listed(None).redaction_matches("sk-admin-abc"));
+    }
+}

@@ -75,6 +75,8 @@ pub struct Settings {
     pub dry_run: bool,
     /// First wait between verification attempts (doubles up to 5 s).
     pub verify_backoff: Duration,
+    /// The admin key's store record and rotation (`openai.admin_key_store`), if any.
+    pub admin_key: Option<crate::config::AdminKeyStore>,
 }
 
 /// One slot's result in a cycle.
@@ -90,7 +92,7 @@ pub struct CycleReport {
     pub slots: Vec<SlotReport>,
     /// Revocations of user keys (`user_keys = "revoke"`).
     pub user_keys_revoked: Vec<String>,
-    /// Failures outside slots (user-key revocations).
+    /// Failures outside slots (admin key maintenance, user-key revocations).
     pub other_failures: Vec<String>,
     /// Set when the scan itself failed: nothing was done.
     pub scan_error: Option<String>,
@@ -98,6 +100,8 @@ pub struct CycleReport {
     pub duration: Duration,
     /// Slots skipped because shutdown was requested.
     pub skipped: usize,
+    /// What admin-key maintenance did (`None` when it failed: see `other_failures`).
+    pub admin_key: Option<crate::admin_key::AdminKeyReport>,
 }
 
 impl CycleReport {
@@ -179,6 +183,14 @@ impl Engine {
             dry_run = self.settings.dry_run,
             "rotation cycle started"
         );
+        // Before the scan, so the scan already runs on a key another replica rotated.
+        match crate::admin_key::maybe_rotate(self).await {
+            Ok(r) => report.admin_key = Some(r),
+            Err(e) => {
+                warn!(event = "admin_key.failed", outcome = "failed", error = %e, "admin key maintenance failed; carrying on with the admin key in use");
+                report.other_failures.push(format!("admin key: {e}"));
+            }
+        }
         let inv = match plan::scan(
             &self.client,
             &self.rules,

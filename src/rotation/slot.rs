@@ -277,8 +277,30 @@ impl SlotRun<'_> {
                 }
             }
         } else if let Some(key_id) = self.find_by_name(&intent.key_name).await? {
-            info!(event = "key.unrecorded", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_id = %key_id, key_name = %intent.key_name, "found a key minted by an interrupted run; revoking it");
-            self.revoke(&key_id, "unrecorded").await?;
+            if self.referenced(&key_id) {
+                // The rotation got further than its intent says: a store already holds
+                // the key (AWS keeps the intent in tags, written after the label moves,
+                // so a crash in between leaves it behind). Never revoke it: finish the
+                // promotion where the key is current (clears the intent, starts the
+                // grace clock); stores that disagree are reconciled by a rotation.
+                info!(event = "rotation.resumed", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_id = %key_id, "the interrupted rotation's key is already in the stores; finishing it");
+                let t = Transition::Promote {
+                    key_id: key_id.clone(),
+                    at: self.now(),
+                };
+                for i in 0..self.stores.len() {
+                    let current = self.states[i]
+                        .current
+                        .as_ref()
+                        .is_some_and(|c| c.key_id == key_id);
+                    if current && self.states[i].book.intent.as_ref() == Some(intent) {
+                        self.apply(i, &t).await?;
+                    }
+                }
+            } else {
+                info!(event = "key.unrecorded", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_id = %key_id, key_name = %intent.key_name, "found a key minted by an interrupted run; revoking it");
+                self.revoke(&key_id, "unrecorded").await?;
+            }
         }
         for i in 0..self.stores.len() {
             if self.states[i].book.intent.as_ref() == Some(intent) {
@@ -672,8 +694,9 @@ impl SlotRun<'_> {
         }
     }
 
-    /// DELETEs a key; 404 counts as done.
-    async fn revoke(&self, key_id: &str, reason: &str) -> SlotResult<()> {
+    /// DELETEs a key; 404 counts as done. A revoked key leaves `keys`, so a later step
+    /// of the same run (the sweep) does not delete it a second time.
+    async fn revoke(&mut self, key_id: &str, reason: &str) -> SlotResult<()> {
         failpoint!("before_revoke");
         match self
             .eng
@@ -695,8 +718,16 @@ impl SlotRun<'_> {
                 return Err(e.into());
             }
         }
+        self.keys.retain(|k| k.id != key_id);
         failpoint!("after_revoke");
         Ok(())
+    }
+
+    /// Whether any store holds the key: current, pending or previous.
+    fn referenced(&self, key_id: &str) -> bool {
+        self.states
+            .iter()
+            .any(|s| s.referenced_key_ids().any(|r| r == key_id))
     }
 
     fn served(&self, key_id: &str) -> bool {

@@ -30,8 +30,9 @@ pub struct Faults {
     pub server_error_status: u16,
     /// Deterministic failures, consumed in order of the list by matching requests.
     pub fail_next: Vec<FailNext>,
-    /// The next N successful key creations (`POST .../service_accounts` and
-    /// `POST .../service_accounts/{id}/api_keys`) create the key but lose the response.
+    /// The next N successful key creations (`POST .../service_accounts`,
+    /// `POST .../service_accounts/{id}/api_keys` and `POST /organization/admin_api_keys`)
+    /// create the key but lose the response.
     pub lose_create_responses: u32,
     /// How a lost response looks to the client.
     pub lost_response: LostResponse,
@@ -42,6 +43,9 @@ pub struct Faults {
     pub refuse_sa_key_delete: bool,
     /// Which keys `GET /models` rejects with 401 although they are live.
     pub reject_verification: RejectVerification,
+    /// Which live admin keys the admin endpoints reject with 401 (`Minted`: the ones
+    /// created through `POST /organization/admin_api_keys`; `Keys`: admin key ids).
+    pub reject_admin_keys: RejectVerification,
     /// Keys created through the API answer 401 on `GET /models` for this long (real
     /// time) after creation, like a key that has not propagated yet.
     pub propagation_delay: Duration,
@@ -61,6 +65,7 @@ impl Default for Faults {
             malformed_next: Vec::new(),
             refuse_sa_key_delete: false,
             reject_verification: RejectVerification::None,
+            reject_admin_keys: RejectVerification::None,
             propagation_delay: Duration::ZERO,
         }
     }
@@ -187,13 +192,14 @@ pub enum Malformation {
     WrongShape,
 }
 
-/// Which live keys `GET /models` rejects.
+/// Which live keys `GET /models` (or, for admin keys, the admin endpoints) rejects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum RejectVerification {
     /// None: every live key verifies.
     #[default]
     None,
-    /// Keys created through the API (minted), not the ones seeded by a scenario.
+    /// Keys created through the API (minted), not the ones seeded by a scenario or the
+    /// simulator's initial admin key.
     Minted,
     /// Every key.
     All,

@@ -149,7 +149,7 @@ fn run(
         Ok(v) => v,
         Err(e) => return Outcome::error(&e),
     };
-    if route.creates_project_key() && st.faults.lose_create_responses > 0 {
+    if route.creates_key() && st.faults.lose_create_responses > 0 {
         st.faults.lose_create_responses -= 1;
         return match st.faults.lost_response {
             LostResponse::ServerError => injected(st, 500),

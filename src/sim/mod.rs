@@ -39,7 +39,9 @@
 //!   `last_used_at` to the simulator's now. An admin key there is a 401; a project key
 //!   on an admin endpoint is a 403.
 //! - Admin keys created through `POST /organization/admin_api_keys` authenticate like
-//!   the initial one; deleting one invalidates it.
+//!   the initial one; deleting one invalidates it. [`Sim::admin_keys`] shows them all
+//!   (values included, deleted ones too); [`Faults::reject_admin_keys`] makes live ones
+//!   fail authentication.
 //! - `POST /organization/projects/{id}/archive` (real API, not in the excerpt) archives.
 //! - The clock is wall time plus [`Sim::advance`]; it stamps `created_at`,
 //!   `last_used_at` and expiry. [`Faults::propagation_delay`] uses real time.
@@ -138,6 +140,36 @@ impl fmt::Debug for SimKey {
             .field("owner_active", &self.owner_active)
             .field("minted", &self.minted)
             .field("deleted_at", &self.deleted_at)
+            .finish()
+    }
+}
+
+/// An admin API key as the simulator holds it, value included (tests only). `Debug`
+/// redacts the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SimAdminKey {
+    pub id: String,
+    pub name: String,
+    pub value: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+    /// Created through `POST /organization/admin_api_keys` rather than seeded.
+    pub minted: bool,
+    pub deleted: bool,
+}
+
+impl fmt::Debug for SimAdminKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimAdminKey")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("value", &"[REDACTED]")
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("last_used_at", &self.last_used_at)
+            .field("minted", &self.minted)
+            .field("deleted", &self.deleted)
             .finish()
     }
 }
@@ -416,6 +448,35 @@ impl Sim {
             .collect();
         deleted.sort_by_key(|k| k.seq);
         deleted.into_iter().map(|k| k.id.clone()).collect()
+    }
+
+    /// Every admin key ever created (deleted ones too), in creation order.
+    pub fn admin_keys(&self) -> Vec<SimAdminKey> {
+        let st = self.lock();
+        let mut keys: Vec<&state::AdminKeyRec> = st.admin_keys.values().collect();
+        keys.sort_by_key(|k| k.seq);
+        keys.into_iter()
+            .map(|k| SimAdminKey {
+                id: k.id.clone(),
+                name: k.name.clone(),
+                value: k.value.clone(),
+                created_at: k.created_at,
+                expires_at: k.expires_at,
+                last_used_at: k.last_used_at,
+                minted: k.minted,
+                deleted: k.deleted,
+            })
+            .collect()
+    }
+
+    /// Whether an admin key value would authenticate now (not deleted, not expired;
+    /// ignores [`Faults::reject_admin_keys`]). Does not move `last_used_at`.
+    pub fn admin_key_works(&self, value: &str) -> bool {
+        let st = self.lock();
+        let now = st.now();
+        st.admin_keys
+            .values()
+            .any(|k| k.value == value && !k.deleted && k.expires_at.is_none_or(|e| e > now))
     }
 
     /// A consumer using a key: exactly what `GET /v1/models` does (moves

@@ -96,13 +96,18 @@ impl Route {
         }
     }
 
-    /// Whether a success creates a project API key (the responses that
-    /// [`Faults::lose_create_responses`](super::Faults::lose_create_responses) loses).
+    /// Whether a success creates a project API key.
     pub fn creates_project_key(self) -> bool {
         matches!(
             self,
             Route::CreateServiceAccount | Route::CreateServiceAccountKey
         )
+    }
+
+    /// Whether a success creates a key, project or admin (the responses that
+    /// [`Faults::lose_create_responses`](super::Faults::lose_create_responses) loses).
+    pub fn creates_key(self) -> bool {
+        self.creates_project_key() || self == Route::CreateAdminKey
     }
 
     /// Whether the route is authenticated with an admin key (all but `/models`).
@@ -130,6 +135,10 @@ impl From<Endpoint> for Route {
             Endpoint::DeleteServiceAccount => Route::DeleteServiceAccount,
             Endpoint::CreateServiceAccountKey => Route::CreateServiceAccountKey,
             Endpoint::ListModels => Route::ListModels,
+            Endpoint::ListAdminApiKeys => Route::ListAdminKeys,
+            Endpoint::GetAdminApiKey => Route::GetAdminKey,
+            Endpoint::CreateAdminApiKey => Route::CreateAdminKey,
+            Endpoint::DeleteAdminApiKey => Route::DeleteAdminKey,
         }
     }
 }

@@ -137,6 +137,8 @@ pub(crate) struct AdminKeyRec {
     pub expires_at: Option<i64>,
     pub last_used_at: Option<i64>,
     pub deleted: bool,
+    /// Created through `POST /organization/admin_api_keys` rather than seeded.
+    pub minted: bool,
 }
 
 /// A parsed query string (the last value of a repeated parameter wins).
@@ -194,7 +196,7 @@ impl State {
         };
         let now = st.now();
         st.org_owner = st.new_user("Org Owner", "owner@example.com", "owner", now);
-        st.insert_admin_key("Initial Admin Key", admin_key.to_owned(), now, None);
+        st.insert_admin_key("Initial Admin Key", admin_key.to_owned(), now, None, false);
         st
     }
 
@@ -399,6 +401,7 @@ impl State {
         value: String,
         now: i64,
         expires_at: Option<i64>,
+        minted: bool,
     ) -> String {
         let id = self.new_id("key_");
         let seq = self.next_seq();
@@ -415,6 +418,7 @@ impl State {
                 expires_at,
                 last_used_at: None,
                 deleted: false,
+                minted,
             },
         );
         id
@@ -494,8 +498,17 @@ impl State {
             .with_code("invalid_request_error", Some("invalid_api_key")));
         };
         if let Some(id) = self.admin_by_value.get(token).cloned() {
+            let rejected =
+                self.admin_keys
+                    .get(&id)
+                    .is_some_and(|k| match &self.faults.reject_admin_keys {
+                        RejectVerification::None => false,
+                        RejectVerification::Minted => k.minted,
+                        RejectVerification::All => true,
+                        RejectVerification::Keys(ids) => ids.contains(&k.id),
+                    });
             if let Some(k) = self.admin_keys.get_mut(&id) {
-                if !k.deleted && k.expires_at.is_none_or(|e| e > now) {
+                if !rejected && !k.deleted && k.expires_at.is_none_or(|e| e > now) {
                     k.last_used_at = Some(now);
                     return Ok(());
                 }
@@ -652,7 +665,7 @@ impl State {
                 let name = required_str(&b, "name")?;
                 let expires_at = expires_in(&b)?.map(|s| now + s);
                 let value = format!("sk-admin-{}", self.random_chars(48));
-                let id = self.insert_admin_key(&name, value.clone(), now, expires_at);
+                let id = self.insert_admin_key(&name, value.clone(), now, expires_at, true);
                 let mut v = self.admin_key_json(&self.admin_keys[&id]);
                 v["value"] = Value::String(value);
                 Ok(v)

@@ -622,6 +622,8 @@ impl AwsStore {
             let to = d.pending.as_deref();
             self.move_stage(path, CURRENT, d.current.as_deref(), to)
                 .await?;
+            // Feature `failpoints` (tests): a crash between the two label moves.
+            fail::fail_point!("aws_between_label_moves", |_| std::process::abort());
             if let Err(e) = self.move_stage(path, PENDING, to, None).await {
                 // Harmless: AWSPENDING on the current version reads as "no pending".
                 tracing::warn!(event = "aws.pending_label_left", store = %self.name, path, error = %e);
