@@ -1,0 +1,446 @@
+//! The HTTP listener against a real engine: `/metrics` values after real cycles, the
+//! exposition format checked by a strict parser, `/healthz` and `/readyz`.
+
+mod e2e;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use e2e::{Stores, World};
+use keyrotd::daemon::{serve_http, HttpState};
+use keyrotd::rotation::SlotOutcome;
+use keyrotd::sim::{Route, Scenario};
+use tokio_util::sync::CancellationToken;
+
+/// One sample: metric name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A parsed exposition: the TYPE of each family and every sample.
+#[derive(Debug, Default)]
+struct Exposition {
+    types: BTreeMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+impl Exposition {
+    /// The value of the one series `name{labels}`; panics when absent.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let want: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.samples
+            .iter()
+            .find(|s| s.name == name && s.labels == want)
+            .unwrap_or_else(|| panic!("no series {name}{labels:?} in {:#?}", self.samples))
+            .value
+    }
+
+    fn family(&self, name: &str) -> Vec<&Sample> {
+        self.samples.iter().filter(|s| s.name == name).collect()
+    }
+}
+
+fn is_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn is_label_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with("__")
+}
+
+fn parse_value(s: &str) -> Result<f64, String> {
+    match s {
+        "+Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        "NaN" => Ok(f64::NAN),
+        _ => s.parse::<f64>().map_err(|e| format!("value {s:?}: {e}")),
+    }
+}
+
+/// `{a="x",b="y"}` (the braces included) → labels, and the rest of the line.
+fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = s
+        .strip_prefix('{')
+        .ok_or_else(|| format!("expected '{{' in {s:?}"))?;
+    loop {
+        if let Some(r) = rest.strip_prefix('}') {
+            return Ok((labels, r));
+        }
+        let eq = rest
+            .find('=')
+            .ok_or_else(|| format!("label without '=': {rest:?}"))?;
+        let name = &rest[..eq];
+        if !is_label_name(name) {
+            return Err(format!("bad label name {name:?}"));
+        }
+        let mut chars = rest[eq + 1..]
+            .strip_prefix('"')
+            .ok_or_else(|| format!("label {name} value not quoted"))?
+            .char_indices();
+        let mut value = String::new();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, '\\')) => value.push('\\'),
+                    Some((_, '"')) => value.push('"'),
+                    Some((_, 'n')) => value.push('\n'),
+                    other => return Err(format!("bad escape {other:?} in label {name}")),
+                },
+                Some((i, '"')) => break i,
+                Some((_, '\n')) | None => return Err(format!("unterminated label {name}")),
+                Some((_, c)) => value.push(c),
+            }
+        };
+        if labels.insert(name.to_string(), value).is_some() {
+            return Err(format!("label {name} repeated"));
+        }
+        rest = &rest[eq + 1..][1 + end + 1..];
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r;
+        } else if !rest.starts_with('}') {
+            return Err(format!("expected ',' or '}}' after label {name}: {rest:?}"));
+        }
+    }
+}
+
+/// A strict parser of the Prometheus text format 0.0.4: HELP/TYPE comments, each
+/// family's TYPE before its samples and at most once, a family's lines contiguous,
+/// valid names, quoted and escaped label values, float values, no duplicate series.
+fn parse_exposition(text: &str) -> Result<Exposition, String> {
+    if !text.ends_with('\n') {
+        return Err("the exposition must end with a newline".into());
+    }
+    let mut exp = Exposition::default();
+    let mut helps = BTreeSet::new();
+    let mut series = BTreeSet::new();
+    let mut closed = BTreeSet::new();
+    let mut current: Option<String> = None;
+    let mut switch_to = |family: &str, current: &mut Option<String>| -> Result<(), String> {
+        if current.as_deref() != Some(family) {
+            if let Some(prev) = current.take() {
+                closed.insert(prev);
+            }
+            if closed.contains(family) {
+                return Err(format!("lines of family {family} are not contiguous"));
+            }
+            *current = Some(family.to_string());
+        }
+        Ok(())
+    };
+    for (n, line) in text.lines().enumerate() {
+        let at = |e: String| format!("line {}: {e}: {line:?}", n + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            let mut parts = comment.trim_start().splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("HELP"), Some(name), _) => {
+                    if !is_metric_name(name) {
+                        return Err(at(format!("bad metric name {name:?}")));
+                    }
+                    switch_to(name, &mut current).map_err(at)?;
+                    if !helps.insert(name.to_string()) {
+                        return Err(at(format!("second HELP for {name}")));
+                    }
+                }
+                (Some("TYPE"), Some(name), Some(kind)) => {
+                    if !is_metric_name(name) {
+                        return Err(at(format!("bad metric name {name:?}")));
+                    }
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                        return Err(at(format!("unknown type {kind:?}")));
+                    }
+                    switch_to(name, &mut current).map_err(at)?;
+                    if exp.samples.iter().any(|s| s.name == name) {
+                        return Err(at(format!("TYPE of {name} after its samples")));
+                    }
+                    if exp
+                        .types
+                        .insert(name.to_string(), kind.to_string())
+                        .is_some()
+                    {
+                        return Err(at(format!("second TYPE for {name}")));
+                    }
+                }
+                (Some("HELP" | "TYPE"), _, _) => return Err(at("malformed HELP/TYPE".into())),
+                _ => {} // a plain comment
+            }
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
+        let name = &line[..name_end];
+        if !is_metric_name(name) {
+            return Err(at(format!("bad metric name {name:?}")));
+        }
+        let (labels, rest) = if line[name_end..].starts_with('{') {
+            parse_labels(&line[name_end..]).map_err(at)?
+        } else {
+            (BTreeMap::new(), &line[name_end..])
+        };
+        let mut fields = rest
+            .strip_prefix(' ')
+            .ok_or_else(|| at("expected one space before the value".into()))?
+            .split(' ');
+        let value = parse_value(fields.next().unwrap_or_default()).map_err(at)?;
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>()
+                .map_err(|e| at(format!("timestamp {ts:?}: {e}")))?;
+        }
+        if fields.next().is_some() {
+            return Err(at("trailing fields".into()));
+        }
+        let family = exp
+            .types
+            .keys()
+            .find(|f| {
+                name == f.as_str()
+                    || (["histogram", "summary"].contains(&exp.types[*f].as_str())
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|sfx| name.strip_suffix(sfx) == Some(f.as_str())))
+            })
+            .cloned()
+            .ok_or_else(|| at(format!("sample of {name} without a TYPE before it")))?;
+        switch_to(&family, &mut current).map_err(at)?;
+        let key = format!("{name}{labels:?}");
+        if !series.insert(key) {
+            return Err(at("duplicate series".into()));
+        }
+        exp.samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    Ok(exp)
+}
+
+#[test]
+fn the_parser_rejects_what_prometheus_rejects() {
+    let ok =
+        "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 2\na_total{x=\"q\\\"\"} 3\n";
+    let e = parse_exposition(ok).unwrap();
+    assert_eq!(e.get("a_total", &[("x", "q\"")]), 3.0);
+    for (bad, why) in [
+        ("a 1\n", "no TYPE"),
+        ("# TYPE a gauge\na 1\na 2\n", "duplicate"),
+        ("# TYPE a gauge\na{x=1} 1\n", "unquoted"),
+        ("# TYPE a gauge\na  1\n", "two spaces"),
+        ("# TYPE 1a gauge\n", "bad name"),
+        ("# TYPE a gauge\na one\n", "bad value"),
+        ("# TYPE a gauge\n# TYPE a gauge\n", "second TYPE"),
+        (
+            "# TYPE a gauge\n# TYPE b gauge\nb 1\na 1\n",
+            "not contiguous",
+        ),
+        ("# TYPE a gauge\na 1", "no final newline"),
+        ("# TYPE a wobbly\n", "unknown type"),
+    ] {
+        assert!(parse_exposition(bad).is_err(), "accepted ({why}): {bad:?}");
+    }
+}
+
+async fn get(client: &reqwest::Client, addr: SocketAddr, path: &str) -> (u16, String) {
+    let r = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = r.status().as_u16();
+    (status, r.text().await.expect("body"))
+}
+
+async fn scrape(client: &reqwest::Client, addr: SocketAddr) -> Exposition {
+    let r = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(r.status().as_u16(), 200);
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ct.starts_with("text/plain; version=0.0.4"),
+        "content-type {ct}"
+    );
+    let text = r.text().await.expect("body");
+    parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_follow_the_cycles() {
+    let scenario = Scenario::new(31)
+        .projects(6)
+        .service_accounts_per_project(2)
+        .user_keys_per_project(1)
+        .stale_fraction(0.5);
+    let w = World::new(scenario, Stores::File, "").await;
+    let engine = w.engine(false).await;
+    let state = HttpState::for_engine(&engine);
+    let token = CancellationToken::new();
+    let addr = serve_http("127.0.0.1:0".parse().unwrap(), state.clone(), token.clone())
+        .await
+        .expect("listener starts");
+    let client = reqwest::Client::new();
+
+    // Before any cycle: alive, ready (config loaded), every family present.
+    assert_eq!(get(&client, addr, "/healthz").await.0, 200);
+    assert_eq!(get(&client, addr, "/readyz").await.0, 200);
+    let m = scrape(&client, addr).await;
+    for family in [
+        "keyrotd_keys",
+        "keyrotd_rotations_total",
+        "keyrotd_revocations_total",
+        "keyrotd_cycle_duration_seconds",
+        "keyrotd_last_success_timestamp_seconds",
+        "keyrotd_oldest_key_age_seconds",
+        "keyrotd_api_requests_total",
+    ] {
+        assert!(m.types.contains_key(family), "family {family} declared");
+    }
+    assert_eq!(m.get("keyrotd_last_success_timestamp_seconds", &[]), 0.0);
+
+    // A good cycle.
+    let before = chrono::Utc::now().timestamp() as f64;
+    let report = engine.cycle().await;
+    state.record_cycle(&report);
+    assert!(!report.any_failed(), "{:?}", report.slots);
+    let rotated = report
+        .slots
+        .iter()
+        .filter(|s| matches!(s.outcome, Ok(SlotOutcome::Rotated { .. })))
+        .count();
+    assert!(rotated >= 2, "prod slots rotate: {rotated}");
+
+    let m = scrape(&client, addr).await;
+    assert_eq!(
+        m.get("keyrotd_rotations_total", &[("outcome", "completed")]),
+        rotated as f64
+    );
+    assert_eq!(
+        m.get("keyrotd_rotations_total", &[("outcome", "failed")]),
+        0.0
+    );
+    let by_verdict = m.family("keyrotd_keys");
+    assert_eq!(
+        by_verdict.len(),
+        5,
+        "one series per verdict: {by_verdict:?}"
+    );
+    let keys: f64 = by_verdict.iter().map(|s| s.value).sum();
+    assert_eq!(
+        keys,
+        w.truth.keys.len() as f64,
+        "keys by verdict sum to the keys scanned"
+    );
+    assert_eq!(
+        m.get("keyrotd_keys", &[("verdict", "rotate")]),
+        w.stale_prod_sa_keys().len() as f64,
+        "the stale prod service-account keys are the ones to rotate"
+    );
+    assert!(
+        m.get(
+            "keyrotd_api_requests_total",
+            &[("endpoint", "list_projects"), ("status", "200")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        m.get(
+            "keyrotd_api_requests_total",
+            &[
+                ("endpoint", "create_service_account_key"),
+                ("status", "200")
+            ]
+        ),
+        rotated as f64,
+        "one mint per rotated slot"
+    );
+    let last_success = m.get("keyrotd_last_success_timestamp_seconds", &[]);
+    assert!(last_success >= before - 1.0, "{last_success} vs {before}");
+    assert!(m.get("keyrotd_cycle_duration_seconds", &[]) > 0.0);
+    let oldest = w
+        .truth
+        .keys
+        .iter()
+        .map(|k| w.truth.now - k.created_at)
+        .max()
+        .unwrap() as f64;
+    let reported = m.get("keyrotd_oldest_key_age_seconds", &[]);
+    assert!(
+        (reported - oldest).abs() < 120.0,
+        "oldest key age {reported} vs ground truth {oldest}"
+    );
+    assert_eq!(get(&client, addr, "/readyz").await.0, 200);
+
+    // After the grace period the replaced stale keys are revoked and counted.
+    w.advance(Duration::from_secs(2 * 3600));
+    let report = engine.cycle().await;
+    state.record_cycle(&report);
+    assert!(!report.any_failed(), "{:?}", report.slots);
+    let m = scrape(&client, addr).await;
+    assert_eq!(
+        m.get("keyrotd_revocations_total", &[("outcome", "revoked")]),
+        w.stale_prod_sa_keys().len() as f64
+    );
+    assert_eq!(
+        m.get(
+            "keyrotd_api_requests_total",
+            &[("endpoint", "delete_api_key"), ("status", "200")]
+        ),
+        w.stale_prod_sa_keys().len() as f64
+    );
+
+    // A cycle whose scan fails (the admin key is refused): not ready, still alive, the
+    // failure counted and the last-success time unchanged.
+    let last_success = m.get("keyrotd_last_success_timestamp_seconds", &[]);
+    w.sim
+        .update_faults(|f| *f = f.clone().fail_next(Route::ListProjects, 401, 1));
+    let report = engine.cycle().await;
+    state.record_cycle(&report);
+    assert!(report.scan_error.is_some(), "the scan failed");
+    let (status, body) = get(&client, addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(get(&client, addr, "/healthz").await.0, 200);
+    let m = scrape(&client, addr).await;
+    assert_eq!(
+        m.get(
+            "keyrotd_api_requests_total",
+            &[("endpoint", "list_projects"), ("status", "401")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.get("keyrotd_last_success_timestamp_seconds", &[]),
+        last_success
+    );
+    assert_eq!(m.get("keyrotd_cycles_total", &[("result", "failed")]), 1.0);
+
+    // The next good cycle makes it ready again.
+    let report = engine.cycle().await;
+    state.record_cycle(&report);
+    assert!(!report.any_failed());
+    assert_eq!(get(&client, addr, "/readyz").await.0, 200);
+    token.cancel();
+}
