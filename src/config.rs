@@ -396,6 +396,9 @@ pub enum NotifyEvent {
     /// A user-owned key is stale (user keys cannot be re-issued by the API).
     #[serde(rename = "key.stale_user")]
     StaleUserKey,
+    /// A previous key is still used after its grace period (`revoke_when = "unused"`).
+    #[serde(rename = "key.still_in_use")]
+    KeyStillInUse,
 }
 
 impl NotifyEvent {
@@ -405,6 +408,7 @@ impl NotifyEvent {
             NotifyEvent::RotationCompleted => "rotation.completed",
             NotifyEvent::RotationFailed => "rotation.failed",
             NotifyEvent::StaleUserKey => "key.stale_user",
+            NotifyEvent::KeyStillInUse => "key.still_in_use",
         }
     }
 }
@@ -550,6 +554,7 @@ impl Config {
 
     /// Pure checks that serde cannot express. Errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.notify.validate()?;
         parse_schedule(&self.daemon.schedule)
             .map_err(|m| ConfigError::invalid("daemon.schedule", m))?;
         if self.daemon.concurrency == 0 || self.daemon.concurrency > 256 {

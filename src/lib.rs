@@ -16,6 +16,10 @@
 //! - [`rotation`]: the slot state machine, the only place that orders
 //!   mint → stage → verify → promote → retire.
 //! - [`sim`]: the Admin API simulator used by `keyrotd demo`, `keyrotd sim` and tests.
+//! - [`app`]: wiring from a validated config to an [`rotation::Engine`].
+//! - [`daemon`]: `keyrotd run`: the schedule, signals, sd_notify, the HTTP listener.
+//! - [`metrics`], [`notify`], [`telemetry`]: Prometheus metrics, webhooks, logging.
+//! - [`check`], [`demo`]: `check-config --connect` and `keyrotd demo`.
 
 pub mod admin_key;
 pub mod app;

@@ -73,6 +73,15 @@ pub enum Notice {
         owner_name: String,
         age_days: u64,
     },
+    /// A slot's previous key is still used after its grace period
+    /// (`revoke_when = "unused"`); it is kept until `max_grace`.
+    KeyStillInUse {
+        project_id: String,
+        service_account_id: String,
+        key_id: String,
+        /// RFC 3339; empty when the API reported no use.
+        last_used_at: String,
+    },
 }
 
 impl Notice {
@@ -82,6 +91,7 @@ impl Notice {
             Notice::RotationCompleted { .. } => NotifyEvent::RotationCompleted,
             Notice::RotationFailed { .. } => NotifyEvent::RotationFailed,
             Notice::StaleUserKey { .. } => NotifyEvent::StaleUserKey,
+            Notice::KeyStillInUse { .. } => NotifyEvent::KeyStillInUse,
         }
     }
 
@@ -125,6 +135,17 @@ impl Notice {
                 "owner_id": owner_id,
                 "owner_name": owner_name,
                 "age_days": age_days,
+            }),
+            Notice::KeyStillInUse {
+                project_id,
+                service_account_id,
+                key_id,
+                last_used_at,
+            } => json!({
+                "project_id": project_id,
+                "service_account_id": service_account_id,
+                "key_id": key_id,
+                "last_used_at": last_used_at,
             }),
         };
         v["event"] = json!(self.event().as_str());
@@ -177,6 +198,16 @@ impl Notice {
                      owner to replace it"
                 )
             }
+            Notice::KeyStillInUse {
+                project_id,
+                service_account_id,
+                key_id,
+                last_used_at,
+            } => format!(
+                "keyrotd: the previous key `{key_id}` of service account `{service_account_id}` \
+                 in project `{project_id}` is still in use (last used {last_used_at}) after its \
+                 grace period: switch its consumers to the stored key; it is revoked at max_grace"
+            ),
         }
     }
 
@@ -365,7 +396,9 @@ impl Notifier {
         if targets.is_empty() {
             return;
         }
-        if let Notice::StaleUserKey { key_id, .. } = &notice {
+        // Both repeat every cycle while true: announce each key once a day.
+        if let Notice::StaleUserKey { key_id, .. } | Notice::KeyStillInUse { key_id, .. } = &notice
+        {
             let mut seen = shared.announced.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             if seen

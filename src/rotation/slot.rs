@@ -100,6 +100,7 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
     if let Some(out) = run.fallback_rotated.take() {
         return Ok(out);
     }
+    run.refresh_keys().await?;
     let mut outcome = SlotOutcome::Fresh;
     if let Some(reason) = run.due() {
         let routine = matches!(reason, "stale" | "expiring_soon");
@@ -333,6 +334,35 @@ impl SlotRun<'_> {
                 self.apply(i, &Transition::Abandon).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Lists the project's keys afresh when a store serves a key the cycle's listing
+    /// lacks: another process minted and promoted it after the scan. Without this the
+    /// served key reads as missing and the slot is rotated a second time in one cycle,
+    /// overwriting the previous key still in its grace period.
+    async fn refresh_keys(&mut self) -> SlotResult<()> {
+        let unlisted = self
+            .states
+            .iter()
+            .filter_map(|s| s.current.as_ref())
+            .any(|c| !self.live(&c.key_id));
+        if !unlisted {
+            return Ok(());
+        }
+        let mut accounts = self.referenced_accounts();
+        accounts.extend(self.slot.service_accounts.iter().map(|(id, _)| id.clone()));
+        let keys = self.eng.client.list_api_keys(&self.slot.project_id).await?;
+        self.keys = keys
+            .into_iter()
+            .filter(|k| {
+                k.owner.kind == crate::openai::models::OwnerType::ServiceAccount
+                    && k.owner
+                        .service_account
+                        .as_ref()
+                        .is_some_and(|sa| accounts.contains(&sa.id))
+            })
+            .collect();
         Ok(())
     }
 
@@ -788,6 +818,16 @@ impl SlotRun<'_> {
                                 promoted_at = %t.to_rfc3339(),
                                 "the previous key is still in use after the grace period; kept until max_grace"
                             );
+                            self.eng
+                                .notifier
+                                .send(crate::notify::Notice::KeyStillInUse {
+                                    project_id: self.slot.project_id.clone(),
+                                    service_account_id: self.slot.service_account_id.clone(),
+                                    key_id: key_id.clone(),
+                                    last_used_at: last_used
+                                        .map(|t| policy::ts(t).to_rfc3339())
+                                        .unwrap_or_default(),
+                                });
                         }
                         if !r.due {
                             due = false;
