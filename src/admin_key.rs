@@ -47,8 +47,6 @@
 //! the seed is never read again (it may be removed, and will stop working once rotated
 //! away).
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::{debug, info, warn};
@@ -638,24 +636,12 @@ impl Run<'_> {
 
     /// `Ok(Ok(()))` verified; `Ok(Err(reason))` rejected for good; `Err` could not tell.
     async fn verify(&self, key: &SecretString) -> AdminResult<Result<(), String>> {
-        let deadline = tokio::time::Instant::now() + self.eng.policy.verify_timeout;
-        let mut wait = self.eng.settings.verify_backoff;
-        loop {
-            let last = match self.eng.client.ping_with(key).await {
-                Ok(()) => return Ok(Ok(())),
-                Err(e) => e,
-            };
-            if tokio::time::Instant::now() + wait > deadline {
-                return match last {
-                    ApiError::Unauthorized { .. } | ApiError::Forbidden { .. } => {
-                        Ok(Err(last.to_string()))
-                    }
-                    other => Err(other.into()),
-                };
-            }
-            debug!(error = %last, "new admin key not accepted yet; retrying");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(5));
-        }
+        let eng = self.eng;
+        Ok(crate::rotation::verify_with_retries(
+            eng.policy.verify_timeout,
+            eng.settings.verify_backoff,
+            || eng.client.ping_with(key),
+        )
+        .await?)
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use keyrotd::config::{self, Config};
+use keyrotd::rotation::Engine;
 use keyrotd::telemetry::{self, LogFormat};
 use keyrotd::{app, daemon, EXIT_BAD_CONFIG, EXIT_FAILED};
 
@@ -117,6 +118,23 @@ fn load(cli: &Cli) -> Result<Config, i32> {
     })
 }
 
+/// Loads the config (and, for commands that rotate, insists on rules) and builds the
+/// engine. `Err` is the exit code, the problem already printed.
+async fn engine(cli: &Cli, dry_run: bool, needs_rules: bool) -> Result<(Config, Engine), i32> {
+    let cfg = load(cli)?;
+    if needs_rules {
+        cfg.require_rules().map_err(|e| {
+            eprintln!("keyrotd: {e}");
+            EXIT_BAD_CONFIG
+        })?;
+    }
+    let engine = app::build_engine(&cfg, dry_run).await.map_err(|e| {
+        eprintln!("keyrotd: {e}");
+        EXIT_BAD_CONFIG
+    })?;
+    Ok((cfg, engine))
+}
+
 async fn dispatch(cli: Cli) -> i32 {
     match &cli.command {
         Command::Demo => keyrotd::demo::run().await,
@@ -137,16 +155,9 @@ async fn dispatch(cli: Cli) -> i32 {
             0
         }
         Command::Plan { format } => {
-            let cfg = match load(&cli) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let engine = match app::build_engine(&cfg, true).await {
+            let (_, engine) = match engine(&cli, true, false).await {
                 Ok(e) => e,
-                Err(e) => {
-                    eprintln!("keyrotd: {e}");
-                    return EXIT_BAD_CONFIG;
-                }
+                Err(code) => return code,
             };
             match engine.plan().await {
                 Ok((_, _, plan)) => {
@@ -166,16 +177,9 @@ async fn dispatch(cli: Cli) -> i32 {
             }
         }
         Command::Report { format, output } => {
-            let cfg = match load(&cli) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let engine = match app::build_engine(&cfg, true).await {
+            let (_, engine) = match engine(&cli, true, false).await {
                 Ok(e) => e,
-                Err(e) => {
-                    eprintln!("keyrotd: {e}");
-                    return EXIT_BAD_CONFIG;
-                }
+                Err(code) => return code,
             };
             match engine.plan().await {
                 Ok((inv, _, plan)) => {
@@ -196,20 +200,9 @@ async fn dispatch(cli: Cli) -> i32 {
             }
         }
         Command::Once { dry_run } => {
-            let cfg = match load(&cli) {
-                Ok(c) => c,
+            let engine = match engine(&cli, *dry_run, true).await {
+                Ok((_, e)) => Arc::new(e),
                 Err(code) => return code,
-            };
-            if let Err(e) = cfg.require_rules() {
-                eprintln!("keyrotd: {e}");
-                return EXIT_BAD_CONFIG;
-            }
-            let engine = match app::build_engine(&cfg, *dry_run).await {
-                Ok(e) => Arc::new(e),
-                Err(e) => {
-                    eprintln!("keyrotd: {e}");
-                    return EXIT_BAD_CONFIG;
-                }
             };
             let token = engine.shutdown.clone();
             tokio::spawn(async move {
@@ -229,14 +222,10 @@ async fn dispatch(cli: Cli) -> i32 {
             }
         }
         Command::Run => {
-            let cfg = match load(&cli) {
-                Ok(c) => c,
+            let (cfg, engine) = match engine(&cli, false, true).await {
+                Ok((c, e)) => (c, Arc::new(e)),
                 Err(code) => return code,
             };
-            if let Err(e) = cfg.require_rules() {
-                eprintln!("keyrotd: {e}");
-                return EXIT_BAD_CONFIG;
-            }
             let schedule = match config::parse_schedule(&cfg.daemon.schedule) {
                 Ok(s) => s,
                 Err(e) => {
@@ -245,13 +234,6 @@ async fn dispatch(cli: Cli) -> i32 {
                 }
             };
             let listen = cfg.daemon.listen.as_deref().and_then(|l| l.parse().ok());
-            let engine = match app::build_engine(&cfg, false).await {
-                Ok(e) => Arc::new(e),
-                Err(e) => {
-                    eprintln!("keyrotd: {e}");
-                    return EXIT_BAD_CONFIG;
-                }
-            };
             let opts = daemon::RunOptions {
                 schedule,
                 run_on_start: cfg.daemon.run_on_start,

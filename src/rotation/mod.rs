@@ -415,6 +415,40 @@ fn keys_by_service_account(inv: &Inventory) -> BTreeMap<(String, String), Vec<Pr
     out
 }
 
+/// Retries `attempt` — a call made with a freshly minted key — with doubling waits
+/// (from `first_wait`, at most 5 s) until it succeeds or `timeout` has passed: new keys
+/// take seconds to propagate. `Ok(Ok(()))` verified; `Ok(Err(reason))` rejected for
+/// good (401/403 to the end); `Err` could not tell (network, 5xx).
+pub(crate) async fn verify_with_retries<F, Fut>(
+    timeout: Duration,
+    first_wait: Duration,
+    mut attempt: F,
+) -> Result<Result<(), String>, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ApiError>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut wait = first_wait;
+    loop {
+        let last = match attempt().await {
+            Ok(()) => return Ok(Ok(())),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + wait > deadline {
+            return match last {
+                ApiError::Unauthorized { .. } | ApiError::Forbidden { .. } => {
+                    Ok(Err(last.to_string()))
+                }
+                other => Err(other),
+            };
+        }
+        tracing::debug!(error = %last, "new key not accepted yet; retrying");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// A default instance id: `hostname:pid:random`.
 pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

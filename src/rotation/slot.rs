@@ -6,7 +6,6 @@
 //! finishes. Failpoints (feature `failpoints`) sit at each step boundary.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
@@ -702,26 +701,13 @@ impl SlotRun<'_> {
 
     /// `Ok(Ok(()))` verified; `Ok(Err(reason))` rejected for good; `Err` could not tell.
     async fn verify(&self, key: &SecretString) -> SlotResult<Result<(), String>> {
-        let deadline = tokio::time::Instant::now() + self.eng.policy.verify_timeout;
-        let mut wait = self.eng.settings.verify_backoff;
-        loop {
-            let res = self.eng.client.verify_key(key).await;
-            let last = match res {
-                Ok(()) => return Ok(Ok(())),
-                Err(e) => e,
-            };
-            if tokio::time::Instant::now() + wait > deadline {
-                return match last {
-                    ApiError::Unauthorized { .. } | ApiError::Forbidden { .. } => {
-                        Ok(Err(last.to_string()))
-                    }
-                    other => Err(other.into()),
-                };
-            }
-            debug!(error = %last, "new key not accepted yet; retrying");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(5));
-        }
+        let eng = self.eng;
+        Ok(super::verify_with_retries(
+            eng.policy.verify_timeout,
+            eng.settings.verify_backoff,
+            || eng.client.verify_key(key),
+        )
+        .await?)
     }
 
     /// DELETEs a key; 404 counts as done. A revoked key leaves `keys`, so a later step
