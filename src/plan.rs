@@ -208,6 +208,18 @@ pub enum SlotStatus {
     Failed,
 }
 
+impl SlotStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotStatus::Bootstrap => "bootstrap",
+            SlotStatus::Current => "current",
+            SlotStatus::Rotate => "rotate",
+            SlotStatus::InGrace => "in_grace",
+            SlotStatus::Failed => "failed",
+        }
+    }
+}
+
 /// What the stores of one slot hold, as read (or the error per store).
 #[derive(Debug)]
 pub struct SlotView {
@@ -506,6 +518,14 @@ impl Plan {
                 text.to_string()
             }
         };
+        // Key ids are what people copy into other commands: never truncated.
+        let kw = self
+            .keys
+            .iter()
+            .map(|k| k.key_id.len())
+            .max()
+            .unwrap_or(3)
+            .max(3);
         let mut by_project: BTreeMap<(&str, &str), Vec<&PlanKey>> = BTreeMap::new();
         for k in &self.keys {
             by_project
@@ -517,7 +537,7 @@ impl Plan {
             writeln!(out, "{} ({id})", paint("1", name))?;
             writeln!(
                 out,
-                "  {:<24} {:<26} {:<16} {:<22} {:>5}  {:<8} REASONS",
+                "  {:<kw$} {:<26} {:<16} {:<22} {:>5}  {:<8} REASONS",
                 "KEY", "NAME", "OWNER", "OWNER NAME", "AGE", "VERDICT"
             )?;
             for k in keys {
@@ -531,8 +551,8 @@ impl Plan {
                 let reasons: Vec<&str> = k.reasons.iter().map(|r| r.as_str()).collect();
                 writeln!(
                     out,
-                    "  {:<24} {:<26} {:<16} {:<22} {:>4}d  {} {}",
-                    truncate(&k.key_id, 24),
+                    "  {:<kw$} {:<26} {:<16} {:<22} {:>4}d  {} {}",
+                    k.key_id,
                     truncate(k.key_name.as_deref().unwrap_or("-"), 26),
                     k.owner_type,
                     truncate(k.owner_name.as_deref().unwrap_or("-"), 22),
@@ -551,13 +571,13 @@ impl Plan {
             for s in &self.slots {
                 writeln!(
                     out,
-                    "  {:<12} {}/{} -> {} [{}] state={:?} current={}",
+                    "  {:<12} {}/{} -> {} [{}] state={} current={}",
                     truncate(&s.rule, 12),
                     s.project_id,
                     s.service_account_id,
                     s.paths.first().map(String::as_str).unwrap_or("-"),
                     s.stores.join(","),
-                    s.state,
+                    s.state.as_str(),
                     s.current_key_id.as_deref().unwrap_or("-"),
                 )?;
             }
