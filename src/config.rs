@@ -612,6 +612,7 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        self.validate_duration_bounds()?;
         for (name, store) in &self.stores {
             validate_store(name, store)?;
         }
@@ -650,6 +651,55 @@ impl Config {
                 return Err(ConfigError::invalid(
                     key("max_age"),
                     "must be greater than zero",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Durations take part in date arithmetic (`now + lease`, `promoted_at +
+    /// grace_period`, ...): beyond chrono's range that panics at run time, and anything
+    /// over a century is a typo. Refused here, naming the key.
+    fn validate_duration_bounds(&self) -> Result<(), ConfigError> {
+        const MAX: Duration = Duration::from_secs(100 * 365 * 86400);
+        let p = &self.policy;
+        let mut all: Vec<(String, Duration)> = [
+            ("daemon.shutdown_timeout", self.daemon.shutdown_timeout),
+            ("openai.request_timeout", self.openai.request_timeout),
+            ("openai.max_retry_after", self.openai.max_retry_after),
+            (
+                "openai.admin_key_max_age",
+                self.openai.admin_key_max_age.unwrap_or_default(),
+            ),
+            ("policy.max_age", p.max_age),
+            ("policy.grace_period", p.grace_period),
+            ("policy.key_expiry", p.key_expiry.0.unwrap_or_default()),
+            ("policy.expiry_warning", p.expiry_warning),
+            ("policy.orphan_min_age", p.orphan_min_age),
+            ("policy.lease", p.lease),
+            ("policy.verify_timeout", p.verify_timeout),
+            ("policy.min_grace", p.min_grace),
+            ("policy.max_grace", p.max_grace),
+            ("policy.usage_report_delay", p.usage_report_delay),
+        ]
+        .into_iter()
+        .map(|(k, d)| (k.to_string(), d))
+        .collect();
+        for (i, r) in self.rotate.iter().enumerate() {
+            all.push((
+                format!("rotate[{i}].max_age"),
+                r.max_age.unwrap_or_default(),
+            ));
+            all.push((
+                format!("rotate[{i}].grace_period"),
+                r.grace_period.unwrap_or_default(),
+            ));
+        }
+        for (key, d) in all {
+            if d > MAX {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{} is more than 100 years", humantime::format_duration(d)),
                 ));
             }
         }

@@ -85,6 +85,7 @@ pub fn init(format: LogFormat, level: &str) {
         LogFormat::Json => json_layer(),
         LogFormat::Pretty => fmt::layer()
             .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
             .compact()
             .with_writer(std::io::stderr)
             .boxed(),
