@@ -392,3 +392,53 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_slot_keeps_its_old_account_while_it_has_fresh_foreign_keys() {
+    let w = World::new(
+        Scenario::new(17)
+            .projects(1)
+            .service_accounts_per_project(1)
+            .user_keys_per_project(0)
+            .stale_fraction(0.0),
+        Stores::File,
+        "",
+    )
+    .await;
+    w.sim.update_faults(|f| f.refuse_sa_key_delete = true);
+    let engine = w.engine(false).await;
+    assert!(!engine.cycle().await.any_failed());
+    w.advance(91 * DAY);
+    assert!(!engine.cycle().await.any_failed());
+    w.advance(2 * HOUR);
+    // The retirement is refused: the slot moves to a new account.
+    assert!(!engine.cycle().await.any_failed());
+    let states = w.store_states(&engine).await;
+    let st = states.values().next().unwrap();
+    let old_sa = st.book.previous_service_account_id.clone().expect("moved");
+    assert_ne!(st.current.as_ref().unwrap().service_account_id, old_sa);
+    let project = st.current.as_ref().unwrap().project_id.clone();
+    // Someone makes a fresh key on the old account: deleting the account would take it.
+    let manual = w
+        .sim
+        .add_key(
+            &project,
+            keyrotd::sim::OwnerRef::ServiceAccount(old_sa.clone()),
+            "manual",
+        )
+        .expect("key added");
+    w.advance(2 * HOUR);
+    assert!(!engine.cycle().await.any_failed());
+    assert!(
+        w.sim.is_live(&manual.id),
+        "I3: a fresh key keyrotd did not mint is never revoked"
+    );
+    // Once it is stale too, the old account goes, whole.
+    w.advance(91 * DAY);
+    let r = engine.cycle().await;
+    assert!(!r.any_failed(), "{:?}", r.slots);
+    assert!(!w.sim.is_live(&manual.id));
+    let states = w.store_states(&engine).await;
+    assert_i1(&w, &states);
+    assert_i2(&w, &states);
+}

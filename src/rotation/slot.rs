@@ -365,6 +365,18 @@ impl SlotRun<'_> {
         Ok(())
     }
 
+    /// The slot's project as the policy sees it (id and name are what rules match).
+    fn project(&self) -> crate::openai::models::Project {
+        crate::openai::models::Project {
+            id: self.slot.project_id.clone(),
+            object: None,
+            name: Some(self.slot.project_name.clone()),
+            created_at: 0,
+            archived_at: None,
+            status: None,
+        }
+    }
+
     /// Why the slot needs a new key, if it does.
     fn due(&self) -> Option<&'static str> {
         let currents: Vec<Option<&SecretRecord>> =
@@ -386,14 +398,7 @@ impl SlotRun<'_> {
         let Some(key) = self.keys.iter().find(|k| k.id == id) else {
             return Some("current_key_missing");
         };
-        let project = crate::openai::models::Project {
-            id: self.slot.project_id.clone(),
-            object: None,
-            name: Some(self.slot.project_name.clone()),
-            created_at: 0,
-            archived_at: None,
-            status: None,
-        };
+        let project = self.project();
         let e = policy::evaluate(
             key,
             &project,
@@ -852,7 +857,33 @@ impl SlotRun<'_> {
                 .collect();
             match prev_account {
                 Some(sa) if !current_accounts.contains(&sa) => {
-                    // The slot moved to a new service account: retire the old account.
+                    // The slot moved to a new service account: retire the old account,
+                    // which takes all its keys with it. I3 allows that only for keys
+                    // keyrotd minted and stale ones: a fresh key someone else made on
+                    // the account defers the deletion until it is stale too.
+                    let project = self.project();
+                    let now = self.now();
+                    let fresh_foreign: Vec<String> = self
+                        .keys
+                        .iter()
+                        .filter(|k| k.owner.service_account.as_ref().is_some_and(|o| o.id == sa))
+                        .filter(|k| k.id != key_id && !policy::is_keyrotd_key(k))
+                        .filter(|k| {
+                            let e = policy::evaluate(
+                                k,
+                                &project,
+                                std::slice::from_ref(&self.rule),
+                                &self.eng.policy,
+                                now,
+                            );
+                            !e.reasons.contains(&policy::Reason::Stale)
+                        })
+                        .map(|k| k.id.clone())
+                        .collect();
+                    if !fresh_foreign.is_empty() {
+                        info!(event = "service_account.retire_deferred", project_id = %self.slot.project_id, service_account_id = %sa, keys = ?fresh_foreign, "the slot's previous service account still has fresh keys keyrotd did not mint; deleting it when they are stale");
+                        continue;
+                    }
                     self.delete_account(&sa, "grace_over").await?;
                 }
                 _ => match self.revoke(&key_id, "grace_over").await {
@@ -923,14 +954,7 @@ impl SlotRun<'_> {
                 .states
                 .iter()
                 .all(|s| s.book.promoted_at.is_some_and(|t| self.grace_over(t)));
-        let project = crate::openai::models::Project {
-            id: self.slot.project_id.clone(),
-            object: None,
-            name: Some(self.slot.project_name.clone()),
-            created_at: 0,
-            archived_at: None,
-            status: None,
-        };
+        let project = self.project();
         // Only the account that serves the slot: an older account of a slot that moved
         // (strategy new_service_account) is deleted whole after its grace period.
         let serving = self.mint_account();
