@@ -506,20 +506,14 @@ impl Run<'_> {
     /// intent → create → stage → [`finish`](Self::finish).
     async fn rotate(&mut self, reason: &str) -> AdminResult<()> {
         let now = self.now();
-        let key_name = format!(
-            "{ADMIN_KEY_NAME_PREFIX}{}-{:04x}",
-            now.format("%Y%m%dT%H%M%SZ"),
-            rand::random::<u16>()
+        let intent = crate::rotation::new_intent(
+            ADMIN_KEY_NAME_PREFIX,
+            self.my_id(),
+            now,
+            self.eng.policy.lease,
+            RECORD_OWNER_ID.to_string(),
         );
-        let intent = Intent {
-            key_name: key_name.clone(),
-            owner: self.my_id().to_string(),
-            lease_until: now
-                + chrono::Duration::from_std(self.eng.policy.lease)
-                    .unwrap_or(chrono::Duration::MAX),
-            attempt: 1,
-            service_account_id: RECORD_OWNER_ID.to_string(),
-        };
+        let key_name = intent.key_name.clone();
         let old_id = self
             .state
             .current

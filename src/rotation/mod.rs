@@ -449,6 +449,28 @@ where
     }
 }
 
+/// An intent to mint a key named `<prefix><UTC timestamp>-<nonce>` (the nonce keeps two
+/// processes minting in the same second apart), held by `owner` for `lease`.
+pub(crate) fn new_intent(
+    prefix: &str,
+    owner: &str,
+    now: DateTime<Utc>,
+    lease: Duration,
+    service_account_id: String,
+) -> crate::store::Intent {
+    crate::store::Intent {
+        key_name: format!(
+            "{prefix}{}-{:04x}",
+            now.format("%Y%m%dT%H%M%SZ"),
+            rand::random::<u16>()
+        ),
+        owner: owner.to_string(),
+        lease_until: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
+        attempt: 1,
+        service_account_id,
+    }
+}
+
 /// A default instance id: `hostname:pid:random`.
 pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

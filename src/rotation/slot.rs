@@ -420,25 +420,19 @@ impl SlotRun<'_> {
     /// race), mints, stages, then [`finish`](Self::finish)es.
     async fn rotate(&mut self, reason: &str) -> SlotResult<SlotOutcome> {
         let now = self.now();
-        let key_name = format!(
-            "{}{}-{:04x}",
-            policy::KEY_NAME_PREFIX,
-            now.format("%Y%m%dT%H%M%SZ"),
-            rand::random::<u16>()
-        );
-        let intent = Intent {
-            key_name: key_name.clone(),
-            owner: self.my_id().to_string(),
-            lease_until: now
-                + chrono::Duration::from_std(self.eng.policy.lease)
-                    .unwrap_or(chrono::Duration::MAX),
-            attempt: 1,
-            service_account_id: if self.new_account {
-                NEW_ACCOUNT.to_string()
-            } else {
-                self.mint_account()
-            },
+        let account = if self.new_account {
+            NEW_ACCOUNT.to_string()
+        } else {
+            self.mint_account()
         };
+        let intent = super::new_intent(
+            policy::KEY_NAME_PREFIX,
+            self.my_id(),
+            now,
+            self.eng.policy.lease,
+            account,
+        );
+        let key_name = intent.key_name.clone();
         info!(event = "rotation.started", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, reason, "rotating slot");
         failpoint!("before_intent");
         for i in 0..self.stores.len() {
