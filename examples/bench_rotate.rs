@@ -1,0 +1,283 @@
+//! Rotation throughput: one cycle that rotates N stale slots into real stores, against
+//! the in-process simulator with injected latency.
+//!
+//! ```text
+//! cargo run --release --example bench_rotate [-- --slots 500 --accounts 10 \
+//!     --concurrency 16 --latency-ms 20 --runs 3 --stores file,vault]
+//! ```
+//!
+//! `--stores vault` needs OpenBao: `source scripts/test-servers.sh` exports
+//! `KEYROTD_TEST_VAULT_ADDR` and `KEYROTD_TEST_VAULT_TOKEN`.
+//!
+//! Setup (not timed, no latency): `slots / accounts` projects with `accounts` service
+//! accounts each and one stale key per account; one rule covers them all, and every
+//! slot's store already serves that stale key (promoted long ago, no previous key). The
+//! timed part is one [`Engine::cycle`](keyrotd::rotation::Engine::cycle) of a fresh
+//! engine, as `keyrotd once` runs it: scan (projects, keys, service accounts), read
+//! every slot, then per slot: intent, mint, stage, verify, promote, read back. Each
+//! store gets its own run (a fresh organization and a fresh path prefix).
+//!
+//! The bound counts only the Admin API's round trips: the scan's (project pages in
+//! sequence, then key and service-account pages `concurrency` at a time) plus, per
+//! slot, its chain of sequential API calls (mint, then verify: 2 × latency) spread
+//! over `concurrency` slots at a time. Store round trips are not in the bound: they
+//! are what the ratio shows beside the API's latency. The simulator runs on its own
+//! thread and runtime, like a remote API.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use keyrotd::config::Config;
+use keyrotd::openai::Endpoint;
+use keyrotd::rotation::SlotOutcome;
+use keyrotd::sim::{Scenario, Sim};
+use keyrotd::store::{SecretRecord, Transition, MANAGED_BY};
+use secrecy::SecretString;
+
+const USAGE: &str = "bench_rotate [--slots N] [--accounts N (per project)] [--concurrency N] \
+[--latency-ms MS] [--runs N] [--stores file,vault]";
+
+/// Sequential Admin API calls in one slot's rotation: mint, verify.
+const CHAIN: usize = 2;
+
+struct Run {
+    wall: Duration,
+    rotated: usize,
+    api_total: u64,
+    api_scan: u64,
+    detail: String,
+}
+
+fn store_toml(kind: &str, dir: &std::path::Path) -> String {
+    match kind {
+        "file" => format!("[stores.s]\ntype = \"file\"\ndir = \"{}\"\n", dir.display()),
+        "vault" => {
+            let addr = std::env::var("KEYROTD_TEST_VAULT_ADDR").unwrap_or_default();
+            if addr.is_empty() || std::env::var("KEYROTD_TEST_VAULT_TOKEN").is_err() {
+                eprintln!(
+                    "--stores vault: KEYROTD_TEST_VAULT_ADDR / KEYROTD_TEST_VAULT_TOKEN are not set \
+                     (source scripts/test-servers.sh)"
+                );
+                std::process::exit(2);
+            }
+            format!(
+                "[stores.s]\ntype = \"vault\"\naddress = \"{addr}\"\nmount = \"secret\"\n\
+                 auth = {{ method = \"token\", token_env = \"KEYROTD_TEST_VAULT_TOKEN\" }}\n"
+            )
+        }
+        other => {
+            eprintln!("unknown store kind {other:?} (file, vault)");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run_once(kind: &str, scenario: &Scenario, concurrency: usize, latency: Duration) -> Run {
+    let sim = Sim::with_seed(ADMIN_KEY, rand::random());
+    let truth = scenario.populate(&sim);
+    let server = SimThread::start(&sim);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefix = format!("bench-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+    let toml = format!(
+        r#"
+[daemon]
+concurrency = {concurrency}
+[openai]
+base_url = "{base}"
+admin_key_env = "{ADMIN_KEY_ENV}"
+[policy]
+max_age = "90d"
+grace_period = "24h"
+{stores}
+[[rotate]]
+name = "bench"
+project = "*"
+service_account = "*"
+stores = ["s"]
+path = "{prefix}/{{project_name}}/{{service_account_name}}"
+"#,
+        base = server.base_url,
+        stores = store_toml(kind, dir.path()),
+    );
+    let cfg = Config::from_toml(&toml).expect("bench config is valid");
+
+    // Setup: every slot's store serves the account's (stale) key.
+    let setup = keyrotd::app::build_engine(&cfg, true)
+        .await
+        .expect("engine builds");
+    let (_, views, _) = setup.plan().await.expect("setup scan");
+    let store = setup.stores.get("s").expect("store s").clone();
+    let long_ago = Utc::now() - chrono::Duration::days(200);
+    for v in &views {
+        let key = truth
+            .keys
+            .iter()
+            .find(|k| k.owner_id == v.slot.service_account_id)
+            .expect("a key per account");
+        let record = SecretRecord {
+            api_key: SecretString::from(key.value.clone()),
+            key_id: key.key_id.clone(),
+            project_id: key.project_id.clone(),
+            service_account_id: key.owner_id.clone(),
+            created_at: keyrotd::policy::ts(key.created_at),
+            managed_by: MANAGED_BY.to_string(),
+        };
+        let st = store.read(&v.slot.path).await.expect("store read");
+        let st = store
+            .apply(&v.slot.path, &st.version, &Transition::Stage(record))
+            .await
+            .expect("stage");
+        store
+            .apply(
+                &v.slot.path,
+                &st.version,
+                &Transition::Promote {
+                    key_id: key.key_id.clone(),
+                    at: long_ago,
+                },
+            )
+            .await
+            .expect("promote");
+    }
+    drop(setup);
+
+    // The timed cycle, on a fresh engine (fresh connections), as `keyrotd once`.
+    sim.update_faults(|f| f.latency = latency);
+    sim.clear_requests();
+    let mut engine = keyrotd::app::build_engine(&cfg, false)
+        .await
+        .expect("engine builds");
+    engine.settings.verify_backoff = Duration::from_millis(50);
+    let started = Instant::now();
+    let report = engine.cycle().await;
+    let wall = started.elapsed();
+    assert!(
+        report.scan_error.is_none(),
+        "scan failed: {:?}",
+        report.scan_error
+    );
+    let failed: Vec<String> = report
+        .slots
+        .iter()
+        .filter_map(|s| s.outcome.as_ref().err().cloned())
+        .take(3)
+        .collect();
+    assert!(failed.is_empty(), "slots failed: {failed:?}");
+    let rotated = report
+        .slots
+        .iter()
+        .filter(|s| matches!(s.outcome, Ok(SlotOutcome::Rotated { .. })))
+        .count();
+    let stats = engine.client.stats();
+    let api_scan: u64 = stats
+        .snapshot()
+        .iter()
+        .filter(|(e, _, _)| {
+            matches!(
+                e,
+                Endpoint::ListProjects | Endpoint::ListApiKeys | Endpoint::ListServiceAccounts
+            )
+        })
+        .map(|(_, _, n)| n)
+        .sum();
+    let run = Run {
+        wall,
+        rotated,
+        api_total: stats.total(),
+        api_scan,
+        detail: by_endpoint(stats),
+    };
+    drop(server);
+    run
+}
+
+#[tokio::main]
+async fn main() {
+    let flags = Flags::parse(USAGE);
+    let slots: usize = flags.get("slots", 500);
+    let accounts: usize = flags.get("accounts", 10);
+    let concurrency: usize = flags.get("concurrency", 16);
+    let latency = Duration::from_millis(flags.get("latency-ms", 20));
+    let runs: usize = flags.get("runs", 3);
+    let kinds = flags.string("stores", "file");
+    assert!(
+        slots % accounts == 0,
+        "--slots must be a multiple of --accounts"
+    );
+    let projects = slots / accounts;
+    std::env::set_var(ADMIN_KEY_ENV, ADMIN_KEY);
+    let scenario = Scenario::new(7)
+        .projects(projects)
+        .service_accounts_per_project(accounts)
+        .keys_per_service_account(1)
+        .user_keys_per_project(0)
+        .stale_fraction(1.0)
+        .never_used_fraction(0.0);
+
+    let project_pages = pages(projects);
+    let scan_rest = projects * (pages(accounts) + pages(accounts));
+    let scan_min = project_pages + scan_rest;
+    let l = latency.as_secs_f64();
+    let scan_bound = project_pages as f64 * l + scan_rest as f64 * l / concurrency as f64;
+    let rotate_bound = (slots * CHAIN) as f64 * l / concurrency as f64;
+    let total_bound = scan_bound + rotate_bound;
+    println!(
+        "# rotate: {slots} stale slots ({projects} projects × {accounts} accounts), concurrency {concurrency}, \
+         latency {} ms, {runs} run(s) per store, median shown",
+        latency.as_millis()
+    );
+
+    let mut rows = Vec::new();
+    for kind in kinds.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        let mut walls = Vec::new();
+        let mut per_rotation = Vec::new();
+        let mut scan_reqs = Vec::new();
+        for i in 0..runs {
+            let r = run_once(kind, &scenario, concurrency, latency).await;
+            assert_eq!(r.rotated, slots, "every slot rotated");
+            eprintln!(
+                "  {kind} run {}: {:.3} s, {} rotated, {} requests ({})",
+                i + 1,
+                secs(r.wall),
+                r.rotated,
+                r.api_total,
+                r.detail
+            );
+            walls.push(secs(r.wall));
+            per_rotation.push((r.api_total - r.api_scan) as f64 / r.rotated.max(1) as f64);
+            scan_reqs.push(r.api_scan as f64);
+        }
+        let wall = median(&walls);
+        rows.push(vec![
+            kind.to_string(),
+            slots.to_string(),
+            format!("{} / {scan_min}", median(&scan_reqs)),
+            format!("{:.2}", median(&per_rotation)),
+            format!("{wall:.3}"),
+            format!("{:.1}", slots as f64 / wall),
+            format!("{total_bound:.3}"),
+            format!("{:.2}", wall / total_bound),
+        ]);
+    }
+    print_table(
+        &[
+            "store",
+            "rotated",
+            "scan requests / min",
+            "API requests per rotation",
+            "wall s",
+            "rotations/s",
+            "bound s",
+            "ratio",
+        ],
+        &rows,
+    );
+    println!(
+        "bound = scan ({project_pages} × {ms} ms + {scan_rest} × {ms} ms / {concurrency} = {scan_bound:.3} s) \
+         + rotations ({slots} × {CHAIN} × {ms} ms / {concurrency} = {rotate_bound:.3} s)",
+        ms = latency.as_millis()
+    );
+}
