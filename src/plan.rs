@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::config::{PathVars, PolicyConfig, Rule};
@@ -46,35 +46,56 @@ fn rule_covers_project(rules: &[Rule], p: &Project) -> bool {
         .any(|r| r.project.is_match(&p.id) || r.project.is_match(p.display_name()))
 }
 
-/// Lists the organization: projects, then each project's keys (and service accounts
-/// where a rule covers it), `concurrency` projects at a time. Fails as a whole on the
-/// first API error: a partial inventory would invent verdicts (e.g. orphans).
+/// Lists the organization: projects page by page, and, as soon as each page arrives,
+/// each of its projects' keys (and service accounts where a rule covers it),
+/// `concurrency` projects at a time (plus the one project page being fetched). Fails
+/// as a whole on the first API error: a partial inventory would invent verdicts
+/// (e.g. orphans).
 pub async fn scan(
     client: &Client,
     rules: &[Rule],
     include_archived: bool,
     concurrency: usize,
 ) -> ApiResult<Inventory> {
-    let projects = client.list_projects(include_archived).await?;
-    let mut out: Vec<ProjectInventory> = stream::iter(projects.into_iter().map(|project| {
-        let wants_sas = !project.is_archived() && rule_covers_project(rules, &project);
-        async move {
-            let keys = client.list_api_keys(&project.id).await?;
-            let service_accounts = if wants_sas {
-                Some(client.list_service_accounts(&project.id).await?)
-            } else {
-                None
-            };
-            Ok::<_, crate::openai::ApiError>(ProjectInventory {
-                project,
-                keys,
-                service_accounts,
-            })
+    // The project pages are sequential (each needs the previous cursor); listing keys
+    // only after the last of them would add pages × latency to every scan.
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Project>();
+    let pages = async move {
+        let mut after: Option<String> = None;
+        loop {
+            let (projects, next) = client
+                .list_projects_page(include_archived, after.as_deref())
+                .await?;
+            for p in projects {
+                // The receiver lives until the listings fail, which ends this future too.
+                let _ = tx.unbounded_send(p);
+            }
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok::<_, crate::openai::ApiError>(()),
+            }
         }
-    }))
-    .buffer_unordered(concurrency.max(1))
-    .try_collect()
-    .await?;
+    };
+    let listings = rx
+        .map(|project| {
+            let wants_sas = !project.is_archived() && rule_covers_project(rules, &project);
+            async move {
+                let keys = client.list_api_keys(&project.id).await?;
+                let service_accounts = if wants_sas {
+                    Some(client.list_service_accounts(&project.id).await?)
+                } else {
+                    None
+                };
+                Ok::<_, crate::openai::ApiError>(ProjectInventory {
+                    project,
+                    keys,
+                    service_accounts,
+                })
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect::<Vec<ProjectInventory>>();
+    let ((), mut out) = futures::try_join!(pages, listings)?;
     out.sort_by(|a, b| {
         a.project
             .display_name()
@@ -119,7 +140,8 @@ impl Slot {
 pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
     let mut out = Vec::new();
     for p in &inv.projects {
-        if p.project.is_archived() {
+        // Most projects no rule covers: skip them before looking at their accounts.
+        if p.project.is_archived() || !rule_covers_project(rules, &p.project) {
             continue;
         }
         let mut accounts: BTreeMap<String, (String, i64)> = BTreeMap::new();
@@ -365,7 +387,7 @@ impl Plan {
             }
         }
 
-        let mut keys = Vec::new();
+        let mut keys = Vec::with_capacity(inv.key_count());
         for p in &inv.projects {
             for k in &p.keys {
                 let Evaluation {
@@ -438,7 +460,16 @@ impl Plan {
             }
         }
 
-        let by_id: BTreeMap<&str, &PlanKey> = keys.iter().map(|k| (k.key_id.as_str(), k)).collect();
+        // Verdicts of the keys some store serves as current: what the slot states need.
+        let by_id: BTreeMap<&str, &PlanKey> = keys
+            .iter()
+            .filter(|k| {
+                refs.by_key
+                    .get(&k.key_id)
+                    .is_some_and(|r| r.1 == Role::Current)
+            })
+            .map(|k| (k.key_id.as_str(), k))
+            .collect();
         let slots = views
             .iter()
             .map(|v| {

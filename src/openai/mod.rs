@@ -377,6 +377,38 @@ impl Client {
         .await
     }
 
+    /// One page of projects (`limit = 100`) after `after`, and the cursor of the next
+    /// page (`None` on the last). Lets a scan start on the first projects while the
+    /// next page is still being fetched; [`Client::list_projects`] reads them all.
+    pub async fn list_projects_page(
+        &self,
+        include_archived: bool,
+        after: Option<&str>,
+    ) -> ApiResult<(Vec<Project>, Option<String>)> {
+        let path = ["organization", "projects"];
+        let mut extra = Vec::new();
+        if include_archived {
+            extra.push(("include_archived", "true"));
+        }
+        let page = self
+            .list_page(
+                Endpoint::ListProjects,
+                &path,
+                &extra,
+                after,
+                &|p: &Project| p.id.clone(),
+            )
+            .await?;
+        if page.next.is_some() && page.next.as_deref() == after {
+            return Err(ApiError::Decode {
+                endpoint: Endpoint::ListProjects.as_str().into(),
+                status: 200,
+                message: "pagination did not advance (has_more with the same cursor)".into(),
+            });
+        }
+        Ok((page.data, page.next))
+    }
+
     /// One project by id.
     pub async fn get_project(&self, project_id: &str) -> ApiResult<Project> {
         let url = self.url(&["organization", "projects", project_id], &[]);

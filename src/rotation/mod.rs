@@ -252,9 +252,9 @@ impl Engine {
             let keys: Vec<ProjectApiKey> = slot
                 .service_accounts
                 .iter()
-                .filter_map(|(sa, _)| by_sa.get(&(slot.project_id.clone(), sa.clone())))
+                .filter_map(|(sa, _)| by_sa.get(&(slot.project_id.as_str(), sa.as_str())))
                 .flatten()
-                .cloned()
+                .map(|k| (*k).clone())
                 .collect();
             async move {
                 if self.shutdown.is_cancelled() {
@@ -399,15 +399,16 @@ fn unix(t: DateTime<Utc>) -> f64 {
 }
 
 /// Service-account keys grouped by (project id, service account id).
-fn keys_by_service_account(inv: &Inventory) -> BTreeMap<(String, String), Vec<ProjectApiKey>> {
-    let mut out: BTreeMap<(String, String), Vec<ProjectApiKey>> = BTreeMap::new();
+/// Borrowed from the inventory: a slot clones only its own accounts' keys.
+fn keys_by_service_account(inv: &Inventory) -> BTreeMap<(&str, &str), Vec<&ProjectApiKey>> {
+    let mut out: BTreeMap<(&str, &str), Vec<&ProjectApiKey>> = BTreeMap::new();
     for p in &inv.projects {
         for k in &p.keys {
             if let Some(sa) = &k.owner.service_account {
                 if k.owner.kind == OwnerType::ServiceAccount {
-                    out.entry((p.project.id.clone(), sa.id.clone()))
+                    out.entry((p.project.id.as_str(), sa.id.as_str()))
                         .or_default()
-                        .push(k.clone());
+                        .push(k);
                 }
             }
         }
