@@ -400,11 +400,7 @@ impl Client {
             )
             .await?;
         if page.next.is_some() && page.next.as_deref() == after {
-            return Err(ApiError::Decode {
-                endpoint: Endpoint::ListProjects.as_str().into(),
-                status: 200,
-                message: "pagination did not advance (has_more with the same cursor)".into(),
-            });
+            return Err(stalled(Endpoint::ListProjects));
         }
         Ok((page.data, page.next))
     }
@@ -609,12 +605,7 @@ impl Client {
             all.extend(page.data);
             match page.next {
                 Some(next) if after.as_deref() == Some(next.as_str()) => {
-                    return Err(ApiError::Decode {
-                        endpoint: endpoint.as_str().into(),
-                        status: 200,
-                        message: "pagination did not advance (has_more with the same cursor)"
-                            .into(),
-                    });
+                    return Err(stalled(endpoint));
                 }
                 Some(next) => after = Some(next),
                 None => return Ok(all),
@@ -877,4 +868,14 @@ fn error_chain(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// A listing that answered `has_more` with the cursor it was given: following it would
+/// loop forever.
+fn stalled(endpoint: Endpoint) -> ApiError {
+    ApiError::Decode {
+        endpoint: endpoint.as_str().into(),
+        status: 200,
+        message: "pagination did not advance (has_more with the same cursor)".into(),
+    }
 }
