@@ -129,7 +129,8 @@ path = "bench/{{project_name}}/{{service_account_name}}"
         mib(LIVE.load(Relaxed) - before),
         mib(PEAK.load(Relaxed) - before),
     ]);
-    drop((json, built, inv));
+    drop((json, built));
+    drop(inv);
 
     let before = mark();
     let report = engine.cycle().await;

@@ -108,7 +108,7 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
     let setup = keyrotd::app::build_engine(&cfg, true)
         .await
         .expect("engine builds");
-    let (_, views, _) = setup.plan().await.expect("setup scan");
+    let views = setup.survey().await.expect("setup scan").views;
     let store = setup.stores.get("s").expect("store s").clone();
     let long_ago = Utc::now() - chrono::Duration::days(200);
     for v in &views {

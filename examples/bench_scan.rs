@@ -88,16 +88,20 @@ path = "bench/{{project_name}}/{{service_account_name}}"
         .expect("engine builds");
     sim.clear_requests();
     let started = Instant::now();
-    let (inv, views, plan) = engine.plan().await.expect("scan succeeds");
+    let survey = engine.survey().await.expect("scan succeeds");
+    let plan = engine.plan(&survey);
     let wall = started.elapsed();
-    assert!(views.is_empty(), "the bench rule must define no slot");
-    assert_eq!(plan.keys.len(), inv.key_count());
+    assert!(
+        survey.views.is_empty(),
+        "the bench rule must define no slot"
+    );
+    assert_eq!(plan.keys.len(), survey.inventory.key_count());
     let stats = engine.client.stats();
     Run {
         requests: stats.total(),
         repeated: repeated_requests(sim),
         wall,
-        keys: inv.key_count(),
+        keys: survey.inventory.key_count(),
         detail: by_endpoint(stats),
     }
 }

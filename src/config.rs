@@ -441,8 +441,8 @@ pub enum WebhookFormat {
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub name: String,
-    pub project: GlobMatcher,
-    pub service_account: GlobMatcher,
+    pub project: Pattern,
+    pub service_account: Pattern,
     pub stores: Vec<String>,
     pub path: String,
     pub max_age: Duration,
@@ -481,12 +481,38 @@ pub const PATH_VARS: [&str; 4] = [
     "service_account_name",
 ];
 
+/// One pass over the template: a value that itself contains `{project_id}` (names are
+/// free text) is copied as it is, never substituted again.
 fn render_template(template: &str, v: &PathVars<'_>) -> String {
-    template
-        .replace("{project_id}", v.project_id)
-        .replace("{project_name}", v.project_name)
-        .replace("{service_account_id}", v.service_account_id)
-        .replace("{service_account_name}", v.service_account_name)
+    let mut out = String::with_capacity(template.len() + 48);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let value = after.find('}').and_then(|close| {
+            let value = match &after[..close] {
+                "project_id" => v.project_id,
+                "project_name" => v.project_name,
+                "service_account_id" => v.service_account_id,
+                "service_account_name" => v.service_account_name,
+                _ => return None,
+            };
+            Some((value, close))
+        });
+        match value {
+            Some((value, close)) => {
+                out.push_str(value);
+                rest = &after[close + 1..];
+            }
+            // Not a variable (validation rejects these in configs): kept literally.
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Where the admin key comes from; the key itself is read by [`Config::admin_key`]
@@ -1058,19 +1084,73 @@ fn validate_store(name: &str, store: &StoreConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn compile_glob(pattern: &str) -> Result<GlobMatcher, String> {
+/// A compiled glob. The shapes rules use most (`*`, `prod-*`, `*-batch`, a literal)
+/// are answered by string comparison; anything else goes to `globset`, whose answer
+/// the fast paths match exactly (same syntax, `*` also matching `/`).
+#[derive(Clone)]
+pub struct Pattern {
+    glob: GlobMatcher,
+    fast: Fast,
+}
+
+#[derive(Clone)]
+enum Fast {
+    Any,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+    Glob,
+}
+
+impl Pattern {
+    pub fn new(pattern: &str) -> Result<Pattern, globset::Error> {
+        let glob = Glob::new(pattern)?.compile_matcher();
+        let literal = |s: &str| !s.contains(['*', '?', '[', ']', '{', '}', '\\']);
+        let fast = if pattern == "*" {
+            Fast::Any
+        } else if literal(pattern) {
+            Fast::Exact(pattern.into())
+        } else if let Some(prefix) = pattern.strip_suffix('*').filter(|p| literal(p)) {
+            Fast::Prefix(prefix.into())
+        } else if let Some(suffix) = pattern.strip_prefix('*').filter(|p| literal(p)) {
+            Fast::Suffix(suffix.into())
+        } else {
+            Fast::Glob
+        };
+        Ok(Pattern { glob, fast })
+    }
+
+    /// The glob as written.
+    pub fn as_str(&self) -> &str {
+        self.glob.glob().glob()
+    }
+
+    pub fn is_match(&self, s: &str) -> bool {
+        match &self.fast {
+            Fast::Any => true,
+            Fast::Exact(x) => s == &**x,
+            Fast::Prefix(p) => s.starts_with(&**p),
+            Fast::Suffix(p) => s.ends_with(&**p),
+            Fast::Glob => self.glob.is_match(s),
+        }
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pattern({:?})", self.as_str())
+    }
+}
+
+fn compile_glob(pattern: &str) -> Result<Pattern, String> {
     if pattern.is_empty() {
         return Err("empty glob (use \"*\" to match everything)".into());
     }
-    Glob::new(pattern)
-        .map(|g| g.compile_matcher())
-        .map_err(|e| format!("bad glob {pattern:?}: {}", e.kind()))
+    Pattern::new(pattern).map_err(|e| format!("bad glob {pattern:?}: {}", e.kind()))
 }
 
-fn match_nothing() -> GlobMatcher {
-    Glob::new("\u{0}never\u{0}")
-        .map(|g| g.compile_matcher())
-        .unwrap_or_else(|_| unreachable!())
+fn match_nothing() -> Pattern {
+    Pattern::new("\u{0}never\u{0}").unwrap_or_else(|_| unreachable!())
 }
 
 fn validate_path_template(path: &str) -> Result<(), String> {
@@ -1135,6 +1215,81 @@ impl fmt::Display for UserKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patterns_answer_like_globset() {
+        let patterns = [
+            "*",
+            "prod-*",
+            "*-batch",
+            "backend",
+            "prod-*-eu",
+            "a?c",
+            "[ab]*",
+            "{x,y}*",
+            "**",
+            "*/x",
+            "x/*",
+            "p\\*",
+            "",
+            "*a*",
+        ];
+        let inputs = [
+            "",
+            "prod-",
+            "prod-app",
+            "prod-a/b",
+            "xprod-",
+            "nightly-batch",
+            "-batch",
+            "batch",
+            "backend",
+            "backend2",
+            "prod-x-eu",
+            "abc",
+            "aXc",
+            "bz",
+            "x1",
+            "y",
+            "a/x",
+            "x/a",
+            "p*",
+            "pq",
+            "a",
+            "ba",
+        ];
+        for p in patterns {
+            let Ok(ours) = Pattern::new(p) else {
+                assert!(Glob::new(p).is_err(), "{p:?}");
+                continue;
+            };
+            let theirs = Glob::new(p).unwrap().compile_matcher();
+            assert_eq!(ours.as_str(), p);
+            for i in inputs {
+                assert_eq!(ours.is_match(i), theirs.is_match(i), "{p:?} on {i:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn path_templates_render_in_one_pass() {
+        let v = PathVars {
+            project_id: "proj_1",
+            project_name: "evil-{service_account_id}",
+            service_account_id: "svc_1",
+            service_account_name: "backend",
+        };
+        assert_eq!(
+            render_template("openai/{project_name}/{service_account_name}", &v),
+            "openai/evil-{service_account_id}/backend"
+        );
+        assert_eq!(
+            render_template("{project_id}-{service_account_id}{", &v),
+            "proj_1-svc_1{"
+        );
+        assert_eq!(render_template("a/{other}/b}", &v), "a/{other}/b}");
+        assert_eq!(render_template("plain/path", &v), "plain/path");
+    }
 
     const BASE: &str = r#"
         [openai]

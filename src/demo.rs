@@ -98,11 +98,12 @@ async fn demo(out: &mut Out) -> Result<(), String> {
     );
 
     out.heading("1. Plan (read-only: what keyrotd sees and would do)");
-    let (_, _, plan) = world
+    let survey = world
         .engine
-        .plan()
+        .survey()
         .await
         .map_err(|e| format!("plan: {e}"))?;
+    let plan = world.engine.plan(&survey);
     let mut stdout = std::io::stdout().lock();
     plan.render_table(&mut stdout, out.color)
         .map_err(|e| format!("stdout: {e}"))?;

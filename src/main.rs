@@ -159,8 +159,9 @@ async fn dispatch(cli: Cli) -> i32 {
                 Ok(e) => e,
                 Err(code) => return code,
             };
-            match engine.plan().await {
-                Ok((_, _, plan)) => {
+            match engine.survey().await {
+                Ok(survey) => {
+                    let plan = engine.plan(&survey);
                     match format {
                         PlanFormat::Json => println!("{}", plan.to_json()),
                         PlanFormat::Table => {
@@ -181,10 +182,11 @@ async fn dispatch(cli: Cli) -> i32 {
                 Ok(e) => e,
                 Err(code) => return code,
             };
-            match engine.plan().await {
-                Ok((inv, _, plan)) => {
+            match engine.survey().await {
+                Ok(survey) => {
                     use keyrotd::report::{self, Report};
-                    let r = Report::build(&inv, &plan, &engine.rules, &engine.policy);
+                    let plan = engine.plan(&survey);
+                    let r = Report::build(&survey.inventory, &plan, &engine.rules, &engine.policy);
                     match report::emit(&report::render(&r, *format), output.as_deref()) {
                         Ok(()) => 0,
                         Err(e) => {

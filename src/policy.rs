@@ -105,11 +105,85 @@ impl fmt::Display for Reason {
     }
 }
 
+/// A set of [`Reason`]s, kept in declaration order (the order `keyrotd plan` prints
+/// them). A bit set: a verdict's reasons cost no allocation.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Reasons(u16);
+
+impl Reasons {
+    pub const ALL: [Reason; 10] = [
+        Reason::Stale,
+        Reason::NeverUsed,
+        Reason::Unused,
+        Reason::OwnerInactive,
+        Reason::NoExpiry,
+        Reason::ExpiringSoon,
+        Reason::InGrace,
+        Reason::GraceOver,
+        Reason::Unreferenced,
+        Reason::InUse,
+    ];
+
+    fn bit(r: Reason) -> u16 {
+        1 << (r as u16)
+    }
+    pub fn push(&mut self, r: Reason) {
+        self.0 |= Self::bit(r);
+    }
+    /// Takes a reference so call sites read like `Vec::contains`.
+    pub fn contains(&self, r: &Reason) -> bool {
+        self.0 & Self::bit(*r) != 0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+    pub fn len(&self) -> usize {
+        self.0.count_ones() as usize
+    }
+    pub fn iter(&self) -> impl Iterator<Item = Reason> + '_ {
+        let bits = self.0;
+        Self::ALL
+            .into_iter()
+            .filter(move |r| bits & Self::bit(*r) != 0)
+    }
+    pub fn to_vec(&self) -> Vec<Reason> {
+        self.iter().collect()
+    }
+}
+
+impl FromIterator<Reason> for Reasons {
+    fn from_iter<I: IntoIterator<Item = Reason>>(iter: I) -> Self {
+        let mut out = Reasons::default();
+        for r in iter {
+            out.push(r);
+        }
+        out
+    }
+}
+
+impl PartialEq<Vec<Reason>> for Reasons {
+    fn eq(&self, other: &Vec<Reason>) -> bool {
+        self.iter().eq(other.iter().copied())
+    }
+}
+
+impl fmt::Debug for Reasons {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Reasons {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
 /// The outcome of [`evaluate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Evaluation {
     pub verdict: Verdict,
-    pub reasons: Vec<Reason>,
+    pub reasons: Reasons,
     /// Index into the rules of the first rule that matches the key's service account.
     pub rule: Option<usize>,
     /// The max age that applied.
@@ -121,11 +195,19 @@ pub fn ts(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(secs, 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// How long ago unix second `t` was at `now`, exactly (sub-second part of `now`
+/// included); `None` when `t` is later than `now`. Integer arithmetic: this runs for
+/// every key of every plan.
+pub fn since(t: i64, now: DateTime<Utc>) -> Option<Duration> {
+    let secs = i128::from(now.timestamp()) - i128::from(t);
+    let nanos = now.timestamp_subsec_nanos();
+    (secs > 0 || (secs == 0 && nanos > 0))
+        .then(|| Duration::new(u64::try_from(secs).unwrap_or(u64::MAX), nanos))
+}
+
 /// How old a key is at `now` (zero for keys from the future).
 pub fn age(key: &ProjectApiKey, now: DateTime<Utc>) -> Duration {
-    (now - ts(key.created_at))
-        .to_std()
-        .unwrap_or(Duration::ZERO)
+    since(key.created_at, now).unwrap_or(Duration::ZERO)
 }
 
 /// The first rule matching a service-account key in this project; user keys match none.
@@ -153,17 +235,27 @@ pub fn evaluate(
     policy: &PolicyConfig,
     now: DateTime<Utc>,
 ) -> Evaluation {
-    let rule = matching_rule(key, project, rules);
-    let max_age = rule.map_or(policy.max_age, |i| rules[i].max_age);
-    let max_age_chrono = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+    evaluate_with_rule(key, matching_rule(key, project, rules), rules, policy, now)
+}
 
-    let mut reasons = Vec::new();
+/// [`evaluate`] given the key's [`matching_rule`], for callers that match rules once per
+/// service account rather than once per key.
+pub fn evaluate_with_rule(
+    key: &ProjectApiKey,
+    rule: Option<usize>,
+    rules: &[Rule],
+    policy: &PolicyConfig,
+    now: DateTime<Utc>,
+) -> Evaluation {
+    let max_age = rule.map_or(policy.max_age, |i| rules[i].max_age);
+
+    let mut reasons = Reasons::default();
     if age(key, now) > max_age {
         reasons.push(Reason::Stale);
     }
     match key.last_used_at {
         None => reasons.push(Reason::NeverUsed),
-        Some(t) if now - ts(t) > max_age_chrono => reasons.push(Reason::Unused),
+        Some(t) if since(t, now).is_some_and(|d| d > max_age) => reasons.push(Reason::Unused),
         Some(_) => {}
     }
     if key.owner_project_access == Some(OwnerAccess::Inactive) {
@@ -301,6 +393,38 @@ mod tests {
     use crate::openai::models::{ApiKeyOwner, OwnerServiceAccount, OwnerUser};
 
     const DAY: i64 = 86400;
+
+    #[test]
+    fn since_agrees_with_chrono() {
+        let now = ts(1_800_000_000) + chrono::Duration::milliseconds(250);
+        for t in [0, 1_799_999_000, 1_800_000_000, 1_800_000_001] {
+            let chrono = (now - ts(t)).to_std().ok().filter(|d| !d.is_zero());
+            assert_eq!(since(t, now), chrono, "t = {t}");
+        }
+        assert_eq!(since(1_800_000_000, ts(1_800_000_000)), None);
+        // Beyond chrono's range: still very old, never "from the future".
+        assert!(since(i64::MIN, now).is_some_and(|d| d.as_secs() > 1 << 62));
+        assert_eq!(since(i64::MAX, now), None);
+    }
+
+    #[test]
+    fn reasons_keep_declaration_order_and_serialize_as_a_list() {
+        for (i, r) in Reasons::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r} is out of place in Reasons::ALL");
+        }
+        let rs: Reasons = [Reason::InUse, Reason::Stale, Reason::NeverUsed]
+            .into_iter()
+            .collect();
+        assert_eq!(rs, vec![Reason::Stale, Reason::NeverUsed, Reason::InUse]);
+        assert_eq!(rs.len(), 3);
+        assert!(rs.contains(&Reason::InUse) && !rs.contains(&Reason::Unused));
+        assert_eq!(
+            serde_json::to_string(&rs).unwrap(),
+            r#"["stale","never_used","in_use"]"#
+        );
+        assert_eq!(format!("{rs:?}"), "[Stale, NeverUsed, InUse]");
+        assert!(Reasons::default().is_empty());
+    }
 
     fn now() -> DateTime<Utc> {
         ts(1_800_000_000)
@@ -475,7 +599,7 @@ mod tests {
         // Fresh but the owner left the project: a human should look.
         let e = eval(Key::user().inactive(), "prod-a", "user_keys = \"revoke\"");
         assert_eq!(
-            (e.verdict, e.reasons.clone()),
+            (e.verdict, e.reasons.to_vec()),
             (Verdict::Report, vec![Reason::OwnerInactive])
         );
     }
@@ -506,8 +630,8 @@ mod tests {
         let (mut rules, policy) = setup("");
         let mut second = rules[0].clone();
         second.name = "catch-all".into();
-        second.project = globset::Glob::new("*").unwrap().compile_matcher();
-        second.service_account = globset::Glob::new("*").unwrap().compile_matcher();
+        second.project = crate::config::Pattern::new("*").unwrap();
+        second.service_account = crate::config::Pattern::new("*").unwrap();
         rules.push(second);
         let k = Key::sa("backend").0;
         assert_eq!(matching_rule(&k, &project("prod-x"), &rules), Some(0));

@@ -135,45 +135,37 @@ fn days(d: std::time::Duration) -> u64 {
 impl Report {
     /// The plan's keys, in the plan's order, with what the inventory adds.
     pub fn build(inv: &Inventory, plan: &Plan, rules: &[Rule], policy: &PolicyConfig) -> Report {
-        let mut by_id = HashMap::with_capacity(inv.key_count());
-        for p in &inv.projects {
-            for k in &p.keys {
-                by_id.insert((p.project.id.as_str(), k.id.as_str()), k);
-            }
-        }
         let rfc3339 = |t: i64| policy::ts(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let keys: Vec<ReportKey> = plan
             .keys
             .iter()
             .map(|k| {
-                let api = by_id.get(&(k.project_id.as_str(), k.key_id.as_str()));
-                let owner_email = api
+                let owner_email = Some(k.api)
                     .filter(|a| a.owner.kind == OwnerType::User)
                     .and_then(|a| a.owner.user.as_ref())
                     .and_then(|u| u.email.clone());
                 let max_age = k
                     .rule
-                    .as_deref()
                     .and_then(|name| rules.iter().find(|r| r.name == name))
                     .map_or(policy.max_age, |r| r.max_age);
                 ReportKey {
-                    project_id: k.project_id.clone(),
-                    project_name: k.project_name.clone(),
-                    key_id: k.key_id.clone(),
-                    key_name: k.key_name.clone(),
+                    project_id: k.project_id.to_string(),
+                    project_name: k.project_name.to_string(),
+                    key_id: k.key_id.to_string(),
+                    key_name: k.key_name.map(str::to_string),
                     owner_type: k.owner_type,
-                    owner_id: k.owner_id.clone(),
-                    owner_name: k.owner_name.clone(),
+                    owner_id: k.owner_id.map(str::to_string),
+                    owner_name: k.owner_name.map(str::to_string),
                     owner_email,
-                    created_at: k.created_at.clone(),
+                    created_at: k.created_at.to_string(),
                     age_days: k.age_days,
-                    last_used_at: k.last_used_at.clone(),
-                    expires_at: api.and_then(|a| a.expires_at).map(rfc3339),
+                    last_used_at: k.last_used_at.map(|t| t.to_string()),
+                    expires_at: k.api.expires_at.map(rfc3339),
                     verdict: k.verdict,
-                    reasons: k.reasons.clone(),
-                    rule: k.rule.clone(),
+                    reasons: k.reasons.to_vec(),
+                    rule: k.rule.map(str::to_string),
                     max_age_days: days(max_age),
-                    stores: k.stores.clone(),
+                    stores: k.stores.iter().map(|s| s.to_string()).collect(),
                 }
             })
             .collect();
@@ -200,7 +192,7 @@ impl Report {
             }
         }
         Report {
-            generated_at: plan.generated_at.clone(),
+            generated_at: plan.generated_at.to_string(),
             summary,
             keys,
         }

@@ -280,8 +280,10 @@ async fn no_secret_in_logs_metrics_errors_or_debug() {
     ));
     let key = b.sim.all_keys().into_iter().next().unwrap();
     texts.push(("Debug SimKey".into(), format!("{key:?}")));
-    let (_, views, plan) = engine.plan().await.unwrap();
-    texts.push(("Debug plan views".into(), format!("{views:?}")));
+    let survey = engine.survey().await.unwrap();
+    let plan = engine.plan(&survey);
+    texts.push(("Debug plan views".into(), format!("{:?}", survey.views)));
+    texts.push(("Debug plan".into(), format!("{plan:?}")));
     texts.push(("plan JSON".into(), plan.to_json()));
 
     // Every store record must hold a real value, or the search proves nothing.

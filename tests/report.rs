@@ -530,7 +530,8 @@ async fn report_renders_2000_projects_quickly() {
     let engine = keyrotd::app::build_engine(&cfg, true)
         .await
         .expect("engine");
-    let (inv, _, plan) = engine.plan().await.expect("scan");
+    let survey = engine.survey().await.expect("scan");
+    let (inv, plan) = (&survey.inventory, engine.plan(&survey));
     assert_eq!(plan.keys.len(), 10_000);
 
     // Best of three: the machine is shared with other builds.
@@ -545,11 +546,11 @@ async fn report_renders_2000_projects_quickly() {
             .unwrap()
     };
     let build = best(&|| {
-        Report::build(&inv, &plan, &engine.rules, &engine.policy)
+        Report::build(inv, &plan, &engine.rules, &engine.policy)
             .keys
             .len()
     });
-    let r = Report::build(&inv, &plan, &engine.rules, &engine.policy);
+    let r = Report::build(inv, &plan, &engine.rules, &engine.policy);
     let html = best(&|| report::render(&r, Format::Html).len());
     let json = best(&|| report::render(&r, Format::Json).len());
     let csv = best(&|| report::render(&r, Format::Csv).len());

@@ -1,5 +1,6 @@
 //! One behaviour suite, run unchanged against the file store, OpenBao (Vault KV v2) and
-//! moto (AWS Secrets Manager): bootstrap, a second rotation, check-and-set conflicts,
+//! moto (AWS Secrets Manager): bootstrap, a second rotation, check-and-set conflicts
+//! (through `apply` and `apply_to`),
 //! idempotent re-staging, an interrupted stage, Abandon, Retired.
 //!
 //! Needs the servers of `scripts/test-servers.sh`; without them every test fails with
@@ -210,6 +211,52 @@ async fn cas_conflict(f: Fixture) {
     );
 }
 
+/// `apply_to` (the engine's path: no re-read where the backend can compare-and-set)
+/// keeps `apply`'s contract: a state that is no longer current loses.
+async fn apply_to_conflict(f: Fixture) {
+    let (s, path) = (&f.store, unique("applyto"));
+    let other = f.reopen().await;
+    let read = s.read(&path).await.expect("read");
+    let a = s
+        .apply_to(&path, &read, &Transition::Intent(intent(1)))
+        .await
+        .expect("intent on an empty slot");
+    assert_eq!(a.book.intent, Some(intent(1)));
+    // The state it returned is current: the chain goes on without reads.
+    let b = s
+        .apply_to(&path, &a, &Transition::Stage(record("key_1")))
+        .await
+        .expect("stage");
+    let c = s
+        .apply_to(
+            &path,
+            &b,
+            &Transition::Promote {
+                key_id: "key_1".into(),
+                at: at(10),
+            },
+        )
+        .await
+        .expect("promote");
+    assert_eq!(c.current.as_ref().map(|r| r.key_id.as_str()), Some("key_1"));
+    assert_eq!(s.read(&path).await.expect("read back").current, c.current);
+
+    // Another writer moves the slot on: every state before that is stale.
+    other
+        .apply_to(&path, &c, &Transition::Intent(intent(2)))
+        .await
+        .expect("the other writer");
+    for stale in [&read, &a, &b, &c] {
+        assert_conflict(
+            s.apply_to(&path, stale, &Transition::Intent(intent(3)))
+                .await,
+            &format!("stale state at version {:?}", stale.version),
+        );
+    }
+    let now = s.read(&path).await.expect("read");
+    assert_eq!(now.book.intent, Some(intent(2)));
+}
+
 async fn idempotent_restage(f: Fixture) {
     let (s, path) = (&f.store, unique("restage"));
     rotate(s, &path, &record("key_1"), 1, at(10)).await;
@@ -391,6 +438,7 @@ macro_rules! suite {
             #[tokio::test] async fn bootstrap() { super::bootstrap(fixture().await).await }
             #[tokio::test] async fn second_rotation() { super::second_rotation(fixture().await).await }
             #[tokio::test] async fn cas_conflict() { super::cas_conflict(fixture().await).await }
+            #[tokio::test] async fn apply_to_conflict() { super::apply_to_conflict(fixture().await).await }
             #[tokio::test] async fn idempotent_restage() { super::idempotent_restage(fixture().await).await }
             #[tokio::test] async fn interrupted_stage() { super::interrupted_stage(fixture().await).await }
             #[tokio::test] async fn abandon() { super::abandon(fixture().await).await }

@@ -1,6 +1,6 @@
 //! Vault-specific store behaviour against a real OpenBao dev server: AppRole login,
 //! token renewal and re-login, clear auth errors, `cas_required` mounts, namespaces,
-//! capability probes, deleted versions.
+//! capability probes, deleted versions, `managed-by` marking.
 //!
 //! Needs `scripts/test-servers.sh` (fails with "run scripts/test (needs OpenBao and
 //! moto)" otherwise).
@@ -425,6 +425,51 @@ async fn deleted_current_version_reads_empty_but_keeps_cas() {
     .await;
     let read = store.read(&path).await.expect("read destroyed");
     assert_eq!((read.current, read.version), (None, again.version));
+}
+
+#[tokio::test]
+async fn marking_managed_keeps_other_custom_metadata() {
+    let path = unique("marked");
+    let store = vault_store("secret").await;
+    rotate(&store, &path, &record("key_1"), 1, at(1)).await;
+    // An operator replaces the custom metadata (dropping `managed-by`).
+    bao(
+        Method::POST,
+        &format!("secret/metadata/{path}"),
+        Some(json!({"custom_metadata": {"team": "platform"}})),
+    )
+    .await;
+    let custom = || async {
+        bao(Method::GET, &format!("secret/metadata/{path}"), None).await["data"]["custom_metadata"]
+            .clone()
+    };
+    // A fresh store (a restarted daemon) reads the slot and writes through `apply_to`:
+    // the write marks the secret again and keeps the operator's entry.
+    let fresh = vault_store("secret").await;
+    let st = fresh.read(&path).await.expect("read");
+    let st = fresh
+        .apply_to(&path, &st, &Transition::Intent(intent(2)))
+        .await
+        .expect("intent");
+    assert_eq!(
+        custom().await,
+        json!({"team": "platform", "managed-by": "keyrotd"})
+    );
+    // Marked now: later writes leave the metadata alone.
+    bao(
+        Method::POST,
+        &format!("secret/metadata/{path}"),
+        Some(json!({"custom_metadata": {"team": "platform", "managed-by": "keyrotd", "x": "1"}})),
+    )
+    .await;
+    fresh
+        .apply_to(&path, &st, &Transition::Abandon)
+        .await
+        .expect("abandon");
+    assert_eq!(
+        custom().await,
+        json!({"team": "platform", "managed-by": "keyrotd", "x": "1"})
+    );
 }
 
 #[tokio::test]

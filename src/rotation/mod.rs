@@ -23,7 +23,7 @@ use crate::metrics::{Metrics, RevocationOutcome};
 use crate::notify::{Notice, Notifier};
 use crate::openai::models::{OwnerType, ProjectApiKey};
 use crate::openai::{ApiError, Client};
-use crate::plan::{self, Inventory, Plan, Slot, SlotView};
+use crate::plan::{self, Inventory, Plan, Slot, SlotView, Summary};
 use crate::policy::{self, Verdict};
 use crate::store::DynStore;
 
@@ -86,6 +86,15 @@ pub struct SlotReport {
     pub outcome: Result<SlotOutcome, String>,
 }
 
+/// What one read-only pass saw: the inventory, what every slot's stores hold, and
+/// when. [`Engine::plan`] turns it into the plan, which borrows from it.
+#[derive(Debug)]
+pub struct Survey {
+    pub inventory: Inventory,
+    pub views: Vec<SlotView>,
+    pub now: DateTime<Utc>,
+}
+
 /// What a cycle did.
 #[derive(Debug, Default)]
 pub struct CycleReport {
@@ -96,7 +105,9 @@ pub struct CycleReport {
     pub other_failures: Vec<String>,
     /// Set when the scan itself failed: nothing was done.
     pub scan_error: Option<String>,
-    pub plan: Option<Plan>,
+    /// The plan's counts as scanned, before this cycle acted (`None` when the scan
+    /// failed).
+    pub plan: Option<Summary>,
     pub duration: Duration,
     /// Slots skipped because shutdown was requested.
     pub skipped: usize,
@@ -139,18 +150,32 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// Scans the organization and reads every slot's stores, changing nothing.
-    pub async fn plan(&self) -> Result<(Inventory, Vec<SlotView>, Plan), ApiError> {
-        let inv = plan::scan(
+    pub async fn survey(&self) -> Result<Survey, ApiError> {
+        let inventory = plan::scan(
             &self.client,
             &self.rules,
             self.settings.include_archived,
             self.settings.concurrency,
         )
         .await?;
-        let slots = plan::slots(&inv, &self.rules);
+        let slots = plan::slots(&inventory, &self.rules);
         let views = self.read_views(slots).await;
-        let plan = Plan::build(&inv, &views, &self.rules, &self.policy, self.clock.now());
-        Ok((inv, views, plan))
+        Ok(Survey {
+            inventory,
+            views,
+            now: self.clock.now(),
+        })
+    }
+
+    /// The plan of a [`Survey`] under this engine's rules and policy.
+    pub fn plan<'a>(&'a self, survey: &'a Survey) -> Plan<'a> {
+        Plan::build(
+            &survey.inventory,
+            &survey.views,
+            &self.rules,
+            &self.policy,
+            survey.now,
+        )
     }
 
     async fn read_views(&self, slots: Vec<Slot>) -> Vec<SlotView> {
@@ -225,10 +250,10 @@ impl Engine {
                 && !self.settings.dry_run
             {
                 self.notifier.send(Notice::StaleUserKey {
-                    project_id: k.project_id.clone(),
-                    key_id: k.key_id.clone(),
-                    owner_id: k.owner_id.clone().unwrap_or_default(),
-                    owner_name: k.owner_name.clone().unwrap_or_default(),
+                    project_id: k.project_id.to_string(),
+                    key_id: k.key_id.to_string(),
+                    owner_id: k.owner_id.unwrap_or_default().to_string(),
+                    owner_name: k.owner_name.unwrap_or_default().to_string(),
                     age_days: k.age_days,
                 });
             }
@@ -238,13 +263,15 @@ impl Engine {
                     project_id = %k.project_id,
                     key_id = %k.key_id,
                     owner_type = k.owner_type,
-                    owner_id = k.owner_id.as_deref().unwrap_or(""),
+                    owner_id = k.owner_id.unwrap_or(""),
                     age_days = k.age_days,
                     verdict = k.verdict.as_str(),
                     "stale key"
                 );
             }
         }
+        report.plan = Some(plan.summary());
+        drop(plan);
         drop(views);
 
         let by_sa = keys_by_service_account(&inv);
@@ -330,7 +357,6 @@ impl Engine {
             duration_ms = report.duration.as_millis() as u64,
             "rotation cycle finished"
         );
-        report.plan = Some(plan);
         report
     }
 

@@ -172,9 +172,7 @@ impl SlotRun<'_> {
     /// Applies `t` to store `i` against its last known version.
     async fn apply(&mut self, i: usize, t: &Transition) -> Result<(), StoreError> {
         let (_, store) = &self.stores[i];
-        let next = store
-            .apply(&self.slot.path, &self.states[i].version, t)
-            .await?;
+        let next = store.apply_to(&self.slot.path, &self.states[i], t).await?;
         self.states[i] = next;
         Ok(())
     }

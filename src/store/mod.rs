@@ -340,6 +340,19 @@ pub trait SecretStore: Send + Sync + fmt::Debug {
     async fn apply(&self, path: &str, expected: &Version, t: &Transition)
         -> StoreResult<SlotState>;
 
+    /// Applies `t` to `current`, a state this store returned for `path` (from `read` or
+    /// `apply`), if the slot is still at `current.version` (else `Conflict`). Backends
+    /// whose writes compare-and-set on the version skip the re-read `apply` needs; the
+    /// default is `apply`.
+    async fn apply_to(
+        &self,
+        path: &str,
+        current: &SlotState,
+        t: &Transition,
+    ) -> StoreResult<SlotState> {
+        self.apply(path, &current.version, t).await
+    }
+
     /// Proves the store is reachable and the credentials work.
     async fn health(&self) -> StoreResult<()>;
 

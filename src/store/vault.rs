@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::RwLock;
-use vaultrs::api::kv2::requests::{SetSecretMetadataRequest, SetSecretRequestOptions};
+use vaultrs::api::kv2::requests::{
+    ReadSecretRequest, SetSecretMetadataRequest, SetSecretRequestOptions,
+};
 use vaultrs::api::AuthInfo;
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
@@ -54,6 +56,10 @@ pub struct VaultStore {
     /// Client without a token, for logins.
     login_client: Arc<VaultClient>,
     session: RwLock<Session>,
+    /// Paths this store has seen without `managed-by = keyrotd`, with their custom
+    /// metadata when the read showed it: the next write marks them. Metadata only,
+    /// never secret data.
+    unmarked: std::sync::Mutex<HashMap<String, Option<HashMap<String, String>>>>,
 }
 
 impl fmt::Debug for VaultStore {
@@ -240,6 +246,7 @@ impl VaultStore {
             auth,
             settings,
             login_client: login_client.clone(),
+            unmarked: std::sync::Mutex::new(HashMap::new()),
             session: RwLock::new(Session {
                 client: login_client,
                 token: empty,
@@ -565,9 +572,66 @@ impl VaultStore {
         }
     }
 
-    /// Reads the slot and the secret's custom metadata.
-    async fn read_raw(&self, path: &str) -> StoreResult<(SlotState, HashMap<String, String>)> {
+    /// Reads the slot and, when the answer carried it, the secret's custom metadata.
+    /// One `GET <mount>/data/<path>` while the current version is readable (its
+    /// response carries the version and the custom metadata); the metadata (and the
+    /// version's data) only when that answers 404: no secret yet, or a deleted or
+    /// destroyed current version.
+    async fn read_raw(
+        &self,
+        path: &str,
+    ) -> StoreResult<(SlotState, Option<HashMap<String, String>>)> {
         check_path(&self.name, path)?;
+        let (mount, p) = (self.mount.clone(), path.to_string());
+        let r = self
+            .call(&format!("read {path:?}"), move |c| {
+                let endpoint = ReadSecretRequest {
+                    mount: mount.clone(),
+                    path: p.clone(),
+                    version: None,
+                };
+                async move { vaultrs::api::exec_with_result(&*c, endpoint).await }
+            })
+            .await;
+        let resp = match r {
+            Ok(resp) => resp,
+            Err(e) if e.kind == StoreErrorKind::NotFound => {
+                let (state, custom) = self.read_via_metadata(path).await?;
+                return Ok((state, Some(custom)));
+            }
+            Err(e) => return Err(e),
+        };
+        let cv = resp.metadata.version;
+        let version = Version(cv.to_string());
+        if resp.data.is_null() {
+            let state = SlotState {
+                version,
+                ..SlotState::default()
+            };
+            return Ok((state, resp.metadata.custom_metadata));
+        }
+        let doc = self.parse(path, cv, resp.data)?;
+        Ok((doc.into_state(version), resp.metadata.custom_metadata))
+    }
+
+    fn parse(&self, path: &str, version: u64, data: serde_json::Value) -> StoreResult<Document> {
+        parse_document(data).map_err(|why| {
+            self.err(
+                StoreErrorKind::InvalidData,
+                format!(
+                    "{}/{path} version {version} is not a keyrotd document: {why}",
+                    self.mount
+                ),
+            )
+        })
+    }
+
+    /// [`Self::read_raw`] through the secret's metadata: the current version number
+    /// even when that version is deleted or destroyed.
+    async fn read_via_metadata(
+        &self,
+        path: &str,
+    ) -> StoreResult<(SlotState, HashMap<String, String>)> {
         let (mount, p) = (self.mount.clone(), path.to_string());
         let meta = self
             .call(&format!("read metadata of {path:?}"), move |c| {
@@ -607,16 +671,22 @@ impl VaultStore {
                 custom,
             ));
         };
-        let doc = parse_document(data).map_err(|why| {
-            self.err(
-                StoreErrorKind::InvalidData,
-                format!(
-                    "{}/{path} version {cv} is not a keyrotd document: {why}",
-                    self.mount
-                ),
-            )
-        })?;
+        let doc = self.parse(path, cv, data)?;
         Ok((doc.into_state(version), custom))
+    }
+
+    /// Remembers whether `path` still needs `managed-by = keyrotd`.
+    fn note_marking(&self, path: &str, custom: Option<HashMap<String, String>>) {
+        let marked = custom
+            .as_ref()
+            .and_then(|c| c.get(MANAGED_BY_KEY))
+            .is_some_and(|v| v == MANAGED_BY);
+        let mut unmarked = self.unmarked.lock().unwrap_or_else(|e| e.into_inner());
+        if marked {
+            unmarked.remove(path);
+        } else {
+            unmarked.insert(path.to_string(), custom);
+        }
     }
 
     /// The data map of one version; `None` when that version is deleted.
@@ -680,21 +750,30 @@ impl VaultStore {
         .await
     }
 
-    /// Adds `managed-by = keyrotd` to the secret's custom metadata, keeping other entries.
-    /// Best effort: the data is already written, so a refusal is only logged.
-    async fn mark_managed(&self, path: &str, mut custom: HashMap<String, String>) {
-        custom.insert(MANAGED_BY_KEY.to_string(), MANAGED_BY.to_string());
-        let (mount, p) = (self.mount.clone(), path.to_string());
-        let r = self
-            .call(&format!("write metadata of {path:?}"), move |c| {
-                let (mount, p, custom) = (mount.clone(), p.clone(), custom.clone());
-                async move {
-                    let mut req = SetSecretMetadataRequest::builder();
-                    req.custom_metadata(custom);
-                    kv2::set_metadata(&*c, &mount, &p, Some(&mut req)).await
-                }
-            })
-            .await;
+    /// Adds `managed-by = keyrotd` to the secret's custom metadata, keeping other entries
+    /// (read first when the data read did not show them). Best effort: the data is
+    /// already written, so a refusal is only logged.
+    async fn mark_managed(&self, path: &str, custom: Option<HashMap<String, String>>) {
+        let custom = match custom {
+            Some(c) => Ok(c),
+            None => self.read_via_metadata(path).await.map(|(_, c)| c),
+        };
+        let r = match custom {
+            Ok(mut custom) => {
+                custom.insert(MANAGED_BY_KEY.to_string(), MANAGED_BY.to_string());
+                let (mount, p) = (self.mount.clone(), path.to_string());
+                self.call(&format!("write metadata of {path:?}"), move |c| {
+                    let (mount, p, custom) = (mount.clone(), p.clone(), custom.clone());
+                    async move {
+                        let mut req = SetSecretMetadataRequest::builder();
+                        req.custom_metadata(custom);
+                        kv2::set_metadata(&*c, &mount, &p, Some(&mut req)).await
+                    }
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = r {
             tracing::warn!(event = "vault.metadata_failed", store = %self.name, path, error = %e);
         }
@@ -788,7 +867,9 @@ impl SecretStore for VaultStore {
     }
 
     async fn read(&self, path: &str) -> StoreResult<SlotState> {
-        Ok(self.read_raw(path).await?.0)
+        let (state, custom) = self.read_raw(path).await?;
+        self.note_marking(path, custom);
+        Ok(state)
     }
 
     async fn apply(
@@ -797,7 +878,7 @@ impl SecretStore for VaultStore {
         expected: &Version,
         t: &Transition,
     ) -> StoreResult<SlotState> {
-        let (state, custom) = self.read_raw(path).await?;
+        let state = self.read(path).await?;
         if &state.version != expected {
             return Err(self.err(
                 StoreErrorKind::Conflict,
@@ -809,19 +890,31 @@ impl SecretStore for VaultStore {
                 ),
             ));
         }
-        let mut next = state.apply(t).map_err(|e| {
+        self.apply_to(path, &state, t).await
+    }
+
+    /// No re-read: the write's `cas` = `current.version` fails if anything was written
+    /// since, which is the check `apply`'s read makes, done by Vault atomically.
+    async fn apply_to(
+        &self,
+        path: &str,
+        current: &SlotState,
+        t: &Transition,
+    ) -> StoreResult<SlotState> {
+        check_path(&self.name, path)?;
+        let mut next = current.apply(t).map_err(|e| {
             self.err(
                 StoreErrorKind::Conflict,
                 format!("{}/{path}: {e}", self.mount),
             )
         })?;
-        let cas = if state.version.is_absent() {
+        let cas = if current.version.is_absent() {
             0
         } else {
-            state.version.0.parse::<u64>().map_err(|_| {
+            current.version.0.parse::<u64>().map_err(|_| {
                 self.err(
                     StoreErrorKind::InvalidData,
-                    format!("{path:?}: bad version {:?}", state.version.0),
+                    format!("{path:?}: bad version {:?}", current.version.0),
                 )
             })?
         };
@@ -833,8 +926,16 @@ impl SecretStore for VaultStore {
         })?;
         let written = self.write_cas(path, &data, cas).await?;
         next.version = Version(written.to_string());
-        if custom.get(MANAGED_BY_KEY).map(String::as_str) != Some(MANAGED_BY) {
-            self.mark_managed(path, custom).await;
+        // Seen unmarked, or created by this write without having been read first.
+        let unmarked = self
+            .unmarked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
+        match unmarked {
+            Some(custom) => self.mark_managed(path, custom).await,
+            None if cas == 0 => self.mark_managed(path, None).await,
+            None => {}
         }
         Ok(next)
     }

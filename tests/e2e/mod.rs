@@ -140,7 +140,7 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
 
     /// Every (store, path) → state the engine's stores hold for the slots of rule 0.
     pub async fn store_states(&self, engine: &Engine) -> BTreeMap<(String, String), SlotState> {
-        let (_, views, _) = engine.plan().await.expect("plan");
+        let views = engine.survey().await.expect("plan").views;
         let mut out = BTreeMap::new();
         for v in views {
             for (store, st) in v.states {
