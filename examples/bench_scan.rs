@@ -5,7 +5,7 @@
 //!     --latency-ms 20 --concurrency 1,4,16,64 --runs 3 --sa-listing 16]
 //! ```
 //!
-//! A *scan* here is [`Engine::plan`](keyrotd::rotation::Engine::plan), what `keyrotd
+//! A *scan* here is [`Engine::survey`](keyrotd::rotation::Engine::survey) and its plan, what `keyrotd
 //! plan` and the first half of every cycle do: list every project, list every
 //! project's keys, list service accounts for the projects a rule covers, derive the
 //! slots, read their stores and build the plan. The config's one rule matches no

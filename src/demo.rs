@@ -400,14 +400,17 @@ fn show_reported(out: &Out, plan: &Plan) {
         out.paint("35", "reported, not touched (a human decides):")
     );
     for k in reported {
-        let why = if k.owner_type == "user" {
+        let why = if k.owner_type() == "user" {
             "user-owned: the API cannot re-issue it; its owner must replace it"
         } else {
             "no rule manages this project"
         };
         println!(
             "  {:<24} {:<18} {:>4} days  {}",
-            k.key_id, k.project_name, k.age_days, why
+            k.key_id(),
+            k.project_name(),
+            k.age_days,
+            why
         );
     }
 }

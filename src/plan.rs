@@ -335,12 +335,26 @@ impl From<DateTime<Utc>> for Timestamp {
 
 impl std::fmt::Display for Timestamp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}",
-            self.to_datetime()
-                .to_rfc3339_opts(SecondsFormat::Secs, true)
-        )
+        use chrono::{Datelike, Timelike};
+        let t = self.to_datetime();
+        if !(0..=9999).contains(&t.year()) {
+            return f.write_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true));
+        }
+        // `YYYY-MM-DDTHH:MM:SSZ` without an allocation: plans print two per key.
+        let mut b = *b"0000-00-00T00:00:00Z";
+        let mut put = |at: usize, width: usize, mut v: u32| {
+            for i in (at..at + width).rev() {
+                b[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, t.year() as u32);
+        put(5, 2, t.month());
+        put(8, 2, t.day());
+        put(11, 2, t.hour());
+        put(14, 2, t.minute());
+        put(17, 2, t.second());
+        f.write_str(std::str::from_utf8(&b).map_err(|_| std::fmt::Error)?)
     }
 }
 
@@ -350,26 +364,90 @@ impl Serialize for Timestamp {
     }
 }
 
-/// One key of the plan, borrowing from the [`Inventory`] it was built from.
-#[derive(Clone, Debug, Serialize)]
+/// One key of the plan: the key and its project as listed (borrowed from the
+/// [`Inventory`]), and what the plan says of it. Serializes as the SPEC §1 key object.
+#[derive(Clone, Debug)]
 pub struct PlanKey<'a> {
-    pub project_id: &'a str,
-    pub project_name: &'a str,
-    pub key_id: &'a str,
-    pub key_name: Option<&'a str>,
-    pub owner_type: &'static str,
-    pub owner_id: Option<&'a str>,
-    pub owner_name: Option<&'a str>,
-    pub created_at: Timestamp,
-    pub last_used_at: Option<Timestamp>,
-    pub age_days: u64,
+    pub project: &'a Project,
+    /// The key as the API listed it.
+    pub api: &'a ProjectApiKey,
     pub verdict: Verdict,
     pub reasons: Reasons,
+    pub age_days: u64,
+    /// The rule managing the key's service account.
     pub rule: Option<&'a str>,
+    /// Stores that reference the key (current, pending or previous), sorted.
     pub stores: Vec<&'a str>,
-    /// The key as the API listed it (not part of the plan document).
-    #[serde(skip)]
-    pub api: &'a ProjectApiKey,
+}
+
+impl<'a> PlanKey<'a> {
+    pub fn project_id(&self) -> &'a str {
+        &self.project.id
+    }
+    pub fn project_name(&self) -> &'a str {
+        self.project.display_name()
+    }
+    pub fn key_id(&self) -> &'a str {
+        &self.api.id
+    }
+    pub fn key_name(&self) -> Option<&'a str> {
+        self.api.name.as_deref()
+    }
+    pub fn owner_type(&self) -> &'static str {
+        self.api.owner.kind.as_str()
+    }
+    pub fn owner_id(&self) -> Option<&'a str> {
+        self.api.owner.id()
+    }
+    pub fn owner_name(&self) -> Option<&'a str> {
+        self.api.owner.name()
+    }
+    pub fn created_at(&self) -> Timestamp {
+        Timestamp(self.api.created_at)
+    }
+    pub fn last_used_at(&self) -> Option<Timestamp> {
+        self.api.last_used_at.map(Timestamp)
+    }
+}
+
+impl Serialize for PlanKey<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        /// The SPEC §1 key object, field by field.
+        #[derive(Serialize)]
+        struct Doc<'b> {
+            project_id: &'b str,
+            project_name: &'b str,
+            key_id: &'b str,
+            key_name: Option<&'b str>,
+            owner_type: &'static str,
+            owner_id: Option<&'b str>,
+            owner_name: Option<&'b str>,
+            created_at: Timestamp,
+            last_used_at: Option<Timestamp>,
+            age_days: u64,
+            verdict: Verdict,
+            reasons: Reasons,
+            rule: Option<&'b str>,
+            stores: &'b [&'b str],
+        }
+        Doc {
+            project_id: self.project_id(),
+            project_name: self.project_name(),
+            key_id: self.key_id(),
+            key_name: self.key_name(),
+            owner_type: self.owner_type(),
+            owner_id: self.owner_id(),
+            owner_name: self.owner_name(),
+            created_at: self.created_at(),
+            last_used_at: self.last_used_at(),
+            age_days: self.age_days,
+            verdict: self.verdict,
+            reasons: self.reasons,
+            rule: self.rule,
+            stores: &self.stores,
+        }
+        .serialize(s)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -506,7 +584,6 @@ impl<'a> Plan<'a> {
         for p in &inv.projects {
             let covering = ProjectRules::new(rules, &p.project);
             let project_id = p.project.id.as_str();
-            let project_name = p.project.display_name();
             let ps = by_project.get(project_id).unwrap_or(&no_slots);
             for k in &p.keys {
                 let sa = match (k.owner.kind, &k.owner.service_account) {
@@ -565,21 +642,13 @@ impl<'a> Plan<'a> {
                     current_verdicts.insert(&k.id, verdict);
                 }
                 keys.push(PlanKey {
-                    project_id,
-                    project_name,
-                    key_id: &k.id,
-                    key_name: k.name.as_deref(),
-                    owner_type: k.owner.kind.as_str(),
-                    owner_id: k.owner.id(),
-                    owner_name: k.owner.name(),
-                    created_at: Timestamp(k.created_at),
-                    last_used_at: k.last_used_at.map(Timestamp),
-                    age_days: policy::age(k, now).as_secs() / 86400,
+                    project: &p.project,
+                    api: k,
                     verdict,
                     reasons,
+                    age_days: policy::age(k, now).as_secs() / 86400,
                     rule: rule.map(|i| rules[i].name.as_str()),
                     stores: referenced.map(|r| r.stores.clone()).unwrap_or_default(),
-                    api: k,
                 });
             }
         }
@@ -665,14 +734,14 @@ impl<'a> Plan<'a> {
         let kw = self
             .keys
             .iter()
-            .map(|k| k.key_id.len())
+            .map(|k| k.key_id().len())
             .max()
             .unwrap_or(3)
             .max(3);
         let mut by_project: BTreeMap<(&str, &str), Vec<&PlanKey>> = BTreeMap::new();
         for k in &self.keys {
             by_project
-                .entry((k.project_name, k.project_id))
+                .entry((k.project_name(), k.project_id()))
                 .or_default()
                 .push(k);
         }
@@ -695,10 +764,10 @@ impl<'a> Plan<'a> {
                 writeln!(
                     out,
                     "  {:<kw$} {:<26} {:<16} {:<22} {:>4}d  {} {}",
-                    k.key_id,
-                    truncate(k.key_name.unwrap_or("-"), 26),
-                    k.owner_type,
-                    truncate(k.owner_name.unwrap_or("-"), 22),
+                    k.key_id(),
+                    truncate(k.key_name().unwrap_or("-"), 26),
+                    k.owner_type(),
+                    truncate(k.owner_name().unwrap_or("-"), 22),
                     k.age_days,
                     verdict,
                     if reasons.is_empty() {
@@ -741,5 +810,31 @@ fn truncate(s: &str, n: usize) -> String {
         let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
         t.push('…');
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_print_like_chrono() {
+        for secs in [
+            0,
+            1,
+            951_782_400, // 2000-02-29
+            1_800_000_000,
+            253_402_300_799, // 9999-12-31T23:59:59Z
+            253_402_300_800,
+            -1,
+            -62_135_596_800, // 0001-01-01
+        ] {
+            let chrono = policy::ts(secs).to_rfc3339_opts(SecondsFormat::Secs, true);
+            assert_eq!(Timestamp(secs).to_string(), chrono, "{secs}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Timestamp(1_800_000_000)).unwrap(),
+            "\"2027-01-15T08:00:00Z\""
+        );
     }
 }

@@ -64,7 +64,7 @@ async fn a_used_previous_key_is_kept_until_max_grace_an_unused_one_goes_after_mi
     // The plan says why it is still alive.
     let survey = engine.survey().await.unwrap();
     let plan = engine.plan(&survey);
-    let k = plan.keys.iter().find(|k| k.key_id == kept_id).unwrap();
+    let k = plan.keys.iter().find(|k| k.key_id() == kept_id).unwrap();
     assert_eq!(k.verdict, Verdict::Revoke);
     assert!(k.reasons.contains(&Reason::InUse), "{:?}", k.reasons);
 

@@ -246,24 +246,24 @@ impl Engine {
         self.record_key_metrics(&inv, &plan, now);
         for k in &plan.keys {
             if k.reasons.contains(&policy::Reason::Stale)
-                && k.owner_type == "user"
+                && k.owner_type() == "user"
                 && !self.settings.dry_run
             {
                 self.notifier.send(Notice::StaleUserKey {
-                    project_id: k.project_id.to_string(),
-                    key_id: k.key_id.to_string(),
-                    owner_id: k.owner_id.unwrap_or_default().to_string(),
-                    owner_name: k.owner_name.unwrap_or_default().to_string(),
+                    project_id: k.project_id().to_string(),
+                    key_id: k.key_id().to_string(),
+                    owner_id: k.owner_id().unwrap_or_default().to_string(),
+                    owner_name: k.owner_name().unwrap_or_default().to_string(),
                     age_days: k.age_days,
                 });
             }
             if k.reasons.contains(&policy::Reason::Stale) {
                 info!(
                     event = "key.stale",
-                    project_id = %k.project_id,
-                    key_id = %k.key_id,
-                    owner_type = k.owner_type,
-                    owner_id = k.owner_id.unwrap_or(""),
+                    project_id = %k.project_id(),
+                    key_id = %k.key_id(),
+                    owner_type = k.owner_type(),
+                    owner_id = k.owner_id().unwrap_or(""),
                     age_days = k.age_days,
                     verdict = k.verdict.as_str(),
                     "stale key"

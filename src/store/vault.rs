@@ -8,6 +8,13 @@
 //! that keeps its version for the next write. The secret's custom metadata gets
 //! `managed-by = keyrotd` (metadata writes take no cas; only the data is compare-and-set).
 //!
+//! Round trips: a read is one `GET <mount>/data/<path>` (its response carries the
+//! version and the custom metadata; the metadata endpoint is asked only after a 404).
+//! [`SecretStore::apply_to`] writes without reading first: the `cas` makes Vault do
+//! the "still at the version I read" check atomically. The only thing remembered
+//! between calls is which paths still lack the `managed-by` mark (metadata, never
+//! secret data), so a rotation costs one read, three writes and the read-back.
+//!
 //! Auth: a token (env or file), AppRole or Kubernetes. The token's TTL and renewability
 //! are tracked from the login (or `lookup-self` for a given token); before a call past
 //! two thirds of the TTL the token is renewed (`renew-self`), or, when renewal is not
