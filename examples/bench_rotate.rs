@@ -26,6 +26,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -34,7 +36,9 @@ use keyrotd::config::Config;
 use keyrotd::openai::Endpoint;
 use keyrotd::rotation::SlotOutcome;
 use keyrotd::sim::{Scenario, Sim};
-use keyrotd::store::{SecretRecord, Transition, MANAGED_BY};
+use keyrotd::store::{
+    DynStore, SecretRecord, SecretStore, SlotState, StoreResult, Transition, Version, MANAGED_BY,
+};
 use secrecy::SecretString;
 
 const USAGE: &str = "bench_rotate [--slots N] [--accounts N (per project)] [--concurrency N] \
@@ -48,7 +52,64 @@ struct Run {
     rotated: usize,
     api_total: u64,
     api_scan: u64,
+    store_reads: u64,
+    store_writes: u64,
     detail: String,
+}
+
+/// Counts the store calls of the timed cycle. For the Vault store each is one request
+/// (a read is one `GET <mount>/data/<path>`, a write one `cas` write); the only other
+/// request, the `managed-by` metadata mark, is made once per secret, at setup here.
+#[derive(Debug)]
+struct Counting {
+    inner: DynStore,
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl SecretStore for Counting {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn read(&self, path: &str) -> StoreResult<SlotState> {
+        self.reads.fetch_add(1, Relaxed);
+        self.inner.read(path).await
+    }
+    async fn apply(
+        &self,
+        path: &str,
+        expected: &Version,
+        t: &Transition,
+    ) -> StoreResult<SlotState> {
+        // A read and a write.
+        self.reads.fetch_add(1, Relaxed);
+        self.writes.fetch_add(1, Relaxed);
+        self.inner.apply(path, expected, t).await
+    }
+    async fn apply_to(
+        &self,
+        path: &str,
+        current: &SlotState,
+        t: &Transition,
+    ) -> StoreResult<SlotState> {
+        // A read and a write for backends without their own `apply_to` (the file store
+        // reads under its lock); a write for Vault.
+        if self.inner.kind() != "vault" {
+            self.reads.fetch_add(1, Relaxed);
+        }
+        self.writes.fetch_add(1, Relaxed);
+        self.inner.apply_to(path, current, t).await
+    }
+    async fn health(&self) -> StoreResult<()> {
+        self.inner.health().await
+    }
+    async fn probe_write(&self, path: &str) -> StoreResult<()> {
+        self.inner.probe_write(path).await
+    }
 }
 
 fn store_toml(kind: &str, dir: &std::path::Path) -> String {
@@ -151,6 +212,14 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
         .await
         .expect("engine builds");
     engine.settings.verify_backoff = Duration::from_millis(50);
+    let counting = Arc::new(Counting {
+        inner: engine.stores.get("s").expect("store s").clone(),
+        reads: AtomicU64::new(0),
+        writes: AtomicU64::new(0),
+    });
+    engine
+        .stores
+        .insert("s".to_string(), counting.clone() as DynStore);
     let started = Instant::now();
     let report = engine.cycle().await;
     let wall = started.elapsed();
@@ -188,6 +257,8 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
         rotated,
         api_total: stats.total(),
         api_scan,
+        store_reads: counting.reads.load(Relaxed),
+        store_writes: counting.writes.load(Relaxed),
         detail: by_endpoint(stats),
     };
     drop(server);
@@ -235,6 +306,7 @@ async fn main() {
         let mut walls = Vec::new();
         let mut per_rotation = Vec::new();
         let mut scan_reqs = Vec::new();
+        let mut store_calls = Vec::new();
         for i in 0..runs {
             let r = run_once(kind, &scenario, concurrency, latency).await;
             assert_eq!(r.rotated, slots, "every slot rotated");
@@ -249,13 +321,17 @@ async fn main() {
             walls.push(secs(r.wall));
             per_rotation.push((r.api_total - r.api_scan) as f64 / r.rotated.max(1) as f64);
             scan_reqs.push(r.api_scan as f64);
+            let n = r.rotated.max(1) as f64;
+            store_calls.push((r.store_reads as f64 / n, r.store_writes as f64 / n));
         }
+        let (reads, writes) = store_calls[store_calls.len() / 2];
         let wall = median(&walls);
         rows.push(vec![
             kind.to_string(),
             slots.to_string(),
             format!("{} / {scan_min}", median(&scan_reqs)),
             format!("{:.2}", median(&per_rotation)),
+            format!("{reads:.2} / {writes:.2}"),
             format!("{wall:.3}"),
             format!("{:.1}", slots as f64 / wall),
             format!("{total_bound:.3}"),
@@ -268,6 +344,7 @@ async fn main() {
             "rotated",
             "scan requests / min",
             "API requests per rotation",
+            "store reads / writes per rotation",
             "wall s",
             "rotations/s",
             "bound s",
