@@ -2,7 +2,7 @@
 //!
 //! [`scan`] reads every project, key and (for projects a rule covers) service account
 //! with bounded concurrency. [`slots`] turns rules into (project, service account)
-//! slots. [`Plan::build`] combines the pure [`policy`](crate::policy) verdicts with
+//! slots. [`Plan::build`] combines the pure [`policy`] verdicts with
 //! what the stores hold, and renders as a table or SPEC §1 JSON.
 
 use std::collections::{BTreeMap, HashSet};

@@ -2,7 +2,7 @@
 //! mint → stage → verify → promote → retire (SPEC §4) and keeps the invariants (§5).
 //!
 //! A cycle scans the organization, derives the slots from the rules, and runs each
-//! slot's state machine ([`slot`]) with bounded concurrency. A failing slot is logged,
+//! slot's state machine (`slot`) with bounded concurrency. A failing slot is logged,
 //! counted and retried next cycle; it never stops the others (I6). All state that must
 //! survive a restart lives in the stores, so a process on another machine picks up
 //! where a dead one stopped.
