@@ -472,6 +472,139 @@ async fn marking_managed_keeps_other_custom_metadata() {
     );
 }
 
+/// A pass-through HTTP proxy in front of OpenBao that records every request's method
+/// and path: the Vault store's round trips, counted on the wire.
+struct Recorder {
+    addr: String,
+    seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Recorder {
+    async fn start() -> Recorder {
+        let upstream = store_support::env("KEYROTD_TEST_VAULT_ADDR");
+        let seen: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+        let client = reqwest::Client::new();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (client, upstream, log) = (client.clone(), upstream.clone(), log.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, usize::MAX).await.expect("body");
+                log.lock()
+                    .unwrap()
+                    .push((parts.method.to_string(), parts.uri.path().to_string()));
+                let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let mut forward = client
+                    .request(parts.method.clone(), format!("{upstream}{target}"))
+                    .body(body);
+                for (k, v) in &parts.headers {
+                    if k != "host" && k != "content-length" {
+                        forward = forward.header(k, v);
+                    }
+                }
+                let resp = forward.send().await.expect("OpenBao answers");
+                let mut out = axum::response::Response::builder().status(resp.status());
+                for (k, v) in resp.headers() {
+                    if k != "transfer-encoding" && k != "content-length" {
+                        out = out.header(k, v);
+                    }
+                }
+                let bytes = resp.bytes().await.expect("response body");
+                out.body(axum::body::Body::from(bytes)).expect("response")
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Recorder { addr, seen }
+    }
+
+    /// The requests about `path` since the last call, as (method, kind) with kind
+    /// `data` or `metadata`.
+    fn take(&self, path: &str) -> Vec<(String, &'static str)> {
+        let mut seen = self.seen.lock().unwrap();
+        let out = seen
+            .iter()
+            .filter(|(_, p)| p.ends_with(&format!("/{path}")))
+            .map(|(m, p)| {
+                let kind = if p.starts_with("/v1/secret/data/") {
+                    "data"
+                } else if p.starts_with("/v1/secret/metadata/") {
+                    "metadata"
+                } else {
+                    "other"
+                };
+                (m.clone(), kind)
+            })
+            .collect();
+        seen.clear();
+        out
+    }
+}
+
+fn trips(list: &[(&str, &'static str)]) -> Vec<(String, &'static str)> {
+    list.iter().map(|(m, k)| (m.to_string(), *k)).collect()
+}
+
+#[tokio::test]
+async fn a_read_is_one_request_and_a_write_one_more() {
+    let rec = Recorder::start().await;
+    let mut cfg = vault_config("secret", root_token_auth());
+    cfg.address = rec.addr.clone();
+    let store = VaultStore::connect("vault", &cfg)
+        .await
+        .expect("connect through the recorder");
+    let path = unique("trips");
+
+    // A path that holds nothing: the data read's 404 sends the store to the metadata
+    // (which tells "absent" from "current version deleted").
+    let st = store.read(&path).await.expect("read");
+    assert_eq!(
+        rec.take(&path),
+        trips(&[("GET", "data"), ("GET", "metadata")])
+    );
+    // Creating the secret: the cas write, then the `managed-by` mark.
+    let st = store
+        .apply_to(&path, &st, &Transition::Intent(intent(1)))
+        .await
+        .expect("intent");
+    assert_eq!(
+        rec.take(&path),
+        trips(&[("POST", "data"), ("POST", "metadata")])
+    );
+    // From then on: one request per write, none to re-read, one per read.
+    let st = store
+        .apply_to(&path, &st, &Transition::Stage(record("key_1")))
+        .await
+        .expect("stage");
+    assert_eq!(rec.take(&path), trips(&[("POST", "data")]));
+    let read = store.read(&path).await.expect("read");
+    assert_eq!(rec.take(&path), trips(&[("GET", "data")]));
+    assert_eq!(read, st);
+    store
+        .apply_to(
+            &path,
+            &read,
+            &Transition::Promote {
+                key_id: "key_1".into(),
+                at: at(5),
+            },
+        )
+        .await
+        .expect("promote");
+    assert_eq!(rec.take(&path), trips(&[("POST", "data")]));
+    // `apply` (expected version only) reads first.
+    let v = store.read(&path).await.expect("read").version;
+    rec.take(&path);
+    store
+        .apply(&path, &v, &Transition::Intent(intent(2)))
+        .await
+        .expect("apply");
+    assert_eq!(rec.take(&path), trips(&[("GET", "data"), ("POST", "data")]));
+}
+
 #[tokio::test]
 async fn foreign_secret_is_refused() {
     let store = vault_store("secret").await;
