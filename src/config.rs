@@ -455,8 +455,12 @@ pub struct Rule {
 impl Rule {
     /// Whether the rule covers this project (by id or name) and service account (by name).
     pub fn matches(&self, project_id: &str, project_name: &str, sa_name: &str) -> bool {
-        (self.project.is_match(project_id) || self.project.is_match(project_name))
-            && self.service_account.is_match(sa_name)
+        self.covers_project(project_id, project_name) && self.service_account.is_match(sa_name)
+    }
+
+    /// Whether the rule's `project` glob matches the project's id or name.
+    pub fn covers_project(&self, project_id: &str, project_name: &str) -> bool {
+        self.project.is_match(project_id) || self.project.is_match(project_name)
     }
 
     /// Renders the path template for one slot.

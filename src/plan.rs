@@ -6,12 +6,11 @@
 //! what the stores hold, and renders as a table or SPEC §1 JSON.
 
 use std::collections::{BTreeMap, HashSet};
-
-use rustc_hash::FxHashMap as HashMap;
 use std::io::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::stream::{StreamExt, TryStreamExt};
+use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
 
 use crate::config::{PathVars, PolicyConfig, Rule};
@@ -45,7 +44,7 @@ impl Inventory {
 fn rule_covers_project(rules: &[Rule], p: &Project) -> bool {
     rules
         .iter()
-        .any(|r| r.project.is_match(&p.id) || r.project.is_match(p.display_name()))
+        .any(|r| r.covers_project(&p.id, p.display_name()))
 }
 
 /// Lists the organization: projects page by page, and, as soon as each page arrives,
@@ -231,7 +230,7 @@ impl ProjectRules {
             rules
                 .iter()
                 .enumerate()
-                .filter(|(_, r)| r.project.is_match(&p.id) || r.project.is_match(p.display_name()))
+                .filter(|(_, r)| r.covers_project(&p.id, p.display_name()))
                 .map(|(i, _)| i)
                 .collect(),
         )

@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::config::{PolicyConfig, Rule};
 use crate::openai::models::OwnerType;
-use crate::plan::{Inventory, Plan};
-use crate::policy::{self, Reason, Verdict};
+use crate::plan::{Inventory, Plan, Timestamp};
+use crate::policy::{Reason, Verdict};
 
 const DAY_SECS: u64 = 86_400;
 /// Projects shown in the HTML chart (those with the oldest keys); the table lists all.
@@ -135,7 +135,6 @@ fn days(d: std::time::Duration) -> u64 {
 impl Report {
     /// The plan's keys, in the plan's order, with what the inventory adds.
     pub fn build(inv: &Inventory, plan: &Plan, rules: &[Rule], policy: &PolicyConfig) -> Report {
-        let rfc3339 = |t: i64| policy::ts(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let keys: Vec<ReportKey> = plan
             .keys
             .iter()
@@ -160,7 +159,7 @@ impl Report {
                     created_at: k.created_at().to_string(),
                     age_days: k.age_days,
                     last_used_at: k.last_used_at().map(|t| t.to_string()),
-                    expires_at: k.api.expires_at.map(rfc3339),
+                    expires_at: k.api.expires_at.map(|t| Timestamp(t).to_string()),
                     verdict: k.verdict,
                     reasons: k.reasons.to_vec(),
                     rule: k.rule.map(str::to_string),
@@ -850,6 +849,7 @@ mod tests {
         ApiKeyOwner, OwnerServiceAccount, OwnerUser, Project, ProjectApiKey,
     };
     use crate::plan::ProjectInventory;
+    use crate::policy;
 
     const NOW: i64 = 1_800_000_000;
     const DAY: i64 = 86_400;

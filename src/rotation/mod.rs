@@ -87,7 +87,7 @@ pub struct SlotReport {
 }
 
 /// What one read-only pass saw: the inventory, what every slot's stores hold, and
-/// when. [`Engine::plan`] turns it into the plan, which borrows from it.
+/// when the scan ended. [`Engine::plan`] turns it into the plan, which borrows from it.
 #[derive(Debug)]
 pub struct Survey {
     pub inventory: Inventory,
@@ -158,12 +158,13 @@ impl Engine {
             self.settings.concurrency,
         )
         .await?;
+        let now = self.clock.now();
         let slots = plan::slots(&inventory, &self.rules);
         let views = self.read_views(slots).await;
         Ok(Survey {
             inventory,
             views,
-            now: self.clock.now(),
+            now,
         })
     }
 
@@ -216,15 +217,8 @@ impl Engine {
                 report.other_failures.push(format!("admin key: {e}"));
             }
         }
-        let inv = match plan::scan(
-            &self.client,
-            &self.rules,
-            self.settings.include_archived,
-            self.settings.concurrency,
-        )
-        .await
-        {
-            Ok(inv) => inv,
+        let survey = match self.survey().await {
+            Ok(survey) => survey,
             Err(e) => {
                 warn!(event = "cycle.failed", outcome = "scan_failed", error = %e, "could not list the organization");
                 report.scan_error = Some(e.to_string());
@@ -237,13 +231,9 @@ impl Engine {
                 return report;
             }
         };
-        let now = self.clock.now();
-        let slots = plan::slots(&inv, &self.rules);
-
         // Key gauges and stale-key audit events come from the plan as scanned.
-        let views = self.read_views(slots.clone()).await;
-        let plan = Plan::build(&inv, &views, &self.rules, &self.policy, now);
-        self.record_key_metrics(&inv, &plan, now);
+        let plan = self.plan(&survey);
+        self.record_key_metrics(&survey.inventory, &plan, survey.now);
         for k in &plan.keys {
             if k.reasons.contains(&policy::Reason::Stale)
                 && k.owner_type() == "user"
@@ -272,7 +262,13 @@ impl Engine {
         }
         report.plan = Some(plan.summary());
         drop(plan);
-        drop(views);
+        // The slots go on; what their stores held is read again by each slot's run.
+        let Survey {
+            inventory: inv,
+            views,
+            ..
+        } = survey;
+        let slots: Vec<Slot> = views.into_iter().map(|v| v.slot).collect();
 
         let by_sa = keys_by_service_account(&inv);
         let results: Vec<Option<SlotReport>> = stream::iter(slots.into_iter().map(|slot| {
