@@ -211,10 +211,7 @@ impl Run<'_> {
     }
 
     async fn apply(&mut self, t: &Transition) -> Result<(), StoreError> {
-        let next = self
-            .store
-            .apply(&self.cfg.path, &self.state.version, t)
-            .await?;
+        let next = self.store.apply_to(&self.cfg.path, &self.state, t).await?;
         self.state = next;
         Ok(())
     }
