@@ -639,14 +639,7 @@ pub fn check_i2(
     allow_intents: bool,
     preexisting: &BTreeSet<String>,
 ) -> Result<(), String> {
-    let referenced: BTreeSet<String> = snap
-        .values()
-        .flat_map(|s| {
-            s.referenced_key_ids()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let referenced = referenced(snap);
     let currents: BTreeSet<String> = snap
         .values()
         .filter_map(|s| s.current.as_ref().map(|c| c.service_account_id.clone()))
@@ -1110,16 +1103,16 @@ pub fn describe_slot(bench: &Bench, labels: &Labels, snap: &Snapshot, path: &str
     parts.join("; ")
 }
 
+/// Every key id some store references (current, pending or previous).
+fn referenced(snap: &Snapshot) -> BTreeSet<String> {
+    snap.values()
+        .flat_map(|s| s.referenced_key_ids().map(str::to_string))
+        .collect()
+}
+
 /// Ids of live keys keyrotd minted that no store references.
 pub fn unaccounted(bench: &Bench, snap: &Snapshot) -> BTreeSet<String> {
-    let referenced: BTreeSet<String> = snap
-        .values()
-        .flat_map(|s| {
-            s.referenced_key_ids()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let referenced = referenced(snap);
     bench
         .own_live_keys()
         .into_iter()
@@ -1129,18 +1122,8 @@ pub fn unaccounted(bench: &Bench, snap: &Snapshot) -> BTreeSet<String> {
 
 /// Live keys keyrotd minted that no store references (labels).
 pub fn unrecorded(bench: &Bench, labels: &Labels, snap: &Snapshot) -> Vec<String> {
-    let referenced: BTreeSet<String> = snap
-        .values()
-        .flat_map(|s| {
-            s.referenced_key_ids()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    bench
-        .own_live_keys()
+    unaccounted(bench, snap)
         .into_iter()
-        .filter(|k| !referenced.contains(k))
         .map(|k| labels.label(&bench.sim, &k))
         .collect()
 }
