@@ -1,14 +1,13 @@
 //! Harness for tests that drive the real `keyrotd` binary (crash matrix, replicas,
 //! API faults, secret hygiene): an in-process simulator, real stores (file, OpenBao,
 //! moto from `scripts/test-servers.sh`), a config file in a temp dir, the binary run as
-//! a child process, and invariant checks (SPEC §5) over what the stores and the
+//! a child process, and invariant checks (DESIGN.md §5) over what the stores and the
 //! simulator hold after every process exit.
 //!
 //! The checks read the stores through the library's own backends, built from the same
 //! config the binary reads (always against the real server addresses, even when the
 //! binary is pointed at a [`Cutoff`] proxy), and never call the simulator over HTTP, so
 //! they neither consume injected faults nor show up in its request log.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -693,17 +692,6 @@ pub enum Revoked {
     Own,
     StaleExtra,
     OldAccount,
-}
-
-impl Revoked {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Revoked::Previous => "previous after grace",
-            Revoked::Own => "own unserved key",
-            Revoked::StaleExtra => "stale extra",
-            Revoked::OldAccount => "retired account",
-        }
-    }
 }
 
 /// I3: each key deleted during a run was one keyrotd may revoke, and no store served it

@@ -5,18 +5,18 @@
 //! Needs `scripts/test-servers.sh` (fails with "run scripts/test (needs OpenBao and
 //! moto)" otherwise).
 
-mod store_support;
+use crate::store_support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::store_support::*;
 use keyrotd::config::VaultAuth;
 use keyrotd::store::vault::VaultStore;
 use keyrotd::store::{DynStore, SecretStore, StoreErrorKind, Transition};
 use reqwest::Method;
 use serde_json::json;
-use store_support::*;
 
 async fn connect(
     cfg: keyrotd::config::VaultConfig,

@@ -2,17 +2,15 @@
 //! completed and failed rotations and stale user keys, filtered and deduplicated, with
 //! retries on 5xx/429, and never a secret value.
 
-mod e2e;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::e2e::{Stores, World, ADMIN_KEY};
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
-use e2e::{Stores, World, ADMIN_KEY};
 use keyrotd::config::{NotifyConfig, NotifyEvent, WebhookConfig, WebhookFormat};
 use keyrotd::notify::{Notice, Notifier};
 use keyrotd::openai::models::OwnerType;

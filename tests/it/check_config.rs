@@ -1,11 +1,9 @@
 //! `keyrotd check-config --connect` through the binary: one line per check, and what
 //! to do when one fails.
 
-mod e2e;
-
 use std::process::Command;
 
-use e2e::{Stores, World, ADMIN_KEY, ADMIN_KEY_ENV};
+use crate::e2e::{Stores, World, ADMIN_KEY, ADMIN_KEY_ENV};
 use keyrotd::sim::Scenario;
 
 fn check(w: &World, toml: &str, admin_key: &str, vault_token: Option<&str>) -> (i32, String) {

@@ -8,7 +8,7 @@
 use keyrotd::config::{Config, ConfigError};
 use proptest::prelude::*;
 
-const EXAMPLE: &str = include_str!("../config/keyrotd.example.toml");
+const EXAMPLE: &str = include_str!("../../config/keyrotd.example.toml");
 
 const MINIMAL: &str = r#"
 [daemon]

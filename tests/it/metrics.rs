@@ -1,13 +1,11 @@
 //! The HTTP listener against a real engine: `/metrics` values after real cycles, the
 //! exposition format checked by a strict parser, `/healthz` and `/readyz`.
 
-mod e2e;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use e2e::{Stores, World};
+use crate::e2e::{Stores, World};
 use keyrotd::daemon::{serve_http, HttpState};
 use keyrotd::rotation::SlotOutcome;
 use keyrotd::sim::{Route, Scenario};

@@ -1,7 +1,6 @@
 //! Shared harness for end-to-end tests: the in-process simulator, the real stores
 //! (file, OpenBao, moto via `scripts/test-servers.sh`), and an engine built from TOML
 //! the way the binary builds it.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

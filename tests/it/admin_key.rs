@@ -1,15 +1,15 @@
 //! End-to-end: the admin key kept in a store (OpenBao, file) and its self-rotation,
 //! against the simulator.
 
-mod e2e;
+use crate::e2e;
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::e2e::{Stores, World, ADMIN_KEY};
 use chrono::SubsecRound;
-use e2e::{Stores, World, ADMIN_KEY};
 use keyrotd::admin_key::{AdminKeyReport, ADMIN_KEY_NAME_PREFIX, RECORD_OWNER_ID};
 use keyrotd::config::{AdminKeySource, Config};
 use keyrotd::openai::models::CreateAdminKeyRequest;

@@ -4,11 +4,9 @@
 //! one keyrotd may revoke (I3), every key it minted is accounted for (I2), and no secret
 //! is in its logs (I4).
 
-mod harness;
-
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::harness::*;
 use keyrotd::sim::{OwnerRef, RetryAfter};
 use StoreKind::{File, Vault};
 

@@ -1,14 +1,12 @@
 //! File-store specifics: modes, atomic replacement, path escapes, locking across store
 //! objects and across processes, refusal of foreign or corrupt documents.
 
-mod store_support;
-
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::store_support::*;
 use keyrotd::store::{StoreErrorKind, Transition};
-use store_support::*;
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p)

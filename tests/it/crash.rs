@@ -1,4 +1,4 @@
-//! The crash matrix (SPEC §5 "including under kill -9"): the real binary, built with
+//! The crash matrix (DESIGN.md §5 "including under kill -9"): the real binary, built with
 //! `--features failpoints`, runs `keyrotd once` against the in-process simulator and
 //! real stores and is stopped at a step boundary of the rotation (a failpoint calls
 //! `abort()`: no destructor, no flush, like SIGKILL), or meets an API or store fault;
@@ -12,11 +12,8 @@
 //! one a store served before or after), I4 (no secret in the output) and, for rows that
 //! break a store, I6 (nothing of the slot promoted or revoked).
 //!
-//! The matrix is printed (`cargo test --features failpoints --test crash -- --nocapture`)
-//! and written to `docs/crash-matrix.md`.
-
-#[cfg(feature = "failpoints")]
-mod harness;
+//! Each row is its own test (`crash::matrix::row_NN_*`); `scripts/crash-matrix` runs them and
+//! writes the matrix to `docs/crash-matrix.md`.
 
 /// Without the feature the matrix cannot run: fail loudly rather than skip, like the
 /// tests that need the test servers.
@@ -32,10 +29,9 @@ mod matrix {
     use std::pin::Pin;
     use std::time::{Duration, Instant};
 
-    use futures::StreamExt;
     use keyrotd::sim::{OwnerRef, RejectVerification, Route};
 
-    use super::harness::*;
+    use crate::harness::*;
     use StoreKind::{Aws, File, Vault};
 
     /// One row's report.
@@ -283,19 +279,6 @@ mod matrix {
             s.revoked.is_empty(),
             format!("I6: revoked {:?} in a failing run", s.revoked),
         )
-    }
-
-    type RowFuture = Pin<Box<dyn Future<Output = (Report, Result<(), String>, f64)> + Send>>;
-
-    macro_rules! row {
-        ($f:ident) => {
-            Box::pin(async {
-                let t = Instant::now();
-                let mut report = Report::default();
-                let r = $f(&mut report).await;
-                (report, r, t.elapsed().as_secs_f64())
-            }) as RowFuture
-        };
     }
 
     /// Runs `body` on a fresh row, copying its report out even when it fails.
@@ -934,78 +917,84 @@ mod matrix {
         r
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn crash_matrix() {
+    /// Runs one row and prints its line of the matrix. With `KEYROTD_CRASH_MATRIX_DIR`
+    /// set (`scripts/crash-matrix` sets it), a passing row also writes its line there,
+    /// as `NN.md`, beside the matrix's head, for the script to assemble
+    /// `docs/crash-matrix.md`; `cargo test` alone never writes into the source tree.
+    async fn run_row<F>(number: usize, body: F)
+    where
+        F: for<'a> FnOnce(
+            &'a mut Report,
+        ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>,
+    {
         require_failpoints_binary();
         let started = Instant::now();
-        let rows: Vec<RowFuture> = vec![
-            row!(before_intent),
-            row!(after_intent),
-            row!(create_lost),
-            row!(create_lost_then_killed),
-            row!(after_mint),
-            row!(bootstrap_after_mint),
-            row!(store_down_from_start),
-            row!(store_down_while_staging),
-            row!(after_stage_one),
-            row!(after_stage),
-            row!(verification_rejected),
-            row!(after_verify),
-            row!(between_promotions),
-            row!(between_aws_label_moves),
-            row!(during_grace),
-            row!(before_revoke),
-            row!(after_revoke),
-            row!(delete_429),
-            row!(delete_503),
-            row!(sa_key_delete_refused),
-            row!(new_account_after_mint),
-            row!(orphan_on_page_two),
-        ];
-        let results: Vec<(Report, Result<(), String>, f64)> =
-            futures::stream::iter(rows).buffered(4).collect().await;
+        let mut report = Report::default();
+        let res = body(&mut report).await;
+        let line = format!(
+            "| {number} | {} | {} | {} | {} | {} |\n",
+            cell(&report.step),
+            cell(&report.stores),
+            cell(&report.left),
+            cell(&report.next.join(" → ")),
+            if res.is_ok() { "pass" } else { "**FAIL**" }
+        );
+        println!("{MATRIX_COLUMNS}{line}");
+        println!(
+            "row {number}: {:.1}s, {} keyrotd runs, {} store polls while running",
+            started.elapsed().as_secs_f64(),
+            report.runs,
+            report.polls
+        );
+        if let Err(e) = &res {
+            panic!("row {number} ({}): {e}", report.step);
+        }
+        if let Some(dir) = std::env::var_os("KEYROTD_CRASH_MATRIX_DIR") {
+            let dir = std::path::Path::new(&dir);
+            std::fs::create_dir_all(dir).expect("create KEYROTD_CRASH_MATRIX_DIR");
+            std::fs::write(
+                dir.join("head.md"),
+                format!("{MATRIX_HEAD}{MATRIX_COLUMNS}"),
+            )
+            .expect("write the matrix head");
+            std::fs::write(dir.join(format!("{number:02}.md")), line).expect("write the row");
+        }
+    }
 
-        let mut doc = String::from(MATRIX_HEAD);
-        let mut failures = Vec::new();
-        for (i, (rep, res, _)) in results.iter().enumerate() {
-            let result = match res {
-                Ok(()) => "pass".to_string(),
-                Err(_) => "**FAIL**".to_string(),
-            };
-            doc.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
-                i + 1,
-                cell(&rep.step),
-                cell(&rep.stores),
-                cell(&rep.left),
-                cell(&rep.next.join(" → ")),
-                result
-            ));
-            if let Err(e) = res {
-                failures.push(format!("row {} ({}): {e}", i + 1, rep.step));
+    /// One test per row, numbered as in `docs/crash-matrix.md`: `cargo test
+    /// --features failpoints --test it crash::matrix::row_07` runs one.
+    macro_rules! rows {
+        ($($test:ident => $number:literal $row:ident,)*) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                run_row($number, |r| Box::pin($row(r))).await;
             }
-        }
-        println!("\n{doc}");
-        println!("timings:");
-        for (i, (rep, _, secs)) in results.iter().enumerate() {
-            println!(
-                "  row {:>2}: {:>5.1}s, {} keyrotd runs, {} store polls while running",
-                i + 1,
-                secs,
-                rep.runs,
-                rep.polls
-            );
-        }
-        println!("total {:.1}s", started.elapsed().as_secs_f64());
-        if failures.is_empty() {
-            let path =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/crash-matrix.md");
-            if std::fs::read_to_string(&path).ok().as_deref() != Some(doc.as_str()) {
-                let _ = std::fs::create_dir_all(path.parent().unwrap());
-                std::fs::write(&path, &doc).expect("write docs/crash-matrix.md");
-            }
-        }
-        assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+        )*};
+    }
+
+    rows! {
+        row_01_before_intent => 1 before_intent,
+        row_02_after_intent => 2 after_intent,
+        row_03_create_lost => 3 create_lost,
+        row_04_create_lost_then_killed => 4 create_lost_then_killed,
+        row_05_after_mint => 5 after_mint,
+        row_06_bootstrap_after_mint => 6 bootstrap_after_mint,
+        row_07_store_down_from_start => 7 store_down_from_start,
+        row_08_store_down_while_staging => 8 store_down_while_staging,
+        row_09_after_stage_one => 9 after_stage_one,
+        row_10_after_stage => 10 after_stage,
+        row_11_verification_rejected => 11 verification_rejected,
+        row_12_after_verify => 12 after_verify,
+        row_13_between_promotions => 13 between_promotions,
+        row_14_between_aws_label_moves => 14 between_aws_label_moves,
+        row_15_during_grace => 15 during_grace,
+        row_16_before_revoke => 16 before_revoke,
+        row_17_after_revoke => 17 after_revoke,
+        row_18_delete_429 => 18 delete_429,
+        row_19_delete_503 => 19 delete_503,
+        row_20_sa_key_delete_refused => 20 sa_key_delete_refused,
+        row_21_new_account_after_mint => 21 new_account_after_mint,
+        row_22_orphan_on_page_two => 22 orphan_on_page_two,
     }
 
     fn cell(s: &str) -> String {
@@ -1014,8 +1003,8 @@ mod matrix {
 
     const MATRIX_HEAD: &str = "# Crash matrix
 
-Generated by `tests/crash.rs` (`cargo test --features failpoints --test crash -- --nocapture`
-prints it; a passing run rewrites this file). Each row runs the real `keyrotd once`
+Generated by `scripts/crash-matrix` from the rows of `tests/it/crash.rs`, one test each
+(`cargo test --features failpoints --test it crash::` runs them; `crash::matrix::row_07` one). Each row runs the real `keyrotd once`
 (built with `--features failpoints`) against the in-process simulator and the named
 real stores (file; OpenBao for `vault`; moto for `aws`), stops it where the row says
 (a failpoint calls `abort()`, which skips every destructor like SIGKILL) or injects the
@@ -1035,12 +1024,14 @@ cleans up); **I3** every key deleted during the run was a previous key past its 
 period, keyrotd's own key that no store served, a stale extra key on the managed
 account, or a key of a retired service account, and never a key a store served before
 or after the run; **I4** no key value or admin key in the output (store tokens:
-`tests/hygiene.rs`); **I6**
+`tests/it/hygiene.rs`); **I6**
 for the store-failure rows: nothing promoted or revoked in the failing run.
 *Converged* means: every store of the slot serves the same key, nothing pending, no
 intent, no previous key, no live minted key besides it, no stale key left on `backend`.
 
-| # | where it stops / what fails | stores | state left behind | what the next runs did, until converged | result |
+";
+
+    const MATRIX_COLUMNS: &str = "| # | where it stops / what fails | stores | state left behind | what the next runs did, until converged | result |
 |---|---|---|---|---|---|
 ";
 }

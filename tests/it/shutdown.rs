@@ -1,11 +1,9 @@
 //! SIGTERM handling of `keyrotd once` and `keyrotd run` (the real binary).
 
-mod e2e;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{assert_i1, assert_i2, Stores, World, ADMIN_KEY, ADMIN_KEY_ENV};
+use crate::e2e::{assert_i1, assert_i2, Stores, World, ADMIN_KEY, ADMIN_KEY_ENV};
 use keyrotd::sim::Scenario;
 
 fn sigterm(pid: u32) {

@@ -1,11 +1,9 @@
-//! End-to-end rotation against the simulator and the real stores (SPEC §4, §5).
-
-mod e2e;
+//! End-to-end rotation against the simulator and the real stores (DESIGN.md §4, §5).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use e2e::{assert_i1, assert_i2, Stores, World};
+use crate::e2e::{assert_i1, assert_i2, Stores, World};
 use keyrotd::rotation::SlotOutcome;
 use keyrotd::sim::{RejectVerification, Scenario};
 use secrecy::ExposeSecret;

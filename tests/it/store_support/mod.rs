@@ -1,6 +1,5 @@
 //! Shared fixtures for the store tests: backends against the real OpenBao and moto
 //! servers that `scripts/test-servers.sh` starts, records, and small helpers.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;

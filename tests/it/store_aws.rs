@@ -2,13 +2,11 @@
 //! keeps an unverified key out of `AWSCURRENT`, bookkeeping tags, the label move as
 //! compare-and-set, resuming a promotion cut short, secrets created by others.
 
-mod store_support;
-
 use std::collections::HashMap;
 
+use crate::store_support::*;
 use aws_sdk_secretsmanager::types::Tag;
 use keyrotd::store::{StoreErrorKind, Transition};
-use store_support::*;
 
 async fn stages(path: &str) -> HashMap<String, Vec<String>> {
     aws_sdk()

@@ -1,12 +1,11 @@
-//! SPEC I4 for the stores: a known secret value pushed through every failure path of
+//! DESIGN.md §5 I4 for the stores: a known secret value pushed through every failure path of
 //! every backend never appears in an error's Display or Debug output, nor in anything
 //! logged meanwhile (all targets, including vaultrs and the AWS SDK, at TRACE).
-
-mod store_support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use crate::store_support::*;
 use keyrotd::config::VaultAuth;
 use keyrotd::store::aws::AwsStore;
 use keyrotd::store::vault::VaultStore;
@@ -14,7 +13,6 @@ use keyrotd::store::{DynStore, SecretRecord, StoreError, Transition, Version};
 use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::json;
-use store_support::*;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -85,10 +83,14 @@ impl Check {
 async fn no_secret_in_errors_debug_or_logs() {
     let logs = Captured::default();
     let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .init();
+    // This thread's default (the test runs on a current-thread runtime, so every task
+    // the stores spawn logs here too): other tests in this binary keep their own.
+    let _logs = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
     let canary = canary();
     let mut c = Check {
         canary: canary.clone(),

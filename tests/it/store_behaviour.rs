@@ -6,10 +6,8 @@
 //! Needs the servers of `scripts/test-servers.sh`; without them every test fails with
 //! "run scripts/test (needs OpenBao and moto)".
 
-mod store_support;
-
+use crate::store_support::*;
 use keyrotd::store::{SlotState, StoreErrorKind, Transition};
-use store_support::*;
 
 async fn bootstrap(f: Fixture) {
     let (s, path) = (&f.store, unique("bootstrap"));
@@ -77,7 +75,7 @@ async fn second_rotation(f: Fixture) {
     consumer_view(&f, &path, &r2).await;
 }
 
-/// What a consumer reading the store directly sees: the SPEC §3 object.
+/// What a consumer reading the store directly sees: the DESIGN.md §3 object.
 async fn consumer_view(f: &Fixture, path: &str, rec: &keyrotd::store::SecretRecord) {
     use secrecy::ExposeSecret;
     let doc: serde_json::Value = match f.backend {

@@ -1,5 +1,5 @@
 //! Bad configuration through the binary: every class exits 2 with a message naming the
-//! offending key (SPEC §2).
+//! offending key (DESIGN.md §2).
 
 use std::process::Command;
 

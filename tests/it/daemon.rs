@@ -2,15 +2,13 @@
 //! flushed before exit), `keyrotd run` (sd_notify, the HTTP listener, SIGTERM) and
 //! `--log-format journald` (native journal fields, or JSON when there is no journal).
 
-mod e2e;
-
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e::{Stores, World, ADMIN_KEY, ADMIN_KEY_ENV};
+use crate::e2e::{Stores, World, ADMIN_KEY, ADMIN_KEY_ENV};
 use keyrotd::sim::Scenario;
 use serde_json::Value;
 

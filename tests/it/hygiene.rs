@@ -1,4 +1,4 @@
-//! Secret hygiene (SPEC §5 I4): no key value, admin key or store token in logs (at
+//! Secret hygiene (DESIGN.md §5 I4): no key value, admin key or store token in logs (at
 //! trace level, JSON), metrics, error messages or `Debug` output.
 //!
 //! Full cycles through the binary against every store (file, OpenBao, moto), with
@@ -9,12 +9,10 @@
 //! records. Every text is searched for every secret and for every 16-character piece of
 //! one, so a truncated value counts as a leak too.
 
-mod harness;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::harness::*;
 use keyrotd::sim::{Malformation, OwnerRef, RejectVerification, Route};
 use StoreKind::{Aws, File, Vault};
 

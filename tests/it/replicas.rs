@@ -1,14 +1,12 @@
-//! Two replicas (SPEC §5 I5): two `keyrotd once` processes started together against
+//! Two replicas (DESIGN.md §5 I5): two `keyrotd once` processes started together against
 //! the same organization and stores keep I1–I4 and rotate each slot at most once per
 //! cycle; a replica paused (SIGSTOP) in the middle of a rotation and resumed (SIGCONT)
 //! after the other has moved the slot on neither overwrites nor revokes the newer key.
 
-mod harness;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::harness::*;
 use keyrotd::sim::OwnerRef;
 use StoreKind::{Aws, File, Vault};
 

@@ -1,10 +1,8 @@
 //! Usage-aware revocation (`policy.revoke_when = "unused"`) against the simulator.
 
-mod e2e;
-
 use std::time::Duration;
 
-use e2e::{Stores, World};
+use crate::e2e::{Stores, World};
 use keyrotd::metrics::RevocationOutcome;
 use keyrotd::policy::{Reason, Verdict};
 use keyrotd::sim::Scenario;

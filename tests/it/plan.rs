@@ -75,7 +75,7 @@ fn plan_json(s: &Setup, args: &[&str]) -> (i32, serde_json::Value, String) {
     (code, json, stderr)
 }
 
-/// What the policy must say about a ground-truth key (SPEC §1, `policy::evaluate`).
+/// What the policy must say about a ground-truth key (DESIGN.md §1, `policy::evaluate`).
 fn expected(k: &TruthKey, now: i64) -> (&'static str, BTreeSet<String>) {
     let mut reasons = BTreeSet::new();
     if k.stale {

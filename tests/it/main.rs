@@ -1,0 +1,39 @@
+//! keyrotd's integration tests: one binary, so the library and its dependencies are
+//! linked once (the AWS SDK alone is most of a test binary's size) and the support
+//! code below is compiled once.
+//!
+//! Run one area with a filter: `cargo test --features failpoints --test it crash::`,
+//! one crash-matrix row with `crash::matrix::row_07`. Tests that need OpenBao or moto read
+//! their addresses from the variables `scripts/test-servers.sh` exports and fail
+//! loudly without them.
+
+// Support code shared by the test modules.
+mod e2e;
+mod harness;
+mod store_support;
+
+mod admin_key;
+mod check_config;
+mod config_errors;
+mod crash;
+mod daemon;
+mod demo;
+mod faults;
+mod fuzz_api;
+mod fuzz_config;
+mod hygiene;
+mod metrics;
+mod notify;
+mod openai_client;
+mod plan;
+mod replicas;
+mod report;
+mod rotation;
+mod shutdown;
+mod sim;
+mod store_aws;
+mod store_behaviour;
+mod store_file;
+mod store_secrets;
+mod store_vault;
+mod usage;
