@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §6), rendered in the text exposition format.
+//! Prometheus metrics (DESIGN.md §6), rendered in the text exposition format.
 //!
 //! A handful of counters and gauges do not justify a metrics framework; this registry
 //! is a few atomics and maps behind one lock, shared by the engine and the listener.
@@ -60,6 +60,7 @@ struct Inner {
     oldest_key_age_seconds: Option<f64>,
     cycles: BTreeMap<&'static str, u64>,
     slot_failures: u64,
+    slot_collisions: u64,
     still_in_use: u64,
 }
 
@@ -90,6 +91,15 @@ impl Metrics {
 
     pub fn slot_failed(&self) {
         self.with(|m| m.slot_failures += 1);
+    }
+
+    /// A slot refused because its path collides with another slot's (`slot.collision`).
+    pub fn slot_collision(&self) {
+        self.with(|m| m.slot_collisions += 1);
+    }
+
+    pub fn slot_collisions(&self) -> u64 {
+        self.with(|m| m.slot_collisions)
     }
 
     /// Replaces the per-verdict key counts and the oldest key age after a scan.
@@ -192,6 +202,17 @@ impl Metrics {
                 "Slots that failed a cycle.",
             );
             let _ = writeln!(out, "keyrotd_slot_failures_total {}", m.slot_failures);
+            family(
+                &mut out,
+                "keyrotd_slot_collisions_total",
+                "counter",
+                "Slot runs refused: another slot renders the same store path, or the document there names another project.",
+            );
+            let _ = writeln!(
+                out,
+                "keyrotd_slot_collisions_total {}",
+                m.slot_collisions
+            );
             family(
                 &mut out,
                 "keyrotd_key_still_in_use_total",

@@ -3,9 +3,9 @@
 //! [`scan`] reads every project, key and (for projects a rule covers) service account
 //! with bounded concurrency. [`slots`] turns rules into (project, service account)
 //! slots. [`Plan::build`] combines the pure [`policy`] verdicts with
-//! what the stores hold, and renders as a table or SPEC §1 JSON.
+//! what the stores hold, and renders as a table or DESIGN.md §1 JSON.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -17,7 +17,7 @@ use crate::config::{PathVars, PolicyConfig, Rule};
 use crate::openai::models::{OwnerType, Project, ProjectApiKey, ServiceAccount};
 use crate::openai::{ApiResult, Client};
 use crate::policy::{self, Evaluation, Reason, Reasons, Verdict};
-use crate::store::{SlotState, StoreError};
+use crate::store::{SecretRecord, SlotState, StoreError};
 
 /// One project with its keys and, where a rule covers the project, its service accounts.
 #[derive(Clone, Debug)]
@@ -125,6 +125,30 @@ pub struct Slot {
     pub service_accounts: Vec<(String, String)>,
     pub stores: Vec<String>,
     pub path: String,
+    /// Other slots that render the same path in a store this slot shares with them.
+    /// A slot with any is refused every cycle (nothing read is trusted, nothing is
+    /// written) until the configuration or the names change.
+    pub collisions: Vec<Collision>,
+}
+
+/// Another slot claiming one of this slot's store paths.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Collision {
+    pub store: String,
+    pub path: String,
+    pub rule: String,
+    pub project_id: String,
+    pub service_account_id: String,
+}
+
+impl std::fmt::Display for Collision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "path {:?} in store {:?} is also rendered for project {} / service account {} (rule {:?})",
+            self.path, self.store, self.project_id, self.service_account_id, self.rule
+        )
+    }
 }
 
 impl Slot {
@@ -136,8 +160,11 @@ impl Slot {
 
 /// The slots the rules define: every service account (listed, or seen as a key owner)
 /// of every active project, matched by the first rule that covers it. Service
-/// accounts whose paths render the same in one project form one slot (so two slots
-/// never write the same secret); the newest of them is the slot's default account.
+/// accounts of one project with the same name under the same rule form one slot (the
+/// accounts strategy `new_service_account` moves a slot through); the newest of them
+/// is the slot's default account. Any other two slots rendering one path in a store
+/// they share collide: both carry a [`Collision`] naming the other, and neither is
+/// rotated (a second project with a victim's name must never take over its secret).
 pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
     let mut out = Vec::new();
     let mut sa_rule = SaRuleCache::default();
@@ -184,10 +211,9 @@ pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
                 service_account_name: sa_name,
             });
             // A project has a handful of slots: a linear search beats a map.
-            if let Some(slot) = out[first_of_project..]
-                .iter_mut()
-                .find(|s: &&mut Slot| s.path == path)
-            {
+            if let Some(slot) = out[first_of_project..].iter_mut().find(|s: &&mut Slot| {
+                s.path == path && s.rule == ri && s.service_account_name == sa_name
+            }) {
                 slot.service_accounts
                     .push((sa_id.to_string(), sa_name.to_string()));
                 slot.service_account_id = sa_id.to_string();
@@ -204,20 +230,58 @@ pub fn slots(inv: &Inventory, rules: &[Rule]) -> Vec<Slot> {
                 service_accounts: vec![(sa_id.to_string(), sa_name.to_string())],
                 stores: rule.stores.clone(),
                 path,
+                collisions: Vec::new(),
             });
         }
     }
-    // Paths are unique per project only: a rule without {project_*} in its path would
-    // make projects share a secret. Keep the first, drop the rest.
-    let keep: Vec<bool> = {
-        let mut seen = HashSet::with_capacity(out.len());
-        out.iter()
-            .map(|s| seen.insert((s.stores.as_slice(), s.path.as_str())))
-            .collect()
-    };
-    let mut keep = keep.into_iter();
-    out.retain(|_| keep.next().unwrap_or(true));
+    mark_collisions(&mut out);
     out
+}
+
+/// Fills in [`Slot::collisions`]: every (store, path) that more than one slot claims.
+fn mark_collisions(slots: &mut [Slot]) {
+    let mut claims: HashMap<(&str, &str), Vec<usize>> = HashMap::default();
+    for (i, s) in slots.iter().enumerate() {
+        for store in &s.stores {
+            claims
+                .entry((store.as_str(), s.path.as_str()))
+                .or_default()
+                .push(i);
+        }
+    }
+    let mut found: Vec<(usize, Collision)> = Vec::new();
+    for ((store, path), idx) in &claims {
+        if idx.len() < 2 {
+            continue;
+        }
+        for &i in idx {
+            for &j in idx.iter().filter(|&&j| j != i) {
+                let o = &slots[j];
+                found.push((
+                    i,
+                    Collision {
+                        store: store.to_string(),
+                        path: path.to_string(),
+                        rule: o.rule_name.clone(),
+                        project_id: o.project_id.clone(),
+                        service_account_id: o.service_account_id.clone(),
+                    },
+                ));
+            }
+        }
+    }
+    for (i, c) in found {
+        slots[i].collisions.push(c);
+    }
+    for s in slots.iter_mut() {
+        s.collisions.sort_by(|a, b| {
+            (&a.store, &a.project_id, &a.service_account_id).cmp(&(
+                &b.store,
+                &b.project_id,
+                &b.service_account_id,
+            ))
+        });
+    }
 }
 
 /// The rules whose `project` glob covers one project (by id or name), in rule order:
@@ -260,7 +324,7 @@ impl<'a> SaRuleCache<'a> {
     }
 }
 
-/// A slot's state in the SPEC §1 vocabulary.
+/// A slot's state in the DESIGN.md §1 vocabulary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlotStatus {
@@ -273,6 +337,9 @@ pub enum SlotStatus {
     InGrace,
     /// A store could not be read.
     Failed,
+    /// Another slot renders the same path in a shared store, or a store's document at
+    /// the path names another project: refused until the configuration or names change.
+    Collision,
 }
 
 impl SlotStatus {
@@ -283,6 +350,7 @@ impl SlotStatus {
             SlotStatus::Rotate => "rotate",
             SlotStatus::InGrace => "in_grace",
             SlotStatus::Failed => "failed",
+            SlotStatus::Collision => "collision",
         }
     }
 }
@@ -303,6 +371,23 @@ impl SlotView {
 
     fn failed(&self) -> bool {
         self.states.iter().any(|(_, s)| s.is_err())
+    }
+
+    /// The first record (current or pending) a store holds at this slot's path that
+    /// names another project: someone else's secret, never to be overwritten.
+    pub fn foreign_record(&self) -> Option<(&str, &SecretRecord)> {
+        self.ok_states().find_map(|(store, s)| {
+            s.current
+                .iter()
+                .chain(s.pending.iter())
+                .find(|r| r.project_id != self.slot.project_id)
+                .map(|r| (store, r))
+        })
+    }
+
+    /// Refused this cycle: a colliding path, or a foreign record at the path.
+    pub fn collides(&self) -> bool {
+        !self.slot.collisions.is_empty() || self.foreign_record().is_some()
     }
 
     /// The current key id if every store agrees on one.
@@ -364,7 +449,7 @@ impl Serialize for Timestamp {
 }
 
 /// One key of the plan: the key and its project as listed (borrowed from the
-/// [`Inventory`]), and what the plan says of it. Serializes as the SPEC §1 key object.
+/// [`Inventory`]), and what the plan says of it. Serializes as the DESIGN.md §1 key object.
 #[derive(Clone, Debug)]
 pub struct PlanKey<'a> {
     pub project: &'a Project,
@@ -411,7 +496,7 @@ impl<'a> PlanKey<'a> {
 
 impl Serialize for PlanKey<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        /// The SPEC §1 key object, field by field.
+        /// The DESIGN.md §1 key object, field by field.
         #[derive(Serialize)]
         struct Doc<'b> {
             project_id: &'b str,
@@ -458,9 +543,12 @@ pub struct PlanSlot<'a> {
     pub paths: Vec<&'a str>,
     pub state: SlotStatus,
     pub current_key_id: Option<&'a str>,
+    /// The other slots claiming this slot's paths (state `collision`).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub collisions: &'a [Collision],
 }
 
-/// The SPEC §1 plan document, borrowing from the inventory, slot views and rules it
+/// The DESIGN.md §1 plan document, borrowing from the inventory, slot views and rules it
 /// was built from.
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan<'a> {
@@ -563,6 +651,11 @@ impl<'a> Plan<'a> {
                 ps.managed.push((sa.as_str(), v));
             }
             for (store, s) in v.ok_states() {
+                // A document naming another project says nothing about this one's keys.
+                let own = |r: &&SecretRecord| r.project_id == v.slot.project_id;
+                if s.current.iter().chain(s.pending.iter()).any(|r| !own(&r)) {
+                    continue;
+                }
                 if let Some(c) = &s.current {
                     ps.add_ref(&c.key_id, store, Role::Current);
                 }
@@ -661,7 +754,9 @@ impl<'a> Plan<'a> {
                     .ok_states()
                     .any(|(_, s)| s.pending.is_some() || s.book.intent.is_some());
                 let previous = v.ok_states().any(|(_, s)| s.book.previous_key_id.is_some());
-                let state = if v.failed() {
+                let state = if v.collides() {
+                    SlotStatus::Collision
+                } else if v.failed() {
                     SlotStatus::Failed
                 } else if !any_current && !in_flight {
                     SlotStatus::Bootstrap
@@ -684,6 +779,7 @@ impl<'a> Plan<'a> {
                     paths: v.slot.stores.iter().map(|_| v.slot.path.as_str()).collect(),
                     state,
                     current_key_id: current,
+                    collisions: &v.slot.collisions,
                 }
             })
             .collect();
@@ -715,7 +811,7 @@ impl<'a> Plan<'a> {
         s
     }
 
-    /// The SPEC §1 JSON document.
+    /// The DESIGN.md §1 JSON document.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
@@ -791,6 +887,9 @@ impl<'a> Plan<'a> {
                     s.state.as_str(),
                     s.current_key_id.unwrap_or("-"),
                 )?;
+                for c in s.collisions {
+                    writeln!(out, "    collision: {c}")?;
+                }
             }
         }
         let sm = self.summary();

@@ -1,4 +1,4 @@
-//! One slot's state machine (SPEC §4, ROTATION-NOTES): resume → decide → rotate
+//! One slot's state machine (DESIGN.md §4): resume → decide → rotate
 //! (intent, mint, stage, verify, promote) → retire → sweep.
 //!
 //! Every step is idempotent and every write is check-and-set against the version just
@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Engine;
 use crate::config::{Rule, Strategy};
@@ -53,6 +53,10 @@ pub enum SlotError {
         expected: String,
         found: Option<String>,
     },
+    /// The slot's path is claimed by another slot, or a store's document there names
+    /// another project or another slot's account: nothing of the slot is touched.
+    #[error("collision: {0}")]
+    Collision(String),
     #[error("{0}")]
     Other(String),
 }
@@ -62,6 +66,19 @@ type SlotResult<T> = Result<T, SlotError>;
 /// Runs the state machine for one slot. `keys` are the service account's keys as
 /// scanned at the start of the cycle.
 pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotResult<SlotOutcome> {
+    if !slot.collisions.is_empty() {
+        for c in &slot.collisions {
+            error!(event = "slot.collision", project_id = %slot.project_id, service_account_id = %slot.service_account_id, rule = %slot.rule_name, store = %c.store, path = %c.path, other_project_id = %c.project_id, other_service_account_id = %c.service_account_id, other_rule = %c.rule, outcome = "collision", "two slots render the same store path; neither is rotated until the configuration or the names change");
+        }
+        eng.metrics.slot_collision();
+        let all: Vec<String> = slot.collisions.iter().map(|c| c.to_string()).collect();
+        return Err(SlotError::Collision(format!(
+            "slot {} (rule {:?}): {}",
+            slot.id(),
+            slot.rule_name,
+            all.join("; ")
+        )));
+    }
     let mut stores: Vec<(String, DynStore)> = Vec::new();
     for name in &slot.stores {
         let s = eng.stores.get(name).ok_or_else(|| {
@@ -87,6 +104,11 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
         planned: Vec::new(),
         new_account: false,
         fallback_rotated: None,
+        accounts: slot
+            .service_accounts
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect(),
     };
     run.new_account = run.rule.strategy == Strategy::NewServiceAccount;
     run.read_all().await?;
@@ -141,6 +163,9 @@ struct SlotRun<'a> {
     new_account: bool,
     /// Set when `retire` had to rotate to a new account.
     fallback_rotated: Option<SlotOutcome>,
+    /// Service accounts known to be the slot's: the scanned ones, the ones created by
+    /// this run, and same-named ones of the project found by a fresh listing.
+    accounts: BTreeSet<String>,
 }
 
 macro_rules! failpoint {
@@ -166,7 +191,60 @@ impl SlotRun<'_> {
             states.push(s.read(&self.slot.path).await?);
         }
         self.states = states;
+        self.check_owned().await
+    }
+
+    /// Refuses the slot when a store's document at its path holds a record (current or
+    /// pending) of another project, or of an account of this project that is not the
+    /// slot's: that document belongs to someone else and keyrotd must neither overwrite
+    /// it nor act on the keys it names (revoke, delete an account) in this project.
+    async fn check_owned(&mut self) -> SlotResult<()> {
+        let mut unknown = false;
+        for (i, st) in self.states.iter().enumerate() {
+            for r in st.current.iter().chain(st.pending.iter()) {
+                if r.project_id != self.slot.project_id {
+                    return Err(self.foreign(i, r));
+                }
+                unknown |= !self.accounts.contains(&r.service_account_id);
+            }
+        }
+        if !unknown {
+            return Ok(());
+        }
+        // An account the scan did not see: created since (a replica moved the slot to a
+        // fresh account of the same name), or another slot's account.
+        let listed = self
+            .eng
+            .client
+            .list_service_accounts(&self.slot.project_id)
+            .await?;
+        for sa in &listed {
+            if sa.name == self.slot.service_account_name {
+                self.accounts.insert(sa.id.clone());
+            }
+        }
+        let known = |id: &str| self.accounts.contains(id) || !listed.iter().any(|sa| sa.id == id);
+        for (j, st) in self.states.iter().enumerate() {
+            for r in st.current.iter().chain(st.pending.iter()) {
+                if !known(&r.service_account_id) {
+                    return Err(self.foreign(j, r));
+                }
+            }
+        }
         Ok(())
+    }
+
+    fn foreign(&self, i: usize, r: &SecretRecord) -> SlotError {
+        let store = &self.stores[i].0;
+        error!(event = "slot.collision", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, store = %store, path = %self.slot.path, other_project_id = %r.project_id, other_service_account_id = %r.service_account_id, outcome = "collision", "the document at the slot's path belongs to another project or service account; not touching it");
+        self.eng.metrics.slot_collision();
+        SlotError::Collision(format!(
+            "path {:?} in store {store:?} holds the key of project {} / service account {}, not of slot {}; keyrotd will not overwrite it",
+            self.slot.path,
+            r.project_id,
+            r.service_account_id,
+            self.slot.id()
+        ))
     }
 
     /// Applies `t` to store `i` against its last known version.
@@ -469,6 +547,7 @@ impl SlotRun<'_> {
             }
         };
         failpoint!("after_mint");
+        self.accounts.insert(sa_id.clone());
         info!(event = "key.minted", project_id = %self.slot.project_id, service_account_id = %sa_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
         let record = SecretRecord {
             api_key: created.value.clone(),

@@ -22,6 +22,7 @@ mod faults;
 mod fuzz_api;
 mod fuzz_config;
 mod hygiene;
+mod identity;
 mod metrics;
 mod notify;
 mod openai_client;
