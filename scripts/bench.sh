@@ -117,7 +117,7 @@ start_sim() {
     SIM_PID=$!
     PIDS+=("$SIM_PID")
     deadline=$((SECONDS + 120))
-    until grep -q '^OPENAI_BASE_URL=' "$out" 2>/dev/null; do
+    until grep -q '^export KEYROTD__OPENAI__BASE_URL=' "$out" 2>/dev/null; do
         if ! kill -0 "$SIM_PID" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
             echo "bench.sh: keyrotd sim did not start:" >&2
             cat "$WORK/sim.err" >&2
@@ -125,7 +125,7 @@ start_sim() {
         fi
         sleep 0.2
     done
-    SIM_URL=$(sed -n 's/^OPENAI_BASE_URL=//p' "$out")
+    SIM_URL=$(sed -n 's/^export KEYROTD__OPENAI__BASE_URL=//p' "$out")
 }
 
 write_config() {

@@ -1,6 +1,6 @@
 //! The admin key kept in a secret store, and its self-rotation.
 //!
-//! With `openai.admin_key_store` the admin key lives in one store record (the SPEC §3
+//! With `openai.admin_key_store` the admin key lives in one store record (the DESIGN.md §3
 //! document at `openai.admin_key_path`, `api_key` holding the key, `key_id` its admin
 //! key id, `project_id = "organization"`, `service_account_id = "admin_api_key"`). It
 //! changes only through the same check-and-set [`Transition`]s as a project-key slot,

@@ -439,7 +439,7 @@ fn show_revoked(out: &Out, w: &World, revoked: &[String]) {
     }
 }
 
-/// How many slots serve a key the API accepts (SPEC I1), checked as a consumer would.
+/// How many slots serve a key the API accepts (DESIGN.md §5 I1), checked as a consumer would.
 async fn serving_live_keys(w: &World, report: &CycleReport) -> Result<usize, String> {
     let store = w
         .engine

@@ -38,7 +38,7 @@ pub mod sim;
 pub mod store;
 pub mod telemetry;
 
-/// Exit code for a bad configuration (SPEC §1).
+/// Exit code for a bad configuration (DESIGN.md §1).
 pub const EXIT_BAD_CONFIG: i32 = 2;
-/// Exit code when some action failed (SPEC §1).
+/// Exit code when some action failed (DESIGN.md §1).
 pub const EXIT_FAILED: i32 = 1;

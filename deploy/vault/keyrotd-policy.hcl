@@ -6,7 +6,7 @@
 #
 #   vault policy write keyrotd deploy/vault/keyrotd-policy.hcl
 #
-# keyrotd reads and writes its own secrets (check-and-set writes, SPEC §3) and keeps its
+# keyrotd reads and writes its own secrets (check-and-set writes, DESIGN.md §3) and keeps its
 # bookkeeping in KV v2 custom metadata. It never deletes, destroys or lists: not the
 # secret versions (consumers may still hold an older version's key during the grace
 # period), not anything outside openai/.

@@ -1,4 +1,5 @@
-//! Admin API objects, typed from `spec/openai-admin-openapi.json`.
+//! Admin API objects, typed from the OpenAI OpenAPI spec (openai/openai-openapi at
+//! commit f85dbe2) and the `openai` Python SDK 3.57.0 (DESIGN.md §8).
 //!
 //! Deserialisation is tolerant: unknown fields are ignored and every field the spec
 //! marks nullable (or that a real server might omit) is an `Option`.

@@ -77,7 +77,7 @@ pub(crate) fn excerpt(body: &[u8]) -> String {
 }
 
 /// Masks every `sk-...` token longer than a redacted form (`sk-...abcd`), so that a
-/// server or a serde error echoing a key value cannot carry it into logs (SPEC I4).
+/// server or a serde error echoing a key value cannot carry it into logs (DESIGN.md §5 I4).
 pub(crate) fn mask_keys(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;

@@ -1,7 +1,7 @@
 //! In-process OpenAI Admin API simulator (see `keyrotd sim`, `keyrotd demo`, tests).
 //!
-//! An axum server faithful to `spec/openai-admin-openapi.json`: every endpoint of the
-//! excerpt (projects, project API keys, service accounts and their keys, admin API
+//! An axum server faithful to the OpenAI OpenAPI spec (openai/openai-openapi at
+//! commit f85dbe2, DESIGN.md §8): every endpoint of the excerpt keyrotd uses (projects, project API keys, service accounts and their keys, admin API
 //! keys, `GET /v1/models`), the `{"error": {message, type, param, code}}` error shape,
 //! `limit` 1..=100 (default 20) with `after`/`has_more` pagination, `owner_project_access`,
 //! `include_archived`, plus fault injection and a movable clock for tests.
@@ -605,9 +605,27 @@ pub async fn serve(
         .await
 }
 
-/// `keyrotd sim`: populates a simulator from `scenario`, prints its base URL and admin
-/// key (one `KEY=value` line each, easy to `eval`), and serves on `listen` until
-/// Ctrl-C. `admin_key` defaults to a fresh random `sk-admin-...` value.
+/// What `keyrotd sim` prints to point keyrotd at a simulator: the environment variables
+/// keyrotd reads (`KEYROTD__OPENAI__BASE_URL`, `KEYROTD__OPENAI__ADMIN_KEY_ENV` and the
+/// variable that names, holding the admin key), as `export` lines to paste into a
+/// shell, then the equivalent `[openai]` config lines as comments.
+pub fn connect_hint(base_url: &str, admin_key: &str) -> String {
+    const ADMIN_KEY_ENV: &str = "OPENAI_ADMIN_KEY";
+    format!(
+        "# Point keyrotd at it: paste these into the shell that runs keyrotd,\n\
+         export KEYROTD__OPENAI__BASE_URL={base_url}\n\
+         export KEYROTD__OPENAI__ADMIN_KEY_ENV={ADMIN_KEY_ENV}\n\
+         export {ADMIN_KEY_ENV}={admin_key}\n\
+         # or put the first two in the config file instead:\n\
+         #   [openai]\n\
+         #   base_url = \"{base_url}\"\n\
+         #   admin_key_env = \"{ADMIN_KEY_ENV}\"\n"
+    )
+}
+
+/// `keyrotd sim`: populates a simulator from `scenario`, prints how to point keyrotd at
+/// it (see [`connect_hint`]), and serves on `listen` until Ctrl-C. `admin_key`
+/// defaults to a fresh random `sk-admin-...` value.
 pub async fn run_standalone(
     listen: &str,
     admin_key: Option<String>,
@@ -626,14 +644,13 @@ pub async fn run_standalone(
     let truth = scenario.populate(&sim);
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    println!("OPENAI_BASE_URL=http://{addr}/v1");
-    println!("OPENAI_ADMIN_KEY={admin_key}");
     println!(
-        "# {} projects, {} keys ({} stale)",
+        "# keyrotd sim: {} projects, {} keys ({} stale), serving until Ctrl-C",
         truth.projects.len(),
         truth.keys.len(),
         truth.keys.iter().filter(|k| k.stale).count()
     );
+    print!("{}", connect_hint(&format!("http://{addr}/v1"), &admin_key));
     serve(listener, sim, async {
         let _ = tokio::signal::ctrl_c().await;
     })

@@ -38,3 +38,4 @@ mod store_file;
 mod store_secrets;
 mod store_vault;
 mod usage;
+mod walkthrough;
