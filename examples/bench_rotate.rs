@@ -37,7 +37,8 @@ use keyrotd::openai::Endpoint;
 use keyrotd::rotation::SlotOutcome;
 use keyrotd::sim::{Scenario, Sim};
 use keyrotd::store::{
-    DynStore, SecretRecord, SecretStore, SlotState, StoreResult, Transition, Version, MANAGED_BY,
+    ConsumerDoc, DynStore, Layout, Location, SecretRecord, SecretStore, SlotState, StoreResult,
+    Transition, Version, MANAGED_BY,
 };
 use secrecy::SecretString;
 
@@ -103,6 +104,29 @@ impl SecretStore for Counting {
         }
         self.writes.fetch_add(1, Relaxed);
         self.inner.apply_to(path, current, t).await
+    }
+    fn layout(&self) -> Layout {
+        self.inner.layout()
+    }
+    fn state_is_compare_and_set(&self) -> bool {
+        self.inner.state_is_compare_and_set()
+    }
+    async fn read_consumer(&self, path: &str) -> StoreResult<ConsumerDoc> {
+        self.reads.fetch_add(1, Relaxed);
+        self.inner.read_consumer(path).await
+    }
+    async fn write_consumer(
+        &self,
+        path: &str,
+        record: Option<&SecretRecord>,
+        expected: &Version,
+    ) -> StoreResult<Version> {
+        // The file store compares under its lock (a read); Vault's `cas` does it.
+        if self.inner.kind() != "vault" {
+            self.reads.fetch_add(1, Relaxed);
+        }
+        self.writes.fetch_add(1, Relaxed);
+        self.inner.write_consumer(path, record, expected).await
     }
     async fn health(&self) -> StoreResult<()> {
         self.inner.health().await
@@ -186,22 +210,32 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
             created_at: keyrotd::policy::ts(key.created_at),
             managed_by: MANAGED_BY.to_string(),
         };
-        let st = store.read(&v.slot.path).await.expect("store read");
-        let st = store
-            .apply(&v.slot.path, &st.version, &Transition::Stage(record))
-            .await
-            .expect("stage");
+        // As keyrotd left it long ago: the state record at the slot's identity, the
+        // six fields at its path.
+        let mut seeded = SlotState {
+            current: Some(record.clone()),
+            ..SlotState::default()
+        };
+        seeded.book.promoted_at = Some(long_ago);
+        seeded.book.locations = vec![Location {
+            path: v.slot.path.clone(),
+            retire_after: None,
+        }];
+        let key_path = v.slot.state_key();
+        let st = store.read(&key_path).await.expect("store read");
         store
             .apply(
-                &v.slot.path,
+                &key_path,
                 &st.version,
-                &Transition::Promote {
-                    key_id: key.key_id.clone(),
-                    at: long_ago,
-                },
+                &Transition::Import(Box::new(seeded)),
             )
             .await
-            .expect("promote");
+            .expect("seed state");
+        let doc = store.read_consumer(&v.slot.path).await.expect("store read");
+        store
+            .write_consumer(&v.slot.path, Some(&record), &doc.version)
+            .await
+            .expect("seed document");
     }
     drop(setup);
 

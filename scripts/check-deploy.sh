@@ -449,10 +449,12 @@ allowed = [
     ("renew-self", "POST", "auth/token/renew-self", {}),
     ("lookup-self", "GET", "auth/token/lookup-self", None),
     ("capabilities-self", "POST", "sys/capabilities-self", {"paths": ["secret/data/openai/proj/sa"]}),
+    ("create a state record", "POST", "secret/data/_keyrotd/slots/proj/sa", {"options": {"cas": 0}, "data": {"rotation": {}}}),
+    ("read a state record", "GET", "secret/data/_keyrotd/slots/proj/sa", None),
+    ("remove a state record", "DELETE", "secret/metadata/_keyrotd/slots/proj/sa", None),
 ]
 denied = [
     ("delete latest version", "DELETE", "secret/data/openai/proj/sa", None),
-    ("delete all versions", "DELETE", "secret/metadata/openai/proj/sa", None),
     ("destroy a version", "POST", "secret/destroy/openai/proj/sa", {"versions": [1]}),
     ("list", "LIST", "secret/metadata/openai", None),
     ("read outside openai/", "GET", "secret/data/team/db", None),
@@ -474,10 +476,14 @@ for name, m, p, b in denied:
     s, r = call(m, p, t, b)
     if s != 403:
         bad.append(f"allowed but must not be: {name} ({m} {p}): {s}")
+# Last: removing a former path's document after its grace period.
+s, r = call("DELETE", "secret/metadata/openai/proj/sa", t)
+if s not in (200, 204):
+    bad.append(f"denied but needed: remove a former path's document: {s} {r.get('errors')}")
 if bad:
     print("\n".join(bad))
     sys.exit(1)
-print(f"{len(allowed) + 2} allowed, {len(denied)} denied as expected")
+print(f"{len(allowed) + 3} allowed, {len(denied)} denied as expected")
 PY
     local rc=$?
     kill "$BAO_PID" 2>/dev/null || true

@@ -48,6 +48,17 @@ pub struct BrokenStore {
     error: StoreError,
 }
 
+impl BrokenStore {
+    /// A store named `name`, of backend `kind`, whose every call fails with `error`.
+    pub fn new(name: &str, kind: &'static str, error: StoreError) -> Self {
+        BrokenStore {
+            name: name.to_string(),
+            kind,
+            error,
+        }
+    }
+}
+
 #[async_trait]
 impl SecretStore for BrokenStore {
     fn name(&self) -> &str {
@@ -60,6 +71,17 @@ impl SecretStore for BrokenStore {
         Err(self.error.clone())
     }
     async fn apply(&self, _: &str, _: &Version, _: &Transition) -> StoreResult<SlotState> {
+        Err(self.error.clone())
+    }
+    async fn read_consumer(&self, _path: &str) -> StoreResult<crate::store::ConsumerDoc> {
+        Err(self.error.clone())
+    }
+    async fn write_consumer(
+        &self,
+        _: &str,
+        _: Option<&crate::store::SecretRecord>,
+        _: &Version,
+    ) -> StoreResult<Version> {
         Err(self.error.clone())
     }
     async fn health(&self) -> StoreResult<()> {

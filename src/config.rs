@@ -1,4 +1,4 @@
-//! Configuration (SPEC §2): a TOML file plus `KEYROTD__SECTION__KEY` overrides.
+//! Configuration (DESIGN.md §2): a TOML file plus `KEYROTD__SECTION__KEY` overrides.
 //!
 //! Loading is two steps, as in vector: [`Config::load`] parses and runs the pure
 //! [`Config::validate`] (no I/O beyond reading the file and the admin key); connecting
@@ -13,13 +13,17 @@ use globset::{Glob, GlobMatcher};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-/// A configuration problem; always names the offending key.
+/// A configuration problem; always names the offending key. Shown with secret-shaped
+/// values masked ([`crate::redact`]): a key pasted into the wrong field is not echoed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path}: {message}")]
+    #[error("config file {path}: {}", crate::redact::secrets(message))]
     File { path: String, message: String },
-    #[error("config key `{key}`: {message}")]
+    #[error("config key `{key}`: {}", crate::redact::secrets(message))]
     Invalid { key: String, message: String },
+    /// A `KEYROTD__*` override is what the file plus the other overrides cannot take.
+    #[error("environment variable {var}: {}", crate::redact::secrets(message))]
+    Env { var: String, message: String },
 }
 
 impl ConfigError {
@@ -553,33 +557,43 @@ impl Config {
                 message: "not found (set --config or KEYROTD_CONFIG)".into(),
             });
         }
-        let builder = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(env_source());
-        Self::from_builder(builder, &path.display().to_string())
+        let file = || {
+            config::Config::builder()
+                .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        };
+        Self::from_sources(file, &path.display().to_string())
     }
 
     /// Parses TOML text (plus environment overrides) and validates it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let builder = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .add_source(env_source());
-        Self::from_builder(builder, "<inline>")
+        let file = || {
+            config::Config::builder()
+                .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        };
+        Self::from_sources(file, "<inline>")
     }
 
-    fn from_builder(
-        builder: config::ConfigBuilder<config::builder::DefaultState>,
+    /// Parses and validates `file()` plus the `KEYROTD__*` overrides; an error an
+    /// override causes names the variable ([`blame_env`]).
+    fn from_sources(
+        file: impl Fn() -> config::ConfigBuilder<config::builder::DefaultState>,
         origin: &str,
     ) -> Result<Config, ConfigError> {
-        let raw = builder.build().map_err(|e| ConfigError::File {
-            path: origin.to_string(),
-            message: e.to_string(),
-        })?;
-        let cfg: Config = raw
-            .try_deserialize()
-            .map_err(|e| map_config_error(origin, e))?;
-        cfg.validate()?;
-        Ok(cfg)
+        let parse = |env: config::Environment| -> Result<Config, ConfigError> {
+            let raw = file()
+                .add_source(env)
+                .build()
+                .map_err(|e| ConfigError::File {
+                    path: origin.to_string(),
+                    message: e.to_string(),
+                })?;
+            let cfg: Config = raw
+                .try_deserialize()
+                .map_err(|e| map_config_error(origin, e))?;
+            cfg.validate()?;
+            Ok(cfg)
+        };
+        parse(env_source()).map_err(|e| blame_env(&parse, env_vars(), e))
     }
 
     /// Pure checks that serde cannot express. Errors name the key.
@@ -985,6 +999,58 @@ fn env_source() -> config::Environment {
         .with_list_parse_key("notify.webhooks.events")
 }
 
+/// The `KEYROTD__*` variables of this process, sorted by name.
+fn env_vars() -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.to_ascii_uppercase().starts_with("KEYROTD__"))
+        .collect();
+    vars.sort();
+    vars
+}
+
+/// `e` came from parsing the file plus `vars`; when one variable is its cause, the
+/// error names that variable instead of the file. The cause is the variable without
+/// which the rest parses and validates, or, when several are bad, the first that fails
+/// alone on top of a file that is fine without them.
+fn blame_env(
+    parse: &dyn Fn(config::Environment) -> Result<Config, ConfigError>,
+    vars: Vec<(String, String)>,
+    e: ConfigError,
+) -> ConfigError {
+    let with = |picked: &mut dyn FnMut(&str) -> bool| {
+        let map = vars
+            .iter()
+            .filter(|(k, _)| picked(k))
+            .cloned()
+            .collect::<config::Map<String, String>>();
+        parse(env_source().source(Some(map)))
+    };
+    let named = |var: &str, e: ConfigError| ConfigError::Env {
+        var: var.to_string(),
+        message: match e {
+            ConfigError::File { message, .. } => message,
+            other => other.to_string(),
+        },
+    };
+    if vars.is_empty() {
+        return e;
+    }
+    for (var, _) in &vars {
+        if with(&mut |k| k != var).is_ok() {
+            return named(var, e);
+        }
+    }
+    if with(&mut |_| false).is_err() {
+        return e;
+    }
+    for (var, _) in &vars {
+        if let Err(alone) = with(&mut |k| k == var) {
+            return named(var, alone);
+        }
+    }
+    e
+}
+
 fn map_config_error(origin: &str, e: config::ConfigError) -> ConfigError {
     match &e {
         config::ConfigError::Type { key: Some(k), .. } => {
@@ -1160,6 +1226,15 @@ fn match_nothing() -> Pattern {
 fn validate_path_template(path: &str) -> Result<(), String> {
     if path.trim().is_empty() {
         return Err("must not be empty".into());
+    }
+    let reserved = crate::store::STATE_PREFIX
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    if path.split('/').next() == Some(reserved) {
+        return Err(format!(
+            "{path:?} starts with {reserved:?}, where keyrotd keeps slot state records"
+        ));
     }
     let mut rest = path;
     while let Some(open) = rest.find('{') {

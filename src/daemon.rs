@@ -3,8 +3,10 @@
 //! Ticks from tokio-cron-scheduler go through a channel of capacity one into a single
 //! worker, so cycles never overlap: a tick that arrives during a cycle is kept and
 //! starts the next cycle as soon as the running one ends (and says it is late); more
-//! ticks than that are coalesced. SIGTERM/SIGINT stop new work; the running cycle
-//! finishes its in-flight slots within `shutdown_timeout`.
+//! ticks than that are coalesced. The shutdown signal is [`run`]'s argument (the
+//! binary passes [`shutdown_signal`], SIGTERM/SIGINT; tests pass their own): it stops
+//! new work, and the running cycle finishes its in-flight slots within
+//! `shutdown_timeout`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,8 +140,13 @@ pub struct RunOptions {
     pub shutdown_timeout: Duration,
 }
 
-/// Runs until SIGTERM/SIGINT. Returns when shut down.
-pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
+/// Runs cycles on the schedule until `shutdown` resolves, then stops new work, waits
+/// up to `shutdown_timeout` for the running cycle and returns.
+pub async fn run(
+    engine: Arc<Engine>,
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let http = HttpState::for_engine(&engine);
     if let Some(addr) = opts.listen {
         serve_http(addr, http.clone(), engine.shutdown.clone())
@@ -209,7 +216,7 @@ pub async fn run(engine: Arc<Engine>, opts: RunOptions) -> anyhow::Result<()> {
         }
     });
 
-    shutdown_signal().await;
+    shutdown.await;
     info!(
         event = "daemon.stopping",
         "shutdown requested; finishing in-flight work"

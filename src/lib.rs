@@ -19,10 +19,13 @@
 //! - [`app`]: wiring from a validated config to an [`rotation::Engine`].
 //! - [`daemon`]: `keyrotd run`: the schedule, signals, sd_notify, the HTTP listener.
 //! - [`metrics`], [`notify`], [`telemetry`]: Prometheus metrics, webhooks, logging.
+//! - [`redact`], [`backoff`]: the one rule that masks secret-shaped values in outgoing
+//!   text; the one exponential backoff with jitter every retry loop waits by.
 //! - [`check`], [`demo`]: `check-config --connect` and `keyrotd demo`.
 
 pub mod admin_key;
 pub mod app;
+pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod daemon;
@@ -32,6 +35,7 @@ pub mod notify;
 pub mod openai;
 pub mod plan;
 pub mod policy;
+pub mod redact;
 pub mod report;
 pub mod rotation;
 pub mod sim;

@@ -242,7 +242,7 @@ async fn dispatch(cli: Cli) -> i32 {
                 listen,
                 shutdown_timeout: cfg.daemon.shutdown_timeout,
             };
-            match daemon::run(engine, opts).await {
+            match daemon::run(engine, opts, daemon::shutdown_signal()).await {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("keyrotd: {e}");

@@ -127,6 +127,14 @@ impl Metrics {
         });
     }
 
+    /// Cycles finished so far, `ok` or failed.
+    pub fn cycles(&self, ok: bool) -> u64 {
+        self.with(|m| {
+            let result = if ok { "ok" } else { "failed" };
+            m.cycles.get(result).copied().unwrap_or(0)
+        })
+    }
+
     pub fn rotations(&self, o: RotationOutcome) -> u64 {
         self.with(|m| m.rotations.get(o.as_str()).copied().unwrap_or(0))
     }

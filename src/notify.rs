@@ -19,7 +19,7 @@
 //! (`keyrotd once` and daemon shutdown call it before exiting).
 //!
 //! Payloads carry ids only. As a second line of defence the rendered body goes through
-//! [`redact_secrets`], which masks anything shaped like an OpenAI key (`sk-...`).
+//! [`crate::redact::secrets`], which masks anything shaped like a key or a token.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
-use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -217,37 +216,8 @@ impl Notice {
             WebhookFormat::Json => self.to_json(timestamp),
             WebhookFormat::Slack => json!({ "text": self.text() }),
         };
-        redact_secrets(&body.to_string())
+        crate::redact::secrets(&body.to_string())
     }
-}
-
-/// Masks every `sk-` token of 8 or more key characters (`[A-Za-z0-9_-]`) as
-/// `sk-[REDACTED]`: error strings are built without secrets, this is the backstop.
-pub fn redact_secrets(text: &str) -> String {
-    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("sk-") {
-        let after = &rest[i + 3..];
-        let run = after
-            .char_indices()
-            .find(|&(_, c)| !is_key_char(c))
-            .map_or(after.len(), |(j, _)| j);
-        // A match must not start inside a longer word (e.g. "task-...").
-        let starts_word = rest[..i]
-            .chars()
-            .next_back()
-            .is_none_or(|c| !is_key_char(c));
-        out.push_str(&rest[..i]);
-        if run >= 8 && starts_word {
-            out.push_str("sk-[REDACTED]");
-        } else {
-            out.push_str(&rest[i..i + 3 + run]);
-        }
-        rest = &after[run..];
-    }
-    out.push_str(rest);
-    out
 }
 
 /// One configured webhook. `Debug` shows scheme and host only.
@@ -505,49 +475,26 @@ async fn deliver(shared: &Shared, d: &Delivery) {
                 webhook = %hook.label,
                 notice = d.event.as_str(),
                 attempts = attempt,
-                error = %redact_secrets(&error),
+                error = %crate::redact::secrets(&error),
                 "giving up on a notification"
             );
             return;
         }
         let wait = backoff(attempt).max(retry_after.unwrap_or_default().min(BACKOFF_CAP));
-        debug!(event = "notify.retry", webhook = %hook.label, notice = d.event.as_str(), attempt, error = %redact_secrets(&error), wait_ms = wait.as_millis() as u64, "notification failed; retrying");
+        debug!(event = "notify.retry", webhook = %hook.label, notice = d.event.as_str(), attempt, error = %crate::redact::secrets(&error), wait_ms = wait.as_millis() as u64, "notification failed; retrying");
         tokio::time::sleep(wait).await;
     }
 }
 
-/// The wait after failed attempt `attempt` (from 1): base·2^(attempt−1), ±50 % jitter,
-/// capped.
+/// The wait after failed attempt `attempt` (from 1): doubling from [`BACKOFF_BASE`], at
+/// most [`BACKOFF_CAP`], jittered ([`crate::backoff::Backoff`]).
 fn backoff(attempt: u32) -> Duration {
-    let exp = BACKOFF_BASE.saturating_mul(1u32 << (attempt - 1).min(16));
-    let jitter = rand::thread_rng().gen_range(0.5..1.5);
-    exp.mul_f64(jitter).min(BACKOFF_CAP)
+    crate::backoff::Backoff::new(BACKOFF_BASE, BACKOFF_CAP).wait(attempt.saturating_sub(1))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_key_shaped_tokens_only() {
-        assert_eq!(
-            redact_secrets("bad key sk-proj-abcdefgh12 here"),
-            "bad key sk-[REDACTED] here"
-        );
-        assert_eq!(
-            redact_secrets("\"sk-svcacct-AbC_12-xyz\",sk-admin-0123456789"),
-            "\"sk-[REDACTED]\",sk-[REDACTED]"
-        );
-        // Too short, or inside a longer word: left alone.
-        assert_eq!(
-            redact_secrets("sk-short task-abcdefghijk"),
-            "sk-short task-abcdefghijk"
-        );
-        assert_eq!(
-            redact_secrets("no secrets, ünïcode sk-"),
-            "no secrets, ünïcode sk-"
-        );
-    }
 
     #[test]
     fn payloads_carry_ids_and_event_names() {
@@ -575,8 +522,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) <= Duration::from_millis(750));
-        assert!(backoff(3) >= Duration::from_millis(1000));
-        assert_eq!(backoff(30), BACKOFF_CAP);
+        assert!(backoff(1) <= BACKOFF_BASE);
+        assert!(backoff(3) >= BACKOFF_BASE * 2);
+        assert!(backoff(30) >= BACKOFF_CAP / 2 && backoff(30) <= BACKOFF_CAP);
     }
 }

@@ -156,6 +156,26 @@ impl Slot {
     pub fn id(&self) -> String {
         format!("{}/{}", self.project_id, self.service_account_id)
     }
+
+    /// Where stores with a separate state record keep this slot's state: addressed by
+    /// the project and the slot's oldest service account, which renames, rule edits
+    /// and store moves leave alone (strategy `new_service_account` re-keys it when the
+    /// old account is deleted).
+    pub fn state_key(&self) -> String {
+        let anchor = self
+            .service_accounts
+            .first()
+            .map_or(self.service_account_id.as_str(), |(id, _)| id.as_str());
+        crate::store::state_key(&self.project_id, anchor)
+    }
+
+    /// The key at which `store` keeps this slot's state.
+    pub fn state_key_in(&self, store: &dyn crate::store::SecretStore) -> String {
+        match store.layout() {
+            crate::store::Layout::Separate => self.state_key(),
+            crate::store::Layout::WithConsumer => self.path.clone(),
+        }
+    }
 }
 
 /// The slots the rules define: every service account (listed, or seen as a key owner)

@@ -1,4 +1,4 @@
-//! Logging: JSON lines (SPEC §6) or a human format on stderr, or native journald.
+//! Logging: JSON lines (DESIGN.md §6) or a human format on stderr, or native journald.
 //!
 //! Audit events are `tracing` events with an `event` field (`key.minted`, ...) and the
 //! ids as fields; the JSON formatter flattens them next to `timestamp` and `level`.
@@ -25,7 +25,7 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
-    /// Pretty on a TTY, JSON otherwise (SPEC §1).
+    /// Pretty on a TTY, JSON otherwise (DESIGN.md §1).
     pub fn detect() -> LogFormat {
         if std::io::stderr().is_terminal() {
             LogFormat::Pretty
@@ -39,8 +39,9 @@ impl LogFormat {
 pub const DEFAULT_LEVEL: &str = "info";
 
 /// vaultrs/rustify log every non-2xx (a 404 for a slot not created yet included) at
-/// ERROR; the store layer reports what matters itself.
-const QUIET_DEPENDENCIES: &str = ",rustify=off,vaultrs=off";
+/// ERROR, and aws-config logs a failed credential provider at WARN with a 1 KB debug
+/// dump of the error; the store layer reports what matters itself, on one line.
+const QUIET_DEPENDENCIES: &str = ",rustify=off,vaultrs=off,aws_config=error";
 
 struct Installed {
     filter: reload::Handle<EnvFilter, Registry>,

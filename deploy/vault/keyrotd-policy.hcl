@@ -6,22 +6,35 @@
 #
 #   vault policy write keyrotd deploy/vault/keyrotd-policy.hcl
 #
-# keyrotd reads and writes its own secrets (check-and-set writes, DESIGN.md §3) and keeps its
-# bookkeeping in KV v2 custom metadata. It never deletes, destroys or lists: not the
-# secret versions (consumers may still hold an older version's key during the grace
-# period), not anything outside openai/.
+# keyrotd writes two kinds of secret, both with check-and-set (DESIGN.md §7):
+# - consumer documents at the rules' paths (openai/...): the six fields consumers read,
+#   one new version per rotation;
+# - its state records at _keyrotd/slots/<project_id>/<service_account_id>: intent,
+#   pending key, previous key, grace clock, and where the key is served.
+# It deletes a consumer document only at a former path (a renamed project or account,
+# an edited rule), once that path's grace period is over; and a state record only in a
+# store a rule moved away from. It never destroys versions and never lists.
 
-# Secret data: read the current record, write new versions with check-and-set
-# (`options.cas`), which Vault authorises as create (first write) or update.
+# Consumer documents: read, write new versions with check-and-set (`options.cas`,
+# authorised as create or update).
 path "secret/data/openai/*" {
   capabilities = ["create", "read", "update"]
 }
 
-# Metadata: read the current version number (for cas) and custom_metadata; write
-# custom_metadata (POST is "update", a merging PATCH is "patch"). No "delete": that
-# would remove every version of a secret.
+# Their metadata: the current version number (for cas), custom_metadata (the
+# managed-by mark), and "delete" to remove a former path's document after its grace
+# period.
 path "secret/metadata/openai/*" {
-  capabilities = ["read", "update", "patch"]
+  capabilities = ["read", "update", "patch", "delete"]
+}
+
+# State records, keyed by slot identity; keep them out of consumers' policies.
+path "secret/data/_keyrotd/*" {
+  capabilities = ["create", "read", "update"]
+}
+
+path "secret/metadata/_keyrotd/*" {
+  capabilities = ["read", "update", "patch", "delete"]
 }
 
 # Renew and inspect its own token (token, AppRole and Kubernetes logins alike).

@@ -799,7 +799,7 @@ fn decode<T: DeserializeOwned>(endpoint: Endpoint, status: u16, body: &[u8]) -> 
         ApiError::Decode {
             endpoint: endpoint.as_str().into(),
             status,
-            message: retry::mask_keys(&format!("{kind}: {e}")),
+            message: crate::redact::secrets(&format!("{kind}: {e}")),
         }
     })
 }
@@ -821,13 +821,13 @@ fn into_error(endpoint: Endpoint, failure: Failure) -> ApiError {
             };
             ApiError::Network {
                 endpoint: endpoint_name,
-                message: retry::mask_keys(&format!("{kind}: {}", error_chain(&error))),
+                message: crate::redact::secrets(&format!("{kind}: {}", error_chain(&error))),
             }
         }
         Failure::Status { status, body, .. } => {
             let (message, code) = match serde_json::from_slice::<ErrorResponse>(&body) {
                 Ok(ErrorResponse { error }) if !error.message.is_empty() => {
-                    (retry::mask_keys(&error.message), error.code)
+                    (crate::redact::secrets(&error.message), error.code)
                 }
                 _ => (retry::excerpt(&body), None),
             };

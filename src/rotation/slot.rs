@@ -19,7 +19,8 @@ use crate::openai::ApiError;
 use crate::plan::Slot;
 use crate::policy::{self, Verdict};
 use crate::store::{
-    DynStore, Intent, SecretRecord, SlotState, StoreError, StoreErrorKind, Transition, MANAGED_BY,
+    ConsumerDoc, DynStore, Intent, Layout, Location, SecretRecord, SlotState, StoreError,
+    StoreErrorKind, Transition, MANAGED_BY,
 };
 
 /// `Intent::service_account_id` of a rotation that creates a new service account.
@@ -91,8 +92,13 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
         stores.push((name.clone(), s.clone()));
     }
     // Check-and-set stores first: the first store's intent acts as the slot's lock,
-    // and AWS (whose intents are tags) should never be the one deciding a race.
-    stores.sort_by_key(|(_, s)| s.kind() == "aws_secrets_manager");
+    // and a store whose state writes are not compare-and-set (AWS tags) should never
+    // be the one deciding a race.
+    stores.sort_by_key(|(_, s)| !s.state_is_compare_and_set());
+    let state_keys = stores
+        .iter()
+        .map(|(_, s)| slot.state_key_in(s.as_ref()))
+        .collect();
     let rule = eng.rules[slot.rule].clone();
     let mut run = SlotRun {
         eng,
@@ -109,9 +115,14 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
             .iter()
             .map(|(id, _)| id.clone())
             .collect(),
+        state_keys,
+        docs: Vec::new(),
+        others: Vec::new(),
     };
     run.new_account = run.rule.strategy == Strategy::NewServiceAccount;
     run.read_all().await?;
+    run.read_others().await?;
+    run.settle().await?;
     if let Some(out) = run.resume().await? {
         return Ok(out);
     }
@@ -166,6 +177,103 @@ struct SlotRun<'a> {
     /// Service accounts known to be the slot's: the scanned ones, the ones created by
     /// this run, and same-named ones of the project found by a fresh listing.
     accounts: BTreeSet<String>,
+    /// Where each store keeps the slot's state (same order as `stores`): the slot's
+    /// identity key for [`Layout::Separate`] stores, the rendered path otherwise.
+    state_keys: Vec<String>,
+    /// The consumer documents of each [`Layout::Separate`] store: the rendered path
+    /// first, then the state's other locations (empty for other layouts).
+    docs: Vec<Vec<(String, ConsumerDoc)>>,
+    /// Configured stores the rule no longer names that still hold state for this
+    /// identity (the rule moved to other stores): they keep serving through a grace
+    /// period, then their documents are removed.
+    others: Vec<Other>,
+}
+
+/// What `store` holds for `slot`, as the plan shows it: the state record, or, before
+/// one exists, what the consumer document at the rendered path holds (a 0.1-layout
+/// document's bookkeeping, or a record of someone else, which the plan shows as a
+/// collision). One read of the state and one of the consumer document.
+pub async fn view(store: &DynStore, slot: &Slot) -> Result<SlotState, StoreError> {
+    let (_, state) = read_state(store, slot).await?;
+    if store.layout() != Layout::Separate {
+        return Ok(state);
+    }
+    let doc = store.read_consumer(&slot.path).await?;
+    let foreign = doc
+        .record
+        .as_ref()
+        .is_some_and(|r| r.project_id != slot.project_id);
+    if foreign || (state.is_empty() && state.book.locations.is_empty()) {
+        return Ok(match doc.legacy {
+            Some(legacy) if !foreign => legacy,
+            _ => SlotState {
+                current: doc.record,
+                version: doc.version,
+                ..SlotState::default()
+            },
+        });
+    }
+    Ok(state)
+}
+
+/// Reads the slot's state record in `store`, and where it is (the key). A slot with
+/// more than one account (strategy `new_service_account` moving it) is addressed by
+/// its oldest; while a newer account's record is the one that exists (accounts
+/// created in the same second sort by id), that one is read.
+pub async fn read_state(store: &DynStore, slot: &Slot) -> Result<(String, SlotState), StoreError> {
+    let key = slot.state_key_in(store.as_ref());
+    let state = store.read(&key).await?;
+    if store.layout() != Layout::Separate
+        || slot.service_accounts.len() < 2
+        || !(state.is_empty() && state.book.locations.is_empty())
+    {
+        return Ok((key, state));
+    }
+    for (sa, _) in &slot.service_accounts {
+        let other = crate::store::state_key(&slot.project_id, sa);
+        if other == key {
+            continue;
+        }
+        let st = store.read(&other).await?;
+        if !(st.is_empty() && st.book.locations.is_empty()) {
+            return Ok((other, st));
+        }
+    }
+    Ok((key, state))
+}
+
+/// A store outside the slot's rule holding the slot's state.
+struct Other {
+    name: String,
+    store: DynStore,
+    state: SlotState,
+    docs: Vec<(String, ConsumerDoc)>,
+}
+
+/// The consumer documents a [`Layout::Separate`] store holds for a state: at `path`
+/// (the rendered path; empty: none) first, then at the state's other locations.
+async fn read_docs(
+    store: &DynStore,
+    path: &str,
+    state: &SlotState,
+) -> Result<Vec<(String, ConsumerDoc)>, StoreError> {
+    let mut out = Vec::new();
+    if store.layout() != Layout::Separate {
+        return Ok(out);
+    }
+    let mut paths: Vec<&str> = Vec::new();
+    if !path.is_empty() {
+        paths.push(path);
+    }
+    for l in &state.book.locations {
+        if !paths.contains(&l.path.as_str()) {
+            paths.push(&l.path);
+        }
+    }
+    for p in paths {
+        out.push((p.to_string(), store.read_consumer(p).await?));
+    }
+    Ok(out)
 }
 
 macro_rules! failpoint {
@@ -187,11 +295,329 @@ impl SlotRun<'_> {
 
     async fn read_all(&mut self) -> SlotResult<()> {
         let mut states = Vec::with_capacity(self.stores.len());
-        for (_, s) in &self.stores {
-            states.push(s.read(&self.slot.path).await?);
+        let mut docs = Vec::with_capacity(self.stores.len());
+        for (i, (_, s)) in self.stores.iter().enumerate() {
+            let (key, state) = read_state(s, self.slot).await?;
+            self.state_keys[i] = key;
+            docs.push(read_docs(s, &self.slot.path, &state).await?);
+            states.push(state);
         }
         self.states = states;
+        self.docs = docs;
         self.check_owned().await
+    }
+
+    /// Reads this identity's state in every configured store the rule does not name
+    /// (one read each; stores the slot uses are read by `read_all`).
+    async fn read_others(&mut self) -> SlotResult<()> {
+        let key = self.slot.state_key();
+        let mut others = Vec::new();
+        for (name, store) in &self.eng.stores {
+            if self.slot.stores.contains(name) || store.layout() != Layout::Separate {
+                continue;
+            }
+            let state = match store.read(&key).await {
+                Ok(s) => s,
+                // A store that cannot be read now is looked at again next cycle; it
+                // cannot be what keeps this slot from rotating.
+                Err(e) => {
+                    debug!(store = %name, error = %e, "cannot read a store outside the slot's rule");
+                    continue;
+                }
+            };
+            if state.is_empty() && state.book.locations.is_empty() {
+                continue;
+            }
+            let docs = read_docs(store, "", &state).await?;
+            others.push(Other {
+                name: name.clone(),
+                store: store.clone(),
+                state,
+                docs,
+            });
+        }
+        self.others = others;
+        Ok(())
+    }
+
+    /// Whether a record belongs to this slot (its project, one of its accounts).
+    fn ours(&self, r: &SecretRecord) -> bool {
+        r.project_id == self.slot.project_id && self.accounts.contains(&r.service_account_id)
+    }
+
+    /// Brings each store's state record and consumer documents in line before the
+    /// state machine runs: migrates 0.1-layout documents, adopts the key of a store the
+    /// rule moved away from, follows a changed path (renamed project or account, edited
+    /// `path`), republishes a consumer document that lost the current key, and removes
+    /// documents at locations whose grace period is over. Mints nothing, revokes
+    /// nothing.
+    async fn settle(&mut self) -> SlotResult<()> {
+        let now = self.now();
+        let grace = chrono::Duration::from_std(self.rule.grace_period).unwrap_or_default();
+        let dry = self.eng.settings.dry_run;
+        for i in 0..self.stores.len() {
+            if self.stores[i].1.layout() != Layout::Separate {
+                self.copy_sibling_key(i, now).await?;
+                continue;
+            }
+            let store = self.stores[i].0.clone();
+            let here = self.docs[i][0].1.clone();
+            if self.states[i].is_empty() && self.states[i].book.locations.is_empty() {
+                // No state record: a 0.1-layout document to migrate, the key of the
+                // store the rule moved away from to adopt, or a bootstrap.
+                let imported = if let Some(legacy) = here.legacy.clone() {
+                    Some((legacy, "migrated"))
+                } else if let Some(rec) = here.record.clone() {
+                    let mut st = SlotState {
+                        current: Some(rec),
+                        ..SlotState::default()
+                    };
+                    st.book.promoted_at = Some(now);
+                    Some((st, "migrated"))
+                } else {
+                    self.adoptable().map(|st| (st, "adopted"))
+                };
+                let Some((mut st, how)) = imported else {
+                    continue;
+                };
+                st.book.locations = vec![Location {
+                    path: self.slot.path.clone(),
+                    retire_after: None,
+                }];
+                st.book.released_until = None;
+                info!(event = "slot.state_imported", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %store, path = %self.slot.path, how, key_id = %st.current.as_ref().map(|c| c.key_id.as_str()).unwrap_or("-"), "state record created from what the store or a former store held; nothing minted");
+                if dry {
+                    self.planned.push(format!("{how} state of {store}"));
+                    continue;
+                }
+                let current = st.current.clone();
+                self.apply(i, &Transition::Import(Box::new(st))).await?;
+                let clean = here.legacy.is_none()
+                    && here.record.as_ref().map(|r| &r.key_id)
+                        == current.as_ref().map(|r| &r.key_id);
+                if !clean {
+                    // The 0.1 document loses its `rotation` object (or the adopted key
+                    // appears): the consumer document holds the six fields only.
+                    self.write_doc(i, 0, current.as_ref()).await?;
+                }
+                continue;
+            }
+            let Some(current) = self.states[i].current.clone() else {
+                continue;
+            };
+            let active = self.states[i]
+                .book
+                .locations
+                .iter()
+                .any(|l| l.path == self.slot.path && l.retire_after.is_none());
+            if !active {
+                let from: Vec<String> = self.states[i]
+                    .book
+                    .locations
+                    .iter()
+                    .filter(|l| l.path != self.slot.path)
+                    .map(|l| l.path.clone())
+                    .collect();
+                if !from.is_empty() {
+                    info!(event = "slot.moved", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %store, from = ?from, to = %self.slot.path, key_id = %current.key_id, "the slot's path changed: serving the same key at the new path; the old paths keep it until the grace period ends");
+                }
+                if dry {
+                    self.planned.push(format!(
+                        "serve {} at {} in {store}",
+                        current.key_id, self.slot.path
+                    ));
+                    continue;
+                }
+                self.apply(
+                    i,
+                    &Transition::Relocate {
+                        to: self.slot.path.clone(),
+                        retire_after: now + grace,
+                    },
+                )
+                .await?;
+            }
+            // Every location serves the current key (or the pending one a promotion
+            // already published).
+            let pending = self.states[i].pending.as_ref().map(|p| p.key_id.clone());
+            for d in 0..self.docs[i].len() {
+                let served = self.docs[i][d].1.record.as_ref().map(|r| r.key_id.clone());
+                let fine = served.as_deref() == Some(current.key_id.as_str())
+                    || (served.is_some() && served == pending);
+                let retiring = self.location_due(i, d, now);
+                if fine || retiring {
+                    continue;
+                }
+                info!(event = "secret.republished", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %store, path = %self.docs[i][d].0, key_id = %current.key_id, found = ?served, "the consumer document does not serve the current key; writing it again");
+                if dry {
+                    self.planned.push(format!(
+                        "republish {} at {}",
+                        current.key_id, self.docs[i][d].0
+                    ));
+                    continue;
+                }
+                self.write_doc(i, d, Some(&current)).await?;
+            }
+            self.retire_locations(i, now).await?;
+        }
+        self.release_others(now, grace).await
+    }
+
+    /// A store keeping its state beside the consumer value (AWS) that holds nothing at
+    /// the slot's path, while another store of the slot serves a live key: the path
+    /// changed (a rename) or the store was added; it gets that key (staged, then
+    /// promoted) instead of a new mint. Its former path is not tracked.
+    async fn copy_sibling_key(&mut self, i: usize, now: DateTime<Utc>) -> SlotResult<()> {
+        if !self.states[i].is_empty() {
+            return Ok(());
+        }
+        let Some(rec) = self
+            .states
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| self.stores[*j].1.layout() == Layout::Separate)
+            .filter_map(|(_, s)| s.current.clone())
+            .find(|c| self.live(&c.key_id) && self.ours(c))
+        else {
+            return Ok(());
+        };
+        info!(event = "slot.moved", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, to = %self.slot.path, key_id = %rec.key_id, "serving the slot's current key at a path that held nothing; nothing minted");
+        if self.eng.settings.dry_run {
+            self.planned.push(format!(
+                "serve {} at {} in {}",
+                rec.key_id, self.slot.path, self.stores[i].0
+            ));
+            return Ok(());
+        }
+        let key_id = rec.key_id.clone();
+        self.apply(i, &Transition::Stage(rec)).await?;
+        self.apply(i, &Transition::Promote { key_id, at: now })
+            .await?;
+        Ok(())
+    }
+
+    /// The state of a store the rule moved away from, to serve its key here without
+    /// minting: its current key, if still live, with its previous key and grace clock.
+    fn adoptable(&self) -> Option<SlotState> {
+        let o = self.others.iter().find(|o| {
+            o.state
+                .current
+                .as_ref()
+                .is_some_and(|c| self.live(&c.key_id) && self.ours(c))
+        })?;
+        let mut st = o.state.clone();
+        st.pending = None;
+        st.book.intent = None;
+        st.book.promoted_at.get_or_insert(self.now());
+        Some(st)
+    }
+
+    /// Whether location `d` of store `i` is past its grace period (never the path the
+    /// rule renders).
+    fn location_due(&self, i: usize, d: usize, now: DateTime<Utc>) -> bool {
+        let path = &self.docs[i][d].0;
+        path != &self.slot.path
+            && self.states[i]
+                .book
+                .locations
+                .iter()
+                .any(|l| &l.path == path && l.retire_after.is_some_and(|t| t <= now))
+    }
+
+    /// Removes the documents of locations whose grace period is over (only documents
+    /// that are still this slot's), then forgets the locations.
+    async fn retire_locations(&mut self, i: usize, now: DateTime<Utc>) -> SlotResult<()> {
+        let mut d = 0;
+        while d < self.docs[i].len() {
+            if !self.location_due(i, d, now) {
+                d += 1;
+                continue;
+            }
+            let path = self.docs[i][d].0.clone();
+            if self.eng.settings.dry_run {
+                self.planned.push(format!("remove the document at {path}"));
+                d += 1;
+                continue;
+            }
+            let mine = self.docs[i][d]
+                .1
+                .record
+                .as_ref()
+                .is_none_or(|r| self.ours(r));
+            if mine {
+                self.write_doc(i, d, None).await?;
+            }
+            info!(event = "location.retired", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, path = %path, removed = mine, "the grace period of a former path is over");
+            self.apply(i, &Transition::DropLocation { path }).await?;
+            self.docs[i].remove(d);
+        }
+        Ok(())
+    }
+
+    /// Marks the state in stores the rule no longer names as released (their documents
+    /// keep serving for a grace period), and removes it once that is over.
+    async fn release_others(
+        &mut self,
+        now: DateTime<Utc>,
+        grace: chrono::Duration,
+    ) -> SlotResult<()> {
+        let key = self.slot.state_key();
+        let dry = self.eng.settings.dry_run;
+        let (project, accounts) = (&self.slot.project_id, &self.accounts);
+        for o in &mut self.others {
+            if dry {
+                self.planned
+                    .push(format!("release the state in {}", o.name));
+                continue;
+            }
+            match o.state.book.released_until {
+                None => {
+                    info!(event = "store.released", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %o.name, "the rule no longer names this store: its documents keep serving until the grace period ends");
+                    o.state = o
+                        .store
+                        .apply_to(&key, &o.state, &Transition::Release { until: now + grace })
+                        .await?;
+                }
+                Some(t)
+                    if t <= now && o.state.pending.is_none() && o.state.book.intent.is_none() =>
+                {
+                    for (path, doc) in &o.docs {
+                        let mine = doc.record.as_ref().is_none_or(|r| {
+                            &r.project_id == project && accounts.contains(&r.service_account_id)
+                        });
+                        if mine {
+                            o.store.write_consumer(path, None, &doc.version).await?;
+                        }
+                    }
+                    o.store.write_consumer(&key, None, &o.state.version).await?;
+                    info!(event = "store.cleaned", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %o.name, "removed the documents and the state a former store of the slot held");
+                    o.docs.clear();
+                    o.state = SlotState::default();
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes document `d` of store `i` (`None` removes it) against the version read.
+    async fn write_doc(
+        &mut self,
+        i: usize,
+        d: usize,
+        rec: Option<&SecretRecord>,
+    ) -> SlotResult<()> {
+        let (path, doc) = &self.docs[i][d];
+        let version = self.stores[i]
+            .1
+            .write_consumer(path, rec, &doc.version)
+            .await?;
+        self.docs[i][d].1 = ConsumerDoc {
+            record: rec.cloned(),
+            legacy: None,
+            version,
+        };
+        Ok(())
     }
 
     /// Refuses the slot when a store's document at its path holds a record (current or
@@ -200,8 +626,8 @@ impl SlotRun<'_> {
     /// it nor act on the keys it names (revoke, delete an account) in this project.
     async fn check_owned(&mut self) -> SlotResult<()> {
         let mut unknown = false;
-        for (i, st) in self.states.iter().enumerate() {
-            for r in st.current.iter().chain(st.pending.iter()) {
+        for i in 0..self.states.len() {
+            for r in self.records(i) {
                 if r.project_id != self.slot.project_id {
                     return Err(self.foreign(i, r));
                 }
@@ -224,14 +650,30 @@ impl SlotRun<'_> {
             }
         }
         let known = |id: &str| self.accounts.contains(id) || !listed.iter().any(|sa| sa.id == id);
-        for (j, st) in self.states.iter().enumerate() {
-            for r in st.current.iter().chain(st.pending.iter()) {
+        for j in 0..self.states.len() {
+            for r in self.records(j) {
                 if !known(&r.service_account_id) {
                     return Err(self.foreign(j, r));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Every record store `i` holds for the slot: the state's current and pending,
+    /// and what its consumer documents (and a 0.1 document's bookkeeping) hold.
+    fn records(&self, i: usize) -> impl Iterator<Item = &SecretRecord> {
+        let st = &self.states[i];
+        st.current
+            .iter()
+            .chain(st.pending.iter())
+            .chain(self.docs[i].iter().flat_map(|(_, d)| {
+                d.record.iter().chain(
+                    d.legacy
+                        .iter()
+                        .flat_map(|l| l.current.iter().chain(l.pending.iter())),
+                )
+            }))
     }
 
     fn foreign(&self, i: usize, r: &SecretRecord) -> SlotError {
@@ -250,7 +692,9 @@ impl SlotRun<'_> {
     /// Applies `t` to store `i` against its last known version.
     async fn apply(&mut self, i: usize, t: &Transition) -> Result<(), StoreError> {
         let (_, store) = &self.stores[i];
-        let next = store.apply_to(&self.slot.path, &self.states[i], t).await?;
+        let next = store
+            .apply_to(&self.state_keys[i], &self.states[i], t)
+            .await?;
         self.states[i] = next;
         Ok(())
     }
@@ -732,12 +1176,16 @@ impl SlotRun<'_> {
             at,
         };
         for i in 0..self.stores.len() {
+            // Consumers first, then the state: a crash in between leaves the state
+            // pending with the consumer documents already serving the new key, which
+            // the next run finishes (the previous key is recorded by the promotion).
+            self.publish(i, &record).await?;
             match self.apply(i, &t).await {
                 Ok(()) => {}
                 Err(e) if e.kind == StoreErrorKind::Conflict => {
                     // Someone else wrote in between: see whether the promotion landed.
                     let (name, store) = &self.stores[i];
-                    let now = store.read(&self.slot.path).await?;
+                    let now = store.read(&self.state_keys[i]).await?;
                     let landed = now.current.as_ref().is_some_and(|c| c.key_id == key_id);
                     self.states[i] = now;
                     if !landed {
@@ -758,8 +1206,17 @@ impl SlotRun<'_> {
         // Read every store back: what consumers will read must be the new key.
         for i in 0..self.stores.len() {
             let (name, store) = &self.stores[i];
-            let back = store.read(&self.slot.path).await?;
-            let found = back.current.as_ref().map(|c| c.key_id.clone());
+            let found = if store.layout() == Layout::Separate {
+                let doc = store.read_consumer(&self.slot.path).await?;
+                let found = doc.record.as_ref().map(|c| c.key_id.clone());
+                self.docs[i][0].1 = doc;
+                found
+            } else {
+                let back = store.read(&self.state_keys[i]).await?;
+                let found = back.current.as_ref().map(|c| c.key_id.clone());
+                self.states[i] = back;
+                found
+            };
             if found.as_deref() != Some(key_id.as_str()) {
                 self.eng.metrics.rotation(RotationOutcome::Failed);
                 return Err(SlotError::ReadBack {
@@ -768,11 +1225,73 @@ impl SlotRun<'_> {
                     found,
                 });
             }
-            self.states[i] = back;
         }
         self.eng.metrics.rotation(RotationOutcome::Completed);
         info!(event = "rotation.completed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
         Ok(SlotOutcome::Rotated { key_id })
+    }
+
+    /// Writes `record` into every consumer document of store `i` that does not serve it
+    /// yet (the rendered path, and former paths still in their grace period), each
+    /// compare-and-set on the version read. A document changed meanwhile is read again:
+    /// another process publishing the same key is fine, anything else fails the slot.
+    async fn publish(&mut self, i: usize, record: &SecretRecord) -> SlotResult<()> {
+        if self.stores[i].1.layout() != Layout::Separate {
+            return Ok(());
+        }
+        let recorded = self.states[i]
+            .book
+            .locations
+            .iter()
+            .any(|l| l.path == self.slot.path && l.retire_after.is_none());
+        if !recorded {
+            // A first promotion (bootstrap): record where the key is served before it
+            // is, so a later rename or store move knows the path to keep and retire.
+            let retire_after =
+                self.now() + chrono::Duration::from_std(self.rule.grace_period).unwrap_or_default();
+            self.apply(
+                i,
+                &Transition::Relocate {
+                    to: self.slot.path.clone(),
+                    retire_after,
+                },
+            )
+            .await?;
+        }
+        for d in 0..self.docs[i].len() {
+            let has = self.docs[i][d]
+                .1
+                .record
+                .as_ref()
+                .is_some_and(|r| r.key_id == record.key_id);
+            if has {
+                continue;
+            }
+            match self.write_doc(i, d, Some(record)).await {
+                Ok(()) => {}
+                Err(SlotError::Store(e)) if e.kind == StoreErrorKind::Conflict => {
+                    let (name, store) = &self.stores[i];
+                    let doc = store.read_consumer(&self.docs[i][d].0).await?;
+                    let landed = doc
+                        .record
+                        .as_ref()
+                        .is_some_and(|r| r.key_id == record.key_id);
+                    self.docs[i][d].1 = doc;
+                    if !landed {
+                        self.eng.metrics.rotation(RotationOutcome::Failed);
+                        return Err(SlotError::Other(format!(
+                            "store {name:?} changed while promoting {}; the stores will be reconciled next cycle",
+                            record.key_id
+                        )));
+                    }
+                }
+                Err(e) => {
+                    self.eng.metrics.rotation(RotationOutcome::Failed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `Ok(Ok(()))` verified; `Ok(Err(reason))` rejected for good; `Err` could not tell.
@@ -815,18 +1334,37 @@ impl SlotRun<'_> {
         Ok(())
     }
 
-    /// Whether any store holds the key: current, pending or previous.
+    /// Whether any store holds the key: current, pending or previous, in a state
+    /// record of the slot's stores or of a store the rule moved away from, or in a
+    /// consumer document at any of the slot's locations.
     fn referenced(&self, key_id: &str) -> bool {
-        self.states
-            .iter()
-            .any(|s| s.referenced_key_ids().any(|r| r == key_id))
+        self.served(key_id)
+            || self
+                .states
+                .iter()
+                .chain(self.others.iter().map(|o| &o.state))
+                .any(|s| s.referenced_key_ids().any(|r| r == key_id))
     }
 
+    /// Whether any store serves the key (or has it staged): I1 and I3 never let such
+    /// a key be revoked.
     fn served(&self, key_id: &str) -> bool {
-        self.states.iter().any(|s| {
+        let in_state = |s: &SlotState| {
             s.current.as_ref().is_some_and(|c| c.key_id == key_id)
                 || s.pending.as_ref().is_some_and(|p| p.key_id == key_id)
-        })
+        };
+        let in_docs = |docs: &[(String, ConsumerDoc)]| {
+            docs.iter().any(|(_, d)| {
+                d.record.as_ref().is_some_and(|r| r.key_id == key_id)
+                    || d.legacy.as_ref().is_some_and(&in_state)
+            })
+        };
+        self.states.iter().any(in_state)
+            || self.docs.iter().any(|d| in_docs(d))
+            || self
+                .others
+                .iter()
+                .any(|o| in_state(&o.state) || in_docs(&o.docs))
     }
 
     fn grace_over(&self, promoted_at: DateTime<Utc>) -> bool {
@@ -956,6 +1494,17 @@ impl SlotRun<'_> {
                         continue;
                     }
                     self.delete_account(&sa, "grace_over").await?;
+                    for &i in &holders {
+                        self.apply(
+                            i,
+                            &Transition::Retired {
+                                key_id: key_id.clone(),
+                            },
+                        )
+                        .await?;
+                        self.rekey(i).await?;
+                    }
+                    continue;
                 }
                 _ => match self.revoke(&key_id, "grace_over").await {
                     Ok(()) => {}
@@ -992,21 +1541,48 @@ impl SlotRun<'_> {
         Ok(())
     }
 
+    /// Moves store `i`'s state record to the key of the account the slot serves now,
+    /// once the account it was addressed by is deleted (strategy
+    /// `new_service_account`): the next scan knows the slot by its remaining account.
+    /// A crash in between leaves the consumer document, which the next run imports.
+    async fn rekey(&mut self, i: usize) -> SlotResult<()> {
+        let (_, store) = &self.stores[i];
+        if store.layout() != Layout::Separate {
+            return Ok(());
+        }
+        let Some(sa) = self.states[i]
+            .current
+            .as_ref()
+            .map(|c| c.service_account_id.clone())
+        else {
+            return Ok(());
+        };
+        let key = crate::store::state_key(&self.slot.project_id, &sa);
+        if key == self.state_keys[i] {
+            return Ok(());
+        }
+        let target = store.read(&key).await?;
+        let moved = store
+            .apply_to(
+                &key,
+                &target,
+                &Transition::Import(Box::new(self.states[i].clone())),
+            )
+            .await?;
+        store
+            .write_consumer(&self.state_keys[i], None, &self.states[i].version)
+            .await?;
+        self.states[i] = moved;
+        self.state_keys[i] = key;
+        Ok(())
+    }
+
     /// Revokes this service account's `keyrotd-*` keys that no store references (older
     /// than `orphan_min_age`, re-checked against the stores right before each delete),
     /// and its other stale keys once the slot's current key has been served for a
     /// full grace period.
     async fn sweep(&mut self) -> SlotResult<()> {
         let now = self.now();
-        let referenced: BTreeSet<String> = self
-            .states
-            .iter()
-            .flat_map(|s| {
-                s.referenced_key_ids()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
         let intents: BTreeSet<String> = self
             .states
             .iter()
@@ -1038,7 +1614,7 @@ impl SlotRun<'_> {
                     .as_ref()
                     .is_some_and(|sa| sa.id == serving)
             })
-            .filter(|k| !referenced.contains(&k.id))
+            .filter(|k| !self.referenced(&k.id))
             .filter_map(|k| {
                 if policy::is_keyrotd_key(k) {
                     let name = k.name.as_deref().unwrap_or_default();
@@ -1069,11 +1645,8 @@ impl SlotRun<'_> {
         for (key_id, why) in candidates {
             // Re-read: a concurrent process may have recorded the key since our read.
             self.read_all().await?;
-            if self
-                .states
-                .iter()
-                .any(|s| s.referenced_key_ids().any(|r| r == key_id))
-            {
+            self.read_others().await?;
+            if self.referenced(&key_id) {
                 continue;
             }
             match self.revoke(&key_id, why).await {

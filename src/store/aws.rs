@@ -1,6 +1,6 @@
 //! AWS Secrets Manager store (`aws-sdk-secretsmanager`), mapped onto version stages.
 //!
-//! The secret named like the slot path holds one version per key, each with the SPEC §3
+//! The secret named like the slot path holds one version per key, each with the DESIGN.md §3
 //! record as its `SecretString` (the six fields only, so re-staging a key sends exactly
 //! the same bytes). Of a [`SlotState`]:
 //!
@@ -38,7 +38,8 @@
 //! `Conflict` when another writer's intent replaced its own.
 //!
 //! Transient failures are retried by the SDK's standard retry mode (`max_retries`
-//! retries, with throttling backoff). `health` is `ListSecrets` with one result.
+//! retries, with throttling backoff). `health` is one unretried `ListSecrets` with one
+//! result, bounded: 3 s for the credential chain, 5 s for the request.
 //! `probe_write` is read-only: it proves the credentials reach Secrets Manager and may
 //! describe the secret (or that it does not exist yet); creating and deleting probe
 //! secrets would leave secrets scheduled for deletion behind, so write permission is
@@ -46,6 +47,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -679,6 +682,17 @@ impl SecretStore for AwsStore {
         "aws_secrets_manager"
     }
 
+    /// The consumer-visible value is the `AWSCURRENT` version; pending versions and
+    /// bookkeeping tags beside it are invisible to consumers reading `AWSCURRENT`.
+    fn layout(&self) -> Layout {
+        Layout::WithConsumer
+    }
+
+    /// Tag writes are not compare-and-set (only the label move at promotion is).
+    fn state_is_compare_and_set(&self) -> bool {
+        false
+    }
+
     async fn read(&self, path: &str) -> StoreResult<SlotState> {
         Ok(self.read_described(path).await?.0)
     }
@@ -702,6 +716,19 @@ impl SecretStore for AwsStore {
         state
             .apply(t)
             .map_err(|e| self.err(StoreErrorKind::Conflict, format!("secret {path:?}: {e}")))?;
+        if matches!(
+            t,
+            Transition::Import(_)
+                | Transition::Relocate { .. }
+                | Transition::DropLocation { .. }
+                | Transition::Release { .. }
+        ) {
+            // Only stores with a separate state record track locations.
+            return Err(self.err(
+                StoreErrorKind::InvalidConfig,
+                format!("secret {path:?}: {t:?} needs a separate state record"),
+            ));
+        }
         match t {
             Transition::Intent(i) => {
                 let mut tags = self.intent_tags(Some(i))?;
@@ -721,6 +748,10 @@ impl SecretStore for AwsStore {
                 self.put_tags(path, vec![self.tag(TAG_RETIRED_KEY_ID, key_id)?])
                     .await?
             }
+            Transition::Import(_)
+            | Transition::Relocate { .. }
+            | Transition::DropLocation { .. }
+            | Transition::Release { .. } => {}
         }
         let (after, _) = self.read_described(path).await?;
         // Tag-only writes are not compare-and-set: detect a concurrent writer after the fact.
@@ -733,7 +764,7 @@ impl SecretStore for AwsStore {
             Transition::Promote { key_id, .. } => {
                 after.current.as_ref().map(|c| &c.key_id) != Some(key_id)
             }
-            Transition::Abandon | Transition::Retired { .. } => false,
+            _ => false,
         };
         if lost {
             return Err(self.err(
@@ -745,18 +776,95 @@ impl SecretStore for AwsStore {
     }
 
     async fn health(&self) -> StoreResult<()> {
-        self.client
+        let resolved = Arc::new(AtomicBool::new(false));
+        let call = self
+            .client
             .list_secrets()
             .max_results(1)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| self.classify("list secrets", &e))
+            .customize()
+            .config_override(
+                aws_sdk_secretsmanager::config::Builder::default()
+                    .retry_config(RetryConfig::disabled()),
+            )
+            .interceptor(CredentialsResolved(resolved.clone()))
+            .send();
+        tokio::pin!(call);
+        let secs = |d: Duration| d.as_secs();
+        let result = tokio::select! {
+            r = &mut call => r,
+            () = tokio::time::sleep(HEALTH_CREDENTIALS_BOUND) => {
+                if !resolved.load(Ordering::SeqCst) {
+                    return Err(self.err(
+                        StoreErrorKind::InvalidConfig,
+                        format!(
+                            "no AWS credentials within {}s (the health check's bound on \
+                             the credential chain: environment, profile, web identity, \
+                             container, instance metadata, which off EC2 may never answer)",
+                            secs(HEALTH_CREDENTIALS_BOUND)
+                        ),
+                    ));
+                }
+                match tokio::time::timeout(HEALTH_REQUEST_BOUND, &mut call).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(self.err(
+                            StoreErrorKind::Unavailable,
+                            format!(
+                                "list secrets: no answer within {}s (the bound on the request)",
+                                secs(HEALTH_REQUEST_BOUND)
+                            ),
+                        ))
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(_) => Ok(()),
+            // Failed before the request was signed: the credential chain gave nothing.
+            Err(e @ SdkError::DispatchFailure(_)) if !resolved.load(Ordering::SeqCst) => {
+                let cause = std::error::Error::source(&e)
+                    .and_then(|connector| connector.source())
+                    .map(error_chain)
+                    .unwrap_or_else(|| error_chain(&e));
+                Err(self.err(
+                    StoreErrorKind::InvalidConfig,
+                    format!("no AWS credentials: {cause}"),
+                ))
+            }
+            Err(e) => Err(self.classify("list secrets", &e)),
+        }
     }
 
     async fn probe_write(&self, path: &str) -> StoreResult<()> {
         self.check_name(path)?;
         self.describe(path).await.map(|_| ())
+    }
+}
+
+/// `health`'s bound on the credential chain: on a host that is not EC2 the chain
+/// otherwise waits ~20 s for the instance metadata service.
+const HEALTH_CREDENTIALS_BOUND: Duration = Duration::from_secs(3);
+/// `health`'s bound on its one `ListSecrets` attempt once credentials are there.
+const HEALTH_REQUEST_BOUND: Duration = Duration::from_secs(5);
+
+/// Records that a request got as far as being signed, i.e. that the credential chain
+/// produced credentials (`health` tells "no credentials" from "unreachable" by it).
+#[derive(Debug)]
+struct CredentialsResolved(Arc<AtomicBool>);
+
+impl aws_sdk_secretsmanager::config::Intercept for CredentialsResolved {
+    fn name(&self) -> &'static str {
+        "keyrotd.credentials_resolved"
+    }
+
+    fn read_after_signing(
+        &self,
+        _: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_secretsmanager::config::RuntimeComponents,
+        _: &mut aws_sdk_secretsmanager::config::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(())
     }
 }
 

@@ -1,6 +1,6 @@
 //! File store: one JSON document per slot at `<dir>/<path>.json`, the embedded default.
 //!
-//! The document is [`Document::from_state`]: the six SPEC §3 fields at the top level
+//! The document is [`Document::from_state`]: the six DESIGN.md §3 fields at the top level
 //! (what consumers read) and the bookkeeping under `rotation`. The [`Version`] is the
 //! hex SHA-256 of the file's bytes, so any change by anyone is a new version.
 //!
@@ -52,8 +52,8 @@ struct Target {
 }
 
 impl FileStore {
-    /// Builds the store; touches nothing on disk (`health` and the first write create
-    /// `dir`).
+    /// Builds the store; touches nothing on disk (the first write creates `dir`;
+    /// `health` and `probe_write` leave nothing behind).
     pub fn new(name: &str, cfg: &FileConfig) -> StoreResult<Self> {
         if cfg.dir.as_os_str().is_empty() {
             return Err(StoreError::new(
@@ -234,6 +234,78 @@ impl FileStore {
         self.parse(&t, bytes.as_deref())
     }
 
+    fn read_consumer_blocking(&self, path: &str) -> StoreResult<ConsumerDoc> {
+        let t = self.target(path)?;
+        self.check_no_symlink(&t)?;
+        let Some(bytes) = self.read_bytes(&t)? else {
+            return Ok(ConsumerDoc::default());
+        };
+        self.parse_consumer(&t, &bytes)
+    }
+
+    fn parse_consumer(&self, t: &Target, bytes: &[u8]) -> StoreResult<ConsumerDoc> {
+        let bad = |why: String| {
+            self.err(
+                StoreErrorKind::InvalidData,
+                format!("{} is not a keyrotd document: {why}", t.file.display()),
+            )
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(json_error_summary(&e)))?;
+        parse_consumer(value, Version(sha256_hex(bytes))).map_err(bad)
+    }
+
+    /// The consumer document: exactly the six fields, replaced atomically under the
+    /// lock if still at `expected`; `None` removes the file.
+    fn write_consumer_blocking(
+        &self,
+        path: &str,
+        record: Option<&SecretRecord>,
+        expected: &Version,
+    ) -> StoreResult<Version> {
+        let t = self.target(path)?;
+        self.check_no_symlink(&t)?;
+        if record.is_none() && !t.file.exists() {
+            return Ok(Version::absent());
+        }
+        self.ensure_dirs(&t)?;
+        let _lock = self.lock(&t)?;
+        let bytes = self.read_bytes(&t)?;
+        let found = bytes
+            .as_deref()
+            .map(sha256_hex)
+            .map(Version)
+            .unwrap_or_default();
+        if &found != expected {
+            return Err(self.err(
+                StoreErrorKind::Conflict,
+                format!(
+                    "document {path:?} changed since it was read (expected version {}, found {})",
+                    short(expected),
+                    short(&found)
+                ),
+            ));
+        }
+        if let Some(b) = &bytes {
+            // Never replace someone else's file: it must parse as a keyrotd document.
+            self.parse_consumer(&t, b)?;
+        }
+        let Some(record) = record else {
+            fs::remove_file(&t.file).map_err(|e| self.io_err("remove", &t.file, &e))?;
+            let _ = fs::remove_file(&t.lock);
+            return Ok(Version::absent());
+        };
+        let mut out = serde_json::to_vec_pretty(record).map_err(|e| {
+            self.err(
+                StoreErrorKind::Other,
+                format!("cannot encode {path:?}: {}", json_error_summary(&e)),
+            )
+        })?;
+        out.push(b'\n');
+        self.replace(&t, &out)?;
+        Ok(Version(sha256_hex(&out)))
+    }
+
     /// Takes the slot's cross-process lock, polling so that a stuck holder yields a
     /// temporary error instead of a hang. The lock is released when the file is dropped.
     fn lock(&self, t: &Target) -> StoreResult<File> {
@@ -331,7 +403,95 @@ impl FileStore {
             .map_err(|e| self.io_err("sync directory", &t.parent, &e))
     }
 
-    /// Creates and removes a probe file in `dir` (created if missing).
+    /// Proves a write to `dir` (or to `t` below it) would succeed, and leaves the disk as
+    /// it found it: the missing directories are created the way a write creates them
+    /// (0700, one by one), a probe file is created and removed in the innermost one, and
+    /// every directory the probe created is removed again, innermost first. A directory
+    /// another writer put a file into meanwhile stays.
+    fn probe_leaving_nothing(&self, t: Option<&Target>) -> StoreResult<()> {
+        let mut missing = self.missing_root_dirs()?;
+        if let Some(t) = t {
+            self.check_no_symlink(t)?;
+            missing.extend(t.dirs.iter().filter(|d| !d.exists()).cloned());
+        }
+        let mut created = Vec::new();
+        let mut result = Ok(());
+        for d in &missing {
+            match fs::DirBuilder::new().mode(0o700).create(d) {
+                Ok(()) => created.push(d.clone()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    result = Err(self.io_err("create directory", d, &e));
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = match t {
+                // Nothing was created through a symlink swapped in meanwhile.
+                Some(t) => self
+                    .check_no_symlink(t)
+                    .and_then(|()| self.probe_in(&t.parent, &t.stem)),
+                None => self.probe_in(&self.dir, "keyrotd-health"),
+            };
+        }
+        for d in created.iter().rev() {
+            match fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                    ) => {}
+                Err(e) if result.is_ok() => {
+                    result = Err(self.io_err("remove probe directory", d, &e))
+                }
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    /// `dir` and those of its ancestors that do not exist, outermost first; an error
+    /// when the nearest existing one is not a directory.
+    fn missing_root_dirs(&self) -> StoreResult<Vec<PathBuf>> {
+        let mut missing = Vec::new();
+        let mut p = self.dir.as_path();
+        loop {
+            match fs::metadata(p) {
+                Ok(m) if m.is_dir() => break,
+                Ok(_) => {
+                    return Err(self.err(
+                        StoreErrorKind::InvalidConfig,
+                        format!(
+                            "{} is not a directory (dir {})",
+                            p.display(),
+                            self.dir.display()
+                        ),
+                    ))
+                }
+                // A file further up: `p`'s parent is no directory (found next round).
+                Err(e) if e.kind() == io::ErrorKind::NotADirectory => match p.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+                    _ => return Err(self.io_err("inspect", p, &e)),
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    missing.push(p.to_path_buf());
+                    match p.parent() {
+                        Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+                        // A relative `dir` whose first segment is missing: below the
+                        // working directory.
+                        _ => break,
+                    }
+                }
+                Err(e) => return Err(self.io_err("inspect", p, &e)),
+            }
+        }
+        missing.reverse();
+        Ok(missing)
+    }
+
+    /// Creates and removes a probe file in `parent`, which exists.
     fn probe_in(&self, parent: &Path, stem: &str) -> StoreResult<()> {
         let probe = parent.join(format!(".{stem}.probe-{:016x}", rand::random::<u64>()));
         OpenOptions::new()
@@ -414,21 +574,32 @@ impl SecretStore for FileStore {
             .await
     }
 
+    async fn read_consumer(&self, path: &str) -> StoreResult<ConsumerDoc> {
+        let path = path.to_string();
+        self.blocking(move |s| s.read_consumer_blocking(&path))
+            .await
+    }
+
+    async fn write_consumer(
+        &self,
+        path: &str,
+        record: Option<&SecretRecord>,
+        expected: &Version,
+    ) -> StoreResult<Version> {
+        let (path, record, expected) = (path.to_string(), record.cloned(), expected.clone());
+        self.blocking(move |s| s.write_consumer_blocking(&path, record.as_ref(), &expected))
+            .await
+    }
+
     async fn health(&self) -> StoreResult<()> {
-        self.blocking(|s| {
-            s.ensure_root()?;
-            s.probe_in(&s.dir, "keyrotd-health")
-        })
-        .await
+        self.blocking(|s| s.probe_leaving_nothing(None)).await
     }
 
     async fn probe_write(&self, path: &str) -> StoreResult<()> {
         let path = path.to_string();
         self.blocking(move |s| {
             let t = s.target(&path)?;
-            s.check_no_symlink(&t)?;
-            s.ensure_dirs(&t)?;
-            s.probe_in(&t.parent, &t.stem)
+            s.probe_leaving_nothing(Some(&t))
         })
         .await
     }

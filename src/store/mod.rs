@@ -1,7 +1,7 @@
 //! Secret stores: where consumers read the slot's key.
 //!
 //! The store layer knows nothing of OpenAI. It keeps, at one path per slot, the six
-//! SPEC §3 fields consumers read plus the rotation bookkeeping the engine needs to
+//! DESIGN.md §3 fields consumers read plus the rotation bookkeeping the engine needs to
 //! resume after a crash (an intent recorded before minting, a staged *pending* record,
 //! the previous key id and when it was promoted). Every write is compare-and-set on a
 //! [`Version`] obtained from [`SecretStore::read`].
@@ -30,7 +30,7 @@ use crate::config::StoreConfig;
 /// Value of the `managed_by` field and of the `managed-by` tag/metadata.
 pub const MANAGED_BY: &str = "keyrotd";
 
-/// The six fields of SPEC §3: what consumers read.
+/// The six fields of DESIGN.md §3: what consumers read.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct SecretRecord {
     #[serde(with = "secret_string")]
@@ -108,6 +108,56 @@ pub struct Bookkeeping {
     pub previous_service_account_id: Option<String>,
     /// When the current key was promoted: the grace clock.
     pub promoted_at: Option<DateTime<Utc>>,
+    /// Where this store serves the slot's current key (stores whose state record is
+    /// separate from the consumer documents, [`Layout::Separate`]): the path the rule
+    /// renders now, and paths it rendered before (a renamed project or account, an
+    /// edited `path`) that keep serving until their `retire_after`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub locations: Vec<Location>,
+    /// Set when the slot's rule no longer names this store: its documents keep serving
+    /// until then, and are removed after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released_until: Option<DateTime<Utc>>,
+}
+
+/// One path at which a store serves a slot's key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    pub path: String,
+    /// `None` while the rule renders this path; else when its document is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_after: Option<DateTime<Utc>>,
+}
+
+/// How a backend keeps a slot's rotation state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// A state record addressed by the slot's identity ([`state_key`]), apart from
+    /// the consumer documents at rendered paths, which hold the six fields only and
+    /// change once per rotation (Vault, file).
+    Separate,
+    /// The state lives with the consumer-visible value at the rendered path, in
+    /// metadata consumers do not read (AWS: version stages and tags).
+    WithConsumer,
+}
+
+/// Where stores with [`Layout::Separate`] keep slot state records. Rule paths may not
+/// start with it.
+pub const STATE_PREFIX: &str = "_keyrotd/slots";
+
+/// The state record's path for the slot identity (project id, service account id).
+pub fn state_key(project_id: &str, service_account_id: &str) -> String {
+    format!("{STATE_PREFIX}/{project_id}/{service_account_id}")
+}
+
+/// A consumer document as read: the record consumers see, and, for a document of the
+/// 0.1 layout (bookkeeping inside the consumer document), the state it carried.
+#[derive(Clone, Debug, Default)]
+pub struct ConsumerDoc {
+    pub record: Option<SecretRecord>,
+    /// The `rotation` bookkeeping of a 0.1-layout document, to migrate.
+    pub legacy: Option<SlotState>,
+    pub version: Version,
 }
 
 /// Opaque compare-and-set token: Vault's metadata version, a hash of the file's
@@ -153,6 +203,20 @@ pub enum Transition {
     Abandon,
     /// The previous key (this id) has been revoked: forget it.
     Retired { key_id: String },
+    /// Replace the whole state (migrating a 0.1 document, adopting a slot's key from
+    /// the store it moved away from, re-keying the record to another account).
+    Import(Box<SlotState>),
+    /// The rule renders `to` now: add it as a location, and retire every other
+    /// location after `retire_after`.
+    Relocate {
+        to: String,
+        retire_after: DateTime<Utc>,
+    },
+    /// The document at `path` has been removed: forget the location.
+    DropLocation { path: String },
+    /// The slot's rule no longer names this store: retire its locations after
+    /// `until`.
+    Release { until: DateTime<Utc> },
 }
 
 /// Why a transition cannot be applied to a state; a bug or a concurrent writer.
@@ -210,8 +274,44 @@ impl SlotState {
                 next.book.previous_key_id = None;
                 next.book.previous_service_account_id = None;
             }
+            Transition::Import(state) => {
+                next = SlotState {
+                    version: self.version.clone(),
+                    ..(**state).clone()
+                };
+            }
+            Transition::Relocate { to, retire_after } => {
+                for l in &mut next.book.locations {
+                    if &l.path == to {
+                        l.retire_after = None;
+                    } else if l.retire_after.is_none() {
+                        l.retire_after = Some(*retire_after);
+                    }
+                }
+                if !next.book.locations.iter().any(|l| &l.path == to) {
+                    next.book.locations.push(Location {
+                        path: to.clone(),
+                        retire_after: None,
+                    });
+                }
+            }
+            Transition::DropLocation { path } => next.book.locations.retain(|l| &l.path != path),
+            Transition::Release { until } => {
+                next.book.released_until.get_or_insert(*until);
+                for l in &mut next.book.locations {
+                    l.retire_after.get_or_insert(*until);
+                }
+            }
         }
         Ok(next)
+    }
+
+    /// Nothing recorded: no record, no intent, no pending key, no previous key.
+    pub fn is_empty(&self) -> bool {
+        self.current.is_none()
+            && self.pending.is_none()
+            && self.book.intent.is_none()
+            && self.book.previous_key_id.is_none()
     }
 
     /// Every key id this state references (current, pending, previous).
@@ -331,6 +431,43 @@ pub trait SecretStore: Send + Sync + fmt::Debug {
     /// The backend type (`vault`, `aws_secrets_manager`, `file`).
     fn kind(&self) -> &'static str;
 
+    /// How this backend keeps rotation state; see [`Layout`].
+    fn layout(&self) -> Layout {
+        Layout::Separate
+    }
+
+    /// Whether every state write is compare-and-set (AWS's tag writes are not): such a
+    /// store decides a race between two processes, so the engine writes it first.
+    fn state_is_compare_and_set(&self) -> bool {
+        true
+    }
+
+    /// Reads the consumer document at `path` ([`Layout::Separate`] backends).
+    async fn read_consumer(&self, path: &str) -> StoreResult<ConsumerDoc> {
+        let _ = path;
+        Err(StoreError::new(
+            self.name(),
+            StoreErrorKind::InvalidConfig,
+            "this backend keeps no separate consumer documents",
+        ))
+    }
+
+    /// Writes the consumer document at `path` (the six fields of `record`; `None`
+    /// removes it) if it is still at `expected`; returns the new version.
+    async fn write_consumer(
+        &self,
+        path: &str,
+        record: Option<&SecretRecord>,
+        expected: &Version,
+    ) -> StoreResult<Version> {
+        let _ = (path, record, expected);
+        Err(StoreError::new(
+            self.name(),
+            StoreErrorKind::InvalidConfig,
+            "this backend keeps no separate consumer documents",
+        ))
+    }
+
     /// Reads the slot at `path`. A path that holds nothing yields a default state with
     /// [`Version::absent`].
     async fn read(&self, path: &str) -> StoreResult<SlotState>;
@@ -443,21 +580,21 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Replaces every occurrence of `secret` in `message` (for messages built from server
-/// responses that could conceivably echo a value keyrotd sent).
+/// Replaces every occurrence of `secret` in `message`, and whatever else looks like a
+/// secret (for messages built from server responses that could conceivably echo a
+/// value keyrotd sent): [`crate::redact::known`].
 pub fn scrub(message: &str, secret: &SecretString) -> String {
-    let s = secret.expose_secret();
-    if s.is_empty() {
-        message.to_string()
-    } else {
-        message.replace(s, "[REDACTED]")
-    }
+    crate::redact::known(message, secret)
 }
 
+/// Waits between store retries: 200 ms doubling, at most 10 s, jittered.
+pub const STORE_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff::new(
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_secs(10),
+);
+
 /// Runs `op` again while it fails with a temporary error ([`StoreError::is_temporary`]),
-/// at most `max_retries` more times. Waits grow exponentially (200 ms doubling, capped
-/// at 10 s), each drawn at random between half and all of its step so that processes
-/// retrying together spread out.
+/// at most `max_retries` more times, waiting [`STORE_BACKOFF`] between attempts.
 pub async fn retry_temporary<T, F, Fut>(max_retries: u32, mut op: F) -> StoreResult<T>
 where
     F: FnMut() -> Fut,
@@ -467,17 +604,16 @@ where
     loop {
         match op().await {
             Err(e) if e.is_temporary() && attempt < max_retries => {
-                let cap_ms = (200u64 << attempt.min(6)).min(10_000);
-                let wait = rand::Rng::gen_range(&mut rand::thread_rng(), cap_ms / 2..=cap_ms);
+                let wait = STORE_BACKOFF.wait(attempt);
                 tracing::debug!(
                     event = "store.retry",
                     store = %e.store,
                     attempt = attempt + 1,
-                    wait_ms = wait,
+                    wait_ms = wait.as_millis() as u64,
                     kind = %e.kind,
                     "retrying a temporary store failure"
                 );
-                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                tokio::time::sleep(wait).await;
                 attempt += 1;
             }
             other => return other,
@@ -523,6 +659,20 @@ pub fn parse_document(v: serde_json::Value) -> Result<Document, String> {
     Ok(Document {
         current,
         rotation: rotation.unwrap_or_default(),
+    })
+}
+
+/// Parses a consumer document ([`parse_document`]'s rules): the record, and the
+/// bookkeeping of a 0.1-layout document (any `rotation` object) as `legacy`.
+pub fn parse_consumer(v: serde_json::Value, version: Version) -> Result<ConsumerDoc, String> {
+    let had_rotation = v.get("rotation").is_some();
+    let doc = parse_document(v)?;
+    let record = doc.current.clone();
+    let legacy = had_rotation.then(|| doc.into_state(version.clone()));
+    Ok(ConsumerDoc {
+        record,
+        legacy,
+        version,
     })
 }
 

@@ -1,7 +1,7 @@
 //! Vault / OpenBao KV v2 store, with `vaultrs`.
 //!
 //! Each slot is one KV v2 secret whose data map is [`Document::from_state`] (the six
-//! SPEC §3 fields at the top, bookkeeping under `rotation`). The [`Version`] is the
+//! DESIGN.md §3 fields at the top, bookkeeping under `rotation`). The [`Version`] is the
 //! secret's `current_version` in decimal; every write is a check-and-set write with
 //! `cas` = that version (0 while the secret is absent), so it also works on mounts with
 //! `cas_required = true`. A deleted or destroyed current version reads as an empty slot
@@ -579,15 +579,21 @@ impl VaultStore {
         }
     }
 
-    /// Reads the slot and, when the answer carried it, the secret's custom metadata.
-    /// One `GET <mount>/data/<path>` while the current version is readable (its
-    /// response carries the version and the custom metadata); the metadata (and the
-    /// version's data) only when that answers 404: no secret yet, or a deleted or
-    /// destroyed current version.
+    /// Reads the document at `path` (its data, `None` when there is none or the
+    /// current version is deleted, and the version the next write must name) and,
+    /// when the answer carried it, the secret's custom metadata. One `GET
+    /// <mount>/data/<path>` while the current version is readable (its response
+    /// carries the version and the custom metadata); the metadata (and the version's
+    /// data) only when that answers 404: no secret yet, or a deleted or destroyed
+    /// current version.
     async fn read_raw(
         &self,
         path: &str,
-    ) -> StoreResult<(SlotState, Option<HashMap<String, String>>)> {
+    ) -> StoreResult<(
+        Version,
+        Option<serde_json::Value>,
+        Option<HashMap<String, String>>,
+    )> {
         check_path(&self.name, path)?;
         let (mount, p) = (self.mount.clone(), path.to_string());
         let r = self
@@ -603,34 +609,24 @@ impl VaultStore {
         let resp = match r {
             Ok(resp) => resp,
             Err(e) if e.kind == StoreErrorKind::NotFound => {
-                let (state, custom) = self.read_via_metadata(path).await?;
-                return Ok((state, Some(custom)));
+                let (version, data, custom) = self.read_via_metadata(path).await?;
+                return Ok((version, data, Some(custom)));
             }
             Err(e) => return Err(e),
         };
-        let cv = resp.metadata.version;
-        let version = Version(cv.to_string());
-        if resp.data.is_null() {
-            let state = SlotState {
-                version,
-                ..SlotState::default()
-            };
-            return Ok((state, resp.metadata.custom_metadata));
-        }
-        let doc = self.parse(path, cv, resp.data)?;
-        Ok((doc.into_state(version), resp.metadata.custom_metadata))
+        let version = Version(resp.metadata.version.to_string());
+        let data = (!resp.data.is_null()).then_some(resp.data);
+        Ok((version, data, resp.metadata.custom_metadata))
     }
 
-    fn parse(&self, path: &str, version: u64, data: serde_json::Value) -> StoreResult<Document> {
-        parse_document(data).map_err(|why| {
-            self.err(
-                StoreErrorKind::InvalidData,
-                format!(
-                    "{}/{path} version {version} is not a keyrotd document: {why}",
-                    self.mount
-                ),
-            )
-        })
+    fn not_ours(&self, path: &str, version: &Version, why: String) -> StoreError {
+        self.err(
+            StoreErrorKind::InvalidData,
+            format!(
+                "{}/{path} version {} is not a keyrotd document: {why}",
+                self.mount, version.0
+            ),
+        )
     }
 
     /// [`Self::read_raw`] through the secret's metadata: the current version number
@@ -638,7 +634,7 @@ impl VaultStore {
     async fn read_via_metadata(
         &self,
         path: &str,
-    ) -> StoreResult<(SlotState, HashMap<String, String>)> {
+    ) -> StoreResult<(Version, Option<serde_json::Value>, HashMap<String, String>)> {
         let (mount, p) = (self.mount.clone(), path.to_string());
         let meta = self
             .call(&format!("read metadata of {path:?}"), move |c| {
@@ -649,37 +645,54 @@ impl VaultStore {
         let meta = match meta {
             Ok(m) => m,
             Err(e) if e.kind == StoreErrorKind::NotFound => {
-                return Ok((SlotState::default(), HashMap::new()))
+                return Ok((Version::absent(), None, HashMap::new()))
             }
             Err(e) => return Err(e),
         };
         let custom = meta.custom_metadata.clone().unwrap_or_default();
         let cv = meta.current_version;
         if cv == 0 {
-            return Ok((SlotState::default(), custom));
+            return Ok((Version::absent(), None, custom));
         }
-        let version = Version(cv.to_string());
         let destroyed = meta
             .versions
             .get(&cv.to_string())
             .is_some_and(|v| v.destroyed);
+        // Deleted or destroyed: nothing to read, but the next write must name `cv`.
         let data = if destroyed {
             None
         } else {
             self.read_data(path, cv).await?
         };
-        let Some(data) = data else {
-            // Deleted or destroyed: nothing to read, but the next write must name `cv`.
-            return Ok((
-                SlotState {
-                    version,
-                    ..SlotState::default()
-                },
-                custom,
-            ));
-        };
-        let doc = self.parse(path, cv, data)?;
-        Ok((doc.into_state(version), custom))
+        Ok((Version(cv.to_string()), data, custom))
+    }
+
+    /// The `cas` a write expecting `v` sends (0: the path holds nothing).
+    fn cas_of(&self, path: &str, v: &Version) -> StoreResult<u64> {
+        if v.is_absent() {
+            return Ok(0);
+        }
+        v.0.parse::<u64>().map_err(|_| {
+            self.err(
+                StoreErrorKind::InvalidData,
+                format!("{path:?}: bad version {:?}", v.0),
+            )
+        })
+    }
+
+    /// Marks `path` managed after a write when it was seen unmarked, or created by
+    /// this write without having been read first.
+    async fn mark_after_write(&self, path: &str, cas: u64) {
+        let unmarked = self
+            .unmarked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
+        match unmarked {
+            Some(custom) => self.mark_managed(path, custom).await,
+            None if cas == 0 => self.mark_managed(path, None).await,
+            None => {}
+        }
     }
 
     /// Remembers whether `path` still needs `managed-by = keyrotd`.
@@ -763,7 +776,7 @@ impl VaultStore {
     async fn mark_managed(&self, path: &str, custom: Option<HashMap<String, String>>) {
         let custom = match custom {
             Some(c) => Ok(c),
-            None => self.read_via_metadata(path).await.map(|(_, c)| c),
+            None => self.read_via_metadata(path).await.map(|(_, _, c)| c),
         };
         let r = match custom {
             Ok(mut custom) => {
@@ -874,9 +887,74 @@ impl SecretStore for VaultStore {
     }
 
     async fn read(&self, path: &str) -> StoreResult<SlotState> {
-        let (state, custom) = self.read_raw(path).await?;
+        let (version, data, custom) = self.read_raw(path).await?;
         self.note_marking(path, custom);
-        Ok(state)
+        let Some(data) = data else {
+            return Ok(SlotState {
+                version,
+                ..SlotState::default()
+            });
+        };
+        let doc = parse_document(data).map_err(|why| self.not_ours(path, &version, why))?;
+        Ok(doc.into_state(version))
+    }
+
+    async fn read_consumer(&self, path: &str) -> StoreResult<ConsumerDoc> {
+        let (version, data, custom) = self.read_raw(path).await?;
+        self.note_marking(path, custom);
+        let Some(data) = data else {
+            return Ok(ConsumerDoc {
+                version,
+                ..ConsumerDoc::default()
+            });
+        };
+        parse_consumer(data, version.clone()).map_err(|why| self.not_ours(path, &version, why))
+    }
+
+    /// One `cas` write of the six fields (a new KV version consumers see); `None`
+    /// deletes the secret's metadata and every version (no `cas` exists for that:
+    /// the version is compared first).
+    async fn write_consumer(
+        &self,
+        path: &str,
+        record: Option<&SecretRecord>,
+        expected: &Version,
+    ) -> StoreResult<Version> {
+        check_path(&self.name, path)?;
+        let cas = self.cas_of(path, expected)?;
+        let Some(record) = record else {
+            if expected.is_absent() {
+                return Ok(Version::absent());
+            }
+            let (found, _, _) = self.read_raw(path).await?;
+            if &found != expected {
+                return Err(self.err(
+                    StoreErrorKind::Conflict,
+                    format!(
+                        "{}/{path} changed since it was read (expected version {}, found {})",
+                        self.mount,
+                        version_label(expected),
+                        version_label(&found)
+                    ),
+                ));
+            }
+            let (mount, p) = (self.mount.clone(), path.to_string());
+            self.call(&format!("delete {path:?}"), move |c| {
+                let (mount, p) = (mount.clone(), p.clone());
+                async move { kv2::delete_metadata(&*c, &mount, &p).await }
+            })
+            .await?;
+            return Ok(Version::absent());
+        };
+        let data = serde_json::to_value(record).map_err(|e| {
+            self.err(
+                StoreErrorKind::Other,
+                format!("cannot encode {path:?}: {}", json_error_summary(&e)),
+            )
+        })?;
+        let written = self.write_cas(path, &data, cas).await?;
+        self.mark_after_write(path, cas).await;
+        Ok(Version(written.to_string()))
     }
 
     async fn apply(
@@ -915,16 +993,7 @@ impl SecretStore for VaultStore {
                 format!("{}/{path}: {e}", self.mount),
             )
         })?;
-        let cas = if current.version.is_absent() {
-            0
-        } else {
-            current.version.0.parse::<u64>().map_err(|_| {
-                self.err(
-                    StoreErrorKind::InvalidData,
-                    format!("{path:?}: bad version {:?}", current.version.0),
-                )
-            })?
-        };
+        let cas = self.cas_of(path, &current.version)?;
         let data = serde_json::to_value(Document::from_state(&next)).map_err(|e| {
             self.err(
                 StoreErrorKind::Other,
@@ -933,17 +1002,7 @@ impl SecretStore for VaultStore {
         })?;
         let written = self.write_cas(path, &data, cas).await?;
         next.version = Version(written.to_string());
-        // Seen unmarked, or created by this write without having been read first.
-        let unmarked = self
-            .unmarked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(path);
-        match unmarked {
-            Some(custom) => self.mark_managed(path, custom).await,
-            None if cas == 0 => self.mark_managed(path, None).await,
-            None => {}
-        }
+        self.mark_after_write(path, cas).await;
         Ok(next)
     }
 

@@ -440,8 +440,8 @@ mod matrix {
             Start::Serving,
             |r| {
                 Box::pin(async move {
-                    let file = r.bench.stores["file"].clone();
-                    let path = r.path();
+                    let bench = &r.bench;
+                    let key = ("file".to_string(), r.path());
                     let ctx = r.ctx();
                     let s = step_with(
                         &ctx,
@@ -450,8 +450,8 @@ mod matrix {
                         |_pid| async {
                             let deadline = Instant::now() + Duration::from_secs(20);
                             loop {
-                                if let Ok(st) = file.read(&path).await {
-                                    if st.pending.is_some() {
+                                if let Ok(snap) = bench.snapshot().await {
+                                    if snap.get(&key).is_some_and(|st| st.pending.is_some()) {
                                         proxy.cut();
                                         return Ok(());
                                     }

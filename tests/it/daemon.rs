@@ -427,3 +427,64 @@ async fn journald_format_writes_native_fields_or_falls_back_to_json() {
         assert!(!all.contains(&s), "a secret value in the journal");
     }
 }
+
+/// `daemon::run` in-process: cycles on its schedule until the shutdown signal it was
+/// given resolves, then returns within `shutdown_timeout` and runs no further cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_cycles_until_its_shutdown_signal_and_returns_in_time() {
+    let w = World::new(scenario(71), Stores::File, "").await;
+    let engine = Arc::new(w.engine(false).await);
+    let shutdown_timeout = Duration::from_secs(5);
+    let opts = keyrotd::daemon::RunOptions {
+        schedule: "* * * * * *".into(),
+        run_on_start: true,
+        listen: None,
+        shutdown_timeout,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(keyrotd::daemon::run(engine.clone(), opts, async {
+        let _ = stopped.await;
+    }));
+    // The start-up cycle, then at least one from the schedule (one tick a second).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.metrics.cycles(true) < 2 {
+        assert!(
+            !daemon.is_finished(),
+            "the daemon returned before its signal"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "fewer than two cycles in 20 s: {} ok, {} failed",
+            engine.metrics.cycles(true),
+            engine.metrics.cycles(false)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(engine.metrics.cycles(false), 0);
+    assert!(!engine.shutdown.is_cancelled());
+
+    let asked = Instant::now();
+    stop.send(()).unwrap();
+    let returned = tokio::time::timeout(shutdown_timeout, daemon)
+        .await
+        .expect("run returns within shutdown_timeout of its signal")
+        .expect("run does not panic");
+    returned.expect("a clean shutdown");
+    assert!(asked.elapsed() < shutdown_timeout);
+    assert!(
+        engine.shutdown.is_cancelled(),
+        "in-flight work was told to stop"
+    );
+
+    // The cycles did their work, and none runs once it has returned.
+    let states = w.store_states(&engine).await;
+    crate::e2e::assert_i1(&w, &states);
+    assert!(states.values().any(|s| s.current.is_some()), "{states:?}");
+    let cycles = engine.metrics.cycles(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        engine.metrics.cycles(true),
+        cycles,
+        "a cycle after shutdown"
+    );
+}

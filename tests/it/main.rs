@@ -24,6 +24,7 @@ mod fuzz_config;
 mod hygiene;
 mod identity;
 mod metrics;
+mod moves;
 mod notify;
 mod openai_client;
 mod plan;

@@ -238,11 +238,11 @@ async fn stop_when(
     ready: impl Fn(&keyrotd::store::SlotState) -> bool,
     delay_ms: u64,
 ) -> Result<(), String> {
-    let s = b.stores[store].clone();
+    let key = (store.to_string(), path.to_string());
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if let Ok(st) = s.read(path).await {
-            if ready(&st) {
+        if let Ok(snap) = b.snapshot().await {
+            if snap.get(&key).is_some_and(&ready) {
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                 signal(pid, "STOP");
                 return Ok(());

@@ -181,15 +181,32 @@ async fn corrupt_and_foreign_documents_are_refused() {
 }
 
 #[tokio::test]
-async fn health_creates_the_dir_and_probe_leaves_nothing() {
+async fn health_and_probe_leave_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("a/b/secrets");
     let store = file_store(root.clone());
     store.health().await.expect("health");
-    assert_eq!(mode(&root), 0o700);
     store.probe_write("x/y").await.expect("probe");
-    assert_eq!(std::fs::read_dir(root.join("x")).unwrap().count(), 0);
+    // Neither the store's dir nor its missing parents outlive the probes.
+    assert!(!tmp.path().join("a").exists());
     assert!(store.read("x/y").await.unwrap().version.is_absent());
+    // In an existing dir the probes leave what is there as it was, and add nothing.
+    step(&store, "x/z", Transition::Intent(intent(1))).await;
+    let before = tree(&root);
+    store.health().await.expect("health");
+    store.probe_write("x/y").await.expect("probe");
+    store.probe_write("x/new/deeper/y").await.expect("probe");
+    assert_eq!(tree(&root), before);
+    assert_eq!(mode(&root), 0o700);
+    // A dir that is a file is refused, and nothing is created beside it.
+    let file = tmp.path().join("plain");
+    std::fs::write(&file, "").unwrap();
+    let e = file_store(file.join("below"))
+        .health()
+        .await
+        .expect_err("not a dir");
+    assert_eq!(e.kind, StoreErrorKind::InvalidConfig, "{e}");
+    assert!(e.to_string().contains("is not a directory"), "{e}");
 
     let ro = tmp.path().join("ro");
     std::fs::create_dir_all(&ro).unwrap();
@@ -201,6 +218,23 @@ async fn health_creates_the_dir_and_probe_leaves_nothing() {
         assert_eq!(e.kind, StoreErrorKind::PermissionDenied, "{e}");
     }
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o700)).unwrap();
+}
+
+/// Every path below `root`, sorted.
+fn tree(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use keyrotd::config::Config;
 use keyrotd::sim::{OwnerRef, Sim, SimServer};
-use keyrotd::store::{DynStore, SlotState};
+use keyrotd::store::{DynStore, Layout, SlotState};
 use secrecy::ExposeSecret;
 use tokio::io::AsyncReadExt;
 
@@ -386,16 +386,86 @@ impl Bench {
             .collect()
     }
 
-    /// Every slot's state in every store.
+    /// The service account a slot's state record is addressed by: its oldest live
+    /// account of that name (as the engine's scan sees it).
+    pub fn anchor(&self, slot: &SlotRef) -> Option<String> {
+        self.accounts(slot).into_iter().next()
+    }
+
+    /// The slot's live accounts, oldest first (ties by id, as the engine sorts them).
+    pub fn accounts(&self, slot: &SlotRef) -> Vec<String> {
+        let mut accounts: Vec<_> = self
+            .sim
+            .service_accounts(&slot.project_id)
+            .into_iter()
+            .filter(|sa| sa.name == slot.sa_name && sa.deleted_at.is_none())
+            .collect();
+        accounts.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        accounts.into_iter().map(|sa| sa.id).collect()
+    }
+
+    /// Every slot's state in every store, as consumers and the engine see it: at
+    /// (store, path) the consumer document's record as `current` with the state
+    /// record's pending key and bookkeeping; where the state record's own current key
+    /// differs (a promotion between its two writes), the state record too, at
+    /// (store, `state:<path>`); and the documents at former paths still serving, at
+    /// (store, `<path>@<former path>`).
     pub async fn snapshot(&self) -> Result<Snapshot, String> {
         let mut out = Snapshot::new();
         for slot in &self.slots {
+            let accounts = self.accounts(slot);
             for (name, store) in &self.stores {
-                let st = store
-                    .read(&slot.path)
-                    .await
-                    .map_err(|e| format!("reading {name} {}: {e}", slot.path))?;
-                out.insert((name.clone(), slot.path.clone()), st);
+                let e =
+                    |e: keyrotd::store::StoreError| format!("reading {name} {}: {e}", slot.path);
+                if store.layout() == Layout::WithConsumer {
+                    let st = store.read(&slot.path).await.map_err(e)?;
+                    out.insert((name.clone(), slot.path.clone()), st);
+                    continue;
+                }
+                // The oldest account's record, or the one that exists (as the engine).
+                let mut state = SlotState::default();
+                for a in &accounts {
+                    let st = store
+                        .read(&keyrotd::store::state_key(&slot.project_id, a))
+                        .await
+                        .map_err(e)?;
+                    if !(st.is_empty() && st.book.locations.is_empty()) {
+                        state = st;
+                        break;
+                    }
+                }
+                let doc = store.read_consumer(&slot.path).await.map_err(e)?;
+                if state.is_empty() && state.book.locations.is_empty() {
+                    let view = doc.legacy.unwrap_or(SlotState {
+                        current: doc.record,
+                        ..SlotState::default()
+                    });
+                    out.insert((name.clone(), slot.path.clone()), view);
+                    continue;
+                }
+                let key =
+                    |r: &Option<keyrotd::store::SecretRecord>| r.as_ref().map(|r| r.key_id.clone());
+                if key(&state.current) != key(&doc.record) {
+                    out.insert(
+                        (name.clone(), format!("state:{}", slot.path)),
+                        state.clone(),
+                    );
+                }
+                for l in &state.book.locations {
+                    if l.path != slot.path {
+                        let d = store.read_consumer(&l.path).await.map_err(e)?;
+                        out.insert(
+                            (name.clone(), format!("{}@{}", slot.path, l.path)),
+                            SlotState {
+                                current: d.record,
+                                ..SlotState::default()
+                            },
+                        );
+                    }
+                }
+                let mut view = state;
+                view.current = doc.record;
+                out.insert((name.clone(), slot.path.clone()), view);
             }
         }
         Ok(out)
@@ -423,6 +493,35 @@ impl Bench {
                 .trunc_subsecs(0)
         };
         for (name, store) in &self.stores {
+            if store.layout() == Layout::Separate {
+                // The state record at the slot's identity, the six fields at its path.
+                let anchor = self.anchor(slot).expect("the slot's account exists");
+                let key = keyrotd::store::state_key(&slot.project_id, &anchor);
+                let mut seeded = SlotState {
+                    current: Some(rec.clone()),
+                    ..SlotState::default()
+                };
+                seeded.book.promoted_at = Some(at);
+                seeded.book.locations = vec![keyrotd::store::Location {
+                    path: slot.path.clone(),
+                    retire_after: None,
+                }];
+                let st = store.read(&key).await.expect("read");
+                store
+                    .apply(
+                        &key,
+                        &st.version,
+                        &keyrotd::store::Transition::Import(Box::new(seeded)),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("seed state {name}: {e}"));
+                let doc = store.read_consumer(&slot.path).await.expect("read");
+                store
+                    .write_consumer(&slot.path, Some(&rec), &doc.version)
+                    .await
+                    .unwrap_or_else(|e| panic!("seed document {name}: {e}"));
+                continue;
+            }
             let st = store.read(&slot.path).await.expect("read");
             let st = store
                 .apply(
@@ -850,14 +949,17 @@ impl Watcher {
             while !flag.load(Ordering::Relaxed) {
                 for (name, store) in &stores {
                     for path in &paths {
-                        if let Ok(st) = store.read(path).await {
-                            if let Some(cur) = &st.current {
-                                if !sim.is_live(&cur.key_id) {
-                                    violations.push(format!(
-                                        "I1 (during the run): {name} at {path} served revoked key {}",
-                                        cur.key_id
-                                    ));
-                                }
+                        // What a consumer reads at the path.
+                        let served = match store.layout() {
+                            Layout::Separate => store.read_consumer(path).await.map(|d| d.record),
+                            Layout::WithConsumer => store.read(path).await.map(|s| s.current),
+                        };
+                        if let Ok(Some(cur)) = &served {
+                            if !sim.is_live(&cur.key_id) {
+                                violations.push(format!(
+                                    "I1 (during the run): {name} at {path} served revoked key {}",
+                                    cur.key_id
+                                ));
                             }
                         }
                     }
