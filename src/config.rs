@@ -247,89 +247,9 @@ impl StoreConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct VaultConfig {
-    pub address: String,
-    #[serde(default = "default_mount")]
-    pub mount: String,
-    #[serde(default)]
-    pub namespace: String,
-    #[serde(default)]
-    pub ca_cert: String,
-    pub auth: VaultAuth,
-    /// Store-call retries on 5xx / connection errors.
-    #[serde(default = "default_store_retries")]
-    pub max_retries: u32,
-    #[serde(default = "default_store_timeout", with = "humantime_serde")]
-    pub request_timeout: Duration,
-}
-
-fn default_mount() -> String {
-    "secret".into()
-}
-fn default_store_retries() -> u32 {
-    4
-}
-fn default_store_timeout() -> Duration {
-    Duration::from_secs(15)
-}
-
-/// Vault auth; credentials only by env var or file.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
-pub enum VaultAuth {
-    Token {
-        token_env: Option<String>,
-        token_file: Option<PathBuf>,
-    },
-    Approle {
-        #[serde(default = "default_approle_mount")]
-        mount: String,
-        role_id_env: Option<String>,
-        role_id_file: Option<PathBuf>,
-        secret_id_env: Option<String>,
-        secret_id_file: Option<PathBuf>,
-    },
-    Kubernetes {
-        #[serde(default = "default_k8s_mount")]
-        mount: String,
-        role: String,
-        #[serde(default = "default_jwt_file")]
-        jwt_file: PathBuf,
-    },
-}
-
-fn default_approle_mount() -> String {
-    "approle".into()
-}
-fn default_k8s_mount() -> String {
-    "kubernetes".into()
-}
-fn default_jwt_file() -> PathBuf {
-    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AwsConfig {
-    pub region: String,
-    #[serde(default)]
-    pub endpoint_url: String,
-    #[serde(default)]
-    pub kms_key_id: String,
-    /// Optional named profile of the shared config files.
-    #[serde(default)]
-    pub profile: String,
-    #[serde(default = "default_store_retries")]
-    pub max_retries: u32,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub dir: PathBuf,
-}
+pub use crate::store::aws::AwsConfig;
+pub use crate::store::file::FileConfig;
+pub use crate::store::vault::{VaultAuth, VaultConfig};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -1082,75 +1002,12 @@ fn validate_store(name: &str, store: &StoreConfig) -> Result<(), ConfigError> {
             "store names use letters, digits, '-' and '_'",
         ));
     }
-    match store {
-        StoreConfig::Vault(v) => {
-            let url = reqwest::Url::parse(&v.address).map_err(|e| {
-                ConfigError::invalid(key("address"), format!("{:?}: {e}", v.address))
-            })?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(ConfigError::invalid(
-                    key("address"),
-                    "scheme must be http or https",
-                ));
-            }
-            if v.mount.trim_matches('/').is_empty() {
-                return Err(ConfigError::invalid(key("mount"), "must not be empty"));
-            }
-            match &v.auth {
-                VaultAuth::Token {
-                    token_env,
-                    token_file,
-                } => {
-                    if token_env.is_some() == token_file.is_some() {
-                        return Err(ConfigError::invalid(
-                            key("auth"),
-                            "token auth needs exactly one of token_env and token_file",
-                        ));
-                    }
-                }
-                VaultAuth::Approle {
-                    role_id_env,
-                    role_id_file,
-                    secret_id_env,
-                    secret_id_file,
-                    ..
-                } => {
-                    if role_id_env.is_some() == role_id_file.is_some() {
-                        return Err(ConfigError::invalid(
-                            key("auth"),
-                            "approle auth needs exactly one of role_id_env and role_id_file",
-                        ));
-                    }
-                    if secret_id_env.is_some() == secret_id_file.is_some() {
-                        return Err(ConfigError::invalid(
-                            key("auth"),
-                            "approle auth needs exactly one of secret_id_env and secret_id_file",
-                        ));
-                    }
-                }
-                VaultAuth::Kubernetes { role, .. } => {
-                    if role.trim().is_empty() {
-                        return Err(ConfigError::invalid(key("auth.role"), "must not be empty"));
-                    }
-                }
-            }
-        }
-        StoreConfig::AwsSecretsManager(a) => {
-            if a.region.trim().is_empty() {
-                return Err(ConfigError::invalid(key("region"), "must not be empty"));
-            }
-            if !a.endpoint_url.is_empty() {
-                reqwest::Url::parse(&a.endpoint_url).map_err(|e| {
-                    ConfigError::invalid(key("endpoint_url"), format!("{:?}: {e}", a.endpoint_url))
-                })?;
-            }
-        }
-        StoreConfig::File(f) => {
-            if f.dir.as_os_str().is_empty() {
-                return Err(ConfigError::invalid(key("dir"), "must not be empty"));
-            }
-        }
-    }
+    let checked = match store {
+        StoreConfig::Vault(v) => v.validate(),
+        StoreConfig::AwsSecretsManager(a) => a.validate(),
+        StoreConfig::File(f) => f.validate(),
+    };
+    checked.map_err(|(k, m)| ConfigError::invalid(key(k), m))?;
     Ok(())
 }
 

@@ -83,7 +83,20 @@ struct SimArgs {
     scenario: String,
 }
 
+/// Marks the process non-dumpable: no core file and no ptrace by other processes of
+/// the same user. A core of a process that ran a cycle holds the admin key and every
+/// key it minted (the systemd watchdog's SIGABRT would write one).
+fn forbid_core_dumps() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes integer arguments only and touches no
+    // memory of this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
 fn main() -> ExitCode {
+    forbid_core_dumps();
     // Test builds only: reads FAILPOINTS (e.g. `after_mint=return`) so the crash tests
     // can stop the real binary at a step boundary of the rotation state machine.
     #[cfg(feature = "failpoints")]

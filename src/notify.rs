@@ -310,7 +310,11 @@ impl Notifier {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("keyrotd/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::limited(3))
+            // A webhook URL is a credential: a redirect would hand it to another host
+            // (in the Referer header) and send the payload there. Redirects are
+            // answered as failures instead.
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
             .build()
             .map_err(|e| ConfigError::Invalid {
                 key: "notify.webhooks".into(),

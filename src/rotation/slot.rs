@@ -1180,6 +1180,7 @@ impl SlotRun<'_> {
             // pending with the consumer documents already serving the new key, which
             // the next run finishes (the previous key is recorded by the promotion).
             self.publish(i, &record).await?;
+            failpoint!("after_publish");
             match self.apply(i, &t).await {
                 Ok(()) => {}
                 Err(e) if e.kind == StoreErrorKind::Conflict => {
@@ -1495,13 +1496,7 @@ impl SlotRun<'_> {
                     }
                     self.delete_account(&sa, "grace_over").await?;
                     for &i in &holders {
-                        self.apply(
-                            i,
-                            &Transition::Retired {
-                                key_id: key_id.clone(),
-                            },
-                        )
-                        .await?;
+                        self.record_retired(i, &key_id).await?;
                         self.rekey(i).await?;
                     }
                     continue;
@@ -1529,16 +1524,33 @@ impl SlotRun<'_> {
                 },
             }
             for i in holders {
-                self.apply(
-                    i,
-                    &Transition::Retired {
-                        key_id: key_id.clone(),
-                    },
-                )
-                .await?;
+                self.record_retired(i, &key_id).await?;
             }
         }
         Ok(())
+    }
+
+    /// Records in store `i` that the previous key `key_id` is gone. Losing the
+    /// check-and-set to another process that recorded the same thing (two replicas
+    /// retiring one key) is success: the state is read again, and written again only
+    /// if it still names the key.
+    async fn record_retired(&mut self, i: usize, key_id: &str) -> SlotResult<()> {
+        let t = Transition::Retired {
+            key_id: key_id.to_string(),
+        };
+        match self.apply(i, &t).await {
+            Err(e) if e.kind == StoreErrorKind::Conflict => {
+                let (_, state) = read_state(&self.stores[i].1, self.slot).await?;
+                let done = state.book.previous_key_id.as_deref() != Some(key_id);
+                self.states[i] = state;
+                if done {
+                    debug!(project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, store = %self.stores[i].0, "another process recorded the retirement first");
+                    return Ok(());
+                }
+                Ok(self.apply(i, &t).await?)
+            }
+            r => Ok(r?),
+        }
     }
 
     /// Moves store `i`'s state record to the key of the account the slot serves now,

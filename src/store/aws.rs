@@ -63,7 +63,38 @@ use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::config::AwsConfig;
+use serde::{Deserialize, Serialize};
+
+// ----- configuration: `[stores.<name>]` with `type = "..."` -----
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    pub region: String,
+    #[serde(default)]
+    pub endpoint_url: String,
+    #[serde(default)]
+    pub kms_key_id: String,
+    /// Optional named profile of the shared config files.
+    #[serde(default)]
+    pub profile: String,
+    #[serde(default = "super::default_store_retries")]
+    pub max_retries: u32,
+}
+
+impl AwsConfig {
+    /// Checks the section without I/O (see [`super::vault::VaultConfig::validate`]).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.region.trim().is_empty() {
+            return Err(("region", "must not be empty".into()));
+        }
+        if !self.endpoint_url.is_empty() {
+            reqwest::Url::parse(&self.endpoint_url)
+                .map_err(|e| ("endpoint_url", format!("{:?}: {e}", self.endpoint_url)))?;
+        }
+        Ok(())
+    }
+}
 
 const CURRENT: &str = "AWSCURRENT";
 const PENDING: &str = "AWSPENDING";

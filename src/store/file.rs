@@ -25,7 +25,25 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::config::FileConfig;
+use serde::{Deserialize, Serialize};
+
+// ----- configuration: `[stores.<name>]` with `type = "..."` -----
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub dir: PathBuf,
+}
+
+impl FileConfig {
+    /// Checks the section without I/O (see [`super::vault::VaultConfig::validate`]).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(("dir", "must not be empty".into()));
+        }
+        Ok(())
+    }
+}
 
 /// How long a writer waits for another writer's lock before giving up (temporary).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,17 +1,20 @@
-//! Secret stores: where consumers read the slot's key.
+//! Secret stores: where consumers read the slot's key, and where the engine keeps a
+//! slot's rotation state.
 //!
-//! The store layer knows nothing of OpenAI. It keeps, at one path per slot, the six
-//! DESIGN.md §3 fields consumers read plus the rotation bookkeeping the engine needs to
-//! resume after a crash (an intent recorded before minting, a staged *pending* record,
-//! the previous key id and when it was promoted). Every write is compare-and-set on a
-//! [`Version`] obtained from [`SecretStore::read`].
+//! The store layer knows nothing of OpenAI. A slot's state (an intent recorded before
+//! minting, a staged *pending* record, the previous key id and when it was promoted,
+//! the paths the key is served at) is a [`SlotState`], read with
+//! [`SecretStore::read`] and changed only through [`Transition`]s, whose meaning is
+//! fixed once, in [`SlotState::apply`]; every write is compare-and-set on a
+//! [`Version`]. Where it lives is the backend's [`Layout`]: Vault and the file store
+//! keep it in a state record at [`state_key`] (the slot's identity) and write consumer
+//! documents, the six DESIGN.md §3 fields and nothing else, with
+//! [`SecretStore::write_consumer`]; AWS Secrets Manager maps it onto the version
+//! stages and tags of the consumer secret itself.
 //!
-//! The state of a slot in one store is a [`SlotState`]; the engine changes it only
-//! through [`Transition`]s, whose meaning is fixed once, in [`SlotState::apply`]. Stores
-//! that keep the whole state in one document (Vault, file) persist `apply`'s result;
-//! AWS Secrets Manager maps transitions onto its version stages.
-//!
-//! Adding a backend: one file implementing [`SecretStore`], one arm in [`build`].
+//! Adding a backend: one file with its `[stores.<name>]` config struct (and its pure
+//! `validate`) and an implementation of [`SecretStore`], one arm in
+//! [`crate::config::StoreConfig`] and one in [`build`].
 
 pub mod aws;
 pub mod file;
@@ -499,6 +502,11 @@ pub trait SecretStore: Send + Sync + fmt::Debug {
 }
 
 pub type DynStore = Arc<dyn SecretStore>;
+
+/// Store-call retries on 5xx / connection errors, unless a section says otherwise.
+fn default_store_retries() -> u32 {
+    4
+}
 
 /// Builds the backend a `[stores.<name>]` section describes. Connects (logs in) but
 /// writes nothing.

@@ -47,7 +47,124 @@ use vaultrs::error::ClientError;
 use vaultrs::{auth, kv2, token};
 
 use super::*;
-use crate::config::{read_secret, read_secret_file, VaultAuth, VaultConfig};
+use crate::config::{read_secret, read_secret_file};
+use serde::{Deserialize, Serialize};
+
+// ----- configuration: `[stores.<name>]` with `type = "..."` -----
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    pub address: String,
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub ca_cert: String,
+    pub auth: VaultAuth,
+    /// Store-call retries on 5xx / connection errors.
+    #[serde(default = "super::default_store_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_store_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_mount() -> String {
+    "secret".into()
+}
+fn default_store_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+/// Vault auth; credentials only by env var or file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VaultAuth {
+    Token {
+        token_env: Option<String>,
+        token_file: Option<PathBuf>,
+    },
+    Approle {
+        #[serde(default = "default_approle_mount")]
+        mount: String,
+        role_id_env: Option<String>,
+        role_id_file: Option<PathBuf>,
+        secret_id_env: Option<String>,
+        secret_id_file: Option<PathBuf>,
+    },
+    Kubernetes {
+        #[serde(default = "default_k8s_mount")]
+        mount: String,
+        role: String,
+        #[serde(default = "default_jwt_file")]
+        jwt_file: PathBuf,
+    },
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+fn default_k8s_mount() -> String {
+    "kubernetes".into()
+}
+fn default_jwt_file() -> PathBuf {
+    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
+}
+
+impl VaultConfig {
+    /// Checks the section without I/O; an error names the key (below
+    /// `stores.<name>.`) and what is wrong.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let url = reqwest::Url::parse(&self.address)
+            .map_err(|e| ("address", format!("{:?}: {e}", self.address)))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(("address", "scheme must be http or https".into()));
+        }
+        if self.mount.trim_matches('/').is_empty() {
+            return Err(("mount", "must not be empty".into()));
+        }
+        let exactly_one = |a: bool, b: bool, what: &str| {
+            if a == b {
+                Err(("auth", what.to_string()))
+            } else {
+                Ok(())
+            }
+        };
+        match &self.auth {
+            VaultAuth::Token {
+                token_env,
+                token_file,
+            } => exactly_one(
+                token_env.is_some(),
+                token_file.is_some(),
+                "token auth needs exactly one of token_env and token_file",
+            ),
+            VaultAuth::Approle {
+                role_id_env,
+                role_id_file,
+                secret_id_env,
+                secret_id_file,
+                ..
+            } => {
+                exactly_one(
+                    role_id_env.is_some(),
+                    role_id_file.is_some(),
+                    "approle auth needs exactly one of role_id_env and role_id_file",
+                )?;
+                exactly_one(
+                    secret_id_env.is_some(),
+                    secret_id_file.is_some(),
+                    "approle auth needs exactly one of secret_id_env and secret_id_file",
+                )
+            }
+            VaultAuth::Kubernetes { role, .. } if role.trim().is_empty() => {
+                Err(("auth.role", "must not be empty".into()))
+            }
+            VaultAuth::Kubernetes { .. } => Ok(()),
+        }
+    }
+}
 
 /// Key of the custom metadata entry marking secrets keyrotd manages.
 const MANAGED_BY_KEY: &str = "managed-by";

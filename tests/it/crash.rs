@@ -596,6 +596,36 @@ mod matrix {
         .await
     }
 
+    async fn after_publish(out: &mut Report) -> Result<(), String> {
+        with_row(
+            out,
+            "consumer document written, state record not yet (`after_publish`)",
+            Spec::new(&[File, Vault]),
+            Start::Serving,
+            |r| {
+                Box::pin(async move {
+                    let s = r.test_run(Some("after_publish=return")).await?;
+                    crashed(&s)?;
+                    let path = r.path();
+                    let served = s.after[&("file".to_string(), path.clone())]
+                        .current
+                        .as_ref()
+                        .map(|c| c.key_id.clone());
+                    let state = s.after.get(&("file".to_string(), format!("state:{path}")));
+                    ensure(
+                        state.is_some_and(|st| {
+                            st.pending.as_ref().map(|p| p.key_id.clone()) == served
+                                && st.current.as_ref().map(|c| c.key_id.clone()) != served
+                        }),
+                        "the file document serves the new key while the state still says pending",
+                    )?;
+                    r.converge().await
+                })
+            },
+        )
+        .await
+    }
+
     async fn between_promotions(out: &mut Report) -> Result<(), String> {
         with_row(
             out,
@@ -995,6 +1025,7 @@ mod matrix {
         row_20_sa_key_delete_refused => 20 sa_key_delete_refused,
         row_21_new_account_after_mint => 21 new_account_after_mint,
         row_22_orphan_on_page_two => 22 orphan_on_page_two,
+        row_23_after_publish => 23 after_publish,
     }
 
     fn cell(s: &str) -> String {

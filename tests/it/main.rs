@@ -15,6 +15,7 @@ mod store_support;
 mod admin_key;
 mod check_config;
 mod config_errors;
+mod cores;
 mod crash;
 mod daemon;
 mod demo;

@@ -454,3 +454,46 @@ fn webhook_urls_come_only_from_env_or_file_and_never_show_in_errors() {
     .to_string();
     assert!(e.contains("rotation.done"), "{e}");
 }
+
+#[tokio::test]
+async fn a_redirecting_receiver_gets_no_second_request_and_no_referer() {
+    // The hook answers 307 towards another receiver: the webhook URL (a credential)
+    // must not travel there, neither as a Referer nor with the payload.
+    let target = Receiver::start(0, 200).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let to = format!("http://{}/elsewhere", target.addr);
+    let app = axum::Router::new().fallback({
+        let hits = hits.clone();
+        move || {
+            let (hits, to) = (hits.clone(), to.clone());
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, to)],
+                )
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let n = notifier_for(
+        &format!("http://{addr}/services/T0SECRET/redirect/XyZsecretTOKEN"),
+        "KEYROTD_TEST_HOOK_REDIRECT",
+        WebhookFormat::Json,
+    );
+    n.send(completed());
+    n.flush(FLUSH).await;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "a 3xx is final, not retried"
+    );
+    assert!(
+        target.all().is_empty(),
+        "the redirect target was never contacted"
+    );
+}
