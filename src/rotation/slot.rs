@@ -192,10 +192,18 @@ struct SlotRun<'a> {
 /// What `store` holds for `slot`, as the plan shows it: the state record, or, before
 /// one exists, what the consumer document at the rendered path holds (a 0.1-layout
 /// document's bookkeeping, or a record of someone else, which the plan shows as a
-/// collision). One read of the state and one of the consumer document.
+/// collision). One read of the state, and of the consumer document unless the state
+/// records the path.
 pub async fn view(store: &DynStore, slot: &Slot) -> Result<SlotState, StoreError> {
     let (_, state) = read_state(store, slot).await?;
-    if store.layout() != Layout::Separate {
+    let serving_here = state
+        .book
+        .locations
+        .iter()
+        .any(|l| l.path == slot.path && l.retire_after.is_none());
+    if store.layout() != Layout::Separate || serving_here {
+        // The document at a path the state records is the slot's own (the slot's run
+        // reads and checks it before acting); the plan needs only the state.
         return Ok(state);
     }
     let doc = store.read_consumer(&slot.path).await?;
