@@ -288,22 +288,7 @@ impl FileStore {
         }
         self.ensure_dirs(&t)?;
         let _lock = self.lock(&t)?;
-        let bytes = self.read_bytes(&t)?;
-        let found = bytes
-            .as_deref()
-            .map(sha256_hex)
-            .map(Version)
-            .unwrap_or_default();
-        if &found != expected {
-            return Err(self.err(
-                StoreErrorKind::Conflict,
-                format!(
-                    "document {path:?} changed since it was read (expected version {}, found {})",
-                    short(expected),
-                    short(&found)
-                ),
-            ));
-        }
+        let bytes = self.read_unchanged(&t, expected)?;
         if let Some(b) = &bytes {
             // Never replace someone else's file: it must parse as a keyrotd document.
             self.parse_consumer(&t, b)?;
@@ -322,6 +307,29 @@ impl FileStore {
         out.push(b'\n');
         self.replace(&t, &out)?;
         Ok(Version(sha256_hex(&out)))
+    }
+
+    /// Reads the target's bytes (under its lock) and checks they are still at
+    /// `expected` (else `Conflict`): the compare of every compare-and-set write.
+    fn read_unchanged(&self, t: &Target, expected: &Version) -> StoreResult<Option<Vec<u8>>> {
+        let bytes = self.read_bytes(t)?;
+        let found = bytes
+            .as_deref()
+            .map(sha256_hex)
+            .map(Version)
+            .unwrap_or_default();
+        if &found != expected {
+            return Err(self.err(
+                StoreErrorKind::Conflict,
+                format!(
+                    "{:?} changed since it was read (expected version {}, found {})",
+                    t.path,
+                    short(expected),
+                    short(&found)
+                ),
+            ));
+        }
+        Ok(bytes)
     }
 
     /// Takes the slot's cross-process lock, polling so that a stuck holder yields a
@@ -367,22 +375,7 @@ impl FileStore {
         self.check_no_symlink(&t)?;
         self.ensure_dirs(&t)?;
         let _lock = self.lock(&t)?;
-        let bytes = self.read_bytes(&t)?;
-        let found = bytes
-            .as_deref()
-            .map(sha256_hex)
-            .map(Version)
-            .unwrap_or_default();
-        if &found != expected {
-            return Err(self.err(
-                StoreErrorKind::Conflict,
-                format!(
-                    "slot {path:?} changed since it was read (expected version {}, found {})",
-                    short(expected),
-                    short(&found)
-                ),
-            ));
-        }
+        let bytes = self.read_unchanged(&t, expected)?;
         let state = self.parse(&t, bytes.as_deref())?;
         let mut next = state
             .apply(tr)

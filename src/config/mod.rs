@@ -3,13 +3,17 @@
 //! Loading is two steps, as in vector: [`Config::load`] parses and runs the pure
 //! [`Config::validate`] (no I/O beyond reading the file and the admin key); connecting
 //! to stores happens later, in [`crate::store::build`].
+//!
+//! This file is the schema and its loading and validation; beside it, `rules`
+//! (compiled rules, the glob fast paths, the path template), `schedule` (the cron
+//! expression) and `secret` (secrets from an environment variable or a file). Each
+//! store backend's section is defined in the backend's own file.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use globset::{Glob, GlobMatcher};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
@@ -247,6 +251,15 @@ impl StoreConfig {
     }
 }
 
+mod rules;
+mod schedule;
+mod secret;
+
+pub(crate) use rules::{compile_glob, match_nothing, validate_path_template};
+pub use rules::{PathVars, Pattern, Rule, PATH_VARS};
+pub use schedule::parse_schedule;
+pub use secret::{read_secret, read_secret_file};
+
 pub use crate::store::aws::AwsConfig;
 pub use crate::store::file::FileConfig;
 pub use crate::store::vault::{VaultAuth, VaultConfig};
@@ -359,88 +372,6 @@ pub enum WebhookFormat {
     #[default]
     Json,
     Slack,
-}
-
-/// A validated rule: globs compiled, overrides resolved.
-#[derive(Clone, Debug)]
-pub struct Rule {
-    pub name: String,
-    pub project: Pattern,
-    pub service_account: Pattern,
-    pub stores: Vec<String>,
-    pub path: String,
-    pub max_age: Duration,
-    pub grace_period: Duration,
-    pub verify: bool,
-    pub scopes: Vec<String>,
-    pub strategy: Strategy,
-}
-
-impl Rule {
-    /// Whether the rule covers this project (by id or name) and service account (by name).
-    pub fn matches(&self, project_id: &str, project_name: &str, sa_name: &str) -> bool {
-        self.covers_project(project_id, project_name) && self.service_account.is_match(sa_name)
-    }
-
-    /// Whether the rule's `project` glob matches the project's id or name.
-    pub fn covers_project(&self, project_id: &str, project_name: &str) -> bool {
-        self.project.is_match(project_id) || self.project.is_match(project_name)
-    }
-
-    /// Renders the path template for one slot.
-    pub fn render_path(&self, vars: &PathVars<'_>) -> String {
-        render_template(&self.path, vars)
-    }
-}
-
-/// The variables a rule's `path` may use.
-#[derive(Clone, Copy, Debug)]
-pub struct PathVars<'a> {
-    pub project_id: &'a str,
-    pub project_name: &'a str,
-    pub service_account_id: &'a str,
-    pub service_account_name: &'a str,
-}
-
-pub const PATH_VARS: [&str; 4] = [
-    "project_id",
-    "project_name",
-    "service_account_id",
-    "service_account_name",
-];
-
-/// One pass over the template: a value that itself contains `{project_id}` (names are
-/// free text) is copied as it is, never substituted again.
-fn render_template(template: &str, v: &PathVars<'_>) -> String {
-    let mut out = String::with_capacity(template.len() + 48);
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let value = after.find('}').and_then(|close| {
-            let value = match &after[..close] {
-                "project_id" => v.project_id,
-                "project_name" => v.project_name,
-                "service_account_id" => v.service_account_id,
-                "service_account_name" => v.service_account_name,
-                _ => return None,
-            };
-            Some((value, close))
-        });
-        match value {
-            Some((value, close)) => {
-                out.push_str(value);
-                rest = &after[close + 1..];
-            }
-            // Not a variable (validation rejects these in configs): kept literally.
-            None => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// Where the admin key comes from; the key itself is read by [`Config::admin_key`]
@@ -871,44 +802,6 @@ impl Config {
     }
 }
 
-/// Reads a secret from a file, trimming the trailing newline. The error never contains
-/// the content.
-pub fn read_secret_file(path: &Path) -> Result<SecretString, String> {
-    match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() => Ok(SecretString::from(s.trim().to_string())),
-        Ok(_) => Err(format!("file {} is empty", path.display())),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
-/// Reads a secret from `env` or `file` (exactly one set); `key` names the config key.
-pub fn read_secret(
-    key: &str,
-    env: Option<&str>,
-    file: Option<&Path>,
-) -> Result<SecretString, ConfigError> {
-    match (env, file) {
-        (Some(var), None) => match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_string())),
-            _ => Err(ConfigError::invalid(
-                format!("{key}_env"),
-                format!("environment variable {var} is not set or empty"),
-            )),
-        },
-        (None, Some(path)) => {
-            read_secret_file(path).map_err(|m| ConfigError::invalid(format!("{key}_file"), m))
-        }
-        (Some(_), Some(_)) => Err(ConfigError::invalid(
-            format!("{key}_env"),
-            format!("set only one of {key}_env and {key}_file"),
-        )),
-        (None, None) => Err(ConfigError::invalid(
-            format!("{key}_env"),
-            format!("set {key}_env or {key}_file"),
-        )),
-    }
-}
-
 fn env_source() -> config::Environment {
     config::Environment::with_prefix("KEYROTD")
         .prefix_separator("__")
@@ -1011,134 +904,6 @@ fn validate_store(name: &str, store: &StoreConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A compiled glob. The shapes rules use most (`*`, `prod-*`, `*-batch`, a literal)
-/// are answered by string comparison; anything else goes to `globset`, whose answer
-/// the fast paths match exactly (same syntax, `*` also matching `/`).
-#[derive(Clone)]
-pub struct Pattern {
-    glob: GlobMatcher,
-    fast: Fast,
-}
-
-#[derive(Clone)]
-enum Fast {
-    Any,
-    Exact(Box<str>),
-    Prefix(Box<str>),
-    Suffix(Box<str>),
-    Glob,
-}
-
-impl Pattern {
-    pub fn new(pattern: &str) -> Result<Pattern, globset::Error> {
-        let glob = Glob::new(pattern)?.compile_matcher();
-        let literal = |s: &str| !s.contains(['*', '?', '[', ']', '{', '}', '\\']);
-        let fast = if pattern == "*" {
-            Fast::Any
-        } else if literal(pattern) {
-            Fast::Exact(pattern.into())
-        } else if let Some(prefix) = pattern.strip_suffix('*').filter(|p| literal(p)) {
-            Fast::Prefix(prefix.into())
-        } else if let Some(suffix) = pattern.strip_prefix('*').filter(|p| literal(p)) {
-            Fast::Suffix(suffix.into())
-        } else {
-            Fast::Glob
-        };
-        Ok(Pattern { glob, fast })
-    }
-
-    /// The glob as written.
-    pub fn as_str(&self) -> &str {
-        self.glob.glob().glob()
-    }
-
-    pub fn is_match(&self, s: &str) -> bool {
-        match &self.fast {
-            Fast::Any => true,
-            Fast::Exact(x) => s == &**x,
-            Fast::Prefix(p) => s.starts_with(&**p),
-            Fast::Suffix(p) => s.ends_with(&**p),
-            Fast::Glob => self.glob.is_match(s),
-        }
-    }
-}
-
-impl fmt::Debug for Pattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Pattern({:?})", self.as_str())
-    }
-}
-
-fn compile_glob(pattern: &str) -> Result<Pattern, String> {
-    if pattern.is_empty() {
-        return Err("empty glob (use \"*\" to match everything)".into());
-    }
-    Pattern::new(pattern).map_err(|e| format!("bad glob {pattern:?}: {}", e.kind()))
-}
-
-fn match_nothing() -> Pattern {
-    Pattern::new("\u{0}never\u{0}").unwrap_or_else(|_| unreachable!())
-}
-
-fn validate_path_template(path: &str) -> Result<(), String> {
-    if path.trim().is_empty() {
-        return Err("must not be empty".into());
-    }
-    let reserved = crate::store::STATE_PREFIX
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    if path.split('/').next() == Some(reserved) {
-        return Err(format!(
-            "{path:?} starts with {reserved:?}, where keyrotd keeps slot state records"
-        ));
-    }
-    let mut rest = path;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| format!("unclosed '{{' in {path:?}"))?;
-        let var = &after[..close];
-        if !PATH_VARS.contains(&var) {
-            return Err(format!(
-                "unknown variable {{{var}}} in {path:?} (known: {})",
-                PATH_VARS.map(|v| format!("{{{v}}}")).join(", ")
-            ));
-        }
-        rest = &after[close + 1..];
-    }
-    if rest.contains('}') {
-        return Err(format!("stray '}}' in {path:?}"));
-    }
-    if path.starts_with('/') || path.split('/').any(|seg| seg == "..") {
-        return Err(format!(
-            "{path:?} must be relative and must not contain '..'"
-        ));
-    }
-    Ok(())
-}
-
-/// Parses a 5- or 6-field cron expression into the 6-field form the scheduler takes.
-pub fn parse_schedule(expr: &str) -> Result<String, String> {
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    let six = match fields.len() {
-        5 => format!("0 {}", fields.join(" ")),
-        6 => fields.join(" "),
-        n => {
-            return Err(format!(
-                "{expr:?} has {n} fields; use 5 (crontab: min hour dom mon dow) or 6 (with seconds first)"
-            ))
-        }
-    };
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .build()
-        .parse(&six)
-        .map_err(|e| format!("{expr:?} is not a valid cron expression: {e}"))?;
-    Ok(six)
-}
-
 impl fmt::Display for UserKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -1150,7 +915,9 @@ impl fmt::Display for UserKeys {
 
 #[cfg(test)]
 mod tests {
+    use super::rules::render_template;
     use super::*;
+    use globset::Glob;
 
     #[test]
     fn patterns_answer_like_globset() {
