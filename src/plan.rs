@@ -405,6 +405,17 @@ impl SlotView {
         })
     }
 
+    /// Every store agrees on a current key, promoted at least `grace` ago: what the
+    /// engine waits for before it sweeps the slot's account (orphans, stale extras).
+    pub fn settled(&self, grace: std::time::Duration, now: DateTime<Utc>) -> bool {
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        self.agreed_current().is_some()
+            && !self.failed()
+            && self
+                .ok_states()
+                .all(|(_, s)| s.book.promoted_at.is_some_and(|t| now - t >= grace))
+    }
+
     /// Refused this cycle: a colliding path, or a foreign record at the path.
     pub fn collides(&self) -> bool {
         !self.slot.collisions.is_empty() || self.foreign_record().is_some()
@@ -738,7 +749,8 @@ impl<'a> Plan<'a> {
                             reasons.push(reason);
                         }
                         None if policy::is_keyrotd_key(k)
-                            && policy::age(k, now) >= policy.orphan_min_age =>
+                            && policy::age(k, now) >= policy.orphan_min_age
+                            && view.settled(rules[view.slot.rule].grace_period, now) =>
                         {
                             verdict = Verdict::Orphan;
                             reasons.push(Reason::Unreferenced);

@@ -1637,8 +1637,12 @@ impl SlotRun<'_> {
             .filter(|k| !self.referenced(&k.id))
             .filter_map(|k| {
                 if policy::is_keyrotd_key(k) {
+                    // Only once the slot's key has been served for a full grace period:
+                    // a key keyrotd minted before may still be served at a place no
+                    // state record names (an AWS secret at a former path).
                     let name = k.name.as_deref().unwrap_or_default();
-                    (!intents.contains(name)
+                    (settled
+                        && !intents.contains(name)
                         && policy::age(k, now) >= self.eng.policy.orphan_min_age)
                         .then(|| (k.id.clone(), "orphan"))
                 } else {

@@ -400,3 +400,34 @@ async fn a_0_1_layout_store_converts_in_one_cycle_with_no_mint_and_no_revoke() {
     assert!(w.sim.is_live(&cur.id));
     assert_eq!(w.minted_live().len(), minted.len() - 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aws_only_slot_renamed_keeps_the_old_key_through_the_grace_period() {
+    // AWS keeps its state with the consumer secret, so a renamed project's new path
+    // starts from nothing and mints; the old secret's key must live on for the grace
+    // period (it is an orphan only once the new key has been served that long).
+    let (w, p, _) = world(r#"["aws"]"#).await;
+    let e = w.engine(false).await;
+    let old = format!("{}/prod-orders/api", w.prefix);
+    let new = format!("{}/prod-orders-us/api", w.prefix);
+    ok(&e.cycle().await);
+    let k1 = key_of(&served(&e, "aws", &old).await).expect("bootstrapped");
+    w.advance(2 * HOUR); // older than orphan_min_age (1 h)
+    sim_post(
+        &w,
+        &format!("/organization/projects/{p}"),
+        serde_json::json!({"name": "prod-orders-us"}),
+    )
+    .await;
+    ok(&e.cycle().await);
+    let k2 = key_of(&served(&e, "aws", &new).await).expect("the new path serves a key");
+    assert_ne!(k1, k2);
+    assert_eq!(key_of(&served(&e, "aws", &old).await), Some(k1.clone()));
+    assert!(
+        w.sim.is_live(&k1),
+        "the old path's key is not revoked in the rename cycle"
+    );
+    w.advance(HOUR / 2);
+    ok(&e.cycle().await);
+    assert!(w.sim.is_live(&k1), "nor inside the grace period");
+}
