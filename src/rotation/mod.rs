@@ -499,12 +499,60 @@ pub(crate) fn new_intent(
 
 /// A default instance id: `hostname:pid:random`.
 pub fn default_instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
     format!(
-        "{host}:{}:{:08x}",
+        "{}:{}:{:08x}",
+        hostname(),
         std::process::id(),
         rand::random::<u32>()
     )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
+}
+
+/// Whether the owner of an intent provably died: an owner in the
+/// [`default_instance_id`] form (`host:pid:nonce`) on this host whose process id no
+/// longer exists. Anything else (another host, a custom `daemon.instance_id`, a reused
+/// pid, another engine in this process) is presumed alive until its lease ends; taking
+/// over a live owner would cost only work, since every write is compare-and-set.
+pub fn owner_is_gone(owner: &str) -> bool {
+    let mut parts = owner.rsplitn(3, ':');
+    let (Some(nonce), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    if nonce.len() != 8 || !nonce.chars().all(|c| c.is_ascii_hexdigit()) || host != hostname() {
+        return false;
+    }
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_vanished_process_on_this_host_is_gone() {
+        let me = default_instance_id();
+        assert!(!owner_is_gone(&me), "this process is alive");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        let dead = format!("{}:{pid}:0123abcd", hostname());
+        assert!(owner_is_gone(&dead), "{dead}");
+        assert!(
+            !owner_is_gone(&format!("elsewhere:{pid}:0123abcd")),
+            "another host"
+        );
+        assert!(!owner_is_gone("replica-a"), "a custom instance id");
+        assert!(
+            !owner_is_gone(&format!("{}:{pid}:nonce", hostname())),
+            "not our form"
+        );
+    }
 }

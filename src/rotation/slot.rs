@@ -722,8 +722,11 @@ impl SlotRun<'_> {
         let intent = self.states.iter().find_map(|s| s.book.intent.clone());
         if let Some(intent) = &intent {
             if intent.owner != self.my_id() && intent.lease_until > now {
-                debug!(project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, "slot held by another process");
-                return Ok(Some(SlotOutcome::Busy));
+                if !super::owner_is_gone(&intent.owner) {
+                    info!(event = "rotation.busy", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "another live process holds the slot");
+                    return Ok(Some(SlotOutcome::Busy));
+                }
+                info!(event = "rotation.takeover", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "the process holding the slot is gone (same host, its process id no longer exists); taking over before its lease ends");
             }
         }
         // Pending records, distinct by key id.

@@ -343,6 +343,28 @@ mod matrix {
         .await
     }
 
+    async fn dead_owner_after_stage(out: &mut Report) -> Result<(), String> {
+        with_row(
+            out,
+            "killed after staging with a 10-minute lease (`after_stage`): the next run on the same host takes over at once",
+            Spec::new(&[File, Vault]).policy("lease", "\"10m\""),
+            Start::Serving,
+            |r| {
+                Box::pin(async move {
+                    let s = r.test_run(Some("after_stage=return")).await?;
+                    crashed(&s)?;
+                    ensure(
+                        s.after.values().any(|st| st.pending.is_some()),
+                        "a staged key is left behind",
+                    )?;
+                    // converge() allows a few runs a second apart: far less than the lease.
+                    r.converge().await
+                })
+            },
+        )
+        .await
+    }
+
     async fn create_lost(out: &mut Report) -> Result<(), String> {
         with_row(
             out,
@@ -1026,6 +1048,7 @@ mod matrix {
         row_21_new_account_after_mint => 21 new_account_after_mint,
         row_22_orphan_on_page_two => 22 orphan_on_page_two,
         row_23_after_publish => 23 after_publish,
+        row_24_dead_owner_after_stage => 24 dead_owner_after_stage,
     }
 
     fn cell(s: &str) -> String {
