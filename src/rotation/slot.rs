@@ -211,7 +211,7 @@ pub async fn view(store: &DynStore, slot: &Slot) -> Result<SlotState, StoreError
         .record
         .as_ref()
         .is_some_and(|r| r.project_id != slot.project_id);
-    if foreign || (state.is_empty() && state.book.locations.is_empty()) {
+    if foreign || state.is_empty() {
         return Ok(match doc.legacy {
             Some(legacy) if !foreign => legacy,
             _ => SlotState {
@@ -231,10 +231,7 @@ pub async fn view(store: &DynStore, slot: &Slot) -> Result<SlotState, StoreError
 pub async fn read_state(store: &DynStore, slot: &Slot) -> Result<(String, SlotState), StoreError> {
     let key = slot.state_key_in(store.as_ref());
     let state = store.read(&key).await?;
-    if store.layout() != Layout::Separate
-        || slot.service_accounts.len() < 2
-        || !(state.is_empty() && state.book.locations.is_empty())
-    {
+    if store.layout() != Layout::Separate || slot.service_accounts.len() < 2 || !state.is_empty() {
         return Ok((key, state));
     }
     for (sa, _) in &slot.service_accounts {
@@ -243,7 +240,7 @@ pub async fn read_state(store: &DynStore, slot: &Slot) -> Result<(String, SlotSt
             continue;
         }
         let st = store.read(&other).await?;
-        if !(st.is_empty() && st.book.locations.is_empty()) {
+        if !st.is_empty() {
             return Ok((other, st));
         }
     }
@@ -333,7 +330,7 @@ impl SlotRun<'_> {
                     continue;
                 }
             };
-            if state.is_empty() && state.book.locations.is_empty() {
+            if state.is_empty() {
                 continue;
             }
             let docs = read_docs(store, "", &state).await?;
@@ -370,7 +367,7 @@ impl SlotRun<'_> {
             }
             let store = self.stores[i].0.clone();
             let here = self.docs[i][0].1.clone();
-            if self.states[i].is_empty() && self.states[i].book.locations.is_empty() {
+            if self.states[i].is_empty() {
                 // No state record: a 0.1-layout document to migrate, the key of the
                 // store the rule moved away from to adopt, or a bootstrap.
                 let imported = if let Some(legacy) = here.legacy.clone() {

@@ -309,12 +309,14 @@ impl SlotState {
         Ok(next)
     }
 
-    /// Nothing recorded: no record, no intent, no pending key, no previous key.
+    /// Nothing recorded: no record, no intent, no pending key, no previous key, no
+    /// location (a state record that does not exist reads like this).
     pub fn is_empty(&self) -> bool {
         self.current.is_none()
             && self.pending.is_none()
             && self.book.intent.is_none()
             && self.book.previous_key_id.is_none()
+            && self.book.locations.is_empty()
     }
 
     /// Every key id this state references (current, pending, previous).

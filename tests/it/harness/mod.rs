@@ -429,13 +429,13 @@ impl Bench {
                         .read(&keyrotd::store::state_key(&slot.project_id, a))
                         .await
                         .map_err(e)?;
-                    if !(st.is_empty() && st.book.locations.is_empty()) {
+                    if !st.is_empty() {
                         state = st;
                         break;
                     }
                 }
                 let doc = store.read_consumer(&slot.path).await.map_err(e)?;
-                if state.is_empty() && state.book.locations.is_empty() {
+                if state.is_empty() {
                     let view = doc.legacy.unwrap_or(SlotState {
                         current: doc.record,
                         ..SlotState::default()
