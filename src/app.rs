@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::config::{AdminKeySource, Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::openai::{ApiError, Client, ClientConfig};
+use crate::openai::{ApiError, ApiStats, Client, ClientConfig};
 use crate::rotation::{default_instance_id, Engine, Settings, SystemClock};
 use crate::store::{
     self, DynStore, SecretStore, SlotState, StoreError, StoreResult, Transition, Version,
@@ -26,6 +26,33 @@ pub enum BuildError {
     Api(#[from] ApiError),
     #[error("admin key: {0}")]
     AdminKey(#[from] crate::admin_key::AdminKeyError),
+}
+
+impl BuildError {
+    /// Whether the configuration itself is wrong (exit 2; retrying cannot help), as
+    /// opposed to a store or the API failing now (exit 1; the next attempt may work).
+    pub fn is_invalid_config(&self) -> bool {
+        use crate::admin_key::AdminKeyError;
+        match self {
+            BuildError::Config(_) => true,
+            // Only building the client fails here: a base URL that does not parse.
+            BuildError::Api(_) => true,
+            BuildError::AdminKey(AdminKeyError::Store(e)) => {
+                e.kind == crate::store::StoreErrorKind::InvalidConfig
+            }
+            BuildError::AdminKey(_) => false,
+        }
+    }
+}
+
+/// What outlives one engine in a daemon: the counters `/metrics` serves and the
+/// shutdown signal in-flight work watches. A reload or a reconnect builds a new
+/// engine on the same [`Shared`].
+#[derive(Debug, Clone, Default)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub api: Arc<ApiStats>,
+    pub shutdown: CancellationToken,
 }
 
 /// The Admin API client settings a config describes.
@@ -94,12 +121,20 @@ impl SecretStore for BrokenStore {
 
 /// Connects every configured store; failures become [`BrokenStore`]s (and are logged).
 pub async fn build_stores(cfg: &Config) -> BTreeMap<String, DynStore> {
+    connect_stores(cfg).await.0
+}
+
+/// Connects every configured store, and names the ones that failed (they are
+/// [`BrokenStore`]s in the map, retried when the daemon next rebuilds its engine).
+async fn connect_stores(cfg: &Config) -> (BTreeMap<String, DynStore>, Vec<String>) {
     let mut out = BTreeMap::new();
+    let mut broken = Vec::new();
     for (name, sc) in &cfg.stores {
         let s: DynStore = match store::build(name, sc).await {
             Ok(s) => s,
             Err(error) => {
-                warn!(event = "store.unavailable", store = %name, error = %error, "store could not be initialised; slots using it will fail");
+                warn!(event = "store.unavailable", store = %name, error = %error, "store could not be initialised; slots using it will fail until it is reached");
+                broken.push(name.clone());
                 Arc::new(BrokenStore {
                     name: name.clone(),
                     kind: sc.kind(),
@@ -109,7 +144,7 @@ pub async fn build_stores(cfg: &Config) -> BTreeMap<String, DynStore> {
         };
         out.insert(name.clone(), s);
     }
-    out
+    (out, broken)
 }
 
 /// The admin key to start with: from its environment variable or file, or, with
@@ -133,20 +168,34 @@ pub async fn admin_key(
 
 /// Builds the engine: connects stores, reads the admin key.
 pub async fn build_engine(cfg: &Config, dry_run: bool) -> Result<Engine, BuildError> {
+    build_engine_in(cfg, dry_run, &Shared::default()).await
+}
+
+/// [`build_engine`] counting into, and stopping on, `shared`.
+pub async fn build_engine_in(
+    cfg: &Config,
+    dry_run: bool,
+    shared: &Shared,
+) -> Result<Engine, BuildError> {
     // A key from the environment or a file is read before connecting anything.
     let direct = match cfg.admin_key_source()? {
         AdminKeySource::Store { .. } => None,
         _ => Some(cfg.admin_key()?),
     };
-    let stores = build_stores(cfg).await;
+    let (stores, unavailable) = connect_stores(cfg).await;
     let admin_key = match direct {
         Some(key) => key,
         None => admin_key(cfg, &stores).await?,
     };
-    let client = Client::new(client_config(cfg), admin_key)?;
+    let client = Client::new(client_config(cfg), admin_key)?.with_stats(shared.api.clone());
+    let admin_key_file = match cfg.admin_key_source()? {
+        AdminKeySource::File(path) => Some(path),
+        _ => None,
+    };
     Ok(Engine {
         client,
         stores,
+        unavailable,
         rules: cfg.rules(),
         policy: cfg.policy.clone(),
         settings: Settings {
@@ -160,10 +209,11 @@ pub async fn build_engine(cfg: &Config, dry_run: bool) -> Result<Engine, BuildEr
             dry_run,
             verify_backoff: Duration::from_millis(500),
             admin_key: cfg.admin_key_store(),
+            admin_key_file,
         },
         clock: Arc::new(SystemClock),
-        metrics: Arc::new(Metrics::default()),
+        metrics: shared.metrics.clone(),
         notifier: crate::notify::Notifier::from_config(&cfg.notify)?,
-        shutdown: CancellationToken::new(),
+        shutdown: shared.shutdown.clone(),
     })
 }

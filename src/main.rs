@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use keyrotd::config::{self, Config};
+use keyrotd::config::Config;
 use keyrotd::rotation::Engine;
 use keyrotd::telemetry::{self, LogFormat};
 use keyrotd::{app, daemon, EXIT_BAD_CONFIG, EXIT_FAILED};
@@ -143,7 +143,13 @@ async fn engine(cli: &Cli, dry_run: bool, needs_rules: bool) -> Result<(Config, 
     }
     let engine = app::build_engine(&cfg, dry_run).await.map_err(|e| {
         eprintln!("keyrotd: {e}");
-        EXIT_BAD_CONFIG
+        // A store or the API down is worth retrying (a systemd restart, the next
+        // CronJob run); a configuration that cannot work is not.
+        if e.is_invalid_config() {
+            EXIT_BAD_CONFIG
+        } else {
+            EXIT_FAILED
+        }
     })?;
     Ok((cfg, engine))
 }
@@ -237,26 +243,24 @@ async fn dispatch(cli: Cli) -> i32 {
             }
         }
         Command::Run => {
-            let (cfg, engine) = match engine(&cli, false, true).await {
-                Ok((c, e)) => (c, Arc::new(e)),
+            // Before anything else: a SIGHUP during start-up must not kill the daemon.
+            let reload = daemon::reload_signal();
+            let cfg = match load(&cli) {
+                Ok(c) => c,
                 Err(code) => return code,
             };
-            let schedule = match config::parse_schedule(&cfg.daemon.schedule) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("keyrotd: config key `daemon.schedule`: {e}");
-                    return EXIT_BAD_CONFIG;
-                }
-            };
-            let listen = cfg.daemon.listen.as_deref().and_then(|l| l.parse().ok());
-            let opts = daemon::RunOptions {
-                schedule,
-                run_on_start: cfg.daemon.run_on_start,
-                listen,
-                shutdown_timeout: cfg.daemon.shutdown_timeout,
-            };
-            match daemon::run(engine, opts, daemon::shutdown_signal()).await {
+            // Pure checks only: the listener binds before any store or API call.
+            if let Err(e) = cfg.require_rules().and_then(|()| cfg.check_admin_key()) {
+                eprintln!("keyrotd: {e}");
+                return EXIT_BAD_CONFIG;
+            }
+            let d = daemon::Daemon::new(cfg, Some(config_path(&cli)));
+            match daemon::run(d, daemon::shutdown_signal(), reload).await {
                 Ok(()) => 0,
+                Err(e @ daemon::RunError::Config(_)) => {
+                    eprintln!("keyrotd: {e}");
+                    EXIT_BAD_CONFIG
+                }
                 Err(e) => {
                     eprintln!("keyrotd: {e}");
                     EXIT_FAILED

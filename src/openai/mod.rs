@@ -250,6 +250,13 @@ impl Client {
         &self.stats
     }
 
+    /// This client counting its requests into `stats` (a daemon keeps one set of
+    /// counters across the engines a reload or a reconnect builds).
+    pub fn with_stats(mut self, stats: Arc<ApiStats>) -> Client {
+        self.stats = stats;
+        self
+    }
+
     /// Replaces the admin key of this client and all its clones, for every request
     /// sent from now on.
     pub fn set_admin_key(&self, key: SecretString) {

@@ -78,6 +78,9 @@ pub struct Settings {
     pub verify_backoff: Duration,
     /// The admin key's store record and rotation (`openai.admin_key_store`), if any.
     pub admin_key: Option<crate::config::AdminKeyStore>,
+    /// `openai.admin_key_file`, re-read at the start of every cycle (a rotated
+    /// Kubernetes Secret or systemd credential is picked up without a restart).
+    pub admin_key_file: Option<std::path::PathBuf>,
 }
 
 /// One slot's result in a cycle.
@@ -130,6 +133,9 @@ impl CycleReport {
 pub struct Engine {
     pub client: Client,
     pub stores: BTreeMap<String, DynStore>,
+    /// Stores that could not be connected when the engine was built: their slots fail
+    /// until the daemon builds an engine that reaches them (at the next cycle).
+    pub unavailable: Vec<String>,
     pub rules: Vec<Rule>,
     pub policy: PolicyConfig,
     pub settings: Settings,
@@ -210,6 +216,7 @@ impl Engine {
             dry_run = self.settings.dry_run,
             "rotation cycle started"
         );
+        self.reread_admin_key_file();
         // Before the scan, so the scan already runs on a key another replica rotated.
         match crate::admin_key::maybe_rotate(self).await {
             Ok(r) => report.admin_key = Some(r),
@@ -355,6 +362,25 @@ impl Engine {
             "rotation cycle finished"
         );
         report
+    }
+
+    /// Switches the client to the key now in `openai.admin_key_file` when it changed.
+    /// A file that cannot be read keeps the key in use (a Secret being swapped, a
+    /// credential not mounted yet) and says so.
+    fn reread_admin_key_file(&self) {
+        let Some(path) = &self.settings.admin_key_file else {
+            return;
+        };
+        match crate::config::read_secret_file(path) {
+            Ok(key) if !self.client.uses_admin_key(&key) => {
+                self.client.set_admin_key(key);
+                info!(event = "admin_key.reloaded", source = "file", path = %path.display(), "openai.admin_key_file changed; using the new admin key");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(event = "admin_key.reload_failed", source = "file", error = %e, "cannot re-read openai.admin_key_file; carrying on with the admin key in use");
+            }
+        }
     }
 
     fn record_key_metrics(&self, inv: &Inventory, plan: &Plan, now: DateTime<Utc>) {

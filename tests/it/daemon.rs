@@ -433,21 +433,25 @@ async fn journald_format_writes_native_fields_or_falls_back_to_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loop_cycles_until_its_shutdown_signal_and_returns_in_time() {
     let w = World::new(scenario(71), Stores::File, "").await;
-    let engine = Arc::new(w.engine(false).await);
     let shutdown_timeout = Duration::from_secs(5);
-    let opts = keyrotd::daemon::RunOptions {
-        schedule: "* * * * * *".into(),
-        run_on_start: true,
-        listen: None,
-        shutdown_timeout,
-    };
+    let mut cfg = w.config();
+    cfg.daemon.schedule = "* * * * * *".into();
+    cfg.daemon.run_on_start = true;
+    cfg.daemon.listen = None;
+    cfg.daemon.shutdown_timeout = shutdown_timeout;
+    let d = crate::lifecycle::daemon_on(&w, cfg, None);
+    let shared = d.shared.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(keyrotd::daemon::run(engine.clone(), opts, async {
-        let _ = stopped.await;
-    }));
+    let daemon = tokio::spawn(keyrotd::daemon::run(
+        d,
+        async {
+            let _ = stopped.await;
+        },
+        Arc::new(tokio::sync::Notify::new()),
+    ));
     // The start-up cycle, then at least one from the schedule (one tick a second).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while engine.metrics.cycles(true) < 2 {
+    while shared.metrics.cycles(true) < 2 {
         assert!(
             !daemon.is_finished(),
             "the daemon returned before its signal"
@@ -455,13 +459,13 @@ async fn the_loop_cycles_until_its_shutdown_signal_and_returns_in_time() {
         assert!(
             Instant::now() < deadline,
             "fewer than two cycles in 20 s: {} ok, {} failed",
-            engine.metrics.cycles(true),
-            engine.metrics.cycles(false)
+            shared.metrics.cycles(true),
+            shared.metrics.cycles(false)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(engine.metrics.cycles(false), 0);
-    assert!(!engine.shutdown.is_cancelled());
+    assert_eq!(shared.metrics.cycles(false), 0);
+    assert!(!shared.shutdown.is_cancelled());
 
     let asked = Instant::now();
     stop.send(()).unwrap();
@@ -472,18 +476,19 @@ async fn the_loop_cycles_until_its_shutdown_signal_and_returns_in_time() {
     returned.expect("a clean shutdown");
     assert!(asked.elapsed() < shutdown_timeout);
     assert!(
-        engine.shutdown.is_cancelled(),
+        shared.shutdown.is_cancelled(),
         "in-flight work was told to stop"
     );
 
     // The cycles did their work, and none runs once it has returned.
+    let engine = w.engine(false).await;
     let states = w.store_states(&engine).await;
     crate::e2e::assert_i1(&w, &states);
     assert!(states.values().any(|s| s.current.is_some()), "{states:?}");
-    let cycles = engine.metrics.cycles(true);
+    let cycles = shared.metrics.cycles(true);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
-        engine.metrics.cycles(true),
+        shared.metrics.cycles(true),
         cycles,
         "a cycle after shutdown"
     );

@@ -24,6 +24,7 @@ mod fuzz_api;
 mod fuzz_config;
 mod hygiene;
 mod identity;
+mod lifecycle;
 mod metrics;
 mod moves;
 mod notify;
