@@ -61,6 +61,7 @@ struct Inner {
     cycles: BTreeMap<&'static str, u64>,
     slot_failures: u64,
     slot_collisions: u64,
+    slot_busy: u64,
     still_in_use: u64,
 }
 
@@ -100,6 +101,15 @@ impl Metrics {
 
     pub fn slot_collisions(&self) -> u64 {
         self.with(|m| m.slot_collisions)
+    }
+
+    /// A slot skipped because another live process holds its lease (`rotation.busy`).
+    pub fn slot_busy(&self) {
+        self.with(|m| m.slot_busy += 1);
+    }
+
+    pub fn slots_busy(&self) -> u64 {
+        self.with(|m| m.slot_busy)
     }
 
     /// Replaces the per-verdict key counts and the oldest key age after a scan.
@@ -221,6 +231,13 @@ impl Metrics {
                 "keyrotd_slot_collisions_total {}",
                 m.slot_collisions
             );
+            family(
+                &mut out,
+                "keyrotd_slot_busy_total",
+                "counter",
+                "Slot runs skipped because another live process holds the slot's lease.",
+            );
+            let _ = writeln!(out, "keyrotd_slot_busy_total {}", m.slot_busy);
             family(
                 &mut out,
                 "keyrotd_key_still_in_use_total",

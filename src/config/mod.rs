@@ -223,7 +223,7 @@ impl Default for PolicyConfig {
             key_expiry: KeyExpiry(None),
             expiry_warning: Duration::from_secs(7 * 86400),
             orphan_min_age: Duration::from_secs(3600),
-            lease: Duration::from_secs(600),
+            lease: Duration::from_secs(60),
             verify_timeout: Duration::from_secs(30),
             revoke_when: RevokeWhen::Grace,
             min_grace: Duration::from_secs(3600),

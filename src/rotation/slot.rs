@@ -719,11 +719,18 @@ impl SlotRun<'_> {
         let intent = self.states.iter().find_map(|s| s.book.intent.clone());
         if let Some(intent) = &intent {
             if intent.owner != self.my_id() && intent.lease_until > now {
-                if !super::owner_is_gone(&intent.owner) {
+                if super::owner_is_gone(&intent.owner) {
+                    info!(event = "rotation.takeover", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "the process holding the slot is gone (same host, its process id no longer exists); taking over before its lease ends");
+                } else if let Some(key_id) = self.staged_everywhere() {
+                    // Finishing a staged key mints nothing: verify and promote are
+                    // compare-and-set and idempotent, so whoever gets there first wins
+                    // and the other sees its promotion landed.
+                    info!(event = "rotation.takeover", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), key_id = %key_id, "the slot's new key is staged in every store; finishing it without waiting for its owner");
+                } else {
+                    self.eng.metrics.slot_busy();
                     info!(event = "rotation.busy", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "another live process holds the slot");
                     return Ok(Some(SlotOutcome::Busy));
                 }
-                info!(event = "rotation.takeover", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "the process holding the slot is gone (same host, its process id no longer exists); taking over before its lease ends");
             }
         }
         // Pending records, distinct by key id.
@@ -778,6 +785,80 @@ impl SlotRun<'_> {
             self.cleanup_intent(&intent).await?;
         }
         Ok(None)
+    }
+
+    /// The key id pending in every store of the slot (staged everywhere, or already
+    /// current in some), if there is one.
+    fn staged_everywhere(&self) -> Option<String> {
+        let key_id = self
+            .states
+            .iter()
+            .find_map(|s| s.pending.as_ref())?
+            .key_id
+            .clone();
+        let everywhere = self.states.iter().all(|s| {
+            s.pending.as_ref().is_some_and(|p| p.key_id == key_id)
+                || s.current.as_ref().is_some_and(|c| c.key_id == key_id)
+        });
+        everywhere.then_some(key_id)
+    }
+
+    /// Extends this process's intent in every store that holds it when less than half
+    /// its lease is left, so a slow step (a mint retried through 429s, a long
+    /// verification) does not hand the slot to another process mid-rotation while the
+    /// lease itself stays short (a dead owner on another host delays its slot by one
+    /// lease at most).
+    ///
+    /// `Ok(false)`: the slot changed under us (another process finished this rotation
+    /// or took the slot over); the caller stops and leaves the slot to it.
+    async fn renew_lease(&mut self) -> SlotResult<bool> {
+        let now = self.now();
+        let lease =
+            chrono::Duration::from_std(self.eng.policy.lease).unwrap_or(chrono::Duration::MAX);
+        for i in 0..self.stores.len() {
+            let Some(intent) = self.states[i].book.intent.clone() else {
+                continue;
+            };
+            if intent.owner != self.my_id() || intent.lease_until - now > lease / 2 {
+                continue;
+            }
+            let renewed = Intent {
+                lease_until: now + lease,
+                ..intent
+            };
+            match self.apply(i, &Transition::Intent(renewed.clone())).await {
+                Ok(()) => {}
+                Err(e) if e.kind == StoreErrorKind::Conflict => {
+                    let (_, store) = &self.stores[i];
+                    self.states[i] = store.read(&self.state_keys[i]).await?;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            debug!(event = "rotation.lease_renewed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, lease_until = %renewed.lease_until.to_rfc3339(), "renewed the slot's lease");
+        }
+        Ok(true)
+    }
+
+    /// The slot changed while this process was finishing `key_id` (its lease renewal
+    /// lost the check-and-set): another process finished the rotation, which is done,
+    /// or took the slot over, which is its to finish. Either way this run stops.
+    async fn finished_elsewhere(&mut self, key_id: &str) -> SlotResult<SlotOutcome> {
+        for i in 0..self.stores.len() {
+            let (_, store) = &self.stores[i];
+            self.states[i] = store.read(&self.state_keys[i]).await?;
+        }
+        let landed = self
+            .states
+            .iter()
+            .all(|s| s.current.as_ref().is_some_and(|c| c.key_id == key_id));
+        if landed {
+            info!(event = "rotation.finished_elsewhere", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, outcome = "completed", "another process finished this rotation");
+        } else {
+            self.eng.metrics.rotation(RotationOutcome::Conflict);
+            info!(event = "rotation.conflict", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, outcome = "conflict", "another process took the slot over; leaving the rotation to it");
+        }
+        Ok(SlotOutcome::Busy)
     }
 
     /// Revokes a key minted under `intent` whose value was never recorded, then drops
@@ -1010,6 +1091,14 @@ impl SlotRun<'_> {
             managed_by: MANAGED_BY.to_string(),
         };
         // The key now exists: it is staged even if shutdown was requested meanwhile.
+        if !self.renew_lease().await? {
+            // Our lease ran out during the mint and another process has the slot: the
+            // key was never stored anywhere, so it goes now.
+            let _ = self.revoke(&created.id, "lost_lease").await;
+            self.eng.metrics.rotation(RotationOutcome::Conflict);
+            info!(event = "rotation.conflict", project_id = %self.slot.project_id, service_account_id = %sa_id, key_id = %created.id, outcome = "conflict", "lost the slot's lease while minting; revoked the unstored key");
+            return Ok(SlotOutcome::Busy);
+        }
         self.keys.push(listing_of(
             &created,
             &sa_id,
@@ -1167,6 +1256,9 @@ impl SlotRun<'_> {
                 info!(event = "secret.staged", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
             }
         }
+        if !self.renew_lease().await? {
+            return self.finished_elsewhere(&key_id).await;
+        }
         if self.rule.verify {
             if let Err(reason) = self.verify(&record.api_key).await? {
                 warn!(event = "key.verify_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "failed", reason = %reason, "new key never verified; revoking it");
@@ -1178,6 +1270,9 @@ impl SlotRun<'_> {
             info!(event = "key.verified", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "ok", "new key works");
         }
         failpoint!("after_verify");
+        if !self.renew_lease().await? {
+            return self.finished_elsewhere(&key_id).await;
+        }
         let at = self.now();
         let t = Transition::Promote {
             key_id: key_id.clone(),
@@ -1258,14 +1353,32 @@ impl SlotRun<'_> {
             // is, so a later rename or store move knows the path to keep and retire.
             let retire_after =
                 self.now() + chrono::Duration::from_std(self.rule.grace_period).unwrap_or_default();
-            self.apply(
-                i,
-                &Transition::Relocate {
-                    to: self.slot.path.clone(),
-                    retire_after,
-                },
-            )
-            .await?;
+            let t = Transition::Relocate {
+                to: self.slot.path.clone(),
+                retire_after,
+            };
+            match self.apply(i, &t).await {
+                Ok(()) => {}
+                Err(e) if e.kind == StoreErrorKind::Conflict => {
+                    // Another process finishing the same key recorded it first.
+                    let (name, store) = &self.stores[i];
+                    let now = store.read(&self.state_keys[i]).await?;
+                    let landed = now
+                        .book
+                        .locations
+                        .iter()
+                        .any(|l| l.path == self.slot.path && l.retire_after.is_none());
+                    self.states[i] = now;
+                    if !landed {
+                        self.eng.metrics.rotation(RotationOutcome::Failed);
+                        return Err(SlotError::Other(format!(
+                            "store {name:?} changed while recording {:?}; the stores will be reconciled next cycle",
+                            self.slot.path
+                        )));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         for d in 0..self.docs[i].len() {
             let has = self.docs[i][d]
