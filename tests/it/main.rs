@@ -13,6 +13,7 @@ mod harness;
 mod store_support;
 
 mod admin_key;
+mod chaos;
 mod check_config;
 mod config_errors;
 mod cores;
