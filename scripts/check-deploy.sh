@@ -4,6 +4,8 @@
 #   systemd    systemd-analyze security --offline (exposure <= 1.5) and verify
 #   kubernetes kubectl kustomize of both variants, then the rendered objects
 #   prometheus promtool check rules / test rules; the dashboard's queries parse
+#   metrics    every metric the rules and the dashboard name is one the binary exports
+#              (scraped from `keyrotd run` against `keyrotd sim` after one cycle)
 #   vault      the policy, applied on an OpenBao dev server, allows exactly what
 #              keyrotd does and denies the rest
 #   aws        the IAM policy parses and names only the Secrets Manager actions
@@ -16,7 +18,10 @@
 # A check whose tool cannot be had is SKIPped, or FAILs when CI=true.
 #
 # Usage: scripts/check-deploy.sh          (from anywhere; exit 0 only if all pass)
-# Env:   KEYROTD_BIN  keyrotd binary for check-config (default: target/{release,debug})
+# Env:   KEYROTD_BIN  keyrotd binary for check-config and the metrics check (default:
+#                     built here with scripts/test's flags, `cargo build --locked
+#                     --features failpoints`, so it is never stale; without cargo,
+#                     target/{release,debug}/keyrotd)
 #        CI=true      missing tools fail instead of skipping
 set -euo pipefail
 
@@ -31,12 +36,20 @@ SKIPPED=0
 TMP="$(mktemp -d)"
 CREATED_POLICY_RC=0
 BAO_PID=""
+SIM_PID=""
+RUN_PID=""
+
+# stop PID: ends a process this script started, and reaps it.
+stop() {
+    [ -n "$1" ] || return 0
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
 
 cleanup() {
-    if [ -n "$BAO_PID" ]; then
-        kill "$BAO_PID" 2>/dev/null || true
-        wait "$BAO_PID" 2>/dev/null || true
-    fi
+    stop "$BAO_PID"
+    stop "$RUN_PID"
+    stop "$SIM_PID"
     if [ "$CREATED_POLICY_RC" = 1 ]; then
         rm -f /usr/sbin/policy-rc.d
     fi
@@ -45,6 +58,10 @@ cleanup() {
 trap cleanup EXIT
 
 say() { printf 'check-deploy: %s\n' "$*" >&2; }
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 pass() {
     printf 'PASS  %s\n' "$1"
@@ -336,6 +353,47 @@ else
     unavailable "kubernetes" "kubectl not found and package kubernetes-client not installable"
 fi
 
+# --- the keyrotd binary ------------------------------------------------------------------
+
+find_keyrotd() {
+    local b
+    for b in "${KEYROTD_BIN:-}" target/release/keyrotd target/debug/keyrotd "$(command -v keyrotd 2>/dev/null || true)"; do
+        if [ -n "$b" ] && [ -x "$b" ]; then
+            printf '%s\n' "$b"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# KEYROTD: the binary the checks run, or empty with KEYROTD_MISSING saying why.
+# $KEYROTD_BIN when set (scripts/test passes the one its cargo test just built); else
+# built here with scripts/test's flags (a no-op when that build is current), so the
+# metrics check never scrapes a stale binary; only without cargo the newest found.
+KEYROTD=""
+KEYROTD_MISSING=""
+if [ -n "${KEYROTD_BIN:-}" ]; then
+    if [ -x "$KEYROTD_BIN" ]; then
+        KEYROTD=$KEYROTD_BIN
+    else
+        KEYROTD_MISSING="KEYROTD_BIN=$KEYROTD_BIN is not an executable"
+    fi
+elif command -v cargo >/dev/null 2>&1; then
+    say "cargo build --locked --features failpoints (set KEYROTD_BIN to skip)"
+    if CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}" cargo build --locked --features failpoints --quiet \
+        >"$TMP/cargo.log" 2>&1; then
+        KEYROTD="${CARGO_TARGET_DIR:-$ROOT/target}/debug/keyrotd"
+    else
+        tail -n 20 "$TMP/cargo.log" >&2
+        KEYROTD_MISSING="cargo build failed"
+    fi
+elif KEYROTD="$(find_keyrotd)"; then
+    say "no cargo: using $KEYROTD as found (it may be older than the source)"
+else
+    KEYROTD=""
+    KEYROTD_MISSING="no keyrotd binary (build it first, or set KEYROTD_BIN)"
+fi
+
 # --- prometheus and grafana -------------------------------------------------------------
 
 dashboard_queries() {
@@ -393,12 +451,208 @@ else
     unavailable "prometheus" "promtool not found and package prometheus not installable"
 fi
 
+# --- metric names ------------------------------------------------------------------------
+
+# Metrics the rules and the dashboard may name that keyrotd does not export: the
+# scrape's own `up`, and the kube-state-metrics series KeyrotdCronJobFailing reads.
+EXTERNAL_METRICS=(up kube_job_owner kube_job_status_failed kube_job_status_start_time)
+
+# scrape_keyrotd BIN OUT: serves `keyrotd sim`, runs `keyrotd run` against it (a file
+# store, daemon.listen on a free loopback port, the first cycle on start), waits until
+# that cycle has finished and saves /metrics to OUT.
+scrape_keyrotd() {
+    local bin=$1 out=$2 dir="$TMP/scrape" sim_port port key=sk-admin-check-deploy-0123456789
+    mkdir -p "$dir"
+    sim_port="$(free_port)"
+    port="$(free_port)"
+    "$bin" --log-format json sim --listen "127.0.0.1:$sim_port" --admin-key "$key" \
+        --scenario projects=3,service_accounts=2,keys_per_sa=1,stale=0.5,seed=5 \
+        >"$dir/sim.out" 2>"$dir/sim.err" &
+    SIM_PID=$!
+    cat >"$dir/keyrotd.toml" <<EOF
+[daemon]
+listen = "127.0.0.1:$port"
+schedule = "0 0 0 1 1 *"
+run_on_start = true
+[openai]
+base_url = "http://127.0.0.1:$sim_port/v1"
+admin_key_env = "KEYROTD_CHECK_ADMIN_KEY"
+[policy]
+max_age = "90d"
+verify_timeout = "5s"
+[stores.local]
+type = "file"
+dir = "$dir/secrets"
+[[rotate]]
+name = "prod"
+project = "prod-*"
+service_account = "*"
+stores = ["local"]
+path = "openai/{project_name}/{service_account_name}"
+EOF
+    local rc=0
+    python3 - "http://127.0.0.1:$sim_port/v1/organization/projects" 30 <<'PY' || rc=$?
+import sys, time, urllib.error, urllib.request
+url, limit = sys.argv[1], float(sys.argv[2])
+deadline = time.time() + limit
+while True:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        break
+    except urllib.error.HTTPError:
+        break  # it answers (401 without the key): up
+    except OSError:
+        if time.time() > deadline:
+            sys.exit("keyrotd sim did not start")
+        time.sleep(0.1)
+PY
+    if [ "$rc" -ne 0 ]; then
+        stop "$SIM_PID"
+        SIM_PID=""
+        tail -n 5 "$dir/sim.err"
+        return 1
+    fi
+    env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD_CHECK_ADMIN_KEY="$key" \
+        "$bin" --log-format json --config "$dir/keyrotd.toml" run 2>"$dir/run.log" &
+    RUN_PID=$!
+    python3 - "http://127.0.0.1:$port/metrics" "$out" 60 <<'PY' || rc=$?
+import sys, time, urllib.request
+url, out, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
+deadline = time.time() + limit
+while True:
+    try:
+        text = urllib.request.urlopen(url, timeout=2).read().decode()
+    except OSError:
+        text = ""
+    if 'keyrotd_cycles_total{result="ok"} 1\n' in text:
+        open(out, "w").write(text)
+        break
+    if 'keyrotd_cycles_total{result="failed"} 1\n' in text:
+        sys.exit("the first cycle failed")
+    if time.time() > deadline:
+        sys.exit(f"no finished cycle in /metrics after {limit:.0f} s")
+    time.sleep(0.2)
+PY
+    stop "$RUN_PID"
+    RUN_PID=""
+    stop "$SIM_PID"
+    SIM_PID=""
+    if [ "$rc" -ne 0 ]; then
+        grep -v '"level":"INFO"' "$dir/run.log" | tail -n 10
+        return 1
+    fi
+}
+
+# Every metric name in the rules' expressions and the dashboard's queries (panel
+# targets, variable queries) is one the binary exports (its `# TYPE` lines; a histogram
+# or summary adds _bucket/_sum/_count), a recording rule's name, or an allowed external.
+metric_names() {
+    # `check` runs this in a subshell: the script's cleanup never sees these pids.
+    trap 'stop "$RUN_PID"; stop "$SIM_PID"' EXIT
+    scrape_keyrotd "$KEYROTD" "$TMP/metrics.txt" || return 1
+    python3 - "$TMP/metrics.txt" deploy/prometheus/keyrotd-rules.yaml deploy/grafana/keyrotd.json \
+        "${EXTERNAL_METRICS[@]}" <<'PY'
+import json, re, sys, yaml
+
+scrape, rules_file, dashboard_file, *externals = sys.argv[1:]
+
+exported = set()
+for line in open(scrape):
+    m = re.match(r"# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (\w+)$", line.strip())
+    if m:
+        name, kind = m.groups()
+        exported.add(name)
+        if kind == "histogram":
+            exported |= {name + "_bucket", name + "_sum", name + "_count"}
+        elif kind == "summary":
+            exported |= {name + "_sum", name + "_count"}
+assert exported, f"no # TYPE lines in the scrape ({scrape})"
+
+KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
+            "group_right", "bool", "offset", "atan2", "inf", "nan"}
+
+def names(expr):
+    """Metric names a PromQL expression selects (functions, keywords, label names,
+    strings, durations and Grafana variables left out)."""
+    e = re.sub(r"\$\{[^}]*\}|\$\w+", "1", expr)
+    found = set(re.findall(r'__name__\s*=\s*"([^"]*)"', e))
+    e = re.sub(r'"(?:\\.|[^"\\])*"' r"|'(?:\\.|[^'\\])*'|`[^`]*`", '""', e)
+    e = re.sub(r"\{[^{}]*\}", " ", e)           # label matchers
+    e = re.sub(r"\[[^\[\]]*\]", " ", e)         # ranges, subqueries
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", e)
+    for m in re.finditer(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", e):
+        word, call = m.groups()
+        if not call and word.lower() not in KEYWORDS:
+            found.add(word)
+    return found
+
+exprs = []   # (where, expr)
+records = set()
+for g in yaml.safe_load(open(rules_file))["groups"]:
+    for r in g["rules"]:
+        if "record" in r:
+            records.add(r["record"])
+        exprs.append((f"rule {r.get('alert') or r.get('record')}", r["expr"]))
+rule_count = len(exprs)
+
+def panels(ps):
+    for p in ps:
+        yield p
+        yield from panels(p.get("panels", []))
+
+d = json.load(open(dashboard_file))
+for p in panels(d.get("panels", [])):
+    for t in p.get("targets", []):
+        if t.get("expr"):
+            exprs.append((f"dashboard panel {p.get('title')!r}", t["expr"]))
+for v in d.get("templating", {}).get("list", []):
+    if v.get("type") != "query":
+        continue
+    q = v.get("query")
+    q = q.get("query", "") if isinstance(q, dict) else (q or "")
+    m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", q) or \
+        re.fullmatch(r"\s*query_result\((.*)\)\s*", q)
+    if m:
+        exprs.append((f"dashboard variable {v['name']}", m.group(1)))
+    elif not re.fullmatch(r"\s*label_values\(\s*\w+\s*\)\s*", q):
+        exprs.append((f"dashboard variable {v['name']}", q))
+
+known = exported | records | set(externals)
+unknown, named, empty = [], set(), []
+for where, e in exprs:
+    ns = names(e)
+    if not ns and where.startswith("rule "):
+        empty.append(where)
+    named |= ns
+    unknown += [f"{where}: {n} is not exported by keyrotd" for n in sorted(ns - known)]
+if empty:
+    unknown.append(f"no metric found in {', '.join(empty)} (is the extraction broken?)")
+if unknown:
+    print("\n".join(unknown))
+    print(f"exported: {' '.join(sorted(exported))}")
+    print(f"allowed externals (EXTERNAL_METRICS in this script): {' '.join(externals)}")
+    sys.exit(1)
+slots = re.search(r'^keyrotd_slots\{state="ok"\} (\S+)$', open(scrape).read(), re.M)
+print(f"{len(named)} metrics in {rule_count} rules and {len(exprs) - rule_count} dashboard queries, "
+      f"all exported ({len(exported)} names scraped after one cycle, "
+      f"keyrotd_slots{{state=\"ok\"}} {slots.group(1) if slots else 'absent'}) or external")
+PY
+}
+
+if [ -z "$KEYROTD" ]; then
+    unavailable "metrics: rules and dashboard name exported metrics" "$KEYROTD_MISSING"
+elif ! have_pyyaml; then
+    unavailable "metrics: rules and dashboard name exported metrics" "python3 cannot import yaml (PyYAML)"
+else
+    check "metrics: rules and dashboard name exported metrics" metric_names
+fi
+
 # --- vault --------------------------------------------------------------------------------
 
 # Applies the policy on an OpenBao dev server and exercises it the way keyrotd does.
 vault_policy() {
     local bao=$1 port
-    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    port="$(free_port)"
     "$bao" server -dev -dev-root-token-id=root -dev-listen-address="127.0.0.1:$port" \
         -log-level=warn >"$TMP/bao.log" 2>&1 &
     BAO_PID=$!
@@ -535,17 +789,6 @@ check "aws: IAM policies parse and are scoped" iam_policy
 
 # --- example configs --------------------------------------------------------------------------
 
-find_keyrotd() {
-    local b
-    for b in "${KEYROTD_BIN:-}" target/release/keyrotd target/debug/keyrotd "$(command -v keyrotd 2>/dev/null || true)"; do
-        if [ -n "$b" ] && [ -x "$b" ]; then
-            printf '%s\n' "$b"
-            return 0
-        fi
-    done
-    return 1
-}
-
 # The example configs pass the real parser (unknown keys are errors). Secrets are files
 # mounted at deploy time: point them at a dummy here, as the units and pods do.
 check_config() {
@@ -556,12 +799,12 @@ check_config() {
     printf '%s\n' "$out" | tail -n 1
 }
 
-if bin="$(find_keyrotd)"; then
+if [ -n "$KEYROTD" ]; then
     for c in deploy/systemd/keyrotd.toml deploy/kubernetes/base/keyrotd.toml; do
-        check "config: keyrotd check-config $c" check_config "$bin" "$c"
+        check "config: keyrotd check-config $c" check_config "$KEYROTD" "$c"
     done
 else
-    unavailable "config: keyrotd check-config" "no keyrotd binary (build it first, or set KEYROTD_BIN)"
+    unavailable "config: keyrotd check-config" "$KEYROTD_MISSING"
 fi
 
 # --- docker -----------------------------------------------------------------------------------

@@ -50,6 +50,40 @@ impl RevocationOutcome {
     }
 }
 
+/// State label of `keyrotd_slots`: how a slot's run ended in the last cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SlotStatus {
+    /// The run completed: the key was fresh, or a new key was verified (unless the
+    /// rule sets `verify = false`) and promoted.
+    Ok,
+    /// Another process holds the slot (a live intent, or it won check-and-set).
+    Busy,
+    /// `--dry-run`: the run only planned.
+    Planned,
+    /// The run ended in an error (a store or the API failing, a new key that failed
+    /// verification, a collision): keyrotd could not confirm this cycle that the
+    /// slot's stores serve a current, verified key. They keep what they served before.
+    Failed,
+}
+
+impl SlotStatus {
+    pub const ALL: [SlotStatus; 4] = [
+        SlotStatus::Ok,
+        SlotStatus::Busy,
+        SlotStatus::Planned,
+        SlotStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotStatus::Ok => "ok",
+            SlotStatus::Busy => "busy",
+            SlotStatus::Planned => "planned",
+            SlotStatus::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     keys: BTreeMap<&'static str, u64>,
@@ -63,6 +97,10 @@ struct Inner {
     slot_collisions: u64,
     slot_busy: u64,
     still_in_use: u64,
+    /// `keyrotd_slots`, as of the last finished cycle.
+    slots: BTreeMap<SlotStatus, u64>,
+    /// The running cycle's slot counts, published by `cycle_finished`.
+    slots_pending: Option<BTreeMap<SlotStatus, u64>>,
 }
 
 /// The metrics registry.
@@ -124,9 +162,27 @@ impl Metrics {
         });
     }
 
-    /// Records a finished cycle; `ok` cycles move the last-success timestamp.
+    /// The running cycle's slots by how their runs ended; `keyrotd_slots` shows them
+    /// once [`Metrics::cycle_finished`] records the cycle.
+    pub fn slots_finished(&self, statuses: impl IntoIterator<Item = SlotStatus>) {
+        let mut counts = BTreeMap::new();
+        for s in statuses {
+            *counts.entry(s).or_default() += 1;
+        }
+        self.with(|m| m.slots_pending = Some(counts));
+    }
+
+    /// Slots of the last finished cycle whose run ended in `status`.
+    pub fn slots(&self, status: SlotStatus) -> u64 {
+        self.with(|m| m.slots.get(&status).copied().unwrap_or(0))
+    }
+
+    /// Records a finished cycle; `ok` cycles move the last-success timestamp. The slot
+    /// counts reported by [`Metrics::slots_finished`] during the cycle become
+    /// `keyrotd_slots`; a cycle that ran no slots (its scan failed) sets them all to 0.
     pub fn cycle_finished(&self, duration_seconds: f64, ok: bool, now_unix: f64) {
         self.with(|m| {
+            m.slots = m.slots_pending.take().unwrap_or_default();
             m.cycle_duration_seconds = Some(duration_seconds);
             *m.cycles
                 .entry(if ok { "ok" } else { "failed" })
@@ -220,6 +276,16 @@ impl Metrics {
                 "Slots that failed a cycle.",
             );
             let _ = writeln!(out, "keyrotd_slot_failures_total {}", m.slot_failures);
+            family(
+                &mut out,
+                "keyrotd_slots",
+                "gauge",
+                "Slots of the last finished cycle by how their run ended (failed: an error, so no key was verified for the slot).",
+            );
+            for s in SlotStatus::ALL {
+                let n = m.slots.get(&s).copied().unwrap_or(0);
+                let _ = writeln!(out, "keyrotd_slots{{state=\"{}\"}} {n}", s.as_str());
+            }
             family(
                 &mut out,
                 "keyrotd_slot_collisions_total",

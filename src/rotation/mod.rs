@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{PolicyConfig, Rule, UserKeys};
-use crate::metrics::{Metrics, RevocationOutcome};
+use crate::metrics::{Metrics, RevocationOutcome, SlotStatus};
 use crate::notify::{Notice, Notifier};
 use crate::openai::models::{OwnerType, ProjectApiKey};
 use crate::openai::{ApiError, Client};
@@ -88,6 +88,18 @@ pub struct Settings {
 pub struct SlotReport {
     pub slot: Slot,
     pub outcome: Result<SlotOutcome, String>,
+}
+
+impl SlotReport {
+    /// The state label of `keyrotd_slots` for this run.
+    pub fn status(&self) -> SlotStatus {
+        match &self.outcome {
+            Ok(SlotOutcome::Fresh | SlotOutcome::Rotated { .. }) => SlotStatus::Ok,
+            Ok(SlotOutcome::Busy) => SlotStatus::Busy,
+            Ok(SlotOutcome::Planned(_)) => SlotStatus::Planned,
+            Err(_) => SlotStatus::Failed,
+        }
+    }
 }
 
 /// What one read-only pass saw: the inventory, what every slot's stores hold, and
@@ -337,6 +349,8 @@ impl Engine {
                 None => report.skipped += 1,
             }
         }
+        self.metrics
+            .slots_finished(report.slots.iter().map(SlotReport::status));
         report.slots.sort_by(|a, b| {
             a.slot
                 .path

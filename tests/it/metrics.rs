@@ -315,6 +315,7 @@ async fn metrics_health_and_readiness_follow_the_cycles() {
         "keyrotd_last_success_timestamp_seconds",
         "keyrotd_oldest_key_age_seconds",
         "keyrotd_api_requests_total",
+        "keyrotd_slots",
     ] {
         assert!(m.types.contains_key(family), "family {family} declared");
     }
@@ -440,5 +441,95 @@ async fn metrics_health_and_readiness_follow_the_cycles() {
     state.record_cycle(&report);
     assert!(!report.any_failed());
     assert_eq!(get(&client, addr, "/readyz").await.0, 200);
+    token.cancel();
+}
+
+/// `keyrotd_slots` describes the last finished cycle: every slot `ok` after a good
+/// cycle, every slot `failed` while the store is unreachable (what the store-outage
+/// alerts in deploy/prometheus watch), all zero after a cycle whose scan failed (no
+/// slot ran), and `ok` again once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_gauge_follows_the_last_cycle() {
+    let scenario = Scenario::new(32)
+        .projects(4)
+        .service_accounts_per_project(2)
+        .stale_fraction(0.5);
+    let w = World::new(scenario, Stores::File, "").await;
+    let engine = w.engine(false).await;
+    let state = HttpState::for_engine(&engine);
+    let token = CancellationToken::new();
+    let addr = serve_http("127.0.0.1:0".parse().unwrap(), state.clone(), token.clone())
+        .await
+        .expect("listener starts");
+    let client = reqwest::Client::new();
+    let slots = |m: &Exposition| -> BTreeMap<String, f64> {
+        m.family("keyrotd_slots")
+            .iter()
+            .map(|s| (s.labels["state"].clone(), s.value))
+            .collect()
+    };
+    let expect = |ok: usize, failed: usize| -> BTreeMap<String, f64> {
+        [("ok", ok), ("busy", 0), ("planned", 0), ("failed", failed)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v as f64))
+            .collect()
+    };
+
+    let m = scrape(&client, addr).await;
+    assert_eq!(
+        m.types.get("keyrotd_slots").map(String::as_str),
+        Some("gauge")
+    );
+    assert_eq!(
+        slots(&m),
+        expect(0, 0),
+        "every state present, 0 before a cycle"
+    );
+
+    let report = engine.cycle().await;
+    assert!(!report.any_failed(), "{:?}", report.slots);
+    let n = report.slots.len();
+    assert!(n >= 2, "prod slots: {n}");
+    assert_eq!(slots(&scrape(&client, addr).await), expect(n, 0));
+
+    // The file store's directory replaced by a file: every slot fails reading its
+    // state, as with Vault or AWS unreachable.
+    let secrets = w.dir.path().join("secrets");
+    let aside = w.dir.path().join("secrets.aside");
+    std::fs::rename(&secrets, &aside).unwrap();
+    std::fs::write(&secrets, b"not a directory").unwrap();
+    for cycle in 1..=2 {
+        let report = engine.cycle().await;
+        assert_eq!(
+            report.failed_slots(),
+            n,
+            "cycle {cycle}: {:?}",
+            report.slots
+        );
+        let m = scrape(&client, addr).await;
+        assert_eq!(slots(&m), expect(0, n), "cycle {cycle}");
+        assert_eq!(
+            m.get("keyrotd_slot_failures_total", &[]),
+            (cycle * n) as f64,
+            "cycle {cycle}"
+        );
+        assert_eq!(
+            m.get("keyrotd_cycles_total", &[("result", "failed")]),
+            cycle as f64
+        );
+    }
+
+    // A scan that fails runs no slot: nothing to report for any of them.
+    w.sim
+        .update_faults(|f| *f = f.clone().fail_next(Route::ListProjects, 401, 1));
+    let report = engine.cycle().await;
+    assert!(report.scan_error.is_some(), "the scan failed");
+    assert_eq!(slots(&scrape(&client, addr).await), expect(0, 0));
+
+    std::fs::remove_file(&secrets).unwrap();
+    std::fs::rename(&aside, &secrets).unwrap();
+    let report = engine.cycle().await;
+    assert!(!report.any_failed(), "{:?}", report.slots);
+    assert_eq!(slots(&scrape(&client, addr).await), expect(n, 0));
     token.cancel();
 }
