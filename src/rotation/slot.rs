@@ -362,7 +362,10 @@ impl SlotRun<'_> {
         let dry = self.eng.settings.dry_run;
         for i in 0..self.stores.len() {
             if self.stores[i].1.layout() != Layout::Separate {
-                self.copy_sibling_key(i, now).await?;
+                if !self.adopt_former_secret(i, now, grace).await? {
+                    self.copy_sibling_key(i, now).await?;
+                }
+                self.retire_former_secret(i, now).await?;
                 continue;
             }
             let store = self.stores[i].0.clone();
@@ -498,6 +501,89 @@ impl SlotRun<'_> {
         self.apply(i, &Transition::Stage(rec)).await?;
         self.apply(i, &Transition::Promote { key_id, at: now })
             .await?;
+        Ok(())
+    }
+
+    /// A store keeping its state beside the consumer value (AWS) that holds nothing at
+    /// the slot's path, while a secret of the same project under another name serves
+    /// the slot's live key: the slot was renamed (project, account, or the rule's
+    /// `path`). The new secret gets that key (no mint) and records the former one,
+    /// which keeps serving it until the grace period ends ([`Self::retire_former_secret`]).
+    /// `Ok(true)` when adopted (or, in a dry run, planned).
+    async fn adopt_former_secret(
+        &mut self,
+        i: usize,
+        now: DateTime<Utc>,
+        grace: chrono::Duration,
+    ) -> SlotResult<bool> {
+        if !self.states[i].is_empty() {
+            return Ok(false);
+        }
+        let (name, store) = (self.stores[i].0.clone(), self.stores[i].1.clone());
+        let mut found = None;
+        for path in store.find_by_project(&self.slot.project_id).await? {
+            if path == self.slot.path {
+                continue;
+            }
+            let st = store.read(&path).await?;
+            let Some(cur) = st.current else { continue };
+            if self.ours(&cur) && self.live(&cur.key_id) && st.book.intent.is_none() {
+                found = Some((path, cur));
+                break;
+            }
+        }
+        let Some((from, rec)) = found else {
+            return Ok(false);
+        };
+        info!(event = "slot.moved", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %name, from = %from, to = %self.slot.path, key_id = %rec.key_id, "the slot's secret was renamed: serving the same key under the new name; the former secret keeps it until the grace period ends");
+        if self.eng.settings.dry_run {
+            self.planned.push(format!(
+                "serve {} at {} in {name}",
+                rec.key_id, self.slot.path
+            ));
+            return Ok(true);
+        }
+        let mut st = SlotState {
+            current: Some(rec),
+            ..SlotState::default()
+        };
+        // A fresh grace clock: whatever the former secret was retiring gets a full
+        // grace period from the move before the orphan sweep may take it.
+        st.book.promoted_at = Some(now);
+        st.book.locations = vec![Location {
+            path: from,
+            retire_after: Some(now + grace),
+        }];
+        self.apply(i, &Transition::Import(Box::new(st))).await?;
+        Ok(true)
+    }
+
+    /// Deletes the former secret of a renamed AWS slot once its grace period is over
+    /// (only if it still serves this slot's key, or nothing), then forgets it.
+    async fn retire_former_secret(&mut self, i: usize, now: DateTime<Utc>) -> SlotResult<()> {
+        let due: Vec<String> = self.states[i]
+            .book
+            .locations
+            .iter()
+            .filter(|l| l.path != self.slot.path && l.retire_after.is_some_and(|t| t <= now))
+            .map(|l| l.path.clone())
+            .collect();
+        for path in due {
+            let (name, store) = (self.stores[i].0.clone(), self.stores[i].1.clone());
+            if self.eng.settings.dry_run {
+                self.planned
+                    .push(format!("delete the former secret {path} in {name}"));
+                continue;
+            }
+            let former = store.read(&path).await?;
+            let mine = former.current.as_ref().is_none_or(|r| self.ours(r))
+                && former.book.intent.is_none();
+            if mine {
+                store.remove(&path, &former.version).await?;
+            }
+            info!(event = "location.retired", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %name, path = %path, removed = mine, "the grace period of a former secret is over");
+            self.apply(i, &Transition::DropLocation { path }).await?;
+        }
         Ok(())
     }
 

@@ -110,6 +110,15 @@ const TAG_INTENT_SA: &str = "keyrotd:intent-service-account-id";
 const TAG_PROMOTED_KEY_ID: &str = "keyrotd:promoted-key-id";
 const TAG_PROMOTED_AT: &str = "keyrotd:promoted-at";
 const TAG_RETIRED_KEY_ID: &str = "keyrotd:retired-key-id";
+/// The project of the keys the secret serves: how a renamed slot finds the secret it
+/// was served from ([`SecretStore::find_by_project`]).
+const TAG_PROJECT_ID: &str = "keyrotd:project-id";
+/// A former path of the slot (a rename), still serving the slot's key to consumers
+/// until `keyrotd:former-retire-after`, then deleted (`book.locations`).
+const TAG_FORMER_PATH: &str = "keyrotd:former-path";
+const TAG_FORMER_RETIRE_AFTER: &str = "keyrotd:former-retire-after";
+/// How long a deleted former secret can still be restored (`RestoreSecret`).
+const FORMER_RECOVERY_DAYS: i64 = 7;
 const INTENT_TAGS: [&str; 5] = [
     TAG_INTENT_KEY_NAME,
     TAG_INTENT_OWNER,
@@ -465,6 +474,19 @@ impl AwsStore {
                 })?);
             }
         }
+        if let Some(former) = d.tag(TAG_FORMER_PATH) {
+            let at = d.tag(TAG_FORMER_RETIRE_AFTER).map(decode_tag);
+            let retire_after = at.as_deref().and_then(parse_time).ok_or_else(|| {
+                self.err(
+                    StoreErrorKind::InvalidData,
+                    format!("secret {path:?}: bad or missing tag {TAG_FORMER_RETIRE_AFTER}"),
+                )
+            })?;
+            book.locations.push(Location {
+                path: decode_tag(former),
+                retire_after: Some(retire_after),
+            });
+        }
         let state = SlotState {
             current,
             pending,
@@ -604,7 +626,14 @@ impl AwsStore {
             return Ok(()); // already staged (or already current)
         }
         if !d.exists {
-            self.create(path, vec![self.managed_tag()]).await?;
+            self.create(
+                path,
+                vec![
+                    self.managed_tag(),
+                    self.tag(TAG_PROJECT_ID, &rec.project_id)?,
+                ],
+            )
+            .await?;
         }
         if d.current.is_none() {
             // The first version of a secret always becomes AWSCURRENT: make that a
@@ -636,8 +665,12 @@ impl AwsStore {
             self.move_stage(path, PENDING, after.pending_holder(), Some(&token))
                 .await?;
         }
-        if !d.tags.contains_key(TAG_MANAGED_BY) {
-            self.put_tags(path, vec![self.managed_tag()]).await?;
+        if !d.tags.contains_key(TAG_MANAGED_BY) || d.tag(TAG_PROJECT_ID).is_none() {
+            let tags = vec![
+                self.managed_tag(),
+                self.tag(TAG_PROJECT_ID, &rec.project_id)?,
+            ];
+            self.put_tags(path, tags).await?;
         }
         Ok(())
     }
@@ -683,6 +716,50 @@ impl AwsStore {
         }
         tags.push(self.managed_tag());
         self.put_tags(path, tags).await
+    }
+
+    /// `Import` into a secret that serves nothing yet (a renamed slot adopting the key
+    /// its former secret serves): the former location's tags first (so a crash leaves
+    /// the former path known), then the key staged and promoted with the state's grace
+    /// clock. Only the current key and one former location are carried over.
+    async fn import(
+        &self,
+        path: &str,
+        state: &SlotState,
+        d: &Described,
+        st: &SlotState,
+    ) -> StoreResult<()> {
+        if state.current.is_some() {
+            return Err(self.err(
+                StoreErrorKind::Conflict,
+                format!("secret {path:?} already serves a key; nothing imported"),
+            ));
+        }
+        let Some(rec) = &st.current else {
+            return Ok(());
+        };
+        let mut tags = vec![
+            self.managed_tag(),
+            self.tag(TAG_PROJECT_ID, &rec.project_id)?,
+        ];
+        if let Some(l) = st.book.locations.iter().find(|l| l.path != path) {
+            let at = l.retire_after.unwrap_or_else(Utc::now);
+            tags.push(self.tag(TAG_FORMER_PATH, &l.path)?);
+            tags.push(self.tag(
+                TAG_FORMER_RETIRE_AFTER,
+                &at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            )?);
+        }
+        if d.exists {
+            self.put_tags(path, tags).await?;
+        } else {
+            self.create(path, tags).await?;
+        }
+        let (_, d) = self.read_described(path).await?;
+        self.stage(path, &d, rec).await?;
+        let (staged, d) = self.read_described(path).await?;
+        let at = st.book.promoted_at.unwrap_or_else(Utc::now);
+        self.promote(path, &staged, &d, &rec.key_id, at).await
     }
 
     async fn abandon(&self, path: &str, d: &Described) -> StoreResult<()> {
@@ -747,14 +824,9 @@ impl SecretStore for AwsStore {
         state
             .apply(t)
             .map_err(|e| self.err(StoreErrorKind::Conflict, format!("secret {path:?}: {e}")))?;
-        if matches!(
-            t,
-            Transition::Import(_)
-                | Transition::Relocate { .. }
-                | Transition::DropLocation { .. }
-                | Transition::Release { .. }
-        ) {
-            // Only stores with a separate state record track locations.
+        if matches!(t, Transition::Relocate { .. } | Transition::Release { .. }) {
+            // Only stores with a separate state record track moves this way; here a
+            // move is an `Import` into the new secret naming the former one.
             return Err(self.err(
                 StoreErrorKind::InvalidConfig,
                 format!("secret {path:?}: {t:?} needs a separate state record"),
@@ -779,10 +851,15 @@ impl SecretStore for AwsStore {
                 self.put_tags(path, vec![self.tag(TAG_RETIRED_KEY_ID, key_id)?])
                     .await?
             }
-            Transition::Import(_)
-            | Transition::Relocate { .. }
-            | Transition::DropLocation { .. }
-            | Transition::Release { .. } => {}
+            Transition::Import(st) => self.import(path, &state, &d, st).await?,
+            Transition::DropLocation { .. } => {
+                let tags = vec![
+                    self.tag(TAG_FORMER_PATH, "")?,
+                    self.tag(TAG_FORMER_RETIRE_AFTER, "")?,
+                ];
+                self.put_tags(path, tags).await?
+            }
+            Transition::Relocate { .. } | Transition::Release { .. } => {}
         }
         let (after, _) = self.read_described(path).await?;
         // Tag-only writes are not compare-and-set: detect a concurrent writer after the fact.
@@ -794,6 +871,9 @@ impl SecretStore for AwsStore {
             }
             Transition::Promote { key_id, .. } => {
                 after.current.as_ref().map(|c| &c.key_id) != Some(key_id)
+            }
+            Transition::Import(st) => {
+                after.current.as_ref().map(|c| &c.key_id) != st.current.as_ref().map(|c| &c.key_id)
             }
             _ => false,
         };
@@ -869,6 +949,93 @@ impl SecretStore for AwsStore {
     async fn probe_write(&self, path: &str) -> StoreResult<()> {
         self.check_name(path)?;
         self.describe(path).await.map(|_| ())
+    }
+
+    /// `ListSecrets` filtered by the `keyrotd:project-id` tag, to the last page; secrets
+    /// scheduled for deletion are left out.
+    async fn find_by_project(&self, project_id: &str) -> StoreResult<Vec<String>> {
+        use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType};
+        let Some(value) = encode_tag(project_id) else {
+            return Ok(Vec::new());
+        };
+        let filters = vec![
+            Filter::builder()
+                .key(FilterNameStringType::TagKey)
+                .values(TAG_PROJECT_ID)
+                .build(),
+            Filter::builder()
+                .key(FilterNameStringType::TagValue)
+                .values(value.clone())
+                .build(),
+        ];
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        for _page in 0..100 {
+            let r = self
+                .client
+                .list_secrets()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.clone())
+                .max_results(100)
+                .send()
+                .await
+                .map_err(|e| self.classify("list secrets by project", &e))?;
+            for s in r.secret_list() {
+                let tagged = s
+                    .tags()
+                    .iter()
+                    .any(|t| t.key() == Some(TAG_PROJECT_ID) && t.value() == Some(&value));
+                if tagged && s.deleted_date().is_none() {
+                    if let Some(name) = s.name() {
+                        out.push(name.to_string());
+                    }
+                }
+            }
+            token = r.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `DeleteSecret` with a recovery window of 7 days, if the secret is still at
+    /// `expected`; one already gone (or already scheduled for deletion) is done.
+    async fn remove(&self, path: &str, expected: &Version) -> StoreResult<()> {
+        self.check_name(path)?;
+        let d = match self.describe(path).await {
+            Ok(d) => d,
+            Err(e) if e.kind == StoreErrorKind::InvalidData => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if !d.exists {
+            return Ok(());
+        }
+        if &d.version() != expected {
+            return Err(self.err(
+                StoreErrorKind::Conflict,
+                format!("secret {path:?} changed since it was read; not deleted"),
+            ));
+        }
+        let what = format!("delete secret {path:?}");
+        match self
+            .client
+            .delete_secret()
+            .secret_id(path)
+            .recovery_window_in_days(FORMER_RECOVERY_DAYS)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = self.classify(&what, &e);
+                if e.kind == StoreErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 }
 

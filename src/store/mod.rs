@@ -501,6 +501,24 @@ pub trait SecretStore: Send + Sync + fmt::Debug {
     /// Proves keyrotd may write under `path` without disturbing a slot (writes and
     /// removes a probe next to it, or checks capabilities).
     async fn probe_write(&self, path: &str) -> StoreResult<()>;
+
+    /// Paths of the slots this store holds for `project_id` ([`Layout::WithConsumer`]
+    /// backends, which tag each slot's secret with its project): how a slot whose path
+    /// changed finds where it was served. Others keep their state by identity and
+    /// return nothing.
+    async fn find_by_project(&self, _project_id: &str) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// Removes the slot at `path` (value and state) if it is still at `expected`
+    /// ([`Layout::WithConsumer`] backends: a former path whose grace period is over).
+    async fn remove(&self, path: &str, _expected: &Version) -> StoreResult<()> {
+        Err(StoreError::new(
+            self.name(),
+            StoreErrorKind::InvalidConfig,
+            format!("{path:?}: this backend removes consumer documents with write_consumer"),
+        ))
+    }
 }
 
 pub type DynStore = Arc<dyn SecretStore>;

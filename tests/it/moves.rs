@@ -52,6 +52,15 @@ async fn served(e: &Engine, store: &str, path: &str) -> Option<SecretRecord> {
     }
 }
 
+/// Whether the AWS secret at `path` is gone: scheduled for deletion, or never there.
+async fn aws_deleted(path: &str) -> bool {
+    let sdk = crate::store_support::aws_sdk().await;
+    match sdk.describe_secret().secret_id(path).send().await {
+        Ok(d) => d.deleted_date().is_some(),
+        Err(_) => true,
+    }
+}
+
 fn key_of(r: &Option<SecretRecord>) -> Option<String> {
     r.as_ref().map(|r| r.key_id.clone())
 }
@@ -104,7 +113,7 @@ async fn rename_keeps_the_key(
             "{store} serves the same key at the new path"
         );
     }
-    for store in ["file", "vault"] {
+    for store in ["file", "vault", "aws"] {
         assert_eq!(
             key_of(&served(e, store, old).await).as_deref(),
             Some(k1.as_str()),
@@ -121,8 +130,20 @@ async fn rename_keeps_the_key(
         served(e, "file", old).await.is_some(),
         "old path inside the grace period"
     );
+    assert!(
+        !aws_deleted(old).await,
+        "old AWS secret inside the grace period"
+    );
     w.advance(HOUR);
     ok(&e.cycle().await);
+    assert!(
+        aws_deleted(old).await,
+        "aws: the old secret is deleted after the grace period"
+    );
+    assert_eq!(
+        key_of(&served(e, "aws", new).await).as_deref(),
+        Some(k1.as_str())
+    );
     for store in ["file", "vault"] {
         assert!(
             served(e, store, old).await.is_none(),
@@ -402,16 +423,18 @@ async fn a_0_1_layout_store_converts_in_one_cycle_with_no_mint_and_no_revoke() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_aws_only_slot_renamed_keeps_the_old_key_through_the_grace_period() {
-    // AWS keeps its state with the consumer secret, so a renamed project's new path
-    // starts from nothing and mints; the old secret's key must live on for the grace
-    // period (it is an orphan only once the new key has been served that long).
+async fn an_aws_only_slot_renamed_keeps_its_key_and_retires_the_old_secret() {
+    // AWS keeps its state with the consumer secret; the renamed slot finds its former
+    // secret by the project tag, serves the same key under the new name (no mint), and
+    // deletes the former secret once the grace period is over.
     let (w, p, _) = world(r#"["aws"]"#).await;
     let e = w.engine(false).await;
     let old = format!("{}/prod-orders/api", w.prefix);
     let new = format!("{}/prod-orders-us/api", w.prefix);
     ok(&e.cycle().await);
     let k1 = key_of(&served(&e, "aws", &old).await).expect("bootstrapped");
+    let minted = w.minted_live();
+    let deleted = w.sim.deleted_keys();
     w.advance(2 * HOUR); // older than orphan_min_age (1 h)
     sim_post(
         &w,
@@ -419,15 +442,31 @@ async fn an_aws_only_slot_renamed_keeps_the_old_key_through_the_grace_period() {
         serde_json::json!({"name": "prod-orders-us"}),
     )
     .await;
-    ok(&e.cycle().await);
-    let k2 = key_of(&served(&e, "aws", &new).await).expect("the new path serves a key");
-    assert_ne!(k1, k2);
-    assert_eq!(key_of(&served(&e, "aws", &old).await), Some(k1.clone()));
+    let r = e.cycle().await;
+    ok(&r);
     assert!(
-        w.sim.is_live(&k1),
-        "the old path's key is not revoked in the rename cycle"
+        !matches!(r.slots[0].outcome, Ok(SlotOutcome::Rotated { .. })),
+        "no rotation: {:?}",
+        r.slots[0].outcome
     );
+    assert_eq!(key_of(&served(&e, "aws", &new).await), Some(k1.clone()));
+    assert_eq!(key_of(&served(&e, "aws", &old).await), Some(k1.clone()));
     w.advance(HOUR / 2);
     ok(&e.cycle().await);
-    assert!(w.sim.is_live(&k1), "nor inside the grace period");
+    assert_eq!(
+        key_of(&served(&e, "aws", &old).await),
+        Some(k1.clone()),
+        "inside the grace period"
+    );
+    w.advance(HOUR);
+    ok(&e.cycle().await);
+    assert!(
+        aws_deleted(&old).await,
+        "the old secret is deleted after the grace period"
+    );
+    assert_eq!(key_of(&served(&e, "aws", &new).await), Some(k1.clone()));
+    ok(&e.cycle().await);
+    assert!(w.sim.is_live(&k1), "the served key is never revoked");
+    assert_eq!(w.minted_live(), minted, "nothing minted");
+    assert_eq!(w.sim.deleted_keys(), deleted, "nothing revoked");
 }
