@@ -476,8 +476,9 @@ async fn the_loop_cycles_until_its_shutdown_signal_and_returns_in_time() {
         "in-flight work was told to stop"
     );
 
-    // The cycles did their work, and none runs once it has returned.
-    let states = w.store_states(&engine).await;
+    // The cycles did their work, and none runs once it has returned. (Read through a
+    // fresh engine: a stopped engine's scan ends at once, `ApiError::Cancelled`.)
+    let states = w.store_states(&w.engine(true).await).await;
     crate::e2e::assert_i1(&w, &states);
     assert!(states.values().any(|s| s.current.is_some()), "{states:?}");
     let cycles = engine.metrics.cycles(true);
