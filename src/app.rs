@@ -63,6 +63,8 @@ pub fn client_config(cfg: &Config) -> ClientConfig {
         max_retries: cfg.openai.max_retries,
         max_retry_after: cfg.openai.max_retry_after,
         backoff_base: Duration::from_millis(500),
+        max_pages: cfg.openai.max_pages,
+        max_response_bytes: cfg.openai.max_response_bytes.0,
     }
 }
 
@@ -208,6 +210,7 @@ pub async fn build_engine_in(
                 .unwrap_or_else(default_instance_id),
             dry_run,
             verify_backoff: Duration::from_millis(500),
+            scan_timeout: cfg.openai.scan_timeout,
             admin_key: cfg.admin_key_store(),
             admin_key_file,
         },

@@ -51,7 +51,10 @@ fn rule_covers_project(rules: &[Rule], p: &Project) -> bool {
 /// each of its projects' keys (and service accounts where a rule covers it),
 /// `concurrency` projects at a time (plus the one project page being fetched). Fails
 /// as a whole on the first API error: a partial inventory would invent verdicts
-/// (e.g. orphans).
+/// (e.g. orphans). Each listing is bounded by the client (no cursor followed twice, at
+/// most `openai.max_pages` pages); the deadline is the caller's ([`Engine::survey`]).
+///
+/// [`Engine::survey`]: crate::rotation::Engine::survey
 pub async fn scan(
     client: &Client,
     rules: &[Rule],
@@ -62,20 +65,14 @@ pub async fn scan(
     // only after the last of them would add pages × latency to every scan.
     let (tx, rx) = futures::channel::mpsc::unbounded::<Project>();
     let pages = async move {
-        let mut after: Option<String> = None;
-        loop {
-            let (projects, next) = client
-                .list_projects_page(include_archived, after.as_deref())
-                .await?;
+        let mut pages = client.project_pages(include_archived);
+        while let Some(projects) = pages.next_page().await? {
             for p in projects {
                 // The receiver lives until the listings fail, which ends this future too.
                 let _ = tx.unbounded_send(p);
             }
-            match next {
-                Some(next) => after = Some(next),
-                None => return Ok::<_, crate::openai::ApiError>(()),
-            }
         }
+        Ok::<_, crate::openai::ApiError>(())
     };
     let listings = rx
         .map(|project| {

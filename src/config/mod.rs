@@ -101,6 +101,14 @@ pub struct OpenAiConfig {
     /// Cap on a server-requested `retry-after` wait.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
+    /// Most pages one listing (projects, one project's keys or service accounts, admin
+    /// keys) may take before it is stopped with an error naming the endpoint.
+    pub max_pages: u32,
+    /// Largest response body read, a byte count or `"8MiB"`; reading stops at the cap.
+    pub max_response_bytes: ByteSize,
+    /// Deadline of one scan of the organization (a cycle's, `plan`'s, `report`'s).
+    #[serde(with = "humantime_serde")]
+    pub scan_timeout: Duration,
     pub include_archived: bool,
     /// Keep the admin key in this store (a `[stores.<name>]`): keyrotd reads it from the
     /// record's `api_key` at `admin_key_path`, re-reads it every cycle, and may rotate
@@ -121,6 +129,79 @@ pub struct OpenAiConfig {
 /// Where the admin key's record lives in `openai.admin_key_store` by default.
 pub const DEFAULT_ADMIN_KEY_PATH: &str = "keyrotd/admin-key";
 
+/// Default `openai.scan_timeout`: well inside the default 15-minute schedule.
+pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// Bounds of `openai.max_response_bytes`: below 64 KiB a full page of keys may not fit;
+/// above 1 GiB the cap protects nothing.
+const MIN_RESPONSE_BYTES: u64 = 64 << 10;
+const MAX_RESPONSE_BYTES: u64 = 1 << 30;
+
+/// A size in bytes: an integer (`8388608`) or a string with a binary unit (`"8MiB"`,
+/// `"512KiB"`, `"1GiB"`, `"100B"`). Serialised as the integer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"8MiB"`-style text (units B, KiB, MiB, GiB, case-insensitive; none
+    /// means bytes).
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "kib" => 10,
+            "mib" => 20,
+            "gib" => 30,
+            _ => return Err(format!("{text:?}: unknown unit (use B, KiB, MiB or GiB)")),
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?}: expected a size like 8388608 or \"8MiB\""))?;
+        n.checked_mul(1 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{text:?}: too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size in bytes, like 8388608 or \"8MiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+            if n >= 1 << shift && n % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
 impl Default for OpenAiConfig {
     fn default() -> Self {
         OpenAiConfig {
@@ -131,6 +212,9 @@ impl Default for OpenAiConfig {
             request_timeout: Duration::from_secs(30),
             max_retries: 6,
             max_retry_after: Duration::from_secs(60),
+            max_pages: crate::openai::DEFAULT_MAX_PAGES,
+            max_response_bytes: ByteSize(crate::openai::DEFAULT_MAX_RESPONSE_BYTES),
+            scan_timeout: DEFAULT_SCAN_TIMEOUT,
             include_archived: false,
             admin_key_store: None,
             admin_key_path: None,
@@ -492,6 +576,29 @@ impl Config {
         if self.openai.max_retries > 20 {
             return Err(ConfigError::invalid("openai.max_retries", "at most 20"));
         }
+        if self.openai.max_pages == 0 {
+            return Err(ConfigError::invalid(
+                "openai.max_pages",
+                "must be at least 1",
+            ));
+        }
+        let size = self.openai.max_response_bytes;
+        if !(MIN_RESPONSE_BYTES..=MAX_RESPONSE_BYTES).contains(&size.0) {
+            return Err(ConfigError::invalid(
+                "openai.max_response_bytes",
+                format!(
+                    "{size} is outside {}..={}",
+                    ByteSize(MIN_RESPONSE_BYTES),
+                    ByteSize(MAX_RESPONSE_BYTES)
+                ),
+            ));
+        }
+        if self.openai.scan_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "openai.scan_timeout",
+                "must be greater than zero",
+            ));
+        }
         if self.policy.min_grace > self.policy.max_grace {
             return Err(ConfigError::invalid(
                 "policy.min_grace",
@@ -563,6 +670,7 @@ impl Config {
             ("daemon.shutdown_timeout", self.daemon.shutdown_timeout),
             ("openai.request_timeout", self.openai.request_timeout),
             ("openai.max_retry_after", self.openai.max_retry_after),
+            ("openai.scan_timeout", self.openai.scan_timeout),
             (
                 "openai.admin_key_max_age",
                 self.openai.admin_key_max_age.unwrap_or_default(),
@@ -1134,6 +1242,75 @@ mod tests {
         );
         let e = err(&format!("{BASE}\n[policy]\nkey_expiry = \"soon\"\n"));
         assert!(e.contains("key_expiry"), "{e}");
+    }
+
+    fn with_openai(line: &str) -> String {
+        BASE.replace("[openai]", &format!("[openai]\n{line}"))
+    }
+
+    #[test]
+    fn scan_bounds_default_and_parse() {
+        let c = Config::from_toml(BASE).unwrap();
+        assert_eq!(c.openai.max_pages, 1000);
+        assert_eq!(c.openai.max_response_bytes, ByteSize(8 << 20));
+        assert_eq!(c.openai.scan_timeout, Duration::from_secs(600));
+        let c = Config::from_toml(&with_openai(
+            "max_pages = 50\nmax_response_bytes = \"512KiB\"\nscan_timeout = \"90s\"",
+        ))
+        .unwrap();
+        assert_eq!(c.openai.max_pages, 50);
+        assert_eq!(c.openai.max_response_bytes, ByteSize(512 << 10));
+        assert_eq!(c.openai.scan_timeout, Duration::from_secs(90));
+        let c = Config::from_toml(&with_openai("max_response_bytes = 1048576")).unwrap();
+        assert_eq!(c.openai.max_response_bytes, ByteSize(1 << 20));
+    }
+
+    #[test]
+    fn byte_sizes_parse_and_print() {
+        for (text, n) in [
+            ("100", 100),
+            ("100B", 100),
+            ("64KiB", 64 << 10),
+            ("8 MiB", 8 << 20),
+            ("8mib", 8 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(n)), "{text}");
+        }
+        for bad in [
+            "",
+            "8MB",
+            "8 megs",
+            "-1",
+            "1.5MiB",
+            "99999999999999999999GiB",
+        ] {
+            assert!(ByteSize::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(ByteSize(8 << 20).to_string(), "8MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000B");
+    }
+
+    #[test]
+    fn scan_bounds_out_of_range_are_named() {
+        let e = err(&with_openai("max_pages = 0"));
+        assert!(e.contains("openai.max_pages"), "{e}");
+        let e = err(&with_openai("max_response_bytes = \"1KiB\""));
+        assert!(
+            e.contains("openai.max_response_bytes") && e.contains("1KiB is outside"),
+            "{e}"
+        );
+        let e = err(&with_openai("max_response_bytes = \"2GiB\""));
+        assert!(e.contains("openai.max_response_bytes"), "{e}");
+        let e = err(&with_openai("max_response_bytes = \"8 megs\""));
+        assert!(e.contains("max_response_bytes"), "{e}");
+        let e = err(&with_openai("scan_timeout = \"0s\""));
+        assert!(
+            e.contains("openai.scan_timeout") && e.contains("greater than zero"),
+            "{e}"
+        );
+        let e = err(&with_openai("scan_timeout = \"1000000y\""));
+        assert!(e.contains("openai.scan_timeout"), "{e}");
     }
 }
 

@@ -52,6 +52,46 @@ pub enum ApiError {
         status: u16,
         message: String,
     },
+    /// A listing's `has_more` cursor came back to one it had already followed (a loop of
+    /// any length): following it would never end.
+    #[error(
+        "pagination loop on {endpoint}: page {pages} returned the same cursor as page \
+         {first_seen}; the listing would never end, stopped"
+    )]
+    CursorLoop {
+        endpoint: String,
+        /// Pages read, the one that repeated included.
+        pages: u32,
+        /// The page that first returned the repeated cursor.
+        first_seen: u32,
+    },
+    /// A listing still had more after `openai.max_pages` pages.
+    #[error(
+        "{endpoint} still had more after {pages} pages (openai.max_pages); the listing was \
+         stopped"
+    )]
+    TooManyPages { endpoint: String, pages: u32 },
+    /// A response body larger than `openai.max_response_bytes`; reading stopped at the cap.
+    #[error(
+        "response from {endpoint} (HTTP {status}) is larger than {limit} bytes \
+         (openai.max_response_bytes); not read further"
+    )]
+    ResponseTooLarge {
+        endpoint: String,
+        status: u16,
+        limit: u64,
+    },
+    /// A scan of the organization outlasted `openai.scan_timeout`; `progress` says what
+    /// it had requested by then (requests per endpoint).
+    #[error(
+        "the scan of the organization did not finish within {} (openai.scan_timeout); \
+         requests so far: {progress}",
+        humantime::format_duration(*.timeout)
+    )]
+    ScanTimeout { timeout: Duration, progress: String },
+    /// The scan was abandoned because shutdown was requested.
+    #[error("the scan of the organization was stopped: shutdown requested")]
+    Cancelled,
 }
 
 /// Which key a 401 on `endpoint` refers to.
@@ -64,21 +104,28 @@ fn rejected_key(endpoint: &str) -> &'static str {
 }
 
 impl ApiError {
-    /// The HTTP status behind the error; `None` for network failures.
+    /// The HTTP status behind the error; `None` for network failures and for errors of
+    /// a whole listing or scan (pagination, deadline, shutdown).
     pub fn status(&self) -> Option<u16> {
         match self {
             ApiError::Unauthorized { .. } => Some(401),
             ApiError::Forbidden { .. } => Some(403),
             ApiError::NotFound { .. } => Some(404),
-            ApiError::Status { status, .. } | ApiError::Decode { status, .. } => Some(*status),
-            ApiError::Network { .. } => None,
+            ApiError::Status { status, .. }
+            | ApiError::Decode { status, .. }
+            | ApiError::ResponseTooLarge { status, .. } => Some(*status),
+            ApiError::Network { .. }
+            | ApiError::CursorLoop { .. }
+            | ApiError::TooManyPages { .. }
+            | ApiError::ScanTimeout { .. }
+            | ApiError::Cancelled => None,
         }
     }
-    /// Worth retrying in a later cycle (429, 5xx, network).
+    /// Worth retrying in a later cycle (429, 5xx, network, a scan that ran out of time).
     pub fn is_temporary(&self) -> bool {
         match self {
             ApiError::Status { status, .. } => *status == 429 || *status >= 500,
-            ApiError::Network { .. } => true,
+            ApiError::Network { .. } | ApiError::ScanTimeout { .. } => true,
             _ => false,
         }
     }
@@ -96,7 +143,21 @@ pub struct ClientConfig {
     pub max_retry_after: Duration,
     /// First backoff step for 5xx/network retries (doubles, with jitter).
     pub backoff_base: Duration,
+    /// Most pages one listing may take (`openai.max_pages`); a listing with more is
+    /// [`ApiError::TooManyPages`].
+    pub max_pages: u32,
+    /// Largest response body read (`openai.max_response_bytes`); a larger one is
+    /// [`ApiError::ResponseTooLarge`], and no more of it than the cap is buffered.
+    pub max_response_bytes: u64,
 }
+
+/// Default `openai.max_pages`: 1000 pages of 100, i.e. 100,000 projects (or keys of one
+/// project, or service accounts of one project).
+pub const DEFAULT_MAX_PAGES: u32 = 1000;
+
+/// Default `openai.max_response_bytes`: 8 MiB. A full page of 100 objects is a few
+/// tens of KB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 8 << 20;
 
 /// Which endpoint a request hit, for metrics (`keyrotd_api_requests_total{endpoint}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -206,10 +267,113 @@ enum Failure {
     },
 }
 
+/// Why [`Client::exchange`] returned no body.
+enum ExchangeError {
+    /// No complete response; `before_send` when the connection was never established.
+    Network {
+        error: reqwest::Error,
+        before_send: bool,
+    },
+    /// The body is larger than `max_response_bytes` (announced or read so far).
+    TooLarge { status: StatusCode },
+}
+
 /// Items of one page, plus what is needed to ask for the next one.
 struct Page<T> {
     data: Vec<T>,
     next: Option<String>,
+}
+
+/// The cursors one listing has followed. Refuses a cursor it has followed before (a
+/// loop of any length: `A, A` as well as `A, B, A`) and a listing longer than
+/// `max_pages`, so a server that keeps answering `has_more` cannot keep a scan going.
+/// Holds one entry per page, at most `max_pages`.
+#[derive(Debug)]
+struct Cursors {
+    endpoint: Endpoint,
+    max_pages: u32,
+    pages: u32,
+    /// Each cursor followed, and the page that returned it.
+    seen: std::collections::HashMap<String, u32>,
+}
+
+impl Cursors {
+    fn new(endpoint: Endpoint, max_pages: u32) -> Cursors {
+        Cursors {
+            endpoint,
+            max_pages: max_pages.max(1),
+            pages: 0,
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Counts one more page, whose next cursor is `next` (`None` on the last page), and
+    /// returns the cursor to follow, or why it must not be followed.
+    fn advance(&mut self, next: Option<String>) -> ApiResult<Option<String>> {
+        self.pages += 1;
+        let Some(next) = next else {
+            return Ok(None);
+        };
+        if let Some(&first_seen) = self.seen.get(&next) {
+            return Err(ApiError::CursorLoop {
+                endpoint: self.endpoint.as_str().into(),
+                pages: self.pages,
+                first_seen,
+            });
+        }
+        if self.pages >= self.max_pages {
+            return Err(ApiError::TooManyPages {
+                endpoint: self.endpoint.as_str().into(),
+                pages: self.pages,
+            });
+        }
+        self.seen.insert(next.clone(), self.pages);
+        Ok(Some(next))
+    }
+}
+
+/// A listing read one page at a time ([`Client::project_pages`]), with the bounds of
+/// every listing: no cursor followed twice, at most `openai.max_pages` pages.
+pub struct Pages<'c, T> {
+    client: &'c Client,
+    endpoint: Endpoint,
+    path: Vec<String>,
+    extra: Vec<(&'static str, &'static str)>,
+    id_of: fn(&T) -> String,
+    after: Option<String>,
+    cursors: Cursors,
+    done: bool,
+}
+
+impl<T: DeserializeOwned> Pages<'_, T> {
+    /// The next page's items; `None` after the last page.
+    pub async fn next_page(&mut self) -> ApiResult<Option<Vec<T>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let path: Vec<&str> = self.path.iter().map(String::as_str).collect();
+        let page = self
+            .client
+            .list_page(
+                self.endpoint,
+                &path,
+                &self.extra,
+                self.after.as_deref(),
+                self.id_of,
+            )
+            .await?;
+        match self.cursors.advance(page.next) {
+            Ok(next) => {
+                self.done = next.is_none();
+                self.after = next;
+                Ok(Some(page.data))
+            }
+            Err(e) => {
+                self.done = true;
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Client {
@@ -283,15 +447,23 @@ impl Client {
 
     /// Every project (all pages); archived ones only when asked.
     pub async fn list_projects(&self, include_archived: bool) -> ApiResult<Vec<Project>> {
-        let path = ["organization", "projects"];
+        collect(self.project_pages(include_archived)).await
+    }
+
+    /// The projects a page (`limit = 100`) at a time: lets a scan start on the first
+    /// projects while the next page is still being fetched; [`Client::list_projects`]
+    /// reads them all.
+    pub fn project_pages(&self, include_archived: bool) -> Pages<'_, Project> {
         let mut extra = Vec::new();
         if include_archived {
             extra.push(("include_archived", "true"));
         }
-        self.list_all(Endpoint::ListProjects, &path, &extra, |p: &Project| {
-            p.id.clone()
-        })
-        .await
+        self.pages(
+            Endpoint::ListProjects,
+            &["organization", "projects"],
+            extra,
+            |p: &Project| p.id.clone(),
+        )
     }
 
     /// Proves the admin key with the cheapest admin call: one project, one page.
@@ -330,10 +502,12 @@ impl Client {
 
     /// Every admin API key of the organization (all pages; listing objects, no values).
     pub async fn list_admin_api_keys(&self) -> ApiResult<Vec<AdminApiKey>> {
-        let path = ["organization", "admin_api_keys"];
-        self.list_all(Endpoint::ListAdminApiKeys, &path, &[], |k: &AdminApiKey| {
-            k.id.clone()
-        })
+        collect(self.pages(
+            Endpoint::ListAdminApiKeys,
+            &["organization", "admin_api_keys"],
+            Vec::new(),
+            |k: &AdminApiKey| k.id.clone(),
+        ))
         .await
     }
 
@@ -384,34 +558,6 @@ impl Client {
         .await
     }
 
-    /// One page of projects (`limit = 100`) after `after`, and the cursor of the next
-    /// page (`None` on the last). Lets a scan start on the first projects while the
-    /// next page is still being fetched; [`Client::list_projects`] reads them all.
-    pub async fn list_projects_page(
-        &self,
-        include_archived: bool,
-        after: Option<&str>,
-    ) -> ApiResult<(Vec<Project>, Option<String>)> {
-        let path = ["organization", "projects"];
-        let mut extra = Vec::new();
-        if include_archived {
-            extra.push(("include_archived", "true"));
-        }
-        let page = self
-            .list_page(
-                Endpoint::ListProjects,
-                &path,
-                &extra,
-                after,
-                &|p: &Project| p.id.clone(),
-            )
-            .await?;
-        if page.next.is_some() && page.next.as_deref() == after {
-            return Err(stalled(Endpoint::ListProjects));
-        }
-        Ok((page.data, page.next))
-    }
-
     /// One project by id.
     pub async fn get_project(&self, project_id: &str) -> ApiResult<Project> {
         let url = self.url(&["organization", "projects", project_id], &[]);
@@ -428,11 +574,12 @@ impl Client {
 
     /// Every key of a project (all pages), with `owner_project_access=any`.
     pub async fn list_api_keys(&self, project_id: &str) -> ApiResult<Vec<ProjectApiKey>> {
-        let path = ["organization", "projects", project_id, "api_keys"];
-        let extra = [("owner_project_access", "any")];
-        self.list_all(Endpoint::ListApiKeys, &path, &extra, |k: &ProjectApiKey| {
-            k.id.clone()
-        })
+        collect(self.pages(
+            Endpoint::ListApiKeys,
+            &["organization", "projects", project_id, "api_keys"],
+            vec![("owner_project_access", "any")],
+            |k: &ProjectApiKey| k.id.clone(),
+        ))
         .await
     }
 
@@ -472,13 +619,12 @@ impl Client {
 
     /// Every service account of a project (all pages).
     pub async fn list_service_accounts(&self, project_id: &str) -> ApiResult<Vec<ServiceAccount>> {
-        let path = ["organization", "projects", project_id, "service_accounts"];
-        self.list_all(
+        collect(self.pages(
             Endpoint::ListServiceAccounts,
-            &path,
-            &[],
+            &["organization", "projects", project_id, "service_accounts"],
+            Vec::new(),
             |s: &ServiceAccount| s.id.clone(),
-        )
+        ))
         .await
     }
 
@@ -594,29 +740,25 @@ impl Client {
         url
     }
 
-    /// Follows `has_more`/`last_id` from the first page to the last, asking for each
-    /// page exactly once. `id_of` supplies the cursor when a page omits `last_id`.
-    async fn list_all<T: DeserializeOwned>(
+    /// A listing that follows `has_more`/`last_id` from the first page to the last,
+    /// asking for each page exactly once. `id_of` supplies the cursor when a page omits
+    /// `last_id`.
+    fn pages<T>(
         &self,
         endpoint: Endpoint,
         path: &[&str],
-        extra: &[(&str, &str)],
-        id_of: impl Fn(&T) -> String,
-    ) -> ApiResult<Vec<T>> {
-        let mut all = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .list_page(endpoint, path, extra, after.as_deref(), &id_of)
-                .await?;
-            all.extend(page.data);
-            match page.next {
-                Some(next) if after.as_deref() == Some(next.as_str()) => {
-                    return Err(stalled(endpoint));
-                }
-                Some(next) => after = Some(next),
-                None => return Ok(all),
-            }
+        extra: Vec<(&'static str, &'static str)>,
+        id_of: fn(&T) -> String,
+    ) -> Pages<'_, T> {
+        Pages {
+            client: self,
+            endpoint,
+            path: path.iter().map(|s| s.to_string()).collect(),
+            extra,
+            id_of,
+            after: None,
+            cursors: Cursors::new(endpoint, self.cfg.max_pages),
+            done: false,
         }
     }
 
@@ -626,7 +768,7 @@ impl Client {
         path: &[&str],
         extra: &[(&str, &str)],
         after: Option<&str>,
-        id_of: &impl Fn(&T) -> String,
+        id_of: fn(&T) -> String,
     ) -> ApiResult<Page<T>> {
         let mut query = vec![("limit", "100")];
         if let Some(after) = after {
@@ -690,7 +832,16 @@ impl Client {
                         body: bytes,
                     }
                 }
-                Err((error, before_send)) => {
+                // Not retried: the server answered, and asking again costs as much.
+                Err(ExchangeError::TooLarge { status }) => {
+                    self.log_exchange(endpoint, status.as_u16(), attempt, started);
+                    return Err(ApiError::ResponseTooLarge {
+                        endpoint: endpoint.as_str().into(),
+                        status: status.as_u16(),
+                        limit: self.cfg.max_response_bytes,
+                    });
+                }
+                Err(ExchangeError::Network { error, before_send }) => {
                     self.log_exchange(endpoint, 0, attempt, started);
                     Failure::Network { error, before_send }
                 }
@@ -732,15 +883,17 @@ impl Client {
         }
     }
 
-    /// Sends one request and reads the whole response. On failure, also says whether
-    /// the request certainly never reached the server (a connect error).
+    /// Sends one request and reads the whole response, chunk by chunk, up to
+    /// `max_response_bytes`: a larger body is abandoned (the connection with it) as soon
+    /// as the cap is passed, never buffered whole. On a network failure, also says
+    /// whether the request certainly never reached the server (a connect error).
     async fn exchange<B: Serialize + ?Sized>(
         &self,
         method: Method,
         url: Url,
         body: Option<&B>,
         key: Option<&SecretString>,
-    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Vec<u8>), (reqwest::Error, bool)> {
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Vec<u8>), ExchangeError> {
         let token = match key {
             Some(k) => k.clone(),
             None => self.admin_key(),
@@ -754,14 +907,29 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req.send().await.map_err(|e| {
-            let before_send = e.is_connect();
-            (e, before_send)
+        let mut resp = req.send().await.map_err(|error| ExchangeError::Network {
+            before_send: error.is_connect(),
+            error,
         })?;
         let status = resp.status();
+        let limit = self.cfg.max_response_bytes;
+        let announced = resp.content_length();
+        if announced.is_some_and(|n| n > limit) {
+            return Err(ExchangeError::TooLarge { status });
+        }
         let headers = resp.headers().clone();
-        let bytes = resp.bytes().await.map_err(|e| (e, false))?;
-        Ok((status, headers, bytes.to_vec()))
+        let capacity = usize::try_from(announced.unwrap_or(0).min(limit)).unwrap_or(0);
+        let mut bytes = Vec::with_capacity(capacity);
+        while let Some(chunk) = resp.chunk().await.map_err(|error| ExchangeError::Network {
+            error,
+            before_send: false,
+        })? {
+            if (bytes.len() + chunk.len()) as u64 > limit {
+                return Err(ExchangeError::TooLarge { status });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok((status, headers, bytes))
     }
 
     fn log_exchange(&self, endpoint: Endpoint, status: u16, attempt: u32, started: Instant) {
@@ -877,12 +1045,123 @@ fn error_chain(error: &reqwest::Error) -> String {
     text
 }
 
-/// A listing that answered `has_more` with the cursor it was given: following it would
-/// loop forever.
-fn stalled(endpoint: Endpoint) -> ApiError {
-    ApiError::Decode {
-        endpoint: endpoint.as_str().into(),
-        status: 200,
-        message: "pagination did not advance (has_more with the same cursor)".into(),
+/// Every item of a listing, page after page.
+async fn collect<T: DeserializeOwned>(mut pages: Pages<'_, T>) -> ApiResult<Vec<T>> {
+    let mut all = Vec::new();
+    while let Some(page) = pages.next_page().await? {
+        all.extend(page);
+    }
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `cursors` (one per page, `None` = last page) and returns the pages read
+    /// and the outcome.
+    fn follow(max_pages: u32, cursors: &[Option<&str>]) -> (u32, ApiResult<()>) {
+        let mut c = Cursors::new(Endpoint::ListProjects, max_pages);
+        for next in cursors {
+            match c.advance(next.map(str::to_string)) {
+                Ok(Some(_)) => {}
+                Ok(None) => return (c.pages, Ok(())),
+                Err(e) => return (c.pages, Err(e)),
+            }
+        }
+        (c.pages, Ok(()))
+    }
+
+    #[test]
+    fn distinct_cursors_are_followed_to_the_last_page() {
+        let (pages, r) = follow(10, &[Some("a"), Some("b"), Some("c"), None]);
+        assert_eq!(pages, 4);
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[test]
+    fn an_immediately_repeated_cursor_is_a_loop() {
+        let (pages, r) = follow(1000, &[Some("a"), Some("a")]);
+        assert_eq!(pages, 2);
+        match r {
+            Err(ApiError::CursorLoop {
+                endpoint,
+                pages,
+                first_seen,
+            }) => assert_eq!(
+                (endpoint.as_str(), pages, first_seen),
+                ("list_projects", 2, 1)
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn cycles_of_any_length_are_loops_at_the_first_repeat() {
+        // A, B, A and A, B, C, D, B: caught on the page that repeats, naming the first.
+        let (_, r) = follow(1000, &[Some("A"), Some("B"), Some("A"), Some("B")]);
+        let e = r.expect_err("A, B, A loops");
+        assert!(
+            matches!(
+                e,
+                ApiError::CursorLoop {
+                    pages: 3,
+                    first_seen: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(text.contains("list_projects"), "{text}");
+        assert!(text.contains("page 3") && text.contains("page 1"), "{text}");
+        let (pages, r) = follow(
+            1000,
+            &[Some("A"), Some("B"), Some("C"), Some("D"), Some("B"), None],
+        );
+        assert_eq!(pages, 5);
+        assert!(
+            matches!(
+                r,
+                Err(ApiError::CursorLoop {
+                    pages: 5,
+                    first_seen: 2,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn the_page_cap_ends_a_listing_that_never_ends() {
+        let fresh: Vec<String> = (0..100).map(|i| format!("cursor_{i}")).collect();
+        let cursors: Vec<Option<&str>> = fresh.iter().map(|c| Some(c.as_str())).collect();
+        let (pages, r) = follow(5, &cursors);
+        assert_eq!(pages, 5, "stops on the cap, not later");
+        let e = r.expect_err("capped");
+        assert!(
+            matches!(&e, ApiError::TooManyPages { pages: 5, endpoint } if endpoint == "list_projects"),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("list_projects") && text.contains("5 pages"),
+            "{text}"
+        );
+        assert!(!e.is_temporary());
+    }
+
+    #[test]
+    fn a_listing_of_exactly_max_pages_is_fine() {
+        let (pages, r) = follow(3, &[Some("a"), Some("b"), None]);
+        assert_eq!(pages, 3);
+        assert!(r.is_ok(), "{r:?}");
+        // max_pages = 1: a single page is fine, a second one is refused.
+        assert!(follow(1, &[None]).1.is_ok());
+        assert!(matches!(
+            follow(1, &[Some("a")]).1,
+            Err(ApiError::TooManyPages { pages: 1, .. })
+        ));
     }
 }

@@ -76,6 +76,8 @@ pub struct Settings {
     pub dry_run: bool,
     /// First wait between verification attempts (doubles up to 5 s).
     pub verify_backoff: Duration,
+    /// Deadline of the scan in [`Engine::survey`] (`openai.scan_timeout`).
+    pub scan_timeout: Duration,
     /// The admin key's store record and rotation (`openai.admin_key_store`), if any.
     pub admin_key: Option<crate::config::AdminKeyStore>,
     /// `openai.admin_key_file`, re-read at the start of every cycle (a rotated
@@ -169,14 +171,29 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// Scans the organization and reads every slot's stores, changing nothing.
+    ///
+    /// The scan ends with [`ApiError::ScanTimeout`] once `settings.scan_timeout` has
+    /// passed, and with [`ApiError::Cancelled`] as soon as shutdown is requested;
+    /// either way its requests in flight are dropped.
     pub async fn survey(&self) -> Result<Survey, ApiError> {
-        let inventory = plan::scan(
+        let scan = plan::scan(
             &self.client,
             &self.rules,
             self.settings.include_archived,
             self.settings.concurrency,
-        )
-        .await?;
+        );
+        let before = self.client.stats().snapshot();
+        let inventory = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
+            r = tokio::time::timeout(self.settings.scan_timeout, scan) => match r {
+                Ok(r) => r,
+                Err(_) => Err(ApiError::ScanTimeout {
+                    timeout: self.settings.scan_timeout,
+                    progress: requests_since(&before, &self.client.stats().snapshot()),
+                }),
+            },
+        }?;
         let now = self.clock.now();
         let slots = plan::slots(&inventory, &self.rules);
         let views = self.read_views(slots).await;
@@ -570,6 +587,30 @@ pub fn owner_is_gone(owner: &str) -> bool {
         return false;
     }
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The requests made between two [`crate::openai::ApiStats`] snapshots, per endpoint,
+/// most first: `list_api_keys 4569, list_projects 1523` (what a scan was busy with).
+fn requests_since(
+    before: &[(crate::openai::Endpoint, u16, u64)],
+    after: &[(crate::openai::Endpoint, u16, u64)],
+) -> String {
+    let mut per: BTreeMap<&'static str, i64> = BTreeMap::new();
+    for (e, _, n) in after {
+        *per.entry(e.as_str()).or_default() += *n as i64;
+    }
+    for (e, _, n) in before {
+        *per.entry(e.as_str()).or_default() -= *n as i64;
+    }
+    let mut per: Vec<(&str, i64)> = per.into_iter().filter(|(_, n)| *n > 0).collect();
+    per.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    if per.is_empty() {
+        return "none".into();
+    }
+    per.iter()
+        .map(|(e, n)| format!("{e} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! `malformed_next`, `lose_create_responses`) count down as requests consume them.
 //!
 //! Order of evaluation for each request: latency; `fail_next`; the random 429 and 5xx
-//! rates; authentication; the operation itself; then, on a success,
-//! `lose_create_responses` and `malformed_next`.
+//! rates; authentication; the operation itself (a listing under `bad_cursor` is read
+//! from its first page and given a never-ending cursor); then, on a success,
+//! `lose_create_responses`, `malformed_next` and `padding`.
 //!
 //! [`Sim::set_faults`]: super::Sim::set_faults
 
@@ -49,6 +50,10 @@ pub struct Faults {
     /// Keys created through the API answer 401 on `GET /models` for this long (real
     /// time) after creation, like a key that has not propagated yet.
     pub propagation_delay: Duration,
+    /// A listing whose pagination never ends (stays until cleared).
+    pub bad_cursor: Option<BadCursor>,
+    /// Successful responses padded to a size (stays until cleared).
+    pub padding: Option<Padding>,
 }
 
 impl Default for Faults {
@@ -67,6 +72,8 @@ impl Default for Faults {
             reject_verification: RejectVerification::None,
             reject_admin_keys: RejectVerification::None,
             propagation_delay: Duration::ZERO,
+            bad_cursor: None,
+            padding: None,
         }
     }
 }
@@ -192,6 +199,58 @@ pub enum Malformation {
     WrongShape,
 }
 
+/// "Every page of the listing `route` answers `has_more: true` with a `last_id` of
+/// `kind`". The page's data is the listing's real first page whatever `after` says, so
+/// a client that follows the cursors sees the same objects again and again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadCursor {
+    /// A listing route (`Route::is_listing`); others are left alone.
+    pub route: Route,
+    pub kind: CursorFault,
+}
+
+/// The cursors of a [`BadCursor`] listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CursorFault {
+    /// A cursor never seen before on every page: `cursor_1`, `cursor_2`, ...
+    Endless,
+    /// `cycle_0` … `cycle_{n-1}`, then `cycle_0` again: with 2, `A, B, A, B`; with 1,
+    /// the same cursor for ever.
+    Cycle(u32),
+}
+
+impl CursorFault {
+    /// The cursor the page requested with `after` announces.
+    pub fn next(self, after: Option<&str>) -> String {
+        match self {
+            CursorFault::Endless => {
+                let n = after
+                    .and_then(|a| a.strip_prefix("cursor_"))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                format!("cursor_{}", n + 1)
+            }
+            CursorFault::Cycle(len) => {
+                let next = after
+                    .and_then(|a| a.strip_prefix("cycle_"))
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .map_or(0, |i| (i + 1) % len.max(1));
+                format!("cycle_{next}")
+            }
+        }
+    }
+}
+
+/// "Put `bytes` bytes of whitespace before the body of each successful response of
+/// `route` (every route if `None`)": still the same JSON, but as large as asked. The
+/// body is streamed in chunks with no `content-length`, so only the bytes read tell the
+/// client its size, and the simulator never holds the padding in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Padding {
+    pub route: Option<Route>,
+    pub bytes: usize,
+}
+
 /// Which live keys `GET /models` (or, for admin keys, the admin endpoints) rejects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum RejectVerification {
@@ -222,5 +281,24 @@ mod tests {
         assert_eq!(f.take_fail_next(Route::ListApiKeys), Some(503));
         assert_eq!(f.take_fail_next(Route::ListApiKeys), None);
         assert!(f.fail_next.is_empty());
+    }
+
+    #[test]
+    fn bad_cursors_never_end() {
+        let endless = CursorFault::Endless;
+        assert_eq!(endless.next(None), "cursor_1");
+        assert_eq!(endless.next(Some("cursor_1")), "cursor_2");
+        assert_eq!(endless.next(Some("cursor_41")), "cursor_42");
+        let cycle = CursorFault::Cycle(2);
+        let mut after = None;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let next = cycle.next(after.as_deref());
+            seen.push(next.clone());
+            after = Some(next);
+        }
+        assert_eq!(seen, ["cycle_0", "cycle_1", "cycle_0", "cycle_1"]);
+        assert_eq!(CursorFault::Cycle(1).next(Some("cycle_0")), "cycle_0");
+        assert_eq!(CursorFault::Cycle(0).next(Some("cycle_0")), "cycle_0");
     }
 }

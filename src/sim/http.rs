@@ -27,6 +27,8 @@ struct Outcome {
     headers: Vec<(&'static str, String)>,
     /// Break the connection instead of completing the response.
     drop: bool,
+    /// Bytes of whitespace streamed before `body` (`Faults::padding`).
+    padding: usize,
 }
 
 impl Outcome {
@@ -37,6 +39,7 @@ impl Outcome {
             content_type: "application/json",
             headers: Vec::new(),
             drop: false,
+            padding: 0,
         }
     }
     fn error(e: &SimError) -> Outcome {
@@ -136,7 +139,7 @@ fn run(
         let status = st.faults.server_error_status;
         return injected(st, status);
     }
-    let query = match query {
+    let mut query = match query {
         Ok(q) => q,
         Err(e) => return Outcome::error(&e),
     };
@@ -145,10 +148,24 @@ fn run(
             return Outcome::error(&e);
         }
     }
-    let value = match st.execute(route, ids, &query, body, bearer) {
+    // A never-ending listing serves its first page under whatever cursor it is given.
+    let bad_cursor = st
+        .faults
+        .bad_cursor
+        .filter(|b| b.route == route && route.is_listing());
+    let after = bad_cursor.and_then(|_| {
+        let after = query.get("after").map(str::to_owned);
+        query.0.retain(|(k, _)| k != "after");
+        after
+    });
+    let mut value = match st.execute(route, ids, &query, body, bearer) {
         Ok(v) => v,
         Err(e) => return Outcome::error(&e),
     };
+    if let (Some(b), Some(page)) = (bad_cursor, value.as_object_mut()) {
+        page.insert("has_more".into(), true.into());
+        page.insert("last_id".into(), b.kind.next(after.as_deref()).into());
+    }
     if route.creates_key() && st.faults.lose_create_responses > 0 {
         st.faults.lose_create_responses -= 1;
         return match st.faults.lost_response {
@@ -160,8 +177,16 @@ fn run(
         };
     }
     let body = value.to_string().into_bytes();
+    let padding = st
+        .faults
+        .padding
+        .filter(|p| p.route.is_none_or(|r| r == route))
+        .map_or(0, |p| p.bytes);
     match st.faults.take_malformed(route) {
-        None => Outcome::json(200, body),
+        None => Outcome {
+            padding,
+            ..Outcome::json(200, body)
+        },
         Some(Malformation::Truncated) => Outcome::json(200, body[..body.len() / 2].to_vec()),
         Some(Malformation::WrongShape) => {
             Outcome::json(200, br#"{"object":"unexpected"}"#.to_vec())
@@ -212,6 +237,20 @@ fn injected(st: &State, status: u16) -> Outcome {
     out
 }
 
+/// Whitespace the padding is streamed from, a chunk at a time.
+static SPACES: [u8; 64 * 1024] = [b' '; 64 * 1024];
+
+/// `padding` spaces, then `body`, as a chunked stream (no `content-length`).
+fn padded(padding: usize, body: Vec<u8>) -> Body {
+    let chunks = std::iter::repeat_n(Bytes::from_static(&SPACES), padding / SPACES.len())
+        .chain(std::iter::once(Bytes::from_static(
+            &SPACES[..padding % SPACES.len()],
+        )))
+        .chain(std::iter::once(Bytes::from(body)))
+        .map(Ok::<_, io::Error>);
+    Body::from_stream(futures::stream::iter(chunks))
+}
+
 fn respond(out: Outcome) -> Response {
     let status = StatusCode::from_u16(out.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = if out.drop {
@@ -223,6 +262,8 @@ fn respond(out: Outcome) -> Response {
                 "simulated lost response",
             ))
         }))
+    } else if out.padding > 0 {
+        padded(out.padding, out.body)
     } else {
         Body::from(out.body)
     };

@@ -70,7 +70,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use self::faults::{
-    FailNext, Faults, LostResponse, Malformation, MalformedNext, RejectVerification, RetryAfter,
+    BadCursor, CursorFault, FailNext, Faults, LostResponse, Malformation, MalformedNext, Padding,
+    RejectVerification, RetryAfter,
 };
 pub use self::route::Route;
 pub use self::scenario::{GroundTruth, Scenario, TruthKey, TruthProject};

@@ -110,6 +110,17 @@ impl Route {
         self.creates_project_key() || self == Route::CreateAdminKey
     }
 
+    /// Whether the route is a paginated listing (`limit` / `after` / `has_more`).
+    pub fn is_listing(self) -> bool {
+        matches!(
+            self,
+            Route::ListAdminKeys
+                | Route::ListProjects
+                | Route::ListApiKeys
+                | Route::ListServiceAccounts
+        )
+    }
+
     /// Whether the route is authenticated with an admin key (all but `/models`).
     pub fn is_admin(self) -> bool {
         self != Route::ListModels

@@ -236,6 +236,8 @@ fn through_client(status: u16, body: Vec<u8>) -> Vec<String> {
             max_retries: 1,
             max_retry_after: Duration::from_millis(10),
             backoff_base: Duration::from_millis(1),
+            max_pages: keyrotd::openai::DEFAULT_MAX_PAGES,
+            max_response_bytes: keyrotd::openai::DEFAULT_MAX_RESPONSE_BYTES,
         },
         SecretString::from(ADMIN.to_string()),
     )

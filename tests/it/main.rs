@@ -34,6 +34,7 @@ mod plan;
 mod replicas;
 mod report;
 mod rotation;
+mod scan_bounds;
 mod shutdown;
 mod sim;
 mod store_aws;

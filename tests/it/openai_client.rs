@@ -19,6 +19,8 @@ fn config(base_url: &str) -> ClientConfig {
         max_retries: 3,
         max_retry_after: Duration::from_secs(5),
         backoff_base: Duration::from_millis(5),
+        max_pages: keyrotd::openai::DEFAULT_MAX_PAGES,
+        max_response_bytes: keyrotd::openai::DEFAULT_MAX_RESPONSE_BYTES,
     }
 }
 
