@@ -305,7 +305,8 @@ pub async fn run(
         });
     }
     sd_notify("READY=1");
-    info!(event = "daemon.started", schedule = %opts.schedule, "keyrotd running");
+    let next = next_cycle(&sched, job).await;
+    info!(event = "daemon.started", version = crate::VERSION, schedule = %opts.schedule, next_cycle = %next, "keyrotd running");
 
     let shutdown_timeout = Arc::new(std::sync::Mutex::new(opts.shutdown_timeout));
     let mut worker = tokio::spawn(
@@ -358,6 +359,15 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// When the schedule ticks next (RFC 3339), or `unknown`.
+async fn next_cycle(sched: &JobScheduler, job: uuid::Uuid) -> String {
+    let mut sched = sched.clone();
+    match sched.next_tick_for_job(job).await {
+        Ok(Some(t)) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        _ => "unknown".into(),
+    }
 }
 
 /// Registers the cron job whose ticks feed the worker's channel.
@@ -440,6 +450,8 @@ impl Worker {
             self.http.cycle_started();
             let report = engine.cycle().await;
             self.http.record_cycle(&report);
+            let next = next_cycle(&self.sched, self.job).await;
+            info!(event = "cycle.scheduled", next_cycle = %next, "next cycle");
             // A tick queued during the cycle means we are late.
             late = !rx.is_empty();
         }

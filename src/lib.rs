@@ -42,6 +42,14 @@ pub mod sim;
 pub mod store;
 pub mod telemetry;
 
+/// `<crate version> (commit <git commit>)`, as `keyrotd --version` prints it.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KEYROTD_GIT_COMMIT"),
+    ")"
+);
+
 /// Exit code for a bad configuration (DESIGN.md §1).
 pub const EXIT_BAD_CONFIG: i32 = 2;
 /// Exit code when some action failed (DESIGN.md §1).

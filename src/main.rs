@@ -14,7 +14,7 @@ use keyrotd::{app, daemon, EXIT_BAD_CONFIG, EXIT_FAILED};
 
 /// Rotates OpenAI project API keys into the secret stores their consumers read.
 #[derive(Parser, Debug)]
-#[command(name = "keyrotd", version, about, long_about = None)]
+#[command(name = "keyrotd", version = keyrotd::VERSION, about, long_about = None)]
 struct Cli {
     /// Configuration file [default: $KEYROTD_CONFIG, else /etc/keyrotd/keyrotd.toml]
     #[arg(long, global = true, env = "KEYROTD_CONFIG")]

@@ -40,8 +40,10 @@ pub const DEFAULT_LEVEL: &str = "info";
 
 /// vaultrs/rustify log every non-2xx (a 404 for a slot not created yet included) at
 /// ERROR, and aws-config logs a failed credential provider at WARN with a 1 KB debug
-/// dump of the error; the store layer reports what matters itself, on one line.
-const QUIET_DEPENDENCIES: &str = ",rustify=off,vaultrs=off,aws_config=error";
+/// dump of the error; the store layer reports what matters itself, on one line. The
+/// cron scheduler announces its internals at INFO ("Uninited", "Job creator created").
+const QUIET_DEPENDENCIES: &str =
+    ",rustify=off,vaultrs=off,aws_config=error,tokio_cron_scheduler=warn";
 
 struct Installed {
     filter: reload::Handle<EnvFilter, Registry>,

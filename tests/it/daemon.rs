@@ -288,6 +288,43 @@ async fn run_notifies_systemd_serves_metrics_and_stops_on_sigterm() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("\"event\":\"daemon.stopped\""), "{log}");
+    // Says when it runs next, and carries no third-party INFO noise.
+    let started = log
+        .lines()
+        .find(|l| l.contains("\"event\":\"daemon.started\""))
+        .expect("daemon.started");
+    let started: Value = serde_json::from_str(started).unwrap();
+    assert!(
+        started["next_cycle"]
+            .as_str()
+            .is_some_and(|t| t.len() == 20 && t.ends_with('Z')),
+        "{started}"
+    );
+    assert!(
+        started["version"]
+            .as_str()
+            .is_some_and(|v| v.contains("commit")),
+        "{started}"
+    );
+    assert!(log.contains("\"event\":\"cycle.scheduled\""), "{log}");
+    for noise in ["Uninited", "Job creator created"] {
+        assert!(!log.contains(noise), "scheduler noise {noise:?}:\n{log}");
+    }
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keyrotd"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        v.starts_with(&format!("keyrotd {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
+    assert!(!v.contains("(commit )"), "{v}");
 }
 
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
