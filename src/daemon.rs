@@ -497,7 +497,7 @@ impl Worker {
             Err(e) => {
                 let shared = &self.daemon.shared;
                 if self.engine.is_none() {
-                    warn!(event = "cycle.failed", outcome = "engine_unavailable", error = %e, "cannot start: retrying at the next cycle");
+                    error!(event = "cycle.failed", outcome = "engine_unavailable", error = %e, "cannot start: retrying at the next cycle");
                     shared.metrics.cycle_finished(0.0, false, unix_now());
                 } else {
                     warn!(event = "engine.rebuild_failed", error = %e, "cannot rebuild the engine; this cycle runs on the one in use");

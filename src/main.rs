@@ -95,6 +95,21 @@ fn forbid_core_dumps() {
     }
 }
 
+/// The log format in effect, for [`fatal`].
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Reports why keyrotd stops: `keyrotd: <problem>` on stderr for a human, or, with
+/// JSON or journald logs, one ERROR event (`event = "keyrotd.failed"`) a log pipeline
+/// parses like every other line.
+fn fatal(problem: impl std::fmt::Display) {
+    match FORMAT.get() {
+        Some(LogFormat::Json | LogFormat::Journald) => {
+            tracing::error!(event = "keyrotd.failed", "keyrotd: {problem}");
+        }
+        _ => eprintln!("keyrotd: {problem}"),
+    }
+}
+
 fn main() -> ExitCode {
     forbid_core_dumps();
     // Test builds only: reads FAILPOINTS (e.g. `after_mint=return`) so the crash tests
@@ -104,13 +119,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format.unwrap_or_else(LogFormat::detect);
     telemetry::init(format, &cli.log_level);
+    let _ = FORMAT.set(format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("keyrotd: cannot start the async runtime: {e}");
+            fatal(format_args!("cannot start the async runtime: {e}"));
             return ExitCode::from(EXIT_FAILED as u8);
         }
     };
@@ -126,7 +142,7 @@ fn config_path(cli: &Cli) -> PathBuf {
 
 fn load(cli: &Cli) -> Result<Config, i32> {
     Config::load(&config_path(cli)).map_err(|e| {
-        eprintln!("keyrotd: {e}");
+        fatal(&e);
         EXIT_BAD_CONFIG
     })
 }
@@ -137,12 +153,12 @@ async fn engine(cli: &Cli, dry_run: bool, needs_rules: bool) -> Result<(Config, 
     let cfg = load(cli)?;
     if needs_rules {
         cfg.require_rules().map_err(|e| {
-            eprintln!("keyrotd: {e}");
+            fatal(&e);
             EXIT_BAD_CONFIG
         })?;
     }
     let engine = app::build_engine(&cfg, dry_run).await.map_err(|e| {
-        eprintln!("keyrotd: {e}");
+        fatal(&e);
         // A store or the API down is worth retrying (a systemd restart, the next
         // CronJob run); a configuration that cannot work is not.
         if e.is_invalid_config() {
@@ -164,7 +180,7 @@ async fn dispatch(cli: Cli) -> i32 {
                 Err(code) => return code,
             };
             if let Err(e) = cfg.check_admin_key() {
-                eprintln!("keyrotd: {e}");
+                fatal(&e);
                 return EXIT_BAD_CONFIG;
             }
             println!("config OK: {}", config_path(&cli).display());
@@ -191,7 +207,7 @@ async fn dispatch(cli: Cli) -> i32 {
                     0
                 }
                 Err(e) => {
-                    eprintln!("keyrotd: {e}");
+                    fatal(&e);
                     EXIT_FAILED
                 }
             }
@@ -209,13 +225,13 @@ async fn dispatch(cli: Cli) -> i32 {
                     match report::emit(&report::render(&r, *format), output.as_deref()) {
                         Ok(()) => 0,
                         Err(e) => {
-                            eprintln!("keyrotd: cannot write the report: {e}");
+                            fatal(format_args!("cannot write the report: {e}"));
                             EXIT_FAILED
                         }
                     }
                 }
                 Err(e) => {
-                    eprintln!("keyrotd: {e}");
+                    fatal(&e);
                     EXIT_FAILED
                 }
             }
@@ -251,18 +267,18 @@ async fn dispatch(cli: Cli) -> i32 {
             };
             // Pure checks only: the listener binds before any store or API call.
             if let Err(e) = cfg.require_rules().and_then(|()| cfg.check_admin_key()) {
-                eprintln!("keyrotd: {e}");
+                fatal(&e);
                 return EXIT_BAD_CONFIG;
             }
             let d = daemon::Daemon::new(cfg, Some(config_path(&cli)));
             match daemon::run(d, daemon::shutdown_signal(), reload).await {
                 Ok(()) => 0,
                 Err(e @ daemon::RunError::Config(_)) => {
-                    eprintln!("keyrotd: {e}");
+                    fatal(&e);
                     EXIT_BAD_CONFIG
                 }
                 Err(e) => {
-                    eprintln!("keyrotd: {e}");
+                    fatal(&e);
                     EXIT_FAILED
                 }
             }
@@ -274,14 +290,14 @@ async fn sim(args: &SimArgs) -> i32 {
     let scenario: keyrotd::sim::Scenario = match args.scenario.parse() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("keyrotd sim: --scenario: {e}");
+            fatal(format_args!("sim: --scenario: {e}"));
             return EXIT_BAD_CONFIG;
         }
     };
     match keyrotd::sim::run_standalone(&args.listen, args.admin_key.clone(), &scenario).await {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("keyrotd sim: {}: {e}", args.listen);
+            fatal(format_args!("sim: {}: {e}", args.listen));
             EXIT_FAILED
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{PolicyConfig, Rule, UserKeys};
@@ -250,14 +250,14 @@ impl Engine {
         match crate::admin_key::maybe_rotate(self).await {
             Ok(r) => report.admin_key = Some(r),
             Err(e) => {
-                warn!(event = "admin_key.failed", outcome = "failed", error = %e, "admin key maintenance failed; carrying on with the admin key in use");
+                error!(event = "admin_key.failed", outcome = "failed", error = %e, "admin key maintenance failed; carrying on with the admin key in use");
                 report.other_failures.push(format!("admin key: {e}"));
             }
         }
         let survey = match self.survey().await {
             Ok(survey) => survey,
             Err(e) => {
-                warn!(event = "cycle.failed", outcome = "scan_failed", error = %e, "could not list the organization");
+                error!(event = "cycle.failed", outcome = "scan_failed", error = %e, "could not list the organization");
                 report.scan_error = Some(e.to_string());
                 report.duration = started.elapsed();
                 self.metrics.cycle_finished(
@@ -341,7 +341,7 @@ impl Engine {
                 }
                 if let Err(e) = &outcome {
                     self.metrics.slot_failed();
-                    warn!(
+                    error!(
                         event = "rotation.failed",
                         project_id = %slot.project_id,
                         service_account_id = %slot.service_account_id,
@@ -463,7 +463,7 @@ impl Engine {
                     }
                     Err(err) => {
                         self.metrics.revocation(RevocationOutcome::Failed);
-                        warn!(event = "key.revoke_failed", project_id = %p.project.id, key_id = %k.id, owner_type = "user", outcome = "failed", error = %err, "could not revoke stale user key");
+                        error!(event = "key.revoke_failed", project_id = %p.project.id, key_id = %k.id, owner_type = "user", outcome = "failed", error = %err, "could not revoke stale user key");
                         report
                             .other_failures
                             .push(format!("revoke user key {}: {err}", k.id));

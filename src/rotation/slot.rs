@@ -854,6 +854,11 @@ impl SlotRun<'_> {
                 continue;
             }
             if !self.live(&p.key_id) {
+                // Minted after this cycle's scan (by the owner still at work, or one
+                // that just died): only a fresh listing can say it is gone.
+                self.relist().await?;
+            }
+            if !self.live(&p.key_id) {
                 info!(event = "rotation.abandoned", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, outcome = "key_gone", "pending key no longer exists; dropping it");
                 self.abandon_pending(&p.key_id).await?;
                 continue;
@@ -871,6 +876,15 @@ impl SlotRun<'_> {
             self.cleanup_intent(&intent).await?;
         }
         Ok(None)
+    }
+
+    /// Whether the slot's intent belongs to another process (this run took over a key
+    /// staged everywhere).
+    fn finishing_for_another(&self) -> bool {
+        self.states
+            .iter()
+            .filter_map(|s| s.book.intent.as_ref())
+            .any(|i| i.owner != self.my_id())
     }
 
     /// The key id pending in every store of the slot (staged everywhere, or already
@@ -1044,6 +1058,11 @@ impl SlotRun<'_> {
         if !unlisted {
             return Ok(());
         }
+        self.relist().await
+    }
+
+    /// Replaces the cycle's listing of the slot's keys with a fresh one.
+    async fn relist(&mut self) -> SlotResult<()> {
         let mut accounts = self.referenced_accounts();
         accounts.extend(self.slot.service_accounts.iter().map(|(id, _)| id.clone()));
         let keys = self.eng.client.list_api_keys(&self.slot.project_id).await?;
@@ -1359,6 +1378,18 @@ impl SlotRun<'_> {
         if !self.renew_lease().await? {
             return self.finished_elsewhere(&key_id).await;
         }
+        if self.finishing_for_another() {
+            // Finishing another live process's key: it may have given up on the key
+            // meanwhile (its verification failed) and be revoking it. Publish only
+            // what is still staged.
+            for i in 0..self.stores.len() {
+                let (_, store) = &self.stores[i];
+                self.states[i] = store.read(&self.state_keys[i]).await?;
+            }
+            if self.staged_everywhere().as_deref() != Some(key_id.as_str()) {
+                return self.finished_elsewhere(&key_id).await;
+            }
+        }
         let at = self.now();
         let t = Transition::Promote {
             key_id: key_id.clone(),
@@ -1533,7 +1564,7 @@ impl SlotRun<'_> {
             }
             Err(e) => {
                 self.eng.metrics.revocation(RevocationOutcome::Failed);
-                warn!(event = "key.revoke_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "failed", error = %e, "could not revoke key");
+                error!(event = "key.revoke_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "failed", error = %e, "could not revoke key");
                 return Err(e.into());
             }
         }
