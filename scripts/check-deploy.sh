@@ -763,7 +763,7 @@ import json, sys
 main, kms = (json.load(open(p)) for p in sys.argv[1:3])
 allowed = {"CreateSecret", "DescribeSecret", "GetSecretValue", "PutSecretValue",
            "UpdateSecretVersionStage", "TagResource", "UntagResource",
-           "ListSecretVersionIds", "ListSecrets"}
+           "ListSecretVersionIds", "ListSecrets", "DeleteSecret"}
 seen = set()
 for st in main["Statement"]:
     assert st["Effect"] == "Allow", st["Sid"]
