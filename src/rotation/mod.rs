@@ -344,6 +344,8 @@ impl Engine {
                     error!(
                         event = "rotation.failed",
                         project_id = %slot.project_id,
+                        project_name = %slot.project_name,
+                        service_account_name = %slot.service_account_name,
                         service_account_id = %slot.service_account_id,
                         rule = %slot.rule_name,
                         outcome = "failed",

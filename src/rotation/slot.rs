@@ -393,7 +393,7 @@ impl SlotRun<'_> {
                     retire_after: None,
                 }];
                 st.book.released_until = None;
-                info!(event = "slot.state_imported", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %store, path = %self.slot.path, how, key_id = %st.current.as_ref().map(|c| c.key_id.as_str()).unwrap_or("-"), "state record created from what the store or a former store held; nothing minted");
+                info!(event = "slot.state_imported", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, path = %self.slot.path, how, key_id = %st.current.as_ref().map(|c| c.key_id.as_str()).unwrap_or("-"), "state record created from what the store or a former store held; nothing minted");
                 if dry {
                     self.planned.push(format!("{how} state of {store}"));
                     continue;
@@ -427,7 +427,7 @@ impl SlotRun<'_> {
                     .map(|l| l.path.clone())
                     .collect();
                 if !from.is_empty() {
-                    info!(event = "slot.moved", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %store, from = ?from, to = %self.slot.path, key_id = %current.key_id, "the slot's path changed: serving the same key at the new path; the old paths keep it until the grace period ends");
+                    info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, from = ?from, to = %self.slot.path, key_id = %current.key_id, "the slot's path changed: serving the same key at the new path; the old paths keep it until the grace period ends");
                 }
                 if dry {
                     self.planned.push(format!(
@@ -456,7 +456,7 @@ impl SlotRun<'_> {
                 if fine || retiring {
                     continue;
                 }
-                info!(event = "secret.republished", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %store, path = %self.docs[i][d].0, key_id = %current.key_id, found = ?served, "the consumer document does not serve the current key; writing it again");
+                info!(event = "secret.republished", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, path = %self.docs[i][d].0, key_id = %current.key_id, found = ?served, "the consumer document does not serve the current key; writing it again");
                 if dry {
                     self.planned.push(format!(
                         "republish {} at {}",
@@ -489,7 +489,7 @@ impl SlotRun<'_> {
         else {
             return Ok(());
         };
-        info!(event = "slot.moved", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, to = %self.slot.path, key_id = %rec.key_id, "serving the slot's current key at a path that held nothing; nothing minted");
+        info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, to = %self.slot.path, key_id = %rec.key_id, "serving the slot's current key at a path that held nothing; nothing minted");
         if self.eng.settings.dry_run {
             self.planned.push(format!(
                 "serve {} at {} in {}",
@@ -535,7 +535,7 @@ impl SlotRun<'_> {
         let Some((from, rec)) = found else {
             return Ok(false);
         };
-        info!(event = "slot.moved", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %name, from = %from, to = %self.slot.path, key_id = %rec.key_id, "the slot's secret was renamed: serving the same key under the new name; the former secret keeps it until the grace period ends");
+        info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %name, from = %from, to = %self.slot.path, key_id = %rec.key_id, "the slot's secret was renamed: serving the same key under the new name; the former secret keeps it until the grace period ends");
         if self.eng.settings.dry_run {
             self.planned.push(format!(
                 "serve {} at {} in {name}",
@@ -581,7 +581,7 @@ impl SlotRun<'_> {
             if mine {
                 store.remove(&path, &former.version).await?;
             }
-            info!(event = "location.retired", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %name, path = %path, removed = mine, "the grace period of a former secret is over");
+            info!(event = "location.retired", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %name, path = %path, removed = mine, "the grace period of a former secret is over");
             self.apply(i, &Transition::DropLocation { path }).await?;
         }
         Ok(())
@@ -638,7 +638,7 @@ impl SlotRun<'_> {
             if mine {
                 self.write_doc(i, d, None).await?;
             }
-            info!(event = "location.retired", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, path = %path, removed = mine, "the grace period of a former path is over");
+            info!(event = "location.retired", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, path = %path, removed = mine, "the grace period of a former path is over");
             self.apply(i, &Transition::DropLocation { path }).await?;
             self.docs[i].remove(d);
         }
@@ -663,7 +663,7 @@ impl SlotRun<'_> {
             }
             match o.state.book.released_until {
                 None => {
-                    info!(event = "store.released", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %o.name, "the rule no longer names this store: its documents keep serving until the grace period ends");
+                    info!(event = "store.released", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %o.name, "the rule no longer names this store: its documents keep serving until the grace period ends");
                     o.state = o
                         .store
                         .apply_to(&key, &o.state, &Transition::Release { until: now + grace })
@@ -681,7 +681,7 @@ impl SlotRun<'_> {
                         }
                     }
                     o.store.write_consumer(&key, None, &o.state.version).await?;
-                    info!(event = "store.cleaned", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %o.name, "removed the documents and the state a former store of the slot held");
+                    info!(event = "store.cleaned", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %o.name, "removed the documents and the state a former store of the slot held");
                     o.docs.clear();
                     o.state = SlotState::default();
                 }
@@ -769,7 +769,7 @@ impl SlotRun<'_> {
 
     fn foreign(&self, i: usize, r: &SecretRecord) -> SlotError {
         let store = &self.stores[i].0;
-        error!(event = "slot.collision", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, store = %store, path = %self.slot.path, other_project_id = %r.project_id, other_service_account_id = %r.service_account_id, outcome = "collision", "the document at the slot's path belongs to another project or service account; not touching it");
+        error!(event = "slot.collision", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, store = %store, path = %self.slot.path, other_project_id = %r.project_id, other_service_account_id = %r.service_account_id, outcome = "collision", "the document at the slot's path belongs to another project or service account; not touching it");
         self.eng.metrics.slot_collision();
         SlotError::Collision(format!(
             "path {:?} in store {store:?} holds the key of project {} / service account {}, not of slot {}; keyrotd will not overwrite it",
@@ -806,15 +806,15 @@ impl SlotRun<'_> {
         if let Some(intent) = &intent {
             if intent.owner != self.my_id() && intent.lease_until > now {
                 if super::owner_is_gone(&intent.owner) {
-                    info!(event = "rotation.takeover", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "the process holding the slot is gone (same host, its process id no longer exists); taking over before its lease ends");
+                    info!(event = "rotation.takeover", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "the process holding the slot is gone (same host, its process id no longer exists); taking over before its lease ends");
                 } else if let Some(key_id) = self.staged_everywhere() {
                     // Finishing a staged key mints nothing: verify and promote are
                     // compare-and-set and idempotent, so whoever gets there first wins
                     // and the other sees its promotion landed.
-                    info!(event = "rotation.takeover", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), key_id = %key_id, "the slot's new key is staged in every store; finishing it without waiting for its owner");
+                    info!(event = "rotation.takeover", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), key_id = %key_id, "the slot's new key is staged in every store; finishing it without waiting for its owner");
                 } else {
                     self.eng.metrics.slot_busy();
-                    info!(event = "rotation.busy", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "another live process holds the slot");
+                    info!(event = "rotation.busy", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "another live process holds the slot");
                     return Ok(Some(SlotOutcome::Busy));
                 }
             }
@@ -859,11 +859,11 @@ impl SlotRun<'_> {
                 self.relist().await?;
             }
             if !self.live(&p.key_id) {
-                info!(event = "rotation.abandoned", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, outcome = "key_gone", "pending key no longer exists; dropping it");
+                info!(event = "rotation.abandoned", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, outcome = "key_gone", "pending key no longer exists; dropping it");
                 self.abandon_pending(&p.key_id).await?;
                 continue;
             }
-            info!(event = "rotation.resumed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, "resuming an interrupted rotation");
+            info!(event = "rotation.resumed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, "resuming an interrupted rotation");
             return self.finish(p).await.map(Some);
         }
         // An intent with nothing staged: the process died around minting.
@@ -935,7 +935,7 @@ impl SlotRun<'_> {
                 }
                 Err(e) => return Err(e.into()),
             }
-            debug!(event = "rotation.lease_renewed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, lease_until = %renewed.lease_until.to_rfc3339(), "renewed the slot's lease");
+            debug!(event = "rotation.lease_renewed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, lease_until = %renewed.lease_until.to_rfc3339(), "renewed the slot's lease");
         }
         Ok(true)
     }
@@ -953,10 +953,10 @@ impl SlotRun<'_> {
             .iter()
             .all(|s| s.current.as_ref().is_some_and(|c| c.key_id == key_id));
         if landed {
-            info!(event = "rotation.finished_elsewhere", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, outcome = "completed", "another process finished this rotation");
+            info!(event = "rotation.finished_elsewhere", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, outcome = "completed", "another process finished this rotation");
         } else {
             self.eng.metrics.rotation(RotationOutcome::Conflict);
-            info!(event = "rotation.conflict", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, outcome = "conflict", "another process took the slot over; leaving the rotation to it");
+            info!(event = "rotation.conflict", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, outcome = "conflict", "another process took the slot over; leaving the rotation to it");
         }
         Ok(SlotOutcome::Busy)
     }
@@ -981,7 +981,7 @@ impl SlotRun<'_> {
                     && policy::ts(sa.created_at) >= since
                     && !known.contains(&sa.id)
                 {
-                    info!(event = "service_account.unrecorded", project_id = %self.slot.project_id, service_account_id = %sa.id, "found a service account created by an interrupted run; deleting it");
+                    info!(event = "service_account.unrecorded", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa.id, "found a service account created by an interrupted run; deleting it");
                     self.delete_account(&sa.id, "unrecorded").await?;
                 }
             }
@@ -992,7 +992,7 @@ impl SlotRun<'_> {
                 // so a crash in between leaves it behind). Never revoke it: finish the
                 // promotion where the key is current (clears the intent, starts the
                 // grace clock); stores that disagree are reconciled by a rotation.
-                info!(event = "rotation.resumed", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_id = %key_id, "the interrupted rotation's key is already in the stores; finishing it");
+                info!(event = "rotation.resumed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %intent.service_account_id, key_id = %key_id, "the interrupted rotation's key is already in the stores; finishing it");
                 let t = Transition::Promote {
                     key_id: key_id.clone(),
                     at: self.now(),
@@ -1007,7 +1007,7 @@ impl SlotRun<'_> {
                     }
                 }
             } else {
-                info!(event = "key.unrecorded", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_id = %key_id, key_name = %intent.key_name, "found a key minted by an interrupted run; revoking it");
+                info!(event = "key.unrecorded", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %intent.service_account_id, key_id = %key_id, key_name = %intent.key_name, "found a key minted by an interrupted run; revoking it");
                 self.revoke(&key_id, "unrecorded").await?;
             }
         }
@@ -1147,7 +1147,7 @@ impl SlotRun<'_> {
             account,
         );
         let key_name = intent.key_name.clone();
-        info!(event = "rotation.started", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, reason, "rotating slot");
+        info!(event = "rotation.started", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, reason, "rotating slot");
         failpoint!("before_intent");
         for i in 0..self.stores.len() {
             match self.apply(i, &Transition::Intent(intent.clone())).await {
@@ -1156,7 +1156,7 @@ impl SlotRun<'_> {
                     // Another process got there first; undo what we wrote and leave.
                     self.undo_intent(i, &intent).await;
                     self.eng.metrics.rotation(RotationOutcome::Conflict);
-                    info!(event = "rotation.conflict", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, store = %e.store, outcome = "conflict", "another process is rotating this slot");
+                    info!(event = "rotation.conflict", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %e.store, outcome = "conflict", "another process is rotating this slot");
                     return Ok(SlotOutcome::Busy);
                 }
                 Err(e) => {
@@ -1176,9 +1176,9 @@ impl SlotRun<'_> {
             Ok(k) => k,
             Err(e) => {
                 // No idempotency key: an ambiguous failure may have created the key.
-                warn!(event = "key.mint_failed", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, key_name = %key_name, error = %e, "minting failed");
+                warn!(event = "key.mint_failed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %intent.service_account_id, key_name = %key_name, error = %e, "minting failed");
                 if let Err(ce) = self.cleanup_intent(&intent).await {
-                    warn!(event = "key.mint_cleanup_failed", project_id = %self.slot.project_id, service_account_id = %intent.service_account_id, error = %ce, "cleanup after a failed mint did not finish; the intent stays for the next cycle");
+                    warn!(event = "key.mint_cleanup_failed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %intent.service_account_id, error = %ce, "cleanup after a failed mint did not finish; the intent stays for the next cycle");
                 }
                 self.eng.metrics.rotation(RotationOutcome::Failed);
                 return Err(e.into());
@@ -1186,7 +1186,7 @@ impl SlotRun<'_> {
         };
         failpoint!("after_mint");
         self.accounts.insert(sa_id.clone());
-        info!(event = "key.minted", project_id = %self.slot.project_id, service_account_id = %sa_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
+        info!(event = "key.minted", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
         let record = SecretRecord {
             api_key: created.value.clone(),
             key_id: created.id.clone(),
@@ -1201,7 +1201,7 @@ impl SlotRun<'_> {
             // key was never stored anywhere, so it goes now.
             let _ = self.revoke(&created.id, "lost_lease").await;
             self.eng.metrics.rotation(RotationOutcome::Conflict);
-            info!(event = "rotation.conflict", project_id = %self.slot.project_id, service_account_id = %sa_id, key_id = %created.id, outcome = "conflict", "lost the slot's lease while minting; revoked the unstored key");
+            info!(event = "rotation.conflict", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa_id, key_id = %created.id, outcome = "conflict", "lost the slot's lease while minting; revoked the unstored key");
             return Ok(SlotOutcome::Busy);
         }
         self.keys.push(listing_of(
@@ -1214,7 +1214,7 @@ impl SlotRun<'_> {
             match self.apply(i, &Transition::Stage(record.clone())).await {
                 Ok(()) => {
                     staged_anywhere = true;
-                    info!(event = "secret.staged", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %record.key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
+                    info!(event = "secret.staged", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %record.key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
                     failpoint!("after_stage_one");
                 }
                 Err(e) if e.kind == StoreErrorKind::Conflict => {
@@ -1223,7 +1223,7 @@ impl SlotRun<'_> {
                     self.abandon_pending(&record.key_id).await.ok();
                     self.revoke(&record.key_id, "conflict").await.ok();
                     self.eng.metrics.rotation(RotationOutcome::Conflict);
-                    info!(event = "rotation.conflict", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %record.key_id, store = %e.store, outcome = "conflict", "lost check-and-set while staging; revoked our key");
+                    info!(event = "rotation.conflict", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %record.key_id, store = %e.store, outcome = "conflict", "lost check-and-set while staging; revoked our key");
                     return Ok(SlotOutcome::Busy);
                 }
                 Err(e) => {
@@ -1286,7 +1286,7 @@ impl SlotRun<'_> {
             .client
             .create_service_account(&self.slot.project_id, &self.slot.service_account_name)
             .await?;
-        info!(event = "service_account.created", project_id = %self.slot.project_id, service_account_id = %sa.id, name = %sa.name, outcome = "ok", "created a service account for the slot");
+        info!(event = "service_account.created", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa.id, name = %sa.name, outcome = "ok", "created a service account for the slot");
         match sa.api_key {
             Some(k) => Ok((k, sa.id)),
             None => Err(ApiError::Decode {
@@ -1308,7 +1308,7 @@ impl SlotRun<'_> {
         {
             Ok(_) => {
                 self.eng.metrics.revocation(RevocationOutcome::Revoked);
-                info!(event = "service_account.deleted", project_id = %self.slot.project_id, service_account_id = sa_id, reason, outcome = "revoked", "deleted the slot's previous service account and its keys");
+                info!(event = "service_account.deleted", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = sa_id, reason, outcome = "revoked", "deleted the slot's previous service account and its keys");
             }
             Err(ApiError::NotFound { .. }) => {
                 self.eng.metrics.revocation(RevocationOutcome::AlreadyGone);
@@ -1358,7 +1358,7 @@ impl SlotRun<'_> {
                     .is_some_and(|c| c.key_id == key_id);
             if !has {
                 self.apply(i, &Transition::Stage(record.clone())).await?;
-                info!(event = "secret.staged", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
+                info!(event = "secret.staged", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
             }
         }
         if !self.renew_lease().await? {
@@ -1366,13 +1366,13 @@ impl SlotRun<'_> {
         }
         if self.rule.verify {
             if let Err(reason) = self.verify(&record.api_key).await? {
-                warn!(event = "key.verify_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "failed", reason = %reason, "new key never verified; revoking it");
+                warn!(event = "key.verify_failed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "failed", reason = %reason, "new key never verified; revoking it");
                 self.abandon_pending(&key_id).await?;
                 self.revoke(&key_id, "verify_failed").await?;
                 self.eng.metrics.rotation(RotationOutcome::VerifyFailed);
                 return Err(SlotError::VerifyFailed { key_id, reason });
             }
-            info!(event = "key.verified", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "ok", "new key works");
+            info!(event = "key.verified", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "ok", "new key works");
         }
         failpoint!("after_verify");
         if !self.renew_lease().await? {
@@ -1421,7 +1421,7 @@ impl SlotRun<'_> {
                     return Err(e.into());
                 }
             }
-            info!(event = "secret.promoted", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "promoted the new key");
+            info!(event = "secret.promoted", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "promoted the new key");
             failpoint!("after_promote_one");
         }
         // Read every store back: what consumers will read must be the new key.
@@ -1448,7 +1448,7 @@ impl SlotRun<'_> {
             }
         }
         self.eng.metrics.rotation(RotationOutcome::Completed);
-        info!(event = "rotation.completed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
+        info!(event = "rotation.completed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
         Ok(SlotOutcome::Rotated { key_id })
     }
 
@@ -1556,15 +1556,15 @@ impl SlotRun<'_> {
         {
             Ok(_) => {
                 self.eng.metrics.revocation(RevocationOutcome::Revoked);
-                info!(event = "key.revoked", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "revoked", "revoked key");
+                info!(event = "key.revoked", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "revoked", "revoked key");
             }
             Err(ApiError::NotFound { .. }) => {
                 self.eng.metrics.revocation(RevocationOutcome::AlreadyGone);
-                info!(event = "key.revoked", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "already_gone", "key was already gone");
+                info!(event = "key.revoked", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "already_gone", "key was already gone");
             }
             Err(e) => {
                 self.eng.metrics.revocation(RevocationOutcome::Failed);
-                error!(event = "key.revoke_failed", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "failed", error = %e, "could not revoke key");
+                error!(event = "key.revoke_failed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "failed", error = %e, "could not revoke key");
                 return Err(e.into());
             }
         }
@@ -1622,7 +1622,7 @@ impl SlotRun<'_> {
         }
         for key_id in previous {
             if self.served(&key_id) {
-                warn!(project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key is still served by a store; not revoking");
+                warn!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key is still served by a store; not revoking");
                 continue;
             }
             let holders: Vec<usize> = (0..self.stores.len())
@@ -1651,6 +1651,8 @@ impl SlotRun<'_> {
                             warn!(
                                 event = "key.still_in_use",
                                 project_id = %self.slot.project_id,
+                                project_name = %self.slot.project_name,
+                                service_account_name = %self.slot.service_account_name,
                                 service_account_id = %self.slot.service_account_id,
                                 key_id = %key_id,
                                 last_used_at = %last_used.map(|t| policy::ts(t).to_rfc3339()).unwrap_or_default(),
@@ -1688,7 +1690,7 @@ impl SlotRun<'_> {
                 }
             }
             if !due {
-                debug!(project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key in grace");
+                debug!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key in grace");
                 continue;
             }
             if self.eng.settings.dry_run {
@@ -1729,7 +1731,7 @@ impl SlotRun<'_> {
                         .map(|k| k.id.clone())
                         .collect();
                     if !fresh_foreign.is_empty() {
-                        info!(event = "service_account.retire_deferred", project_id = %self.slot.project_id, service_account_id = %sa, keys = ?fresh_foreign, "the slot's previous service account still has fresh keys keyrotd did not mint; deleting it when they are stale");
+                        info!(event = "service_account.retire_deferred", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa, keys = ?fresh_foreign, "the slot's previous service account still has fresh keys keyrotd did not mint; deleting it when they are stale");
                         continue;
                     }
                     self.delete_account(&sa, "grace_over").await?;
@@ -1749,7 +1751,7 @@ impl SlotRun<'_> {
                         // The API's older behaviour: a service account's key cannot be
                         // deleted. Move the slot to a fresh account; the old account
                         // (with this key) is deleted after the next grace period.
-                        warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
+                        warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
                         self.new_account = true;
                         let out = self.rotate("strategy_fallback").await?;
                         if out == SlotOutcome::Busy {
@@ -1782,7 +1784,7 @@ impl SlotRun<'_> {
                 let done = state.book.previous_key_id.as_deref() != Some(key_id);
                 self.states[i] = state;
                 if done {
-                    debug!(project_id = %self.slot.project_id, service_account_id = %self.slot.service_account_id, key_id, store = %self.stores[i].0, "another process recorded the retirement first");
+                    debug!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, store = %self.stores[i].0, "another process recorded the retirement first");
                     return Ok(());
                 }
                 Ok(self.apply(i, &t).await?)
@@ -1912,7 +1914,7 @@ impl SlotRun<'_> {
                 })) if self.rule.strategy == Strategy::Auto && !self.new_account => {
                     // Deleting the account's keys is refused: move the slot to a new
                     // account; this one goes, whole, after the grace period.
-                    warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, service_account_id = %serving, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
+                    warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %serving, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
                     self.new_account = true;
                     self.rotate("strategy_fallback").await?;
                     return Ok(());

@@ -155,11 +155,41 @@ async fn once_logs_json_audit_events_and_flushes_notifications_before_exit() {
     for event in ["secret.staged", "secret.promoted", "key.stale"] {
         assert!(events.contains_key(event), "{event} in {events:?}");
     }
-    // Audit events carry the ids as fields.
-    for v in lines.iter().filter(|v| v["event"] == "key.minted") {
-        for field in ["project_id", "service_account_id", "key_id"] {
+    // Audit events carry the ids as fields, and the names an operator reads beside
+    // them (as the simulator knows them).
+    let slot_events = [
+        "rotation.started",
+        "key.minted",
+        "secret.staged",
+        "secret.promoted",
+        "rotation.completed",
+    ];
+    for v in lines
+        .iter()
+        .filter(|v| slot_events.contains(&v["event"].as_str().unwrap_or("")))
+    {
+        for field in [
+            "project_id",
+            "service_account_id",
+            "project_name",
+            "service_account_name",
+        ] {
             assert!(v[field].is_string(), "{field} in {v}");
         }
+        let project = w
+            .sim
+            .projects()
+            .into_iter()
+            .find(|p| Some(p.id.as_str()) == v["project_id"].as_str())
+            .expect("a simulated project");
+        assert_eq!(
+            v["project_name"].as_str(),
+            Some(project.name.as_str()),
+            "{v}"
+        );
+    }
+    for v in lines.iter().filter(|v| v["event"] == "key.minted") {
+        assert!(v["key_id"].is_string(), "key_id in {v}");
     }
     for s in secrets(&w) {
         assert!(!log.contains(&s), "a secret value in the log");
