@@ -560,3 +560,46 @@ async fn the_loop_cycles_until_its_shutdown_signal_and_returns_in_time() {
         "a cycle after shutdown"
     );
 }
+
+/// A fatal error under `--log-format json` is one JSON line like every other
+/// (`keyrotd.failed`, ERROR), and plain `keyrotd: ...` text for a human.
+#[test]
+fn fatal_errors_follow_the_log_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[policy]\nmax_agee = \"1d\"\n").unwrap();
+    let run = |format: &str| {
+        Command::new(env!("CARGO_BIN_EXE_keyrotd"))
+            .args([
+                "--config",
+                path.to_str().unwrap(),
+                "--log-format",
+                format,
+                "once",
+            ])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = run("json");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert_eq!(lines[0]["event"], "keyrotd.failed");
+    assert_eq!(lines[0]["level"], "ERROR");
+    assert!(
+        lines[0]["message"].as_str().unwrap().contains("max_agee"),
+        "{err}"
+    );
+    let out = run("pretty");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("keyrotd: ") && err.contains("max_agee"),
+        "{err}"
+    );
+}
