@@ -628,12 +628,14 @@ impl Client {
         .await
     }
 
-    /// Creates a service account (and, by default, its first key).
+    /// Creates a service account and its first key, which expires `expires_in_seconds`
+    /// from now when given (required by organizations whose policy caps key lifetimes).
     /// Never retried automatically on an ambiguous failure (no idempotency key).
     pub async fn create_service_account(
         &self,
         project_id: &str,
         name: &str,
+        expires_in_seconds: Option<u64>,
     ) -> ApiResult<CreatedServiceAccount> {
         let url = self.url(
             &["organization", "projects", project_id, "service_accounts"],
@@ -642,6 +644,7 @@ impl Client {
         let body = CreateServiceAccountRequest {
             name: name.to_owned(),
             create_service_account_only: None,
+            expires_in_seconds,
         };
         self.call(
             Endpoint::CreateServiceAccount,

@@ -185,6 +185,9 @@ pub struct CreatedKey {
     #[serde(default)]
     pub name: Option<String>,
     pub created_at: i64,
+    /// Unix seconds; `None` = never expires (SDK 3.57; absent from the GitHub spec).
+    #[serde(default)]
+    pub expires_at: Option<i64>,
 }
 
 impl fmt::Debug for CreatedKey {
@@ -194,6 +197,7 @@ impl fmt::Debug for CreatedKey {
             .field("value", &"[REDACTED]")
             .field("name", &self.name)
             .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
             .finish()
     }
 }
@@ -202,12 +206,16 @@ fn de_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::
     Ok(SecretString::from(String::deserialize(d)?))
 }
 
-/// `ProjectServiceAccountCreateRequest`.
+/// `ProjectServiceAccountCreateRequest` (+ `expires_in_seconds` for the initial key,
+/// from the SDK 3.57; sent only when `policy.key_expiry` is set, and never together with
+/// `create_service_account_only = true`, which the SDK forbids).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CreateServiceAccountRequest {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_service_account_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
 }
 
 /// `ProjectServiceAccountCreateResponse`.

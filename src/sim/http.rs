@@ -89,6 +89,11 @@ fn process(
         .map(str::trim);
     let method = parts.method.as_str();
     let path = parts.uri.path();
+    let logged_body = body
+        .as_ref()
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .filter(serde_json::Value::is_object);
     let mut st = sim.lock();
     let matched = route::match_route(method, path);
     let route = matched.as_ref().ok().map(|(r, _)| *r);
@@ -114,6 +119,7 @@ fn process(
         path: path.to_owned(),
         query: parts.uri.query().unwrap_or("").to_owned(),
         status: if out.drop { 0 } else { out.status },
+        body: logged_body,
     });
     out
 }

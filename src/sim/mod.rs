@@ -33,8 +33,9 @@
 //! - Archived projects keep their keys in listings, but `GET /models` rejects those
 //!   keys, and listing, creating or deleting service accounts there is a 400 (the
 //!   spec: "archived projects have no service accounts").
-//! - A key is live when not deleted, not expired (`expires_in_seconds`, an extension
-//!   to the excerpt, shown as `expires_at` in listings) and its project is not
+//! - A key is live when not deleted, not expired (`expires_in_seconds` on key and
+//!   service-account creation, from the SDK 3.57, shown as `expires_at` in listings
+//!   and creation responses) and its project is not
 //!   archived. `GET /models` answers 200 only for live project keys and moves their
 //!   `last_used_at` to the simulator's now. An admin key there is a 401; a project key
 //!   on an admin endpoint is a 403.
@@ -46,6 +47,8 @@
 //! - The clock is wall time plus [`Sim::advance`]; it stamps `created_at`,
 //!   `last_used_at` and expiry. [`Faults::propagation_delay`] uses real time.
 //! - Fault order and semantics: see [`Faults`].
+//! - The request log ([`Sim::requests`]) keeps each request's JSON body, so tests can
+//!   check what the client sent.
 //!
 //! Layout: `route.rs` (endpoint table), `state.rs` (the organization and the
 //! operations, no HTTP), `http.rs` (handler, faults, logging), `faults.rs`,
@@ -190,6 +193,9 @@ pub struct RequestRecord {
     pub query: String,
     /// The status sent; 0 when the connection was dropped on purpose.
     pub status: u16,
+    /// The request body when it was a JSON object (`None` otherwise). No admin request
+    /// body carries a key value, so the log holds no secret.
+    pub body: Option<serde_json::Value>,
 }
 
 /// The simulated API: cheap to clone, all clones share one organization.

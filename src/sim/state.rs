@@ -703,13 +703,31 @@ impl State {
                 ))
             }
         };
+        // SDK 3.57: the initial key's lifetime; meaningless without an initial key.
+        let expires_at = expires_in(&b)?.map(|s| now + s);
+        if only && expires_at.is_some() {
+            return Err(SimError::invalid(
+                "expires_in_seconds",
+                "invalid_value",
+                "'expires_in_seconds' is not allowed with 'create_service_account_only': true.",
+            ));
+        }
         let role = if only { "none" } else { "member" };
         let sa_id = self.new_sa(p, &name, role, now)?;
         let api_key = if only {
             Value::Null
         } else {
             let owner = OwnerRef::ServiceAccount(sa_id.clone());
-            let key_id = self.new_key(p, owner, "Secret Key", now, None, None, Vec::new(), true)?;
+            let key_id = self.new_key(
+                p,
+                owner,
+                "Secret Key",
+                now,
+                None,
+                expires_at,
+                Vec::new(),
+                true,
+            )?;
             created_key_json(&self.keys[&key_id])
         };
         let mut v = sa_json(&self.sas[&sa_id]);

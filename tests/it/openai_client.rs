@@ -534,7 +534,7 @@ async fn create_service_account_returns_its_first_key() {
     let (sim, _server, client) = setup().await;
     let p = sim.add_project("prod-a");
     let created = client
-        .create_service_account(&p, "keyrotd-backend")
+        .create_service_account(&p, "keyrotd-backend", None)
         .await
         .unwrap();
     assert_eq!(created.name, "keyrotd-backend");
@@ -552,7 +552,7 @@ async fn create_service_account_returns_its_first_key() {
 
     sim.set_faults(Faults::default().fail_next(Route::CreateServiceAccount, 502, 1));
     let err = client
-        .create_service_account(&p, "again")
+        .create_service_account(&p, "again", None)
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(502));
@@ -687,4 +687,42 @@ async fn ids_in_paths_are_escaped() {
         "/v1/organization/projects/proj_1%2F..%2F../api_keys/key_1%3Fx=y"
     );
     assert_eq!(r.query, "");
+}
+
+#[tokio::test]
+async fn create_service_account_sends_the_first_keys_expiry() {
+    let (sim, _server, client) = setup().await;
+    let p = sim.add_project("prod-a");
+    let plain = client
+        .create_service_account(&p, "no-expiry", None)
+        .await
+        .unwrap();
+    let plain_key = plain.api_key.expect("api_key");
+    assert_eq!(plain_key.expires_at, None);
+    assert_eq!(sim.key(&plain_key.id).unwrap().expires_at, None);
+
+    let expiring = client
+        .create_service_account(&p, "expiring", Some(3600))
+        .await
+        .unwrap();
+    let key = expiring.api_key.expect("api_key");
+    let at = key.created_at + 3600;
+    assert_eq!(key.expires_at, Some(at));
+    assert_eq!(sim.key(&key.id).unwrap().expires_at, Some(at));
+    // Listed with it, too.
+    let listed = client.get_api_key(&p, &key.id).await.unwrap();
+    assert_eq!(listed.expires_at, Some(at));
+
+    let bodies: Vec<_> = sim
+        .requests_to(Route::CreateServiceAccount)
+        .into_iter()
+        .map(|r| r.body.expect("body logged"))
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![
+            serde_json::json!({"name": "no-expiry"}),
+            serde_json::json!({"name": "expiring", "expires_in_seconds": 3600}),
+        ]
+    );
 }

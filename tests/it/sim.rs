@@ -985,3 +985,46 @@ async fn many_concurrent_requests_on_a_large_org() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn service_account_creation_honours_expires_in_seconds() {
+    let api = Api::new().await;
+    let p = api.sim.add_project("prod-a");
+    let base = format!("/organization/projects/{p}/service_accounts");
+    let (status, sa) = api
+        .call(
+            Method::POST,
+            &base,
+            Some(json!({"name": "backend", "expires_in_seconds": 2_592_000})),
+        )
+        .await;
+    assert_eq!(status, 200, "{sa}");
+    let created_at = sa["api_key"]["created_at"].as_i64().unwrap();
+    assert_eq!(sa["api_key"]["expires_at"], created_at + 2_592_000);
+    let id = sa["api_key"]["id"].as_str().unwrap();
+    let (_, listed) = api
+        .get(&format!("/organization/projects/{p}/api_keys/{id}"))
+        .await;
+    assert_eq!(listed["expires_at"], created_at + 2_592_000);
+    let logged = api.sim.requests_to(Route::CreateServiceAccount);
+    assert_eq!(
+        logged[0].body,
+        Some(json!({"name": "backend", "expires_in_seconds": 2_592_000}))
+    );
+
+    // Without it the key never expires; out of range and with
+    // create_service_account_only it is refused, and nothing is created.
+    let (_, plain) = api
+        .call(Method::POST, &base, Some(json!({"name": "plain"})))
+        .await;
+    assert!(plain["api_key"].get("expires_at").is_none(), "{plain}");
+    for body in [
+        json!({"name": "zero", "expires_in_seconds": 0}),
+        json!({"name": "bare", "create_service_account_only": true, "expires_in_seconds": 60}),
+    ] {
+        let (status, err) = api.call(Method::POST, &base, Some(body.clone())).await;
+        assert_eq!(status, 400, "{body}: {err}");
+        assert_eq!(assert_error_shape(&err)["param"], "expires_in_seconds");
+    }
+    assert_eq!(api.sim.service_accounts(&p).len(), 2);
+}
