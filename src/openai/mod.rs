@@ -572,15 +572,26 @@ impl Client {
         .await
     }
 
-    /// Every key of a project (all pages), with `owner_project_access=any`.
+    /// Every key of a project (all pages), with `owner_project_access=any`. A key whose
+    /// owner is neither typed nor present is kept as [`OwnerType::Unknown`] and logged
+    /// (`api.key_owner_unknown`).
     pub async fn list_api_keys(&self, project_id: &str) -> ApiResult<Vec<ProjectApiKey>> {
-        collect(self.pages(
+        let keys = collect(self.pages(
             Endpoint::ListApiKeys,
             &["organization", "projects", project_id, "api_keys"],
             vec![("owner_project_access", "any")],
             |k: &ProjectApiKey| k.id.clone(),
         ))
-        .await
+        .await?;
+        for k in keys.iter().filter(|k| k.owner.kind == OwnerType::Unknown) {
+            tracing::warn!(
+                event = "api.key_owner_unknown",
+                project_id,
+                key_id = %k.id,
+                "listed key has no owner type and no owner object; reported, not managed"
+            );
+        }
+        Ok(keys)
     }
 
     /// One key of a project (listing object, no value).

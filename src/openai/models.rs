@@ -65,6 +65,8 @@ pub struct ProjectApiKey {
     pub expires_at: Option<i64>,
     #[serde(default)]
     pub owner_project_access: Option<OwnerAccess>,
+    /// An absent `owner` reads as an owner of unknown type.
+    #[serde(default)]
     pub owner: ApiKeyOwner,
 }
 
@@ -75,11 +77,16 @@ pub enum OwnerAccess {
     Inactive,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OwnerType {
     User,
     ServiceAccount,
+    /// Neither `type` nor an owner object says who owns the key, or a `type` this
+    /// client does not know. Such a key is listed and reported, never managed.
+    #[default]
+    #[serde(other)]
+    Unknown,
 }
 
 impl OwnerType {
@@ -87,12 +94,18 @@ impl OwnerType {
         match self {
             OwnerType::User => "user",
             OwnerType::ServiceAccount => "service_account",
+            OwnerType::Unknown => "unknown",
         }
     }
 }
 
 /// `owner` of a `ProjectApiKey`: `type` plus the matching object.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+///
+/// `type` is optional in the spec and the SDK: without it (or with one this client
+/// does not know) the type is inferred from which of `service_account` / `user` is
+/// present, and is [`OwnerType::Unknown`] when neither is.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(from = "RawOwner")]
 pub struct ApiKeyOwner {
     #[serde(rename = "type")]
     pub kind: OwnerType,
@@ -102,11 +115,39 @@ pub struct ApiKeyOwner {
     pub service_account: Option<OwnerServiceAccount>,
 }
 
+/// `owner` as sent, before its type is settled.
+#[derive(Deserialize)]
+struct RawOwner {
+    #[serde(default, rename = "type")]
+    kind: Option<OwnerType>,
+    #[serde(default)]
+    user: Option<OwnerUser>,
+    #[serde(default)]
+    service_account: Option<OwnerServiceAccount>,
+}
+
+impl From<RawOwner> for ApiKeyOwner {
+    fn from(raw: RawOwner) -> ApiKeyOwner {
+        let kind = match raw.kind {
+            Some(k @ (OwnerType::User | OwnerType::ServiceAccount)) => k,
+            _ if raw.service_account.is_some() => OwnerType::ServiceAccount,
+            _ if raw.user.is_some() => OwnerType::User,
+            _ => OwnerType::Unknown,
+        };
+        ApiKeyOwner {
+            kind,
+            user: raw.user,
+            service_account: raw.service_account,
+        }
+    }
+}
+
 impl ApiKeyOwner {
     pub fn id(&self) -> Option<&str> {
         match self.kind {
             OwnerType::User => self.user.as_ref().map(|u| u.id.as_str()),
             OwnerType::ServiceAccount => self.service_account.as_ref().map(|s| s.id.as_str()),
+            OwnerType::Unknown => None,
         }
     }
     pub fn name(&self) -> Option<&str> {
@@ -119,6 +160,7 @@ impl ApiKeyOwner {
                 .service_account
                 .as_ref()
                 .and_then(|s| s.name.as_deref()),
+            OwnerType::Unknown => None,
         }
     }
 }
@@ -347,6 +389,44 @@ impl fmt::Debug for CreatedAdminKey {
             .field("created_at", &self.created_at)
             .field("expires_at", &self.expires_at)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    fn owner(json: &str) -> ApiKeyOwner {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn owner_type_is_inferred_when_absent() {
+        let sa = owner(r#"{"service_account": {"id": "svc_1", "name": "backend"}}"#);
+        assert_eq!(sa.kind, OwnerType::ServiceAccount);
+        assert_eq!((sa.id(), sa.name()), (Some("svc_1"), Some("backend")));
+        let user = owner(r#"{"type": null, "user": {"id": "user_1", "email": "a@b.c"}}"#);
+        assert_eq!(user.kind, OwnerType::User);
+        assert_eq!((user.id(), user.name()), (Some("user_1"), Some("a@b.c")));
+        let bare = owner("{}");
+        assert_eq!(bare.kind, OwnerType::Unknown);
+        assert_eq!((bare.id(), bare.name()), (None, None));
+        // A type given wins; an unknown one falls back to the objects present.
+        assert_eq!(
+            owner(r#"{"type": "user", "user": {"id": "user_1"}}"#).kind,
+            OwnerType::User
+        );
+        assert_eq!(
+            owner(r#"{"type": "project_bot", "service_account": {"id": "svc_2"}}"#).kind,
+            OwnerType::ServiceAccount
+        );
+        assert_eq!(owner(r#"{"type": "project_bot"}"#).kind, OwnerType::Unknown);
+    }
+
+    #[test]
+    fn a_key_without_owner_has_an_unknown_owner() {
+        let k: ProjectApiKey = serde_json::from_str(r#"{"id": "key_1", "created_at": 1}"#).unwrap();
+        assert_eq!(k.owner.kind, OwnerType::Unknown);
     }
 }
 

@@ -913,6 +913,17 @@ impl State {
                 None => json!({"type": "service_account"}),
             },
         };
+        let owner = if self.faults.bare_owners.contains(&k.id) {
+            json!({})
+        } else if self.faults.omit_owner_type {
+            let mut owner = owner;
+            if let Some(o) = owner.as_object_mut() {
+                o.remove("type");
+            }
+            owner
+        } else {
+            owner
+        };
         let mut v = json!({
             "object": "organization.project.api_key",
             "redacted_value": redact(&k.value),

@@ -726,3 +726,58 @@ async fn create_service_account_sends_the_first_keys_expiry() {
         ]
     );
 }
+
+#[tokio::test]
+async fn owner_type_is_inferred_when_the_listing_omits_it() {
+    let (sim, _server, client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    let user = sim.add_user("Alice", "alice@example.com");
+    let mut want = Vec::new();
+    for i in 0..120 {
+        let (owner, kind) = if i % 3 == 0 {
+            (OwnerRef::User(user.clone()), OwnerType::User)
+        } else {
+            (
+                OwnerRef::ServiceAccount(sa.clone()),
+                OwnerType::ServiceAccount,
+            )
+        };
+        let k = sim.add_key(&p, owner, &format!("k{i}")).unwrap();
+        want.push((k.id, kind));
+    }
+    let bare = want[7].0.clone();
+    sim.update_faults(|f| {
+        f.omit_owner_type = true;
+        f.bare_owners = [bare.clone()].into_iter().collect();
+    });
+    let keys = client
+        .list_api_keys(&p)
+        .await
+        .expect("the scan is not aborted");
+    let got: Vec<(String, OwnerType)> = keys.iter().map(|k| (k.id.clone(), k.owner.kind)).collect();
+    let expect: Vec<(String, OwnerType)> = want
+        .iter()
+        .map(|(id, kind)| {
+            let kind = if *id == bare {
+                OwnerType::Unknown
+            } else {
+                *kind
+            };
+            (id.clone(), kind)
+        })
+        .collect();
+    assert_eq!(got, expect);
+    let sa_key = keys
+        .iter()
+        .find(|k| k.owner.kind == OwnerType::ServiceAccount)
+        .unwrap();
+    assert_eq!(sa_key.owner.id(), Some(sa.as_str()));
+    let user_key = keys
+        .iter()
+        .find(|k| k.owner.kind == OwnerType::User)
+        .unwrap();
+    assert_eq!(user_key.owner.id(), Some(user.as_str()));
+    let one = client.get_api_key(&p, &want[1].0).await.unwrap();
+    assert_eq!(one.owner.kind, OwnerType::ServiceAccount);
+    assert_eq!(assert_pages_once(&sim, Route::ListApiKeys), 2);
+}

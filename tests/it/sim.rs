@@ -1028,3 +1028,34 @@ async fn service_account_creation_honours_expires_in_seconds() {
     }
     assert_eq!(api.sim.service_accounts(&p).len(), 2);
 }
+
+#[tokio::test]
+async fn owner_faults_strip_the_type_or_the_whole_owner() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa.clone()), "k")
+        .unwrap();
+    let other = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa.clone()), "bare")
+        .unwrap();
+    let list = format!("/organization/projects/{p}/api_keys?owner_project_access=any");
+    let (_, typed) = api.get(&list).await;
+    assert_eq!(typed["data"][0]["owner"]["type"], "service_account");
+    api.sim.update_faults(|f| {
+        f.omit_owner_type = true;
+        f.bare_owners = [other.id.clone()].into_iter().collect();
+    });
+    let (status, untyped) = api.get(&list).await;
+    assert_eq!(status, 200);
+    let owner = &untyped["data"][0]["owner"];
+    assert!(owner.get("type").is_none(), "{owner}");
+    assert_eq!(owner["service_account"]["id"], sa.as_str());
+    assert_eq!(untyped["data"][1]["owner"], json!({}));
+    let (_, one) = api
+        .get(&format!("/organization/projects/{p}/api_keys/{}", key.id))
+        .await;
+    assert!(one["owner"].get("type").is_none(), "{one}");
+}
