@@ -167,6 +167,7 @@ pub enum Endpoint {
     ListApiKeys,
     GetApiKey,
     DeleteApiKey,
+    UpdateApiKey,
     ListServiceAccounts,
     CreateServiceAccount,
     DeleteServiceAccount,
@@ -187,6 +188,7 @@ impl Endpoint {
             Endpoint::ListApiKeys => "list_api_keys",
             Endpoint::GetApiKey => "get_api_key",
             Endpoint::DeleteApiKey => "delete_api_key",
+            Endpoint::UpdateApiKey => "update_api_key",
             Endpoint::ListServiceAccounts => "list_service_accounts",
             Endpoint::CreateServiceAccount => "create_service_account",
             Endpoint::DeleteServiceAccount => "delete_service_account",
@@ -622,6 +624,32 @@ impl Client {
             Method::DELETE,
             url,
             None::<&()>,
+            Retry::Idempotent,
+            None,
+        )
+        .await
+    }
+
+    /// Updates a project key (`POST .../api_keys/{key_id}`, SDK 3.57): a new expiry
+    /// counted from this request and/or new scopes; returns the key's listing object.
+    /// Retried like a read: repeating it only restarts the expiry from the retry. An
+    /// API without the endpoint answers 404 (`ApiError::NotFound`), as does a gone key;
+    /// an expired key cannot be updated (HTTP 400).
+    pub async fn update_api_key(
+        &self,
+        project_id: &str,
+        key_id: &str,
+        req: &UpdateKeyRequest,
+    ) -> ApiResult<ProjectApiKey> {
+        let url = self.url(
+            &["organization", "projects", project_id, "api_keys", key_id],
+            &[],
+        );
+        self.call(
+            Endpoint::UpdateApiKey,
+            Method::POST,
+            url,
+            Some(req),
             Retry::Idempotent,
             None,
         )

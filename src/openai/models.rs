@@ -215,6 +215,19 @@ pub struct CreateKeyRequest {
     pub expires_in_seconds: Option<u64>,
 }
 
+/// Body of `POST /organization/projects/{p}/api_keys/{k}` (key update, SDK 3.57; not
+/// in the GitHub spec). At least one field must be set; neither may be null.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateKeyRequest {
+    /// Seconds from this request (a retry restarts the count); must satisfy the
+    /// organization's or project's expiry policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+    /// Replaces the key's scopes: `[]` = all permissions, `["api.all.read"]` = read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+}
+
 /// `ServiceAccountApiKeyBody` / `ProjectServiceAccountApiKey`: the only place a key's
 /// value appears. `Debug` redacts it.
 #[derive(Clone, Deserialize)]

@@ -59,6 +59,9 @@ pub struct Faults {
     pub omit_owner_type: bool,
     /// These key ids are shown with `"owner": {}`: neither a type nor an owner object.
     pub bare_owners: BTreeSet<String>,
+    /// `POST .../api_keys/{id}` (key update) answers 404 `Invalid URL`, like an API
+    /// that lacks the endpoint.
+    pub no_key_update: bool,
 }
 
 impl Default for Faults {
@@ -81,6 +84,7 @@ impl Default for Faults {
             padding: None,
             omit_owner_type: false,
             bare_owners: BTreeSet::new(),
+            no_key_update: false,
         }
     }
 }

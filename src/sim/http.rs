@@ -95,7 +95,10 @@ fn process(
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
         .filter(serde_json::Value::is_object);
     let mut st = sim.lock();
-    let matched = route::match_route(method, path);
+    let matched = match route::match_route(method, path) {
+        Ok((Route::UpdateApiKey, _)) if st.faults.no_key_update => Err(Miss::NotFound),
+        other => other,
+    };
     let route = matched.as_ref().ok().map(|(r, _)| *r);
     let out = match (matched, body) {
         (Err(Miss::NotFound), _) => Outcome::error(&SimError::new(

@@ -23,6 +23,9 @@ pub enum Route {
     ListApiKeys,
     GetApiKey,
     DeleteApiKey,
+    /// `POST /v1/organization/projects/{project_id}/api_keys/{api_key_id}`: in the SDK
+    /// 3.57, not in the GitHub spec.
+    UpdateApiKey,
     ListServiceAccounts,
     CreateServiceAccount,
     GetServiceAccount,
@@ -33,7 +36,7 @@ pub enum Route {
 
 impl Route {
     /// Every route, for iteration in tests and docs.
-    pub const ALL: [Route; 19] = [
+    pub const ALL: [Route; 20] = [
         Route::ListModels,
         Route::ListAdminKeys,
         Route::CreateAdminKey,
@@ -47,6 +50,7 @@ impl Route {
         Route::ListApiKeys,
         Route::GetApiKey,
         Route::DeleteApiKey,
+        Route::UpdateApiKey,
         Route::ListServiceAccounts,
         Route::CreateServiceAccount,
         Route::GetServiceAccount,
@@ -65,6 +69,7 @@ impl Route {
             | CreateProject
             | ModifyProject
             | ArchiveProject
+            | UpdateApiKey
             | CreateServiceAccount
             | UpdateServiceAccount
             | CreateServiceAccountKey => "POST",
@@ -83,7 +88,9 @@ impl Route {
             GetProject | ModifyProject => "/v1/organization/projects/{project_id}",
             ArchiveProject => "/v1/organization/projects/{project_id}/archive",
             ListApiKeys => "/v1/organization/projects/{project_id}/api_keys",
-            GetApiKey | DeleteApiKey => "/v1/organization/projects/{project_id}/api_keys/{api_key_id}",
+            GetApiKey | DeleteApiKey | UpdateApiKey => {
+                "/v1/organization/projects/{project_id}/api_keys/{api_key_id}"
+            }
             ListServiceAccounts | CreateServiceAccount => {
                 "/v1/organization/projects/{project_id}/service_accounts"
             }
@@ -141,6 +148,7 @@ impl From<Endpoint> for Route {
             Endpoint::ListApiKeys => Route::ListApiKeys,
             Endpoint::GetApiKey => Route::GetApiKey,
             Endpoint::DeleteApiKey => Route::DeleteApiKey,
+            Endpoint::UpdateApiKey => Route::UpdateApiKey,
             Endpoint::ListServiceAccounts => Route::ListServiceAccounts,
             Endpoint::CreateServiceAccount => Route::CreateServiceAccount,
             Endpoint::DeleteServiceAccount => Route::DeleteServiceAccount,
@@ -187,7 +195,7 @@ pub(crate) fn match_route(method: &str, path: &str) -> Result<(Route, Ids), Miss
         ["organization", "projects", _] => &[GetProject, ModifyProject],
         ["organization", "projects", _, "archive"] => &[ArchiveProject],
         ["organization", "projects", _, "api_keys"] => &[ListApiKeys],
-        ["organization", "projects", _, "api_keys", _] => &[GetApiKey, DeleteApiKey],
+        ["organization", "projects", _, "api_keys", _] => &[GetApiKey, DeleteApiKey, UpdateApiKey],
         ["organization", "projects", _, "service_accounts"] => {
             &[ListServiceAccounts, CreateServiceAccount]
         }

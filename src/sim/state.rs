@@ -600,6 +600,7 @@ impl State {
                     json!({"object": "organization.project.api_key.deleted", "id": x, "deleted": true}),
                 )
             }
+            Route::UpdateApiKey => self.update_key(p, x, body, now),
             Route::ListServiceAccounts => self.list_sas(p, q),
             Route::CreateServiceAccount => self.create_sa(p, body, now),
             Route::GetServiceAccount => {
@@ -740,31 +741,60 @@ impl State {
         self.live_sa(p, sa)?;
         let b = parse_body(body, false)?;
         let name = optional_str(&b, "name")?.unwrap_or_else(|| "Secret Key".to_owned());
-        let scopes = match b.get("scopes") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|s| s.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    SimError::invalid(
-                        "scopes",
-                        "invalid_type",
-                        "Invalid 'scopes': expected an array of strings.",
-                    )
-                })?,
-            Some(_) => {
-                return Err(SimError::invalid(
-                    "scopes",
-                    "invalid_type",
-                    "Invalid 'scopes': expected an array of strings.",
-                ))
-            }
-        };
+        let scopes = scopes(&b)?.unwrap_or_default();
         let expires_at = expires_in(&b)?.map(|s| now + s);
         let owner = OwnerRef::ServiceAccount(sa.to_owned());
         let id = self.new_key(p, owner, &name, now, None, expires_at, scopes, true)?;
         Ok(created_key_json(&self.keys[&id]))
+    }
+
+    /// `POST .../api_keys/{id}` (SDK 3.57): a new expiry from now and/or new scopes, on
+    /// a live, unexpired key of the project; answers the key's listing object.
+    fn update_key(&mut self, p: &str, id: &str, body: &[u8], now: i64) -> SimResult<Value> {
+        self.project(p)?;
+        let expired = match self.keys.get(id) {
+            Some(k) if k.project_id == p && k.deleted_at.is_none() => {
+                k.expires_at.is_some_and(|e| e <= now)
+            }
+            _ => return Err(SimError::not_found("API key", id)),
+        };
+        let b = parse_body(body, true)?;
+        for field in ["expires_in_seconds", "scopes"] {
+            if b.get(field) == Some(&Value::Null) {
+                return Err(SimError::invalid(
+                    field,
+                    "invalid_type",
+                    format!("Invalid '{field}': may not be null."),
+                ));
+            }
+        }
+        let expires_in = expires_in(&b)?;
+        let scopes = scopes(&b)?;
+        if expires_in.is_none() && scopes.is_none() {
+            return Err(SimError::invalid(
+                "expires_in_seconds",
+                "missing_required_parameter",
+                "At least one of 'expires_in_seconds' or 'scopes' is required.",
+            ));
+        }
+        if expired {
+            return Err(SimError::invalid(
+                "api_key_id",
+                "api_key_expired",
+                format!("API key '{id}' has expired and cannot be updated."),
+            ));
+        }
+        let k = self
+            .keys
+            .get_mut(id)
+            .ok_or_else(|| SimError::not_found("API key", id))?;
+        if let Some(secs) = expires_in {
+            k.expires_at = Some(now + secs);
+        }
+        if let Some(scopes) = scopes {
+            k.scopes = scopes;
+        }
+        Ok(self.key_json(&self.keys[id]))
     }
 
     fn list_projects(&self, q: &Query) -> SimResult<Value> {
@@ -1139,6 +1169,27 @@ fn required_str(b: &Map<String, Value>, field: &'static str) -> SimResult<String
             "missing_required_parameter",
             format!("Missing required parameter: '{field}'."),
         )),
+    }
+}
+
+/// `scopes`: absent (or null), or an array of strings.
+fn scopes(b: &Map<String, Value>) -> SimResult<Option<Vec<String>>> {
+    let invalid = || {
+        SimError::invalid(
+            "scopes",
+            "invalid_type",
+            "Invalid 'scopes': expected an array of strings.",
+        )
+    };
+    match b.get("scopes") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(invalid),
+        Some(_) => Err(invalid()),
     }
 }
 

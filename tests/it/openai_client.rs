@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use keyrotd::openai::models::{CreateKeyRequest, OwnerAccess, OwnerType};
+use keyrotd::openai::models::{CreateKeyRequest, OwnerAccess, OwnerType, UpdateKeyRequest};
 use keyrotd::openai::{ApiError, Client, ClientConfig, Endpoint};
 use keyrotd::sim::{
     Faults, LostResponse, Malformation, MalformedNext, OwnerRef, RetryAfter, Route, Sim, SimServer,
@@ -780,4 +780,185 @@ async fn owner_type_is_inferred_when_the_listing_omits_it() {
     let one = client.get_api_key(&p, &want[1].0).await.unwrap();
     assert_eq!(one.owner.kind, OwnerType::ServiceAccount);
     assert_eq!(assert_pages_once(&sim, Route::ListApiKeys), 2);
+}
+
+/// A project with one service-account key; returns (project id, key id).
+fn project_with_key(sim: &Sim) -> (String, String) {
+    let (p, sa) = project_with_sa(sim, "prod-upd");
+    let key = sim.add_key(&p, OwnerRef::ServiceAccount(sa), "k").unwrap();
+    (p, key.id)
+}
+
+fn expiry(secs: u64) -> UpdateKeyRequest {
+    UpdateKeyRequest {
+        expires_in_seconds: Some(secs),
+        scopes: None,
+    }
+}
+
+#[tokio::test]
+async fn update_api_key_sets_expiry_and_scopes() {
+    let (sim, _server, client) = setup().await;
+    let (p, id) = project_with_key(&sim);
+    let req = UpdateKeyRequest {
+        expires_in_seconds: Some(86_400),
+        scopes: Some(vec!["api.all.read".into()]),
+    };
+    let updated = client.update_api_key(&p, &id, &req).await.unwrap();
+    assert_eq!(updated.id, id);
+    assert_eq!(updated.owner.kind, OwnerType::ServiceAccount);
+    let k = sim.key(&id).unwrap();
+    assert_eq!(updated.expires_at, k.expires_at);
+    assert!(k.expires_at.is_some_and(|e| e >= sim.now() + 86_399));
+    assert_eq!(k.scopes, vec!["api.all.read".to_string()]);
+    let sent = sim.requests_to(Route::UpdateApiKey);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].body,
+        Some(serde_json::json!({"expires_in_seconds": 86_400, "scopes": ["api.all.read"]}))
+    );
+    // Only what is set is sent.
+    client.update_api_key(&p, &id, &expiry(60)).await.unwrap();
+    assert_eq!(
+        sim.requests_to(Route::UpdateApiKey)[1].body,
+        Some(serde_json::json!({"expires_in_seconds": 60}))
+    );
+    assert_eq!(
+        client.stats().snapshot(),
+        vec![(Endpoint::UpdateApiKey, 200, 2)]
+    );
+}
+
+#[tokio::test]
+async fn update_api_key_failures() {
+    let (sim, _server, client) = setup().await;
+    let (p, id) = project_with_key(&sim);
+
+    // An expired key cannot be updated: a 400, not retried.
+    client.update_api_key(&p, &id, &expiry(10)).await.unwrap();
+    sim.advance(Duration::from_secs(11));
+    sim.clear_requests();
+    let err = client
+        .update_api_key(&p, &id, &expiry(3600))
+        .await
+        .unwrap_err();
+    match &err {
+        ApiError::Status {
+            status,
+            code,
+            endpoint,
+            ..
+        } => {
+            assert_eq!((*status, endpoint.as_str()), (400, "update_api_key"));
+            assert_eq!(code.as_deref(), Some("api_key_expired"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!err.is_temporary());
+    assert_eq!(sim.requests_to(Route::UpdateApiKey).len(), 1);
+
+    // A gone key and an API without the endpoint are both 404.
+    let (p2, id2) = project_with_key(&sim);
+    let err = client
+        .update_api_key(&p2, "key_gone", &expiry(60))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+    sim.update_faults(|f| f.no_key_update = true);
+    let err = client
+        .update_api_key(&p2, &id2, &expiry(60))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("Invalid URL"), "{err}");
+    assert_eq!(sim.key(&id2).unwrap().expires_at, None);
+}
+
+#[tokio::test]
+async fn update_api_key_retries_rate_limits_and_server_errors() {
+    let (sim, _server, client) = setup().await;
+    let (p, id) = project_with_key(&sim);
+
+    // 429 with retry-after: waits that long.
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::Seconds(1),
+        ..Faults::default().fail_next(Route::UpdateApiKey, 429, 1)
+    });
+    client.update_api_key(&p, &id, &expiry(60)).await.unwrap();
+    let reqs = sim.requests_to(Route::UpdateApiKey);
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![429, 200]
+    );
+    assert!(reqs[1].at.duration_since(reqs[0].at) >= Duration::from_secs(1));
+
+    // 429 without retry-after: backoff, then success.
+    sim.clear_requests();
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::None,
+        ..Faults::default().fail_next(Route::UpdateApiKey, 429, 2)
+    });
+    let started = Instant::now();
+    client.update_api_key(&p, &id, &expiry(120)).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let statuses: Vec<u16> = sim
+        .requests_to(Route::UpdateApiKey)
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![429, 429, 200]);
+
+    // Transient 5xx: retried; the expiry counts from the request that succeeded.
+    sim.clear_requests();
+    sim.set_faults(Faults::default().fail_next(Route::UpdateApiKey, 503, 2));
+    let updated = client.update_api_key(&p, &id, &expiry(300)).await.unwrap();
+    assert_eq!(updated.expires_at, sim.key(&id).unwrap().expires_at);
+    assert_eq!(sim.requests_to(Route::UpdateApiKey).len(), 3);
+
+    // Persistent 5xx: one try and max_retries retries, then a temporary error.
+    sim.clear_requests();
+    sim.set_faults(Faults::default().fail_next(Route::UpdateApiKey, 500, 100));
+    let err = client
+        .update_api_key(&p, &id, &expiry(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(500));
+    assert!(err.is_temporary());
+    assert_eq!(sim.requests_to(Route::UpdateApiKey).len(), 4);
+}
+
+#[tokio::test]
+async fn update_api_key_bad_json_is_a_decode_error() {
+    let (sim, _server, client) = setup().await;
+    let (p, id) = project_with_key(&sim);
+    for (kind, expected) in [
+        (Malformation::Truncated, "truncated JSON"),
+        (Malformation::NotJson, "invalid JSON"),
+        (
+            Malformation::WrongShape,
+            "unexpected JSON shape: missing field `id`",
+        ),
+    ] {
+        sim.set_faults(Faults::default().malformed_next(Route::UpdateApiKey, kind, 1));
+        let err = client
+            .update_api_key(&p, &id, &expiry(60))
+            .await
+            .unwrap_err();
+        match &err {
+            ApiError::Decode {
+                endpoint,
+                status,
+                message,
+            } => {
+                assert_eq!((endpoint.as_str(), *status), ("update_api_key", 200));
+                assert!(message.contains(expected), "{kind:?}: {message}");
+            }
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert!(!err.is_temporary());
+    }
 }

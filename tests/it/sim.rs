@@ -1059,3 +1059,92 @@ async fn owner_faults_strip_the_type_or_the_whole_owner() {
         .await;
     assert!(one["owner"].get("type").is_none(), "{one}");
 }
+
+#[tokio::test]
+async fn key_update_sets_expiry_and_scopes_but_not_on_expired_keys() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa), "k")
+        .unwrap();
+    let path = format!("/organization/projects/{p}/api_keys/{}", key.id);
+    let (status, updated) = api
+        .call(
+            Method::POST,
+            &path,
+            Some(json!({"expires_in_seconds": 600, "scopes": ["api.all.read"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["object"], "organization.project.api_key");
+    assert_eq!(updated["id"], key.id.as_str());
+    assert!(updated.get("value").is_none(), "redacted: {updated}");
+    let now = api.sim.now();
+    let at = updated["expires_at"].as_i64().unwrap();
+    assert!((now + 599..=now + 600).contains(&at), "{at} vs {now}");
+    let sim_key = api.sim.key(&key.id).unwrap();
+    assert_eq!(sim_key.expires_at, Some(at));
+    assert_eq!(sim_key.scopes, vec!["api.all.read".to_string()]);
+    // Scopes alone; [] = all permissions.
+    let (status, _) = api
+        .call(Method::POST, &path, Some(json!({"scopes": []})))
+        .await;
+    assert_eq!(status, 200);
+    assert!(api.sim.key(&key.id).unwrap().scopes.is_empty());
+
+    for bad in [
+        json!({}),
+        json!({"expires_in_seconds": null}),
+        json!({"scopes": null}),
+        json!({"scopes": "api.all.read"}),
+        json!({"expires_in_seconds": 0}),
+    ] {
+        let (status, err) = api.call(Method::POST, &path, Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert_error_shape(&err);
+    }
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("/organization/projects/{p}/api_keys/key_missing"),
+            Some(json!({"scopes": []})),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // Expired: refused, and it stays expired.
+    api.sim.advance(Duration::from_secs(601));
+    let (status, err) = api
+        .call(
+            Method::POST,
+            &path,
+            Some(json!({"expires_in_seconds": 3600})),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(assert_error_shape(&err)["code"], "api_key_expired");
+    assert!(!api.sim.is_live(&key.id));
+
+    // An API without the endpoint.
+    let fresh = api
+        .sim
+        .add_key(&p, OwnerRef::User(api.sim.add_user("A", "a@x.y")), "u")
+        .unwrap();
+    api.sim.update_faults(|f| f.no_key_update = true);
+    let (status, err) = api
+        .call(
+            Method::POST,
+            &format!("/organization/projects/{p}/api_keys/{}", fresh.id),
+            Some(json!({"scopes": []})),
+        )
+        .await;
+    assert_eq!(status, 404, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Invalid URL"),
+        "{err}"
+    );
+}
