@@ -173,6 +173,7 @@ pub enum Endpoint {
     DeleteServiceAccount,
     CreateServiceAccountKey,
     ListModels,
+    UsageCompletions,
     ListAdminApiKeys,
     GetAdminApiKey,
     CreateAdminApiKey,
@@ -194,6 +195,7 @@ impl Endpoint {
             Endpoint::DeleteServiceAccount => "delete_service_account",
             Endpoint::CreateServiceAccountKey => "create_service_account_key",
             Endpoint::ListModels => "list_models",
+            Endpoint::UsageCompletions => "usage_completions",
             Endpoint::ListAdminApiKeys => "list_admin_api_keys",
             Endpoint::GetAdminApiKey => "get_admin_api_key",
             Endpoint::CreateAdminApiKey => "create_admin_api_key",
@@ -751,6 +753,70 @@ impl Client {
             None,
         )
         .await
+    }
+
+    /// Every bucket of `GET /organization/usage/completions` for `q`, following
+    /// `next_page` to the last page, one request per page, with the bounds of every
+    /// listing (no cursor followed twice, at most `openai.max_pages` pages). Arrays go
+    /// as repeated parameters (`api_key_ids=a&api_key_ids=b`).
+    pub async fn usage_completions(
+        &self,
+        q: &UsageQuery,
+    ) -> ApiResult<Vec<UsageBucket<UsageCompletionsResult>>> {
+        let endpoint = Endpoint::UsageCompletions;
+        let mut base: Vec<(&str, String)> = vec![("start_time", q.start_time.to_string())];
+        if let Some(end) = q.end_time {
+            base.push(("end_time", end.to_string()));
+        }
+        if let Some(width) = &q.bucket_width {
+            base.push(("bucket_width", width.clone()));
+        }
+        if let Some(limit) = q.limit {
+            base.push(("limit", limit.to_string()));
+        }
+        for (name, values) in [
+            ("api_key_ids", &q.api_key_ids),
+            ("project_ids", &q.project_ids),
+            ("group_by", &q.group_by),
+        ] {
+            base.extend(values.iter().map(|v| (name, v.clone())));
+        }
+        let mut cursors = Cursors::new(endpoint, self.cfg.max_pages);
+        let mut page: Option<String> = None;
+        let mut buckets = Vec::new();
+        loop {
+            let mut query: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if let Some(p) = &page {
+                query.push(("page", p));
+            }
+            let url = self.url(&["organization", "usage", "completions"], &query);
+            let got: UsagePage<UsageCompletionsResult> = self
+                .call(
+                    endpoint,
+                    Method::GET,
+                    url,
+                    None::<&()>,
+                    Retry::Idempotent,
+                    None,
+                )
+                .await?;
+            buckets.extend(got.data);
+            let next = match (got.has_more, got.next_page) {
+                (false, _) => None,
+                (true, Some(next)) => Some(next),
+                (true, None) => {
+                    return Err(ApiError::Decode {
+                        endpoint: endpoint.as_str().into(),
+                        status: 200,
+                        message: "has_more is true but next_page is null".into(),
+                    })
+                }
+            };
+            match cursors.advance(next)? {
+                Some(next) => page = Some(next),
+                None => return Ok(buckets),
+            }
+        }
     }
 
     /// `GET /models` with a project key: Ok(()) when the key works.

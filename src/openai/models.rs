@@ -294,6 +294,76 @@ pub struct Deleted {
     pub deleted: bool,
 }
 
+/// `UsageResponse`: a page of time buckets; `next_page` is the next page's `page`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct UsagePage<T> {
+    #[serde(default)]
+    pub object: Option<String>,
+    pub data: Vec<UsageBucket<T>>,
+    pub has_more: bool,
+    #[serde(default)]
+    pub next_page: Option<String>,
+}
+
+/// `UsageTimeBucket`: `[start_time, end_time)` and its results.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct UsageBucket<T> {
+    #[serde(default)]
+    pub object: Option<String>,
+    pub start_time: i64,
+    pub end_time: i64,
+    pub results: Vec<T>,
+}
+
+/// `UsageCompletionsResult`: one group's totals in a bucket. The grouping fields are
+/// set only for the `group_by` asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct UsageCompletionsResult {
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub input_cached_tokens: Option<u64>,
+    #[serde(default)]
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub input_audio_tokens: Option<u64>,
+    #[serde(default)]
+    pub output_audio_tokens: Option<u64>,
+    #[serde(default)]
+    pub num_model_requests: u64,
+    #[serde(default)]
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub api_key_id: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub batch: Option<bool>,
+    #[serde(default)]
+    pub service_tier: Option<String>,
+}
+
+/// The query of `GET /organization/usage/completions` (the subset keyrotd uses).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// Unix seconds, inclusive.
+    pub start_time: i64,
+    /// Unix seconds, exclusive; `None` = now.
+    pub end_time: Option<i64>,
+    /// `1m`, `1h` or `1d` (the API's default when `None`).
+    pub bucket_width: Option<String>,
+    pub api_key_ids: Vec<String>,
+    pub project_ids: Vec<String>,
+    /// `project_id`, `user_id`, `api_key_id`, `model`, `batch`, `service_tier`.
+    pub group_by: Vec<String>,
+    /// Buckets per page (the API caps it by `bucket_width`); `None` = the API's default.
+    pub limit: Option<u32>,
+}
+
 /// `Error` inside `ErrorResponse`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct ApiErrorBody {

@@ -492,6 +492,32 @@ impl Sim {
         self.lock().use_key(value)
     }
 
+    /// Records usage by project key `key_id` at `at` (Unix seconds): `requests` model
+    /// requests with these token counts, served by `GET /organization/usage/completions`.
+    /// False when no such key exists (deleted keys count).
+    pub fn record_usage(
+        &self,
+        key_id: &str,
+        at: i64,
+        requests: u64,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) -> bool {
+        let mut st = self.lock();
+        let Some(project_id) = st.keys.get(key_id).map(|k| k.project_id.clone()) else {
+            return false;
+        };
+        st.usage.push(state::UsageRec {
+            at,
+            project_id,
+            key_id: key_id.to_owned(),
+            requests,
+            input_tokens,
+            output_tokens,
+        });
+        true
+    }
+
     /// The request log, oldest first (the last 200,000 requests).
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.lock().log.iter().cloned().collect()

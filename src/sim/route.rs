@@ -32,11 +32,14 @@ pub enum Route {
     UpdateServiceAccount,
     DeleteServiceAccount,
     CreateServiceAccountKey,
+    /// `GET /v1/organization/usage/completions` (from the usage recorded with
+    /// [`Sim::record_usage`](super::Sim::record_usage)).
+    UsageCompletions,
 }
 
 impl Route {
     /// Every route, for iteration in tests and docs.
-    pub const ALL: [Route; 20] = [
+    pub const ALL: [Route; 21] = [
         Route::ListModels,
         Route::ListAdminKeys,
         Route::CreateAdminKey,
@@ -57,6 +60,7 @@ impl Route {
         Route::UpdateServiceAccount,
         Route::DeleteServiceAccount,
         Route::CreateServiceAccountKey,
+        Route::UsageCompletions,
     ];
 
     /// The HTTP method.
@@ -64,7 +68,7 @@ impl Route {
         use Route::*;
         match self {
             ListModels | ListAdminKeys | GetAdminKey | ListProjects | GetProject | ListApiKeys
-            | GetApiKey | ListServiceAccounts | GetServiceAccount => "GET",
+            | GetApiKey | ListServiceAccounts | GetServiceAccount | UsageCompletions => "GET",
             CreateAdminKey
             | CreateProject
             | ModifyProject
@@ -100,6 +104,7 @@ impl Route {
             CreateServiceAccountKey => {
                 "/v1/organization/projects/{project_id}/service_accounts/{service_account_id}/api_keys"
             }
+            UsageCompletions => "/v1/organization/usage/completions",
         }
     }
 
@@ -154,6 +159,7 @@ impl From<Endpoint> for Route {
             Endpoint::DeleteServiceAccount => Route::DeleteServiceAccount,
             Endpoint::CreateServiceAccountKey => Route::CreateServiceAccountKey,
             Endpoint::ListModels => Route::ListModels,
+            Endpoint::UsageCompletions => Route::UsageCompletions,
             Endpoint::ListAdminApiKeys => Route::ListAdminKeys,
             Endpoint::GetAdminApiKey => Route::GetAdminKey,
             Endpoint::CreateAdminApiKey => Route::CreateAdminKey,
@@ -192,6 +198,7 @@ pub(crate) fn match_route(method: &str, path: &str) -> Result<(Route, Ids), Miss
         ["organization", "admin_api_keys"] => &[ListAdminKeys, CreateAdminKey],
         ["organization", "admin_api_keys", _] => &[GetAdminKey, DeleteAdminKey],
         ["organization", "projects"] => &[ListProjects, CreateProject],
+        ["organization", "usage", "completions"] => &[UsageCompletions],
         ["organization", "projects", _] => &[GetProject, ModifyProject],
         ["organization", "projects", _, "archive"] => &[ArchiveProject],
         ["organization", "projects", _, "api_keys"] => &[ListApiKeys],

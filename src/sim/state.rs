@@ -110,6 +110,19 @@ pub(crate) struct KeyRec {
     pub deleted_at: Option<i64>,
 }
 
+/// Usage one key made at one time (`Sim::record_usage`).
+pub(crate) struct UsageRec {
+    pub at: i64,
+    pub project_id: String,
+    pub key_id: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// The model every simulated usage record is for.
+pub(crate) const USAGE_MODEL: &str = "gpt-4o-mini";
+
 pub(crate) struct SaRec {
     pub id: String,
     pub seq: u64,
@@ -146,6 +159,16 @@ pub(crate) struct AdminKeyRec {
 pub(crate) struct Query(pub Vec<(String, String)>);
 
 impl Query {
+    /// Every value of an array parameter, as `name=a&name=b` or `name[]=a&name[]=b`.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        let bracketed = format!("{name}[]");
+        self.0
+            .iter()
+            .filter(|(k, _)| *k == name || *k == bracketed)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
@@ -172,6 +195,7 @@ pub(crate) struct State {
     org_owner: String,
     pub log: VecDeque<RequestRecord>,
     pub log_seq: u64,
+    pub usage: Vec<UsageRec>,
 }
 
 impl State {
@@ -193,6 +217,7 @@ impl State {
             org_owner: String::new(),
             log: VecDeque::new(),
             log_seq: 0,
+            usage: Vec::new(),
         };
         let now = st.now();
         st.org_owner = st.new_user("Org Owner", "owner@example.com", "owner", now);
@@ -601,6 +626,7 @@ impl State {
                 )
             }
             Route::UpdateApiKey => self.update_key(p, x, body, now),
+            Route::UsageCompletions => self.usage_completions(q, now),
             Route::ListServiceAccounts => self.list_sas(p, q),
             Route::CreateServiceAccount => self.create_sa(p, body, now),
             Route::GetServiceAccount => {
@@ -795,6 +821,145 @@ impl State {
             k.scopes = scopes;
         }
         Ok(self.key_json(&self.keys[id]))
+    }
+
+    /// `GET /organization/usage/completions`: buckets of `bucket_width` from
+    /// `start_time` (rounded down to the width) to `end_time` (default now), `limit`
+    /// buckets a page, `next_page` = `page_<start of the next bucket>`. Groups by
+    /// `project_id`, `api_key_id` and `model`; other `group_by` fields are accepted
+    /// and left null. Empty buckets have no results.
+    fn usage_completions(&self, q: &Query, now: i64) -> SimResult<Value> {
+        let int = |name: &'static str| -> SimResult<Option<i64>> {
+            q.get(name)
+                .map(|raw| {
+                    raw.parse::<i64>().map_err(|_| {
+                        SimError::invalid(
+                            name,
+                            "invalid_type",
+                            format!(
+                                "Invalid '{name}': expected an integer, but got '{raw}' instead."
+                            ),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let start = int("start_time")?.ok_or_else(|| {
+            SimError::invalid(
+                "start_time",
+                "missing_required_parameter",
+                "Missing required parameter: 'start_time'.",
+            )
+        })?;
+        let end = int("end_time")?.unwrap_or(now);
+        let (width, default_limit, max_limit) = match q.get("bucket_width").unwrap_or("1d") {
+            "1m" => (60, 60, 1440),
+            "1h" => (3600, 24, 168),
+            "1d" => (86_400, 7, 31),
+            other => {
+                return Err(SimError::invalid(
+                    "bucket_width",
+                    "invalid_value",
+                    format!("Invalid 'bucket_width': expected '1m', '1h' or '1d', got '{other}'."),
+                ))
+            }
+        };
+        let limit = match int("limit")? {
+            None => default_limit,
+            Some(n) if (1..=max_limit).contains(&n) => n,
+            Some(n) => return Err(SimError::invalid(
+                "limit",
+                "invalid_value",
+                format!(
+                    "Invalid 'limit': expected 1 to {max_limit} for this bucket_width, got {n}."
+                ),
+            )),
+        };
+        let known = [
+            "project_id",
+            "user_id",
+            "api_key_id",
+            "model",
+            "batch",
+            "service_tier",
+        ];
+        let group_by = q.all("group_by");
+        if let Some(bad) = group_by.iter().find(|g| !known.contains(g)) {
+            return Err(SimError::invalid(
+                "group_by",
+                "invalid_value",
+                format!("Invalid 'group_by': unknown field '{bad}'."),
+            ));
+        }
+        let by = |f: &str| group_by.contains(&f);
+        let keys = q.all("api_key_ids");
+        let projects = q.all("project_ids");
+        let mut cur = match q.get("page") {
+            None => start.div_euclid(width) * width,
+            Some(p) => p
+                .strip_prefix("page_")
+                .and_then(|n| n.parse::<i64>().ok())
+                .ok_or_else(|| {
+                    SimError::invalid("page", "invalid_value", format!("Invalid 'page': '{p}'."))
+                })?,
+        };
+        let mut data = Vec::new();
+        while cur < end && (data.len() as i64) < limit {
+            let (lo, hi) = (cur.max(start), (cur + width).min(end));
+            type Group<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
+            let mut groups: BTreeMap<Group<'_>, [u64; 3]> = BTreeMap::new();
+            for u in self.usage.iter().filter(|u| {
+                (lo..hi).contains(&u.at)
+                    && (keys.is_empty() || keys.contains(&u.key_id.as_str()))
+                    && (projects.is_empty() || projects.contains(&u.project_id.as_str()))
+            }) {
+                let g = (
+                    by("project_id").then_some(u.project_id.as_str()),
+                    by("api_key_id").then_some(u.key_id.as_str()),
+                    by("model").then_some(USAGE_MODEL),
+                );
+                let t = groups.entry(g).or_default();
+                t[0] += u.requests;
+                t[1] += u.input_tokens;
+                t[2] += u.output_tokens;
+            }
+            let results: Vec<Value> = groups
+                .into_iter()
+                .map(
+                    |((project_id, api_key_id, model), [requests, input, output])| {
+                        json!({
+                            "object": "organization.usage.completions.result",
+                            "input_tokens": input,
+                            "input_cached_tokens": 0,
+                            "output_tokens": output,
+                            "input_audio_tokens": 0,
+                            "output_audio_tokens": 0,
+                            "num_model_requests": requests,
+                            "project_id": project_id,
+                            "user_id": null,
+                            "api_key_id": api_key_id,
+                            "model": model,
+                            "batch": null,
+                            "service_tier": null,
+                        })
+                    },
+                )
+                .collect();
+            data.push(json!({
+                "object": "bucket",
+                "start_time": cur,
+                "end_time": cur + width,
+                "results": results,
+            }));
+            cur += width;
+        }
+        let has_more = cur < end;
+        Ok(json!({
+            "object": "page",
+            "data": data,
+            "has_more": has_more,
+            "next_page": if has_more { Value::String(format!("page_{cur}")) } else { Value::Null },
+        }))
     }
 
     fn list_projects(&self, q: &Query) -> SimResult<Value> {

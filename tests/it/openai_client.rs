@@ -962,3 +962,156 @@ async fn update_api_key_bad_json_is_a_decode_error() {
         assert!(!err.is_temporary());
     }
 }
+
+#[tokio::test]
+async fn usage_completions_totals_per_key_match_the_simulator_in_the_fewest_pages() {
+    use keyrotd::openai::models::UsageQuery;
+    use std::collections::BTreeMap;
+    let (sim, _server, client) = setup().await;
+    let now = sim.now();
+    let start = now - 7 * 86_400;
+    let mut truth: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut n = 0u64;
+    for p in 0..20 {
+        let (project, sa) = project_with_sa(&sim, &format!("prod-{p}"));
+        for i in 0..100 {
+            let key = sim
+                .add_key(
+                    &project,
+                    OwnerRef::ServiceAccount(sa.clone()),
+                    &format!("k{i}"),
+                )
+                .unwrap();
+            for j in 0..(n % 4) {
+                n += 1;
+                let at = start + ((n * 7919 + j * 104_729) % (7 * 86_400)) as i64;
+                let (req, inp, out) = (1 + n % 5, 100 * n, 10 * n);
+                assert!(sim.record_usage(&key.id, at, req, inp, out));
+                let t = truth.entry(key.id.clone()).or_default();
+                t.0 += req;
+                t.1 += inp;
+                t.2 += out;
+            }
+            // Before the window: never counted.
+            sim.record_usage(&key.id, start - 1, 1000, 1000, 1000);
+            n += 1;
+        }
+    }
+    assert!(truth.len() > 1000, "{} keys with usage", truth.len());
+
+    let q = UsageQuery {
+        start_time: start,
+        end_time: Some(now),
+        bucket_width: Some("1d".into()),
+        group_by: vec!["api_key_id".into()],
+        ..UsageQuery::default()
+    };
+    let sum = |buckets: &[keyrotd::openai::models::UsageBucket<
+        keyrotd::openai::models::UsageCompletionsResult,
+    >]| {
+        let mut got: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+        for b in buckets {
+            for r in &b.results {
+                let t = got
+                    .entry(r.api_key_id.clone().expect("grouped"))
+                    .or_default();
+                t.0 += r.num_model_requests;
+                t.1 += r.input_tokens;
+                t.2 += r.output_tokens;
+            }
+        }
+        got
+    };
+    // 8 daily buckets (the window starts mid-day): 2 pages of the default 7.
+    let buckets = client.usage_completions(&q).await.unwrap();
+    assert_eq!(buckets.len(), 8);
+    assert!(buckets.windows(2).all(|w| w[0].end_time == w[1].start_time));
+    assert_eq!(sum(&buckets), truth);
+    assert_eq!(assert_pages_once(&sim, Route::UsageCompletions), 2);
+    // With limit = 31: one page.
+    sim.clear_requests();
+    let one = client
+        .usage_completions(&UsageQuery {
+            limit: Some(31),
+            ..q.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(sum(&one), truth);
+    assert_eq!(sim.requests_to(Route::UsageCompletions).len(), 1);
+    let sent = &sim.requests_to(Route::UsageCompletions)[0].query;
+    assert!(
+        sent.contains(&format!("start_time={start}"))
+            && sent.contains("bucket_width=1d")
+            && sent.contains("group_by=api_key_id")
+            && sent.contains("limit=31"),
+        "{sent}"
+    );
+
+    // Filters, and a rate limit without retry-after between pages.
+    sim.clear_requests();
+    let two: Vec<String> = truth.keys().take(2).cloned().collect();
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::None,
+        ..Faults::default().fail_next(Route::UsageCompletions, 429, 1)
+    });
+    let filtered = client
+        .usage_completions(&UsageQuery {
+            api_key_ids: two.clone(),
+            ..q.clone()
+        })
+        .await
+        .unwrap();
+    let want: BTreeMap<String, (u64, u64, u64)> =
+        two.iter().map(|k| (k.clone(), truth[k])).collect();
+    assert_eq!(sum(&filtered), want);
+    let statuses: Vec<u16> = sim
+        .requests_to(Route::UsageCompletions)
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![429, 200, 200]);
+    assert!(sim.requests_to(Route::UsageCompletions)[1]
+        .query
+        .contains(&format!("api_key_ids={}", two[1])));
+}
+
+#[tokio::test]
+async fn usage_completions_failures() {
+    use keyrotd::openai::models::UsageQuery;
+    let (sim, _server, client) = setup().await;
+    let q = UsageQuery {
+        start_time: sim.now() - 30 * 86_400,
+        bucket_width: Some("1d".into()),
+        ..UsageQuery::default()
+    };
+    sim.set_faults(Faults::default().fail_next(Route::UsageCompletions, 500, 100));
+    let err = client.usage_completions(&q).await.unwrap_err();
+    assert!(err.is_temporary() && err.status() == Some(500), "{err:?}");
+    assert_eq!(sim.requests_to(Route::UsageCompletions).len(), 4);
+    // A bad second page fails the whole call.
+    sim.set_faults(Faults {
+        malformed_next: vec![MalformedNext {
+            route: Some(Route::UsageCompletions),
+            kind: Malformation::Truncated,
+            skip: 1,
+            remaining: 1,
+        }],
+        ..Faults::default()
+    });
+    let err = client.usage_completions(&q).await.unwrap_err();
+    assert!(
+        matches!(&err, ApiError::Decode { endpoint, .. } if endpoint == "usage_completions"),
+        "{err:?}"
+    );
+    // The API's own validation comes back as a 400 with its message.
+    let err = client
+        .usage_completions(&UsageQuery {
+            bucket_width: Some("2d".into()),
+            ..q.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    assert!(err.to_string().contains("bucket_width"), "{err}");
+}

@@ -1148,3 +1148,66 @@ async fn key_update_sets_expiry_and_scopes_but_not_on_expired_keys() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn usage_completions_has_the_official_shape_and_pages() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa), "k")
+        .unwrap();
+    let day = 86_400;
+    let start = (api.sim.now() / day - 3) * day;
+    assert!(api.sim.record_usage(&key.id, start + 10, 2, 300, 40));
+    assert!(api.sim.record_usage(&key.id, start + day + 5, 1, 100, 10));
+    assert!(!api.sim.record_usage("key_missing", start, 1, 1, 1));
+    let path = format!(
+        "/organization/usage/completions?start_time={start}&bucket_width=1d&limit=2\
+         &group_by[]=api_key_id&group_by[]=project_id"
+    );
+    let (status, page) = api.get(&path).await;
+    assert_eq!(status, 200, "{page}");
+    // UsageResponse: object, data, has_more, next_page required.
+    assert_eq!(page["object"], "page");
+    assert_eq!(page["has_more"], true);
+    let next = page["next_page"].as_str().expect("next_page").to_owned();
+    let buckets = page["data"].as_array().unwrap();
+    assert_eq!(buckets.len(), 2);
+    // UsageTimeBucket: object, start_time, end_time, results.
+    assert_eq!(buckets[0]["object"], "bucket");
+    assert_eq!(buckets[0]["start_time"], start);
+    assert_eq!(buckets[0]["end_time"], start + day);
+    // UsageCompletionsResult: object, input_tokens, output_tokens, num_model_requests.
+    let r = &buckets[0]["results"][0];
+    assert_eq!(r["object"], "organization.usage.completions.result");
+    assert_eq!(
+        (
+            &r["input_tokens"],
+            &r["output_tokens"],
+            &r["num_model_requests"]
+        ),
+        (&json!(300), &json!(40), &json!(2))
+    );
+    assert_eq!(r["api_key_id"], key.id.as_str());
+    assert_eq!(r["project_id"], p.as_str());
+    assert!(r["model"].is_null(), "not grouped by model: {r}");
+    assert_eq!(buckets[1]["results"][0]["input_tokens"], 100);
+
+    let (_, rest) = api.get(&format!("{path}&page={next}")).await;
+    assert_eq!(rest["has_more"], false);
+    assert!(rest["next_page"].is_null());
+    assert_eq!(rest["data"][0]["start_time"], start + 2 * day);
+    assert_eq!(rest["data"][0]["results"], json!([]));
+
+    for bad in [
+        "/organization/usage/completions",
+        "/organization/usage/completions?start_time=0&bucket_width=1w",
+        "/organization/usage/completions?start_time=0&bucket_width=1d&limit=32",
+        "/organization/usage/completions?start_time=0&group_by=colour",
+    ] {
+        let (status, err) = api.get(bad).await;
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert_error_shape(&err);
+    }
+}
