@@ -174,6 +174,7 @@ pub enum Endpoint {
     CreateServiceAccountKey,
     ListModels,
     UsageCompletions,
+    Costs,
     ListAdminApiKeys,
     GetAdminApiKey,
     CreateAdminApiKey,
@@ -196,6 +197,7 @@ impl Endpoint {
             Endpoint::CreateServiceAccountKey => "create_service_account_key",
             Endpoint::ListModels => "list_models",
             Endpoint::UsageCompletions => "usage_completions",
+            Endpoint::Costs => "costs",
             Endpoint::ListAdminApiKeys => "list_admin_api_keys",
             Endpoint::GetAdminApiKey => "get_admin_api_key",
             Endpoint::CreateAdminApiKey => "create_admin_api_key",
@@ -763,7 +765,28 @@ impl Client {
         &self,
         q: &UsageQuery,
     ) -> ApiResult<Vec<UsageBucket<UsageCompletionsResult>>> {
-        let endpoint = Endpoint::UsageCompletions;
+        self.bucket_pages(
+            Endpoint::UsageCompletions,
+            &["organization", "usage", "completions"],
+            q,
+        )
+        .await
+    }
+
+    /// Every bucket of `GET /organization/costs` for `q`, read like
+    /// [`Client::usage_completions`].
+    pub async fn costs(&self, q: &UsageQuery) -> ApiResult<Vec<UsageBucket<CostsResult>>> {
+        self.bucket_pages(Endpoint::Costs, &["organization", "costs"], q)
+            .await
+    }
+
+    /// The buckets of a `page` / `next_page` listing (usage, costs), to the last page.
+    async fn bucket_pages<T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        path: &[&str],
+        q: &UsageQuery,
+    ) -> ApiResult<Vec<UsageBucket<T>>> {
         let mut base: Vec<(&str, String)> = vec![("start_time", q.start_time.to_string())];
         if let Some(end) = q.end_time {
             base.push(("end_time", end.to_string()));
@@ -789,8 +812,8 @@ impl Client {
             if let Some(p) = &page {
                 query.push(("page", p));
             }
-            let url = self.url(&["organization", "usage", "completions"], &query);
-            let got: UsagePage<UsageCompletionsResult> = self
+            let url = self.url(path, &query);
+            let got: UsagePage<T> = self
                 .call(
                     endpoint,
                     Method::GET,

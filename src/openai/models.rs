@@ -347,7 +347,38 @@ pub struct UsageCompletionsResult {
     pub service_tier: Option<String>,
 }
 
-/// The query of `GET /organization/usage/completions` (the subset keyrotd uses).
+/// `CostsResult`: one group's cost in a bucket of `GET /organization/costs`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+pub struct CostsResult {
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub amount: Option<CostAmount>,
+    #[serde(default)]
+    pub line_item: Option<String>,
+    #[serde(default)]
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub api_key_id: Option<String>,
+    #[serde(default)]
+    pub quantity: Option<f64>,
+    #[serde(default)]
+    pub quantity_unit: Option<String>,
+}
+
+/// `amount` of a `CostsResult`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+pub struct CostAmount {
+    #[serde(default)]
+    pub value: f64,
+    /// Lowercase ISO 4217 (`usd`).
+    #[serde(default)]
+    pub currency: Option<String>,
+}
+
+/// The query of `GET /organization/usage/completions` and `GET /organization/costs`
+/// (the subset keyrotd uses; costs take only `bucket_width = 1d` and `group_by`
+/// `project_id`, `line_item`, `api_key_id`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UsageQuery {
     /// Unix seconds, inclusive.

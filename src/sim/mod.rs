@@ -78,6 +78,7 @@ pub use self::faults::{
 };
 pub use self::route::Route;
 pub use self::scenario::{GroundTruth, Scenario, TruthKey, TruthProject};
+pub use self::state::PRICES;
 use self::state::{KeyRec, State};
 
 /// Who owns a simulated key.

@@ -35,11 +35,13 @@ pub enum Route {
     /// `GET /v1/organization/usage/completions` (from the usage recorded with
     /// [`Sim::record_usage`](super::Sim::record_usage)).
     UsageCompletions,
+    /// `GET /v1/organization/costs` (the same usage, priced by `sim::PRICES`).
+    Costs,
 }
 
 impl Route {
     /// Every route, for iteration in tests and docs.
-    pub const ALL: [Route; 21] = [
+    pub const ALL: [Route; 22] = [
         Route::ListModels,
         Route::ListAdminKeys,
         Route::CreateAdminKey,
@@ -61,6 +63,7 @@ impl Route {
         Route::DeleteServiceAccount,
         Route::CreateServiceAccountKey,
         Route::UsageCompletions,
+        Route::Costs,
     ];
 
     /// The HTTP method.
@@ -68,7 +71,9 @@ impl Route {
         use Route::*;
         match self {
             ListModels | ListAdminKeys | GetAdminKey | ListProjects | GetProject | ListApiKeys
-            | GetApiKey | ListServiceAccounts | GetServiceAccount | UsageCompletions => "GET",
+            | GetApiKey | ListServiceAccounts | GetServiceAccount | UsageCompletions | Costs => {
+                "GET"
+            }
             CreateAdminKey
             | CreateProject
             | ModifyProject
@@ -105,6 +110,7 @@ impl Route {
                 "/v1/organization/projects/{project_id}/service_accounts/{service_account_id}/api_keys"
             }
             UsageCompletions => "/v1/organization/usage/completions",
+            Costs => "/v1/organization/costs",
         }
     }
 
@@ -160,6 +166,7 @@ impl From<Endpoint> for Route {
             Endpoint::CreateServiceAccountKey => Route::CreateServiceAccountKey,
             Endpoint::ListModels => Route::ListModels,
             Endpoint::UsageCompletions => Route::UsageCompletions,
+            Endpoint::Costs => Route::Costs,
             Endpoint::ListAdminApiKeys => Route::ListAdminKeys,
             Endpoint::GetAdminApiKey => Route::GetAdminKey,
             Endpoint::CreateAdminApiKey => Route::CreateAdminKey,
@@ -199,6 +206,7 @@ pub(crate) fn match_route(method: &str, path: &str) -> Result<(Route, Ids), Miss
         ["organization", "admin_api_keys", _] => &[GetAdminKey, DeleteAdminKey],
         ["organization", "projects"] => &[ListProjects, CreateProject],
         ["organization", "usage", "completions"] => &[UsageCompletions],
+        ["organization", "costs"] => &[Costs],
         ["organization", "projects", _] => &[GetProject, ModifyProject],
         ["organization", "projects", _, "archive"] => &[ArchiveProject],
         ["organization", "projects", _, "api_keys"] => &[ListApiKeys],

@@ -123,6 +123,10 @@ pub(crate) struct UsageRec {
 /// The model every simulated usage record is for.
 pub(crate) const USAGE_MODEL: &str = "gpt-4o-mini";
 
+/// The simulator's fixed price list, USD per million tokens of [`USAGE_MODEL`]: the
+/// `/organization/costs` line items (input, then output).
+pub const PRICES: [(&str, f64); 2] = [("gpt-4o-mini, input", 0.15), ("gpt-4o-mini, output", 0.60)];
+
 pub(crate) struct SaRec {
     pub id: String,
     pub seq: u64,
@@ -626,7 +630,8 @@ impl State {
                 )
             }
             Route::UpdateApiKey => self.update_key(p, x, body, now),
-            Route::UsageCompletions => self.usage_completions(q, now),
+            Route::UsageCompletions => self.usage_buckets(q, now, false),
+            Route::Costs => self.usage_buckets(q, now, true),
             Route::ListServiceAccounts => self.list_sas(p, q),
             Route::CreateServiceAccount => self.create_sa(p, body, now),
             Route::GetServiceAccount => {
@@ -823,12 +828,13 @@ impl State {
         Ok(self.key_json(&self.keys[id]))
     }
 
-    /// `GET /organization/usage/completions`: buckets of `bucket_width` from
-    /// `start_time` (rounded down to the width) to `end_time` (default now), `limit`
-    /// buckets a page, `next_page` = `page_<start of the next bucket>`. Groups by
-    /// `project_id`, `api_key_id` and `model`; other `group_by` fields are accepted
-    /// and left null. Empty buckets have no results.
-    fn usage_completions(&self, q: &Query, now: i64) -> SimResult<Value> {
+    /// `GET /organization/usage/completions` and `GET /organization/costs`: buckets
+    /// of `bucket_width` from `start_time` (rounded down to the width) to `end_time`
+    /// (default now), `limit` buckets a page, `next_page` = `page_<start of the next
+    /// bucket>`. Usage groups by `project_id`, `api_key_id`, `model` (other `group_by`
+    /// fields accepted and left null); costs by `project_id`, `api_key_id`,
+    /// `line_item`, priced by [`PRICES`]. Empty buckets have no results.
+    fn usage_buckets(&self, q: &Query, now: i64, costs: bool) -> SimResult<Value> {
         let int = |name: &'static str| -> SimResult<Option<i64>> {
             q.get(name)
                 .map(|raw| {
@@ -852,37 +858,45 @@ impl State {
             )
         })?;
         let end = int("end_time")?.unwrap_or(now);
-        let (width, default_limit, max_limit) = match q.get("bucket_width").unwrap_or("1d") {
-            "1m" => (60, 60, 1440),
-            "1h" => (3600, 24, 168),
-            "1d" => (86_400, 7, 31),
-            other => {
+        let (width, default_limit, max_limit) = match (q.get("bucket_width").unwrap_or("1d"), costs)
+        {
+            ("1d", true) => (86_400, 7, 180),
+            ("1m", false) => (60, 60, 1440),
+            ("1h", false) => (3600, 24, 168),
+            ("1d", false) => (86_400, 7, 31),
+            (other, _) => {
                 return Err(SimError::invalid(
                     "bucket_width",
                     "invalid_value",
-                    format!("Invalid 'bucket_width': expected '1m', '1h' or '1d', got '{other}'."),
+                    format!("Invalid 'bucket_width': '{other}' is not supported here."),
                 ))
             }
         };
         let limit = match int("limit")? {
             None => default_limit,
             Some(n) if (1..=max_limit).contains(&n) => n,
-            Some(n) => return Err(SimError::invalid(
-                "limit",
-                "invalid_value",
-                format!(
+            Some(n) => {
+                return Err(SimError::invalid(
+                    "limit",
+                    "invalid_value",
+                    format!(
                     "Invalid 'limit': expected 1 to {max_limit} for this bucket_width, got {n}."
                 ),
-            )),
+                ))
+            }
         };
-        let known = [
-            "project_id",
-            "user_id",
-            "api_key_id",
-            "model",
-            "batch",
-            "service_tier",
-        ];
+        let known: &[&str] = if costs {
+            &["project_id", "line_item", "api_key_id"]
+        } else {
+            &[
+                "project_id",
+                "user_id",
+                "api_key_id",
+                "model",
+                "batch",
+                "service_tier",
+            ]
+        };
         let group_by = q.all("group_by");
         if let Some(bad) = group_by.iter().find(|g| !known.contains(g)) {
             return Err(SimError::invalid(
@@ -906,6 +920,7 @@ impl State {
         let mut data = Vec::new();
         while cur < end && (data.len() as i64) < limit {
             let (lo, hi) = (cur.max(start), (cur + width).min(end));
+            // (project, key, model or line item) -> requests, input, output.
             type Group<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
             let mut groups: BTreeMap<Group<'_>, [u64; 3]> = BTreeMap::new();
             for u in self.usage.iter().filter(|u| {
@@ -913,12 +928,19 @@ impl State {
                     && (keys.is_empty() || keys.contains(&u.key_id.as_str()))
                     && (projects.is_empty() || projects.contains(&u.project_id.as_str()))
             }) {
-                let g = (
-                    by("project_id").then_some(u.project_id.as_str()),
-                    by("api_key_id").then_some(u.key_id.as_str()),
-                    by("model").then_some(USAGE_MODEL),
-                );
-                let t = groups.entry(g).or_default();
+                let project = by("project_id").then_some(u.project_id.as_str());
+                let key = by("api_key_id").then_some(u.key_id.as_str());
+                if costs && by("line_item") {
+                    let [(input_item, _), (output_item, _)] = PRICES;
+                    groups.entry((project, key, Some(input_item))).or_default()[1] +=
+                        u.input_tokens;
+                    groups.entry((project, key, Some(output_item))).or_default()[2] +=
+                        u.output_tokens;
+                    continue;
+                }
+                let t = groups
+                    .entry((project, key, (!costs && by("model")).then_some(USAGE_MODEL)))
+                    .or_default();
                 t[0] += u.requests;
                 t[1] += u.input_tokens;
                 t[2] += u.output_tokens;
@@ -926,22 +948,37 @@ impl State {
             let results: Vec<Value> = groups
                 .into_iter()
                 .map(
-                    |((project_id, api_key_id, model), [requests, input, output])| {
-                        json!({
-                            "object": "organization.usage.completions.result",
-                            "input_tokens": input,
-                            "input_cached_tokens": 0,
-                            "output_tokens": output,
-                            "input_audio_tokens": 0,
-                            "output_audio_tokens": 0,
-                            "num_model_requests": requests,
-                            "project_id": project_id,
-                            "user_id": null,
-                            "api_key_id": api_key_id,
-                            "model": model,
-                            "batch": null,
-                            "service_tier": null,
-                        })
+                    |((project_id, api_key_id, third), [requests, input, output])| {
+                        if costs {
+                            let [(_, input_price), (_, output_price)] = PRICES;
+                            let value = (input as f64 * input_price + output as f64 * output_price)
+                                / 1_000_000.0;
+                            json!({
+                                "object": "organization.costs.result",
+                                "amount": {"value": value, "currency": "usd"},
+                                "line_item": third,
+                                "project_id": project_id,
+                                "api_key_id": api_key_id,
+                                "quantity": third.map(|_| input + output),
+                                "quantity_unit": third.map(|_| "tokens"),
+                            })
+                        } else {
+                            json!({
+                                "object": "organization.usage.completions.result",
+                                "input_tokens": input,
+                                "input_cached_tokens": 0,
+                                "output_tokens": output,
+                                "input_audio_tokens": 0,
+                                "output_audio_tokens": 0,
+                                "num_model_requests": requests,
+                                "project_id": project_id,
+                                "user_id": null,
+                                "api_key_id": api_key_id,
+                                "model": third,
+                                "batch": null,
+                                "service_tier": null,
+                            })
+                        }
                     },
                 )
                 .collect();

@@ -1115,3 +1115,110 @@ async fn usage_completions_failures() {
     assert_eq!(err.status(), Some(400));
     assert!(err.to_string().contains("bucket_width"), "{err}");
 }
+
+#[tokio::test]
+async fn costs_per_key_match_the_simulators_price_list_in_the_fewest_pages() {
+    use keyrotd::openai::models::{CostsResult, UsageBucket, UsageQuery};
+    use std::collections::BTreeMap;
+    let (sim, _server, client) = setup().await;
+    let [(_, input_price), (_, output_price)] = keyrotd::sim::PRICES;
+    let now = sim.now();
+    let start = now - 7 * 86_400;
+    let mut truth: BTreeMap<String, f64> = BTreeMap::new();
+    let mut projects = Vec::new();
+    let mut n = 0u64;
+    for p in 0..3 {
+        let (project, sa) = project_with_sa(&sim, &format!("prod-{p}"));
+        for i in 0..100 {
+            let key = sim
+                .add_key(
+                    &project,
+                    OwnerRef::ServiceAccount(sa.clone()),
+                    &format!("k{i}"),
+                )
+                .unwrap();
+            for _ in 0..(1 + n % 3) {
+                n += 1;
+                let at = start + ((n * 7919) % (7 * 86_400)) as i64;
+                let (inp, out) = (1000 * n, 100 * n);
+                assert!(sim.record_usage(&key.id, at, 1, inp, out));
+                *truth.entry(key.id.clone()).or_default() +=
+                    (inp as f64 * input_price + out as f64 * output_price) / 1e6;
+            }
+        }
+        projects.push(project);
+    }
+    let sum = |buckets: &[UsageBucket<CostsResult>]| {
+        let mut got: BTreeMap<String, f64> = BTreeMap::new();
+        for b in buckets {
+            for r in &b.results {
+                let amount = r.amount.as_ref().expect("amount");
+                assert_eq!(amount.currency.as_deref(), Some("usd"));
+                *got.entry(r.api_key_id.clone().expect("grouped"))
+                    .or_default() += amount.value;
+            }
+        }
+        got
+    };
+    let close = |got: &BTreeMap<String, f64>, want: &BTreeMap<String, f64>| {
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (k, v) in want {
+            assert!(
+                (got[k] - v).abs() < 1e-9 * v.max(1.0),
+                "{k}: {} vs {v}",
+                got[k]
+            );
+        }
+    };
+    let q = UsageQuery {
+        start_time: start,
+        end_time: Some(now),
+        group_by: vec!["api_key_id".into()],
+        ..UsageQuery::default()
+    };
+    let buckets = client.costs(&q).await.unwrap();
+    assert_eq!(buckets.len(), 8);
+    close(&sum(&buckets), &truth);
+    assert_eq!(
+        assert_pages_once(&sim, Route::Costs),
+        2,
+        "8 buckets, 7 a page"
+    );
+    assert_eq!(client.stats().snapshot(), vec![(Endpoint::Costs, 200, 2)]);
+
+    // By line item as well: the items add up to the same; one project only.
+    sim.clear_requests();
+    let items = client
+        .costs(&UsageQuery {
+            group_by: vec!["api_key_id".into(), "line_item".into()],
+            project_ids: vec![projects[1].clone()],
+            limit: Some(180),
+            ..q.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(sim.requests_to(Route::Costs).len(), 1);
+    assert!(items.iter().flat_map(|b| &b.results).all(|r| r
+        .line_item
+        .as_deref()
+        .is_some_and(|l| l.starts_with("gpt-4o-mini, "))));
+    let in_project: BTreeMap<String, f64> = sim
+        .keys(&projects[1])
+        .into_iter()
+        .filter_map(|k| truth.get(&k.id).map(|v| (k.id, *v)))
+        .collect();
+    close(&sum(&items), &in_project);
+
+    // Costs take only daily buckets.
+    let err = client
+        .costs(&UsageQuery {
+            bucket_width: Some("1h".into()),
+            ..q.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+}

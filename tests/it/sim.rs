@@ -1211,3 +1211,51 @@ async fn usage_completions_has_the_official_shape_and_pages() {
         assert_error_shape(&err);
     }
 }
+
+#[tokio::test]
+async fn costs_price_the_recorded_usage() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa), "k")
+        .unwrap();
+    let day = 86_400;
+    let start = (api.sim.now() / day - 1) * day;
+    assert!(api
+        .sim
+        .record_usage(&key.id, start + 10, 3, 2_000_000, 1_000_000));
+    let (status, page) = api
+        .get(&format!(
+            "/organization/costs?start_time={start}&group_by=line_item&group_by=project_id"
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["object"], "page");
+    assert_eq!(page["has_more"], false);
+    let results = page["data"][0]["results"].as_array().unwrap();
+    let [(input_item, input_price), (output_item, output_price)] = keyrotd::sim::PRICES;
+    let by_item = |item: &str| {
+        results
+            .iter()
+            .find(|r| r["line_item"] == item)
+            .unwrap_or_else(|| panic!("{item} in {results:?}"))
+            .clone()
+    };
+    let input = by_item(input_item);
+    assert_eq!(input["object"], "organization.costs.result");
+    assert_eq!(
+        input["amount"],
+        json!({"value": 2.0 * input_price, "currency": "usd"})
+    );
+    assert_eq!(input["project_id"], p.as_str());
+    assert!(input["api_key_id"].is_null());
+    assert_eq!(input["quantity"], 2_000_000);
+    assert_eq!(by_item(output_item)["amount"]["value"], json!(output_price));
+    let (status, err) = api
+        .get(&format!(
+            "/organization/costs?start_time={start}&group_by=model"
+        ))
+        .await;
+    assert_eq!(status, 400, "{err}");
+}
