@@ -80,6 +80,8 @@ pub enum Reason {
     /// A previous key still used since its replacement was promoted
     /// (`revoke_when = "unused"`): kept until `max_grace`.
     InUse,
+    /// The listing says neither who owns the key nor what kind of owner it is.
+    OwnerUnknown,
 }
 
 impl Reason {
@@ -95,6 +97,7 @@ impl Reason {
             Reason::GraceOver => "grace_over",
             Reason::Unreferenced => "unreferenced",
             Reason::InUse => "in_use",
+            Reason::OwnerUnknown => "owner_unknown",
         }
     }
 }
@@ -111,7 +114,7 @@ impl fmt::Display for Reason {
 pub struct Reasons(u16);
 
 impl Reasons {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Stale,
         Reason::NeverUsed,
         Reason::Unused,
@@ -122,6 +125,7 @@ impl Reasons {
         Reason::GraceOver,
         Reason::Unreferenced,
         Reason::InUse,
+        Reason::OwnerUnknown,
     ];
 
     fn bit(r: Reason) -> u16 {
@@ -261,6 +265,9 @@ pub fn evaluate_with_rule(
     if key.owner_project_access == Some(OwnerAccess::Inactive) {
         reasons.push(Reason::OwnerInactive);
     }
+    if key.owner.kind == OwnerType::Unknown {
+        reasons.push(Reason::OwnerUnknown);
+    }
     match key.expires_at {
         None if policy.key_expiry.0.is_some() => reasons.push(Reason::NoExpiry),
         Some(exp) => {
@@ -304,6 +311,8 @@ pub fn evaluate_with_rule(
                 Verdict::Ok
             }
         }
+        // Not keyrotd's to manage or revoke: a human should look.
+        OwnerType::Unknown => Verdict::Report,
     };
     Evaluation {
         verdict,

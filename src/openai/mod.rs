@@ -167,11 +167,14 @@ pub enum Endpoint {
     ListApiKeys,
     GetApiKey,
     DeleteApiKey,
+    UpdateApiKey,
     ListServiceAccounts,
     CreateServiceAccount,
     DeleteServiceAccount,
     CreateServiceAccountKey,
     ListModels,
+    UsageCompletions,
+    Costs,
     ListAdminApiKeys,
     GetAdminApiKey,
     CreateAdminApiKey,
@@ -187,11 +190,14 @@ impl Endpoint {
             Endpoint::ListApiKeys => "list_api_keys",
             Endpoint::GetApiKey => "get_api_key",
             Endpoint::DeleteApiKey => "delete_api_key",
+            Endpoint::UpdateApiKey => "update_api_key",
             Endpoint::ListServiceAccounts => "list_service_accounts",
             Endpoint::CreateServiceAccount => "create_service_account",
             Endpoint::DeleteServiceAccount => "delete_service_account",
             Endpoint::CreateServiceAccountKey => "create_service_account_key",
             Endpoint::ListModels => "list_models",
+            Endpoint::UsageCompletions => "usage_completions",
+            Endpoint::Costs => "costs",
             Endpoint::ListAdminApiKeys => "list_admin_api_keys",
             Endpoint::GetAdminApiKey => "get_admin_api_key",
             Endpoint::CreateAdminApiKey => "create_admin_api_key",
@@ -572,15 +578,26 @@ impl Client {
         .await
     }
 
-    /// Every key of a project (all pages), with `owner_project_access=any`.
+    /// Every key of a project (all pages), with `owner_project_access=any`. A key whose
+    /// owner is neither typed nor present is kept as [`OwnerType::Unknown`] and logged
+    /// (`api.key_owner_unknown`).
     pub async fn list_api_keys(&self, project_id: &str) -> ApiResult<Vec<ProjectApiKey>> {
-        collect(self.pages(
+        let keys = collect(self.pages(
             Endpoint::ListApiKeys,
             &["organization", "projects", project_id, "api_keys"],
             vec![("owner_project_access", "any")],
             |k: &ProjectApiKey| k.id.clone(),
         ))
-        .await
+        .await?;
+        for k in keys.iter().filter(|k| k.owner.kind == OwnerType::Unknown) {
+            tracing::warn!(
+                event = "api.key_owner_unknown",
+                project_id,
+                key_id = %k.id,
+                "listed key has no owner type and no owner object; reported, not managed"
+            );
+        }
+        Ok(keys)
     }
 
     /// One key of a project (listing object, no value).
@@ -617,6 +634,32 @@ impl Client {
         .await
     }
 
+    /// Updates a project key (`POST .../api_keys/{key_id}`, SDK 3.57): a new expiry
+    /// counted from this request and/or new scopes; returns the key's listing object.
+    /// Retried like a read: repeating it only restarts the expiry from the retry. An
+    /// API without the endpoint answers 404 (`ApiError::NotFound`), as does a gone key;
+    /// an expired key cannot be updated (HTTP 400).
+    pub async fn update_api_key(
+        &self,
+        project_id: &str,
+        key_id: &str,
+        req: &UpdateKeyRequest,
+    ) -> ApiResult<ProjectApiKey> {
+        let url = self.url(
+            &["organization", "projects", project_id, "api_keys", key_id],
+            &[],
+        );
+        self.call(
+            Endpoint::UpdateApiKey,
+            Method::POST,
+            url,
+            Some(req),
+            Retry::Idempotent,
+            None,
+        )
+        .await
+    }
+
     /// Every service account of a project (all pages).
     pub async fn list_service_accounts(&self, project_id: &str) -> ApiResult<Vec<ServiceAccount>> {
         collect(self.pages(
@@ -628,12 +671,14 @@ impl Client {
         .await
     }
 
-    /// Creates a service account (and, by default, its first key).
+    /// Creates a service account and its first key, which expires `expires_in_seconds`
+    /// from now when given (required by organizations whose policy caps key lifetimes).
     /// Never retried automatically on an ambiguous failure (no idempotency key).
     pub async fn create_service_account(
         &self,
         project_id: &str,
         name: &str,
+        expires_in_seconds: Option<u64>,
     ) -> ApiResult<CreatedServiceAccount> {
         let url = self.url(
             &["organization", "projects", project_id, "service_accounts"],
@@ -642,6 +687,7 @@ impl Client {
         let body = CreateServiceAccountRequest {
             name: name.to_owned(),
             create_service_account_only: None,
+            expires_in_seconds,
         };
         self.call(
             Endpoint::CreateServiceAccount,
@@ -709,6 +755,91 @@ impl Client {
             None,
         )
         .await
+    }
+
+    /// Every bucket of `GET /organization/usage/completions` for `q`, following
+    /// `next_page` to the last page, one request per page, with the bounds of every
+    /// listing (no cursor followed twice, at most `openai.max_pages` pages). Arrays go
+    /// as repeated parameters (`api_key_ids=a&api_key_ids=b`).
+    pub async fn usage_completions(
+        &self,
+        q: &UsageQuery,
+    ) -> ApiResult<Vec<UsageBucket<UsageCompletionsResult>>> {
+        self.bucket_pages(
+            Endpoint::UsageCompletions,
+            &["organization", "usage", "completions"],
+            q,
+        )
+        .await
+    }
+
+    /// Every bucket of `GET /organization/costs` for `q`, read like
+    /// [`Client::usage_completions`].
+    pub async fn costs(&self, q: &UsageQuery) -> ApiResult<Vec<UsageBucket<CostsResult>>> {
+        self.bucket_pages(Endpoint::Costs, &["organization", "costs"], q)
+            .await
+    }
+
+    /// The buckets of a `page` / `next_page` listing (usage, costs), to the last page.
+    async fn bucket_pages<T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        path: &[&str],
+        q: &UsageQuery,
+    ) -> ApiResult<Vec<UsageBucket<T>>> {
+        let mut base: Vec<(&str, String)> = vec![("start_time", q.start_time.to_string())];
+        if let Some(end) = q.end_time {
+            base.push(("end_time", end.to_string()));
+        }
+        if let Some(width) = &q.bucket_width {
+            base.push(("bucket_width", width.clone()));
+        }
+        if let Some(limit) = q.limit {
+            base.push(("limit", limit.to_string()));
+        }
+        for (name, values) in [
+            ("api_key_ids", &q.api_key_ids),
+            ("project_ids", &q.project_ids),
+            ("group_by", &q.group_by),
+        ] {
+            base.extend(values.iter().map(|v| (name, v.clone())));
+        }
+        let mut cursors = Cursors::new(endpoint, self.cfg.max_pages);
+        let mut page: Option<String> = None;
+        let mut buckets = Vec::new();
+        loop {
+            let mut query: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if let Some(p) = &page {
+                query.push(("page", p));
+            }
+            let url = self.url(path, &query);
+            let got: UsagePage<T> = self
+                .call(
+                    endpoint,
+                    Method::GET,
+                    url,
+                    None::<&()>,
+                    Retry::Idempotent,
+                    None,
+                )
+                .await?;
+            buckets.extend(got.data);
+            let next = match (got.has_more, got.next_page) {
+                (false, _) => None,
+                (true, Some(next)) => Some(next),
+                (true, None) => {
+                    return Err(ApiError::Decode {
+                        endpoint: endpoint.as_str().into(),
+                        status: 200,
+                        message: "has_more is true but next_page is null".into(),
+                    })
+                }
+            };
+            match cursors.advance(next)? {
+                Some(next) => page = Some(next),
+                None => return Ok(buckets),
+            }
+        }
     }
 
     /// `GET /models` with a project key: Ok(()) when the key works.

@@ -65,6 +65,8 @@ pub struct ProjectApiKey {
     pub expires_at: Option<i64>,
     #[serde(default)]
     pub owner_project_access: Option<OwnerAccess>,
+    /// An absent `owner` reads as an owner of unknown type.
+    #[serde(default)]
     pub owner: ApiKeyOwner,
 }
 
@@ -75,11 +77,16 @@ pub enum OwnerAccess {
     Inactive,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OwnerType {
     User,
     ServiceAccount,
+    /// Neither `type` nor an owner object says who owns the key, or a `type` this
+    /// client does not know. Such a key is listed and reported, never managed.
+    #[default]
+    #[serde(other)]
+    Unknown,
 }
 
 impl OwnerType {
@@ -87,12 +94,18 @@ impl OwnerType {
         match self {
             OwnerType::User => "user",
             OwnerType::ServiceAccount => "service_account",
+            OwnerType::Unknown => "unknown",
         }
     }
 }
 
 /// `owner` of a `ProjectApiKey`: `type` plus the matching object.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+///
+/// `type` is optional in the spec and the SDK: without it (or with one this client
+/// does not know) the type is inferred from which of `service_account` / `user` is
+/// present, and is [`OwnerType::Unknown`] when neither is.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(from = "RawOwner")]
 pub struct ApiKeyOwner {
     #[serde(rename = "type")]
     pub kind: OwnerType,
@@ -102,11 +115,39 @@ pub struct ApiKeyOwner {
     pub service_account: Option<OwnerServiceAccount>,
 }
 
+/// `owner` as sent, before its type is settled.
+#[derive(Deserialize)]
+struct RawOwner {
+    #[serde(default, rename = "type")]
+    kind: Option<OwnerType>,
+    #[serde(default)]
+    user: Option<OwnerUser>,
+    #[serde(default)]
+    service_account: Option<OwnerServiceAccount>,
+}
+
+impl From<RawOwner> for ApiKeyOwner {
+    fn from(raw: RawOwner) -> ApiKeyOwner {
+        let kind = match raw.kind {
+            Some(k @ (OwnerType::User | OwnerType::ServiceAccount)) => k,
+            _ if raw.service_account.is_some() => OwnerType::ServiceAccount,
+            _ if raw.user.is_some() => OwnerType::User,
+            _ => OwnerType::Unknown,
+        };
+        ApiKeyOwner {
+            kind,
+            user: raw.user,
+            service_account: raw.service_account,
+        }
+    }
+}
+
 impl ApiKeyOwner {
     pub fn id(&self) -> Option<&str> {
         match self.kind {
             OwnerType::User => self.user.as_ref().map(|u| u.id.as_str()),
             OwnerType::ServiceAccount => self.service_account.as_ref().map(|s| s.id.as_str()),
+            OwnerType::Unknown => None,
         }
     }
     pub fn name(&self) -> Option<&str> {
@@ -119,6 +160,7 @@ impl ApiKeyOwner {
                 .service_account
                 .as_ref()
                 .and_then(|s| s.name.as_deref()),
+            OwnerType::Unknown => None,
         }
     }
 }
@@ -173,6 +215,19 @@ pub struct CreateKeyRequest {
     pub expires_in_seconds: Option<u64>,
 }
 
+/// Body of `POST /organization/projects/{p}/api_keys/{k}` (key update, SDK 3.57; not
+/// in the GitHub spec). At least one field must be set; neither may be null.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateKeyRequest {
+    /// Seconds from this request (a retry restarts the count); must satisfy the
+    /// organization's or project's expiry policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+    /// Replaces the key's scopes: `[]` = all permissions, `["api.all.read"]` = read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+}
+
 /// `ServiceAccountApiKeyBody` / `ProjectServiceAccountApiKey`: the only place a key's
 /// value appears. `Debug` redacts it.
 #[derive(Clone, Deserialize)]
@@ -185,6 +240,9 @@ pub struct CreatedKey {
     #[serde(default)]
     pub name: Option<String>,
     pub created_at: i64,
+    /// Unix seconds; `None` = never expires (SDK 3.57; absent from the GitHub spec).
+    #[serde(default)]
+    pub expires_at: Option<i64>,
 }
 
 impl fmt::Debug for CreatedKey {
@@ -194,6 +252,7 @@ impl fmt::Debug for CreatedKey {
             .field("value", &"[REDACTED]")
             .field("name", &self.name)
             .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
             .finish()
     }
 }
@@ -202,12 +261,16 @@ fn de_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::
     Ok(SecretString::from(String::deserialize(d)?))
 }
 
-/// `ProjectServiceAccountCreateRequest`.
+/// `ProjectServiceAccountCreateRequest` (+ `expires_in_seconds` for the initial key,
+/// from the SDK 3.57; sent only when `policy.key_expiry` is set, and never together with
+/// `create_service_account_only = true`, which the SDK forbids).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CreateServiceAccountRequest {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_service_account_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
 }
 
 /// `ProjectServiceAccountCreateResponse`.
@@ -229,6 +292,107 @@ pub struct Deleted {
     #[serde(default)]
     pub object: Option<String>,
     pub deleted: bool,
+}
+
+/// `UsageResponse`: a page of time buckets; `next_page` is the next page's `page`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct UsagePage<T> {
+    #[serde(default)]
+    pub object: Option<String>,
+    pub data: Vec<UsageBucket<T>>,
+    pub has_more: bool,
+    #[serde(default)]
+    pub next_page: Option<String>,
+}
+
+/// `UsageTimeBucket`: `[start_time, end_time)` and its results.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct UsageBucket<T> {
+    #[serde(default)]
+    pub object: Option<String>,
+    pub start_time: i64,
+    pub end_time: i64,
+    pub results: Vec<T>,
+}
+
+/// `UsageCompletionsResult`: one group's totals in a bucket. The grouping fields are
+/// set only for the `group_by` asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct UsageCompletionsResult {
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub input_cached_tokens: Option<u64>,
+    #[serde(default)]
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub input_audio_tokens: Option<u64>,
+    #[serde(default)]
+    pub output_audio_tokens: Option<u64>,
+    #[serde(default)]
+    pub num_model_requests: u64,
+    #[serde(default)]
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub api_key_id: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub batch: Option<bool>,
+    #[serde(default)]
+    pub service_tier: Option<String>,
+}
+
+/// `CostsResult`: one group's cost in a bucket of `GET /organization/costs`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+pub struct CostsResult {
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub amount: Option<CostAmount>,
+    #[serde(default)]
+    pub line_item: Option<String>,
+    #[serde(default)]
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub api_key_id: Option<String>,
+    #[serde(default)]
+    pub quantity: Option<f64>,
+    #[serde(default)]
+    pub quantity_unit: Option<String>,
+}
+
+/// `amount` of a `CostsResult`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+pub struct CostAmount {
+    #[serde(default)]
+    pub value: f64,
+    /// Lowercase ISO 4217 (`usd`).
+    #[serde(default)]
+    pub currency: Option<String>,
+}
+
+/// The query of `GET /organization/usage/completions` and `GET /organization/costs`
+/// (the subset keyrotd uses; costs take only `bucket_width = 1d` and `group_by`
+/// `project_id`, `line_item`, `api_key_id`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// Unix seconds, inclusive.
+    pub start_time: i64,
+    /// Unix seconds, exclusive; `None` = now.
+    pub end_time: Option<i64>,
+    /// `1m`, `1h` or `1d` (the API's default when `None`).
+    pub bucket_width: Option<String>,
+    pub api_key_ids: Vec<String>,
+    pub project_ids: Vec<String>,
+    /// `project_id`, `user_id`, `api_key_id`, `model`, `batch`, `service_tier`.
+    pub group_by: Vec<String>,
+    /// Buckets per page (the API caps it by `bucket_width`); `None` = the API's default.
+    pub limit: Option<u32>,
 }
 
 /// `Error` inside `ErrorResponse`.
@@ -339,6 +503,44 @@ impl fmt::Debug for CreatedAdminKey {
             .field("created_at", &self.created_at)
             .field("expires_at", &self.expires_at)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    fn owner(json: &str) -> ApiKeyOwner {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn owner_type_is_inferred_when_absent() {
+        let sa = owner(r#"{"service_account": {"id": "svc_1", "name": "backend"}}"#);
+        assert_eq!(sa.kind, OwnerType::ServiceAccount);
+        assert_eq!((sa.id(), sa.name()), (Some("svc_1"), Some("backend")));
+        let user = owner(r#"{"type": null, "user": {"id": "user_1", "email": "a@b.c"}}"#);
+        assert_eq!(user.kind, OwnerType::User);
+        assert_eq!((user.id(), user.name()), (Some("user_1"), Some("a@b.c")));
+        let bare = owner("{}");
+        assert_eq!(bare.kind, OwnerType::Unknown);
+        assert_eq!((bare.id(), bare.name()), (None, None));
+        // A type given wins; an unknown one falls back to the objects present.
+        assert_eq!(
+            owner(r#"{"type": "user", "user": {"id": "user_1"}}"#).kind,
+            OwnerType::User
+        );
+        assert_eq!(
+            owner(r#"{"type": "project_bot", "service_account": {"id": "svc_2"}}"#).kind,
+            OwnerType::ServiceAccount
+        );
+        assert_eq!(owner(r#"{"type": "project_bot"}"#).kind, OwnerType::Unknown);
+    }
+
+    #[test]
+    fn a_key_without_owner_has_an_unknown_owner() {
+        let k: ProjectApiKey = serde_json::from_str(r#"{"id": "key_1", "created_at": 1}"#).unwrap();
+        assert_eq!(k.owner.kind, OwnerType::Unknown);
     }
 }
 

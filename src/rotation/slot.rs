@@ -1284,7 +1284,11 @@ impl SlotRun<'_> {
         let sa = self
             .eng
             .client
-            .create_service_account(&self.slot.project_id, &self.slot.service_account_name)
+            .create_service_account(
+                &self.slot.project_id,
+                &self.slot.service_account_name,
+                self.eng.policy.key_expiry.0.map(|d| d.as_secs()),
+            )
             .await?;
         info!(event = "service_account.created", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa.id, name = %sa.name, outcome = "ok", "created a service account for the slot");
         match sa.api_key {
@@ -1940,7 +1944,7 @@ fn listing_of(
         name: created.name.clone(),
         created_at: created.created_at,
         last_used_at: None,
-        expires_at: None,
+        expires_at: created.expires_at,
         owner_project_access: None,
         owner: ApiKeyOwner {
             kind: OwnerType::ServiceAccount,

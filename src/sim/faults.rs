@@ -54,6 +54,14 @@ pub struct Faults {
     pub bad_cursor: Option<BadCursor>,
     /// Successful responses padded to a size (stays until cleared).
     pub padding: Option<Padding>,
+    /// Key objects (listings and `GET .../api_keys/{id}`) come without `owner.type`,
+    /// which the spec and the SDK make optional.
+    pub omit_owner_type: bool,
+    /// These key ids are shown with `"owner": {}`: neither a type nor an owner object.
+    pub bare_owners: BTreeSet<String>,
+    /// `POST .../api_keys/{id}` (key update) answers 404 `Invalid URL`, like an API
+    /// that lacks the endpoint.
+    pub no_key_update: bool,
 }
 
 impl Default for Faults {
@@ -74,6 +82,9 @@ impl Default for Faults {
             propagation_delay: Duration::ZERO,
             bad_cursor: None,
             padding: None,
+            omit_owner_type: false,
+            bare_owners: BTreeSet::new(),
+            no_key_update: false,
         }
     }
 }

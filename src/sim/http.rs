@@ -89,8 +89,16 @@ fn process(
         .map(str::trim);
     let method = parts.method.as_str();
     let path = parts.uri.path();
+    let logged_body = body
+        .as_ref()
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .filter(serde_json::Value::is_object);
     let mut st = sim.lock();
-    let matched = route::match_route(method, path);
+    let matched = match route::match_route(method, path) {
+        Ok((Route::UpdateApiKey, _)) if st.faults.no_key_update => Err(Miss::NotFound),
+        other => other,
+    };
     let route = matched.as_ref().ok().map(|(r, _)| *r);
     let out = match (matched, body) {
         (Err(Miss::NotFound), _) => Outcome::error(&SimError::new(
@@ -114,6 +122,7 @@ fn process(
         path: path.to_owned(),
         query: parts.uri.query().unwrap_or("").to_owned(),
         status: if out.drop { 0 } else { out.status },
+        body: logged_body,
     });
     out
 }

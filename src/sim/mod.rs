@@ -33,8 +33,9 @@
 //! - Archived projects keep their keys in listings, but `GET /models` rejects those
 //!   keys, and listing, creating or deleting service accounts there is a 400 (the
 //!   spec: "archived projects have no service accounts").
-//! - A key is live when not deleted, not expired (`expires_in_seconds`, an extension
-//!   to the excerpt, shown as `expires_at` in listings) and its project is not
+//! - A key is live when not deleted, not expired (`expires_in_seconds` on key and
+//!   service-account creation, from the SDK 3.57, shown as `expires_at` in listings
+//!   and creation responses) and its project is not
 //!   archived. `GET /models` answers 200 only for live project keys and moves their
 //!   `last_used_at` to the simulator's now. An admin key there is a 401; a project key
 //!   on an admin endpoint is a 403.
@@ -46,6 +47,8 @@
 //! - The clock is wall time plus [`Sim::advance`]; it stamps `created_at`,
 //!   `last_used_at` and expiry. [`Faults::propagation_delay`] uses real time.
 //! - Fault order and semantics: see [`Faults`].
+//! - The request log ([`Sim::requests`]) keeps each request's JSON body, so tests can
+//!   check what the client sent.
 //!
 //! Layout: `route.rs` (endpoint table), `state.rs` (the organization and the
 //! operations, no HTTP), `http.rs` (handler, faults, logging), `faults.rs`,
@@ -75,6 +78,7 @@ pub use self::faults::{
 };
 pub use self::route::Route;
 pub use self::scenario::{GroundTruth, Scenario, TruthKey, TruthProject};
+pub use self::state::PRICES;
 use self::state::{KeyRec, State};
 
 /// Who owns a simulated key.
@@ -190,6 +194,9 @@ pub struct RequestRecord {
     pub query: String,
     /// The status sent; 0 when the connection was dropped on purpose.
     pub status: u16,
+    /// The request body when it was a JSON object (`None` otherwise). No admin request
+    /// body carries a key value, so the log holds no secret.
+    pub body: Option<serde_json::Value>,
 }
 
 /// The simulated API: cheap to clone, all clones share one organization.
@@ -484,6 +491,32 @@ impl Sim {
     /// `last_used_at`), without HTTP or request faults. True when the key works.
     pub fn use_key(&self, value: &str) -> bool {
         self.lock().use_key(value)
+    }
+
+    /// Records usage by project key `key_id` at `at` (Unix seconds): `requests` model
+    /// requests with these token counts, served by `GET /organization/usage/completions`.
+    /// False when no such key exists (deleted keys count).
+    pub fn record_usage(
+        &self,
+        key_id: &str,
+        at: i64,
+        requests: u64,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) -> bool {
+        let mut st = self.lock();
+        let Some(project_id) = st.keys.get(key_id).map(|k| k.project_id.clone()) else {
+            return false;
+        };
+        st.usage.push(state::UsageRec {
+            at,
+            project_id,
+            key_id: key_id.to_owned(),
+            requests,
+            input_tokens,
+            output_tokens,
+        });
+        true
     }
 
     /// The request log, oldest first (the last 200,000 requests).

@@ -23,17 +23,25 @@ pub enum Route {
     ListApiKeys,
     GetApiKey,
     DeleteApiKey,
+    /// `POST /v1/organization/projects/{project_id}/api_keys/{api_key_id}`: in the SDK
+    /// 3.57, not in the GitHub spec.
+    UpdateApiKey,
     ListServiceAccounts,
     CreateServiceAccount,
     GetServiceAccount,
     UpdateServiceAccount,
     DeleteServiceAccount,
     CreateServiceAccountKey,
+    /// `GET /v1/organization/usage/completions` (from the usage recorded with
+    /// [`Sim::record_usage`](super::Sim::record_usage)).
+    UsageCompletions,
+    /// `GET /v1/organization/costs` (the same usage, priced by `sim::PRICES`).
+    Costs,
 }
 
 impl Route {
     /// Every route, for iteration in tests and docs.
-    pub const ALL: [Route; 19] = [
+    pub const ALL: [Route; 22] = [
         Route::ListModels,
         Route::ListAdminKeys,
         Route::CreateAdminKey,
@@ -47,12 +55,15 @@ impl Route {
         Route::ListApiKeys,
         Route::GetApiKey,
         Route::DeleteApiKey,
+        Route::UpdateApiKey,
         Route::ListServiceAccounts,
         Route::CreateServiceAccount,
         Route::GetServiceAccount,
         Route::UpdateServiceAccount,
         Route::DeleteServiceAccount,
         Route::CreateServiceAccountKey,
+        Route::UsageCompletions,
+        Route::Costs,
     ];
 
     /// The HTTP method.
@@ -60,11 +71,14 @@ impl Route {
         use Route::*;
         match self {
             ListModels | ListAdminKeys | GetAdminKey | ListProjects | GetProject | ListApiKeys
-            | GetApiKey | ListServiceAccounts | GetServiceAccount => "GET",
+            | GetApiKey | ListServiceAccounts | GetServiceAccount | UsageCompletions | Costs => {
+                "GET"
+            }
             CreateAdminKey
             | CreateProject
             | ModifyProject
             | ArchiveProject
+            | UpdateApiKey
             | CreateServiceAccount
             | UpdateServiceAccount
             | CreateServiceAccountKey => "POST",
@@ -83,7 +97,9 @@ impl Route {
             GetProject | ModifyProject => "/v1/organization/projects/{project_id}",
             ArchiveProject => "/v1/organization/projects/{project_id}/archive",
             ListApiKeys => "/v1/organization/projects/{project_id}/api_keys",
-            GetApiKey | DeleteApiKey => "/v1/organization/projects/{project_id}/api_keys/{api_key_id}",
+            GetApiKey | DeleteApiKey | UpdateApiKey => {
+                "/v1/organization/projects/{project_id}/api_keys/{api_key_id}"
+            }
             ListServiceAccounts | CreateServiceAccount => {
                 "/v1/organization/projects/{project_id}/service_accounts"
             }
@@ -93,6 +109,8 @@ impl Route {
             CreateServiceAccountKey => {
                 "/v1/organization/projects/{project_id}/service_accounts/{service_account_id}/api_keys"
             }
+            UsageCompletions => "/v1/organization/usage/completions",
+            Costs => "/v1/organization/costs",
         }
     }
 
@@ -141,11 +159,14 @@ impl From<Endpoint> for Route {
             Endpoint::ListApiKeys => Route::ListApiKeys,
             Endpoint::GetApiKey => Route::GetApiKey,
             Endpoint::DeleteApiKey => Route::DeleteApiKey,
+            Endpoint::UpdateApiKey => Route::UpdateApiKey,
             Endpoint::ListServiceAccounts => Route::ListServiceAccounts,
             Endpoint::CreateServiceAccount => Route::CreateServiceAccount,
             Endpoint::DeleteServiceAccount => Route::DeleteServiceAccount,
             Endpoint::CreateServiceAccountKey => Route::CreateServiceAccountKey,
             Endpoint::ListModels => Route::ListModels,
+            Endpoint::UsageCompletions => Route::UsageCompletions,
+            Endpoint::Costs => Route::Costs,
             Endpoint::ListAdminApiKeys => Route::ListAdminKeys,
             Endpoint::GetAdminApiKey => Route::GetAdminKey,
             Endpoint::CreateAdminApiKey => Route::CreateAdminKey,
@@ -184,10 +205,12 @@ pub(crate) fn match_route(method: &str, path: &str) -> Result<(Route, Ids), Miss
         ["organization", "admin_api_keys"] => &[ListAdminKeys, CreateAdminKey],
         ["organization", "admin_api_keys", _] => &[GetAdminKey, DeleteAdminKey],
         ["organization", "projects"] => &[ListProjects, CreateProject],
+        ["organization", "usage", "completions"] => &[UsageCompletions],
+        ["organization", "costs"] => &[Costs],
         ["organization", "projects", _] => &[GetProject, ModifyProject],
         ["organization", "projects", _, "archive"] => &[ArchiveProject],
         ["organization", "projects", _, "api_keys"] => &[ListApiKeys],
-        ["organization", "projects", _, "api_keys", _] => &[GetApiKey, DeleteApiKey],
+        ["organization", "projects", _, "api_keys", _] => &[GetApiKey, DeleteApiKey, UpdateApiKey],
         ["organization", "projects", _, "service_accounts"] => {
             &[ListServiceAccounts, CreateServiceAccount]
         }

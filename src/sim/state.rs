@@ -110,6 +110,23 @@ pub(crate) struct KeyRec {
     pub deleted_at: Option<i64>,
 }
 
+/// Usage one key made at one time (`Sim::record_usage`).
+pub(crate) struct UsageRec {
+    pub at: i64,
+    pub project_id: String,
+    pub key_id: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// The model every simulated usage record is for.
+pub(crate) const USAGE_MODEL: &str = "gpt-4o-mini";
+
+/// The simulator's fixed price list, USD per million tokens of [`USAGE_MODEL`]: the
+/// `/organization/costs` line items (input, then output).
+pub const PRICES: [(&str, f64); 2] = [("gpt-4o-mini, input", 0.15), ("gpt-4o-mini, output", 0.60)];
+
 pub(crate) struct SaRec {
     pub id: String,
     pub seq: u64,
@@ -146,6 +163,16 @@ pub(crate) struct AdminKeyRec {
 pub(crate) struct Query(pub Vec<(String, String)>);
 
 impl Query {
+    /// Every value of an array parameter, as `name=a&name=b` or `name[]=a&name[]=b`.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        let bracketed = format!("{name}[]");
+        self.0
+            .iter()
+            .filter(|(k, _)| *k == name || *k == bracketed)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
@@ -172,6 +199,7 @@ pub(crate) struct State {
     org_owner: String,
     pub log: VecDeque<RequestRecord>,
     pub log_seq: u64,
+    pub usage: Vec<UsageRec>,
 }
 
 impl State {
@@ -193,6 +221,7 @@ impl State {
             org_owner: String::new(),
             log: VecDeque::new(),
             log_seq: 0,
+            usage: Vec::new(),
         };
         let now = st.now();
         st.org_owner = st.new_user("Org Owner", "owner@example.com", "owner", now);
@@ -600,6 +629,9 @@ impl State {
                     json!({"object": "organization.project.api_key.deleted", "id": x, "deleted": true}),
                 )
             }
+            Route::UpdateApiKey => self.update_key(p, x, body, now),
+            Route::UsageCompletions => self.usage_buckets(q, now, false),
+            Route::Costs => self.usage_buckets(q, now, true),
             Route::ListServiceAccounts => self.list_sas(p, q),
             Route::CreateServiceAccount => self.create_sa(p, body, now),
             Route::GetServiceAccount => {
@@ -703,13 +735,31 @@ impl State {
                 ))
             }
         };
+        // SDK 3.57: the initial key's lifetime; meaningless without an initial key.
+        let expires_at = expires_in(&b)?.map(|s| now + s);
+        if only && expires_at.is_some() {
+            return Err(SimError::invalid(
+                "expires_in_seconds",
+                "invalid_value",
+                "'expires_in_seconds' is not allowed with 'create_service_account_only': true.",
+            ));
+        }
         let role = if only { "none" } else { "member" };
         let sa_id = self.new_sa(p, &name, role, now)?;
         let api_key = if only {
             Value::Null
         } else {
             let owner = OwnerRef::ServiceAccount(sa_id.clone());
-            let key_id = self.new_key(p, owner, "Secret Key", now, None, None, Vec::new(), true)?;
+            let key_id = self.new_key(
+                p,
+                owner,
+                "Secret Key",
+                now,
+                None,
+                expires_at,
+                Vec::new(),
+                true,
+            )?;
             created_key_json(&self.keys[&key_id])
         };
         let mut v = sa_json(&self.sas[&sa_id]);
@@ -722,31 +772,231 @@ impl State {
         self.live_sa(p, sa)?;
         let b = parse_body(body, false)?;
         let name = optional_str(&b, "name")?.unwrap_or_else(|| "Secret Key".to_owned());
-        let scopes = match b.get("scopes") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|s| s.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    SimError::invalid(
-                        "scopes",
-                        "invalid_type",
-                        "Invalid 'scopes': expected an array of strings.",
-                    )
-                })?,
-            Some(_) => {
-                return Err(SimError::invalid(
-                    "scopes",
-                    "invalid_type",
-                    "Invalid 'scopes': expected an array of strings.",
-                ))
-            }
-        };
+        let scopes = scopes(&b)?.unwrap_or_default();
         let expires_at = expires_in(&b)?.map(|s| now + s);
         let owner = OwnerRef::ServiceAccount(sa.to_owned());
         let id = self.new_key(p, owner, &name, now, None, expires_at, scopes, true)?;
         Ok(created_key_json(&self.keys[&id]))
+    }
+
+    /// `POST .../api_keys/{id}` (SDK 3.57): a new expiry from now and/or new scopes, on
+    /// a live, unexpired key of the project; answers the key's listing object.
+    fn update_key(&mut self, p: &str, id: &str, body: &[u8], now: i64) -> SimResult<Value> {
+        self.project(p)?;
+        let expired = match self.keys.get(id) {
+            Some(k) if k.project_id == p && k.deleted_at.is_none() => {
+                k.expires_at.is_some_and(|e| e <= now)
+            }
+            _ => return Err(SimError::not_found("API key", id)),
+        };
+        let b = parse_body(body, true)?;
+        for field in ["expires_in_seconds", "scopes"] {
+            if b.get(field) == Some(&Value::Null) {
+                return Err(SimError::invalid(
+                    field,
+                    "invalid_type",
+                    format!("Invalid '{field}': may not be null."),
+                ));
+            }
+        }
+        let expires_in = expires_in(&b)?;
+        let scopes = scopes(&b)?;
+        if expires_in.is_none() && scopes.is_none() {
+            return Err(SimError::invalid(
+                "expires_in_seconds",
+                "missing_required_parameter",
+                "At least one of 'expires_in_seconds' or 'scopes' is required.",
+            ));
+        }
+        if expired {
+            return Err(SimError::invalid(
+                "api_key_id",
+                "api_key_expired",
+                format!("API key '{id}' has expired and cannot be updated."),
+            ));
+        }
+        let k = self
+            .keys
+            .get_mut(id)
+            .ok_or_else(|| SimError::not_found("API key", id))?;
+        if let Some(secs) = expires_in {
+            k.expires_at = Some(now + secs);
+        }
+        if let Some(scopes) = scopes {
+            k.scopes = scopes;
+        }
+        Ok(self.key_json(&self.keys[id]))
+    }
+
+    /// `GET /organization/usage/completions` and `GET /organization/costs`: buckets
+    /// of `bucket_width` from `start_time` (rounded down to the width) to `end_time`
+    /// (default now), `limit` buckets a page, `next_page` = `page_<start of the next
+    /// bucket>`. Usage groups by `project_id`, `api_key_id`, `model` (other `group_by`
+    /// fields accepted and left null); costs by `project_id`, `api_key_id`,
+    /// `line_item`, priced by [`PRICES`]. Empty buckets have no results.
+    fn usage_buckets(&self, q: &Query, now: i64, costs: bool) -> SimResult<Value> {
+        let int = |name: &'static str| -> SimResult<Option<i64>> {
+            q.get(name)
+                .map(|raw| {
+                    raw.parse::<i64>().map_err(|_| {
+                        SimError::invalid(
+                            name,
+                            "invalid_type",
+                            format!(
+                                "Invalid '{name}': expected an integer, but got '{raw}' instead."
+                            ),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let start = int("start_time")?.ok_or_else(|| {
+            SimError::invalid(
+                "start_time",
+                "missing_required_parameter",
+                "Missing required parameter: 'start_time'.",
+            )
+        })?;
+        let end = int("end_time")?.unwrap_or(now);
+        let (width, default_limit, max_limit) = match (q.get("bucket_width").unwrap_or("1d"), costs)
+        {
+            ("1d", true) => (86_400, 7, 180),
+            ("1m", false) => (60, 60, 1440),
+            ("1h", false) => (3600, 24, 168),
+            ("1d", false) => (86_400, 7, 31),
+            (other, _) => {
+                return Err(SimError::invalid(
+                    "bucket_width",
+                    "invalid_value",
+                    format!("Invalid 'bucket_width': '{other}' is not supported here."),
+                ))
+            }
+        };
+        let limit = match int("limit")? {
+            None => default_limit,
+            Some(n) if (1..=max_limit).contains(&n) => n,
+            Some(n) => {
+                return Err(SimError::invalid(
+                    "limit",
+                    "invalid_value",
+                    format!(
+                    "Invalid 'limit': expected 1 to {max_limit} for this bucket_width, got {n}."
+                ),
+                ))
+            }
+        };
+        let known: &[&str] = if costs {
+            &["project_id", "line_item", "api_key_id"]
+        } else {
+            &[
+                "project_id",
+                "user_id",
+                "api_key_id",
+                "model",
+                "batch",
+                "service_tier",
+            ]
+        };
+        let group_by = q.all("group_by");
+        if let Some(bad) = group_by.iter().find(|g| !known.contains(g)) {
+            return Err(SimError::invalid(
+                "group_by",
+                "invalid_value",
+                format!("Invalid 'group_by': unknown field '{bad}'."),
+            ));
+        }
+        let by = |f: &str| group_by.contains(&f);
+        let keys = q.all("api_key_ids");
+        let projects = q.all("project_ids");
+        let mut cur = match q.get("page") {
+            None => start.div_euclid(width) * width,
+            Some(p) => p
+                .strip_prefix("page_")
+                .and_then(|n| n.parse::<i64>().ok())
+                .ok_or_else(|| {
+                    SimError::invalid("page", "invalid_value", format!("Invalid 'page': '{p}'."))
+                })?,
+        };
+        let mut data = Vec::new();
+        while cur < end && (data.len() as i64) < limit {
+            let (lo, hi) = (cur.max(start), (cur + width).min(end));
+            // (project, key, model or line item) -> requests, input, output.
+            type Group<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
+            let mut groups: BTreeMap<Group<'_>, [u64; 3]> = BTreeMap::new();
+            for u in self.usage.iter().filter(|u| {
+                (lo..hi).contains(&u.at)
+                    && (keys.is_empty() || keys.contains(&u.key_id.as_str()))
+                    && (projects.is_empty() || projects.contains(&u.project_id.as_str()))
+            }) {
+                let project = by("project_id").then_some(u.project_id.as_str());
+                let key = by("api_key_id").then_some(u.key_id.as_str());
+                if costs && by("line_item") {
+                    let [(input_item, _), (output_item, _)] = PRICES;
+                    groups.entry((project, key, Some(input_item))).or_default()[1] +=
+                        u.input_tokens;
+                    groups.entry((project, key, Some(output_item))).or_default()[2] +=
+                        u.output_tokens;
+                    continue;
+                }
+                let t = groups
+                    .entry((project, key, (!costs && by("model")).then_some(USAGE_MODEL)))
+                    .or_default();
+                t[0] += u.requests;
+                t[1] += u.input_tokens;
+                t[2] += u.output_tokens;
+            }
+            let results: Vec<Value> = groups
+                .into_iter()
+                .map(
+                    |((project_id, api_key_id, third), [requests, input, output])| {
+                        if costs {
+                            let [(_, input_price), (_, output_price)] = PRICES;
+                            let value = (input as f64 * input_price + output as f64 * output_price)
+                                / 1_000_000.0;
+                            json!({
+                                "object": "organization.costs.result",
+                                "amount": {"value": value, "currency": "usd"},
+                                "line_item": third,
+                                "project_id": project_id,
+                                "api_key_id": api_key_id,
+                                "quantity": third.map(|_| input + output),
+                                "quantity_unit": third.map(|_| "tokens"),
+                            })
+                        } else {
+                            json!({
+                                "object": "organization.usage.completions.result",
+                                "input_tokens": input,
+                                "input_cached_tokens": 0,
+                                "output_tokens": output,
+                                "input_audio_tokens": 0,
+                                "output_audio_tokens": 0,
+                                "num_model_requests": requests,
+                                "project_id": project_id,
+                                "user_id": null,
+                                "api_key_id": api_key_id,
+                                "model": third,
+                                "batch": null,
+                                "service_tier": null,
+                            })
+                        }
+                    },
+                )
+                .collect();
+            data.push(json!({
+                "object": "bucket",
+                "start_time": cur,
+                "end_time": cur + width,
+                "results": results,
+            }));
+            cur += width;
+        }
+        let has_more = cur < end;
+        Ok(json!({
+            "object": "page",
+            "data": data,
+            "has_more": has_more,
+            "next_page": if has_more { Value::String(format!("page_{cur}")) } else { Value::Null },
+        }))
     }
 
     fn list_projects(&self, q: &Query) -> SimResult<Value> {
@@ -894,6 +1144,17 @@ impl State {
                 }}),
                 None => json!({"type": "service_account"}),
             },
+        };
+        let owner = if self.faults.bare_owners.contains(&k.id) {
+            json!({})
+        } else if self.faults.omit_owner_type {
+            let mut owner = owner;
+            if let Some(o) = owner.as_object_mut() {
+                o.remove("type");
+            }
+            owner
+        } else {
+            owner
         };
         let mut v = json!({
             "object": "organization.project.api_key",
@@ -1110,6 +1371,27 @@ fn required_str(b: &Map<String, Value>, field: &'static str) -> SimResult<String
             "missing_required_parameter",
             format!("Missing required parameter: '{field}'."),
         )),
+    }
+}
+
+/// `scopes`: absent (or null), or an array of strings.
+fn scopes(b: &Map<String, Value>) -> SimResult<Option<Vec<String>>> {
+    let invalid = || {
+        SimError::invalid(
+            "scopes",
+            "invalid_type",
+            "Invalid 'scopes': expected an array of strings.",
+        )
+    };
+    match b.get("scopes") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(invalid),
+        Some(_) => Err(invalid()),
     }
 }
 

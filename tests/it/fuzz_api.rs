@@ -265,7 +265,7 @@ fn through_client(status: u16, body: Vec<u8>) -> Vec<String> {
         );
         note(
             client
-                .create_service_account("proj_f", "fuzz")
+                .create_service_account("proj_f", "fuzz", None)
                 .await
                 .map(|_| ()),
         );

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use keyrotd::openai::models::{CreateKeyRequest, OwnerAccess, OwnerType};
+use keyrotd::openai::models::{CreateKeyRequest, OwnerAccess, OwnerType, UpdateKeyRequest};
 use keyrotd::openai::{ApiError, Client, ClientConfig, Endpoint};
 use keyrotd::sim::{
     Faults, LostResponse, Malformation, MalformedNext, OwnerRef, RetryAfter, Route, Sim, SimServer,
@@ -534,7 +534,7 @@ async fn create_service_account_returns_its_first_key() {
     let (sim, _server, client) = setup().await;
     let p = sim.add_project("prod-a");
     let created = client
-        .create_service_account(&p, "keyrotd-backend")
+        .create_service_account(&p, "keyrotd-backend", None)
         .await
         .unwrap();
     assert_eq!(created.name, "keyrotd-backend");
@@ -552,7 +552,7 @@ async fn create_service_account_returns_its_first_key() {
 
     sim.set_faults(Faults::default().fail_next(Route::CreateServiceAccount, 502, 1));
     let err = client
-        .create_service_account(&p, "again")
+        .create_service_account(&p, "again", None)
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(502));
@@ -687,4 +687,538 @@ async fn ids_in_paths_are_escaped() {
         "/v1/organization/projects/proj_1%2F..%2F../api_keys/key_1%3Fx=y"
     );
     assert_eq!(r.query, "");
+}
+
+#[tokio::test]
+async fn create_service_account_sends_the_first_keys_expiry() {
+    let (sim, _server, client) = setup().await;
+    let p = sim.add_project("prod-a");
+    let plain = client
+        .create_service_account(&p, "no-expiry", None)
+        .await
+        .unwrap();
+    let plain_key = plain.api_key.expect("api_key");
+    assert_eq!(plain_key.expires_at, None);
+    assert_eq!(sim.key(&plain_key.id).unwrap().expires_at, None);
+
+    let expiring = client
+        .create_service_account(&p, "expiring", Some(3600))
+        .await
+        .unwrap();
+    let key = expiring.api_key.expect("api_key");
+    let at = key.created_at + 3600;
+    assert_eq!(key.expires_at, Some(at));
+    assert_eq!(sim.key(&key.id).unwrap().expires_at, Some(at));
+    // Listed with it, too.
+    let listed = client.get_api_key(&p, &key.id).await.unwrap();
+    assert_eq!(listed.expires_at, Some(at));
+
+    let bodies: Vec<_> = sim
+        .requests_to(Route::CreateServiceAccount)
+        .into_iter()
+        .map(|r| r.body.expect("body logged"))
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![
+            serde_json::json!({"name": "no-expiry"}),
+            serde_json::json!({"name": "expiring", "expires_in_seconds": 3600}),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn owner_type_is_inferred_when_the_listing_omits_it() {
+    let (sim, _server, client) = setup().await;
+    let (p, sa) = project_with_sa(&sim, "prod-a");
+    let user = sim.add_user("Alice", "alice@example.com");
+    let mut want = Vec::new();
+    for i in 0..120 {
+        let (owner, kind) = if i % 3 == 0 {
+            (OwnerRef::User(user.clone()), OwnerType::User)
+        } else {
+            (
+                OwnerRef::ServiceAccount(sa.clone()),
+                OwnerType::ServiceAccount,
+            )
+        };
+        let k = sim.add_key(&p, owner, &format!("k{i}")).unwrap();
+        want.push((k.id, kind));
+    }
+    let bare = want[7].0.clone();
+    sim.update_faults(|f| {
+        f.omit_owner_type = true;
+        f.bare_owners = [bare.clone()].into_iter().collect();
+    });
+    let keys = client
+        .list_api_keys(&p)
+        .await
+        .expect("the scan is not aborted");
+    let got: Vec<(String, OwnerType)> = keys.iter().map(|k| (k.id.clone(), k.owner.kind)).collect();
+    let expect: Vec<(String, OwnerType)> = want
+        .iter()
+        .map(|(id, kind)| {
+            let kind = if *id == bare {
+                OwnerType::Unknown
+            } else {
+                *kind
+            };
+            (id.clone(), kind)
+        })
+        .collect();
+    assert_eq!(got, expect);
+    let sa_key = keys
+        .iter()
+        .find(|k| k.owner.kind == OwnerType::ServiceAccount)
+        .unwrap();
+    assert_eq!(sa_key.owner.id(), Some(sa.as_str()));
+    let user_key = keys
+        .iter()
+        .find(|k| k.owner.kind == OwnerType::User)
+        .unwrap();
+    assert_eq!(user_key.owner.id(), Some(user.as_str()));
+    let one = client.get_api_key(&p, &want[1].0).await.unwrap();
+    assert_eq!(one.owner.kind, OwnerType::ServiceAccount);
+    assert_eq!(assert_pages_once(&sim, Route::ListApiKeys), 2);
+}
+
+/// A project with one service-account key; returns (project id, key id).
+fn project_with_key(sim: &Sim) -> (String, String) {
+    let (p, sa) = project_with_sa(sim, "prod-upd");
+    let key = sim.add_key(&p, OwnerRef::ServiceAccount(sa), "k").unwrap();
+    (p, key.id)
+}
+
+fn expiry(secs: u64) -> UpdateKeyRequest {
+    UpdateKeyRequest {
+        expires_in_seconds: Some(secs),
+        scopes: None,
+    }
+}
+
+#[tokio::test]
+async fn update_api_key_sets_expiry_and_scopes() {
+    let (sim, _server, client) = setup().await;
+    let (p, id) = project_with_key(&sim);
+    let req = UpdateKeyRequest {
+        expires_in_seconds: Some(86_400),
+        scopes: Some(vec!["api.all.read".into()]),
+    };
+    let updated = client.update_api_key(&p, &id, &req).await.unwrap();
+    assert_eq!(updated.id, id);
+    assert_eq!(updated.owner.kind, OwnerType::ServiceAccount);
+    let k = sim.key(&id).unwrap();
+    assert_eq!(updated.expires_at, k.expires_at);
+    assert!(k.expires_at.is_some_and(|e| e >= sim.now() + 86_399));
+    assert_eq!(k.scopes, vec!["api.all.read".to_string()]);
+    let sent = sim.requests_to(Route::UpdateApiKey);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].body,
+        Some(serde_json::json!({"expires_in_seconds": 86_400, "scopes": ["api.all.read"]}))
+    );
+    // Only what is set is sent.
+    client.update_api_key(&p, &id, &expiry(60)).await.unwrap();
+    assert_eq!(
+        sim.requests_to(Route::UpdateApiKey)[1].body,
+        Some(serde_json::json!({"expires_in_seconds": 60}))
+    );
+    assert_eq!(
+        client.stats().snapshot(),
+        vec![(Endpoint::UpdateApiKey, 200, 2)]
+    );
+}
+
+#[tokio::test]
+async fn update_api_key_failures() {
+    let (sim, _server, client) = setup().await;
+    let (p, id) = project_with_key(&sim);
+
+    // An expired key cannot be updated: a 400, not retried.
+    client.update_api_key(&p, &id, &expiry(10)).await.unwrap();
+    sim.advance(Duration::from_secs(11));
+    sim.clear_requests();
+    let err = client
+        .update_api_key(&p, &id, &expiry(3600))
+        .await
+        .unwrap_err();
+    match &err {
+        ApiError::Status {
+            status,
+            code,
+            endpoint,
+            ..
+        } => {
+            assert_eq!((*status, endpoint.as_str()), (400, "update_api_key"));
+            assert_eq!(code.as_deref(), Some("api_key_expired"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!err.is_temporary());
+    assert_eq!(sim.requests_to(Route::UpdateApiKey).len(), 1);
+
+    // A gone key and an API without the endpoint are both 404.
+    let (p2, id2) = project_with_key(&sim);
+    let err = client
+        .update_api_key(&p2, "key_gone", &expiry(60))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+    sim.update_faults(|f| f.no_key_update = true);
+    let err = client
+        .update_api_key(&p2, &id2, &expiry(60))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("Invalid URL"), "{err}");
+    assert_eq!(sim.key(&id2).unwrap().expires_at, None);
+}
+
+#[tokio::test]
+async fn update_api_key_retries_rate_limits_and_server_errors() {
+    let (sim, _server, client) = setup().await;
+    let (p, id) = project_with_key(&sim);
+
+    // 429 with retry-after: waits that long.
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::Seconds(1),
+        ..Faults::default().fail_next(Route::UpdateApiKey, 429, 1)
+    });
+    client.update_api_key(&p, &id, &expiry(60)).await.unwrap();
+    let reqs = sim.requests_to(Route::UpdateApiKey);
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![429, 200]
+    );
+    assert!(reqs[1].at.duration_since(reqs[0].at) >= Duration::from_secs(1));
+
+    // 429 without retry-after: backoff, then success.
+    sim.clear_requests();
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::None,
+        ..Faults::default().fail_next(Route::UpdateApiKey, 429, 2)
+    });
+    let started = Instant::now();
+    client.update_api_key(&p, &id, &expiry(120)).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let statuses: Vec<u16> = sim
+        .requests_to(Route::UpdateApiKey)
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![429, 429, 200]);
+
+    // Transient 5xx: retried; the expiry counts from the request that succeeded.
+    sim.clear_requests();
+    sim.set_faults(Faults::default().fail_next(Route::UpdateApiKey, 503, 2));
+    let updated = client.update_api_key(&p, &id, &expiry(300)).await.unwrap();
+    assert_eq!(updated.expires_at, sim.key(&id).unwrap().expires_at);
+    assert_eq!(sim.requests_to(Route::UpdateApiKey).len(), 3);
+
+    // Persistent 5xx: one try and max_retries retries, then a temporary error.
+    sim.clear_requests();
+    sim.set_faults(Faults::default().fail_next(Route::UpdateApiKey, 500, 100));
+    let err = client
+        .update_api_key(&p, &id, &expiry(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(500));
+    assert!(err.is_temporary());
+    assert_eq!(sim.requests_to(Route::UpdateApiKey).len(), 4);
+}
+
+#[tokio::test]
+async fn update_api_key_bad_json_is_a_decode_error() {
+    let (sim, _server, client) = setup().await;
+    let (p, id) = project_with_key(&sim);
+    for (kind, expected) in [
+        (Malformation::Truncated, "truncated JSON"),
+        (Malformation::NotJson, "invalid JSON"),
+        (
+            Malformation::WrongShape,
+            "unexpected JSON shape: missing field `id`",
+        ),
+    ] {
+        sim.set_faults(Faults::default().malformed_next(Route::UpdateApiKey, kind, 1));
+        let err = client
+            .update_api_key(&p, &id, &expiry(60))
+            .await
+            .unwrap_err();
+        match &err {
+            ApiError::Decode {
+                endpoint,
+                status,
+                message,
+            } => {
+                assert_eq!((endpoint.as_str(), *status), ("update_api_key", 200));
+                assert!(message.contains(expected), "{kind:?}: {message}");
+            }
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert!(!err.is_temporary());
+    }
+}
+
+#[tokio::test]
+async fn usage_completions_totals_per_key_match_the_simulator_in_the_fewest_pages() {
+    use keyrotd::openai::models::UsageQuery;
+    use std::collections::BTreeMap;
+    let (sim, _server, client) = setup().await;
+    let now = sim.now();
+    let start = now - 7 * 86_400;
+    let mut truth: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut n = 0u64;
+    for p in 0..20 {
+        let (project, sa) = project_with_sa(&sim, &format!("prod-{p}"));
+        for i in 0..100 {
+            let key = sim
+                .add_key(
+                    &project,
+                    OwnerRef::ServiceAccount(sa.clone()),
+                    &format!("k{i}"),
+                )
+                .unwrap();
+            for j in 0..(n % 4) {
+                n += 1;
+                let at = start + ((n * 7919 + j * 104_729) % (7 * 86_400)) as i64;
+                let (req, inp, out) = (1 + n % 5, 100 * n, 10 * n);
+                assert!(sim.record_usage(&key.id, at, req, inp, out));
+                let t = truth.entry(key.id.clone()).or_default();
+                t.0 += req;
+                t.1 += inp;
+                t.2 += out;
+            }
+            // Before the window: never counted.
+            sim.record_usage(&key.id, start - 1, 1000, 1000, 1000);
+            n += 1;
+        }
+    }
+    assert!(truth.len() > 1000, "{} keys with usage", truth.len());
+
+    let q = UsageQuery {
+        start_time: start,
+        end_time: Some(now),
+        bucket_width: Some("1d".into()),
+        group_by: vec!["api_key_id".into()],
+        ..UsageQuery::default()
+    };
+    let sum = |buckets: &[keyrotd::openai::models::UsageBucket<
+        keyrotd::openai::models::UsageCompletionsResult,
+    >]| {
+        let mut got: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+        for b in buckets {
+            for r in &b.results {
+                let t = got
+                    .entry(r.api_key_id.clone().expect("grouped"))
+                    .or_default();
+                t.0 += r.num_model_requests;
+                t.1 += r.input_tokens;
+                t.2 += r.output_tokens;
+            }
+        }
+        got
+    };
+    // 8 daily buckets (the window starts mid-day): 2 pages of the default 7.
+    let buckets = client.usage_completions(&q).await.unwrap();
+    assert_eq!(buckets.len(), 8);
+    assert!(buckets.windows(2).all(|w| w[0].end_time == w[1].start_time));
+    assert_eq!(sum(&buckets), truth);
+    assert_eq!(assert_pages_once(&sim, Route::UsageCompletions), 2);
+    // With limit = 31: one page.
+    sim.clear_requests();
+    let one = client
+        .usage_completions(&UsageQuery {
+            limit: Some(31),
+            ..q.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(sum(&one), truth);
+    assert_eq!(sim.requests_to(Route::UsageCompletions).len(), 1);
+    let sent = &sim.requests_to(Route::UsageCompletions)[0].query;
+    assert!(
+        sent.contains(&format!("start_time={start}"))
+            && sent.contains("bucket_width=1d")
+            && sent.contains("group_by=api_key_id")
+            && sent.contains("limit=31"),
+        "{sent}"
+    );
+
+    // Filters, and a rate limit without retry-after between pages.
+    sim.clear_requests();
+    let two: Vec<String> = truth.keys().take(2).cloned().collect();
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::None,
+        ..Faults::default().fail_next(Route::UsageCompletions, 429, 1)
+    });
+    let filtered = client
+        .usage_completions(&UsageQuery {
+            api_key_ids: two.clone(),
+            ..q.clone()
+        })
+        .await
+        .unwrap();
+    let want: BTreeMap<String, (u64, u64, u64)> =
+        two.iter().map(|k| (k.clone(), truth[k])).collect();
+    assert_eq!(sum(&filtered), want);
+    let statuses: Vec<u16> = sim
+        .requests_to(Route::UsageCompletions)
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![429, 200, 200]);
+    assert!(sim.requests_to(Route::UsageCompletions)[1]
+        .query
+        .contains(&format!("api_key_ids={}", two[1])));
+}
+
+#[tokio::test]
+async fn usage_completions_failures() {
+    use keyrotd::openai::models::UsageQuery;
+    let (sim, _server, client) = setup().await;
+    let q = UsageQuery {
+        start_time: sim.now() - 30 * 86_400,
+        bucket_width: Some("1d".into()),
+        ..UsageQuery::default()
+    };
+    sim.set_faults(Faults::default().fail_next(Route::UsageCompletions, 500, 100));
+    let err = client.usage_completions(&q).await.unwrap_err();
+    assert!(err.is_temporary() && err.status() == Some(500), "{err:?}");
+    assert_eq!(sim.requests_to(Route::UsageCompletions).len(), 4);
+    // A bad second page fails the whole call.
+    sim.set_faults(Faults {
+        malformed_next: vec![MalformedNext {
+            route: Some(Route::UsageCompletions),
+            kind: Malformation::Truncated,
+            skip: 1,
+            remaining: 1,
+        }],
+        ..Faults::default()
+    });
+    let err = client.usage_completions(&q).await.unwrap_err();
+    assert!(
+        matches!(&err, ApiError::Decode { endpoint, .. } if endpoint == "usage_completions"),
+        "{err:?}"
+    );
+    // The API's own validation comes back as a 400 with its message.
+    let err = client
+        .usage_completions(&UsageQuery {
+            bucket_width: Some("2d".into()),
+            ..q.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    assert!(err.to_string().contains("bucket_width"), "{err}");
+}
+
+#[tokio::test]
+async fn costs_per_key_match_the_simulators_price_list_in_the_fewest_pages() {
+    use keyrotd::openai::models::{CostsResult, UsageBucket, UsageQuery};
+    use std::collections::BTreeMap;
+    let (sim, _server, client) = setup().await;
+    let [(_, input_price), (_, output_price)] = keyrotd::sim::PRICES;
+    let now = sim.now();
+    let start = now - 7 * 86_400;
+    let mut truth: BTreeMap<String, f64> = BTreeMap::new();
+    let mut projects = Vec::new();
+    let mut n = 0u64;
+    for p in 0..3 {
+        let (project, sa) = project_with_sa(&sim, &format!("prod-{p}"));
+        for i in 0..100 {
+            let key = sim
+                .add_key(
+                    &project,
+                    OwnerRef::ServiceAccount(sa.clone()),
+                    &format!("k{i}"),
+                )
+                .unwrap();
+            for _ in 0..(1 + n % 3) {
+                n += 1;
+                let at = start + ((n * 7919) % (7 * 86_400)) as i64;
+                let (inp, out) = (1000 * n, 100 * n);
+                assert!(sim.record_usage(&key.id, at, 1, inp, out));
+                *truth.entry(key.id.clone()).or_default() +=
+                    (inp as f64 * input_price + out as f64 * output_price) / 1e6;
+            }
+        }
+        projects.push(project);
+    }
+    let sum = |buckets: &[UsageBucket<CostsResult>]| {
+        let mut got: BTreeMap<String, f64> = BTreeMap::new();
+        for b in buckets {
+            for r in &b.results {
+                let amount = r.amount.as_ref().expect("amount");
+                assert_eq!(amount.currency.as_deref(), Some("usd"));
+                *got.entry(r.api_key_id.clone().expect("grouped"))
+                    .or_default() += amount.value;
+            }
+        }
+        got
+    };
+    let close = |got: &BTreeMap<String, f64>, want: &BTreeMap<String, f64>| {
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (k, v) in want {
+            assert!(
+                (got[k] - v).abs() < 1e-9 * v.max(1.0),
+                "{k}: {} vs {v}",
+                got[k]
+            );
+        }
+    };
+    let q = UsageQuery {
+        start_time: start,
+        end_time: Some(now),
+        group_by: vec!["api_key_id".into()],
+        ..UsageQuery::default()
+    };
+    let buckets = client.costs(&q).await.unwrap();
+    assert_eq!(buckets.len(), 8);
+    close(&sum(&buckets), &truth);
+    assert_eq!(
+        assert_pages_once(&sim, Route::Costs),
+        2,
+        "8 buckets, 7 a page"
+    );
+    assert_eq!(client.stats().snapshot(), vec![(Endpoint::Costs, 200, 2)]);
+
+    // By line item as well: the items add up to the same; one project only.
+    sim.clear_requests();
+    let items = client
+        .costs(&UsageQuery {
+            group_by: vec!["api_key_id".into(), "line_item".into()],
+            project_ids: vec![projects[1].clone()],
+            limit: Some(180),
+            ..q.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(sim.requests_to(Route::Costs).len(), 1);
+    assert!(items.iter().flat_map(|b| &b.results).all(|r| r
+        .line_item
+        .as_deref()
+        .is_some_and(|l| l.starts_with("gpt-4o-mini, "))));
+    let in_project: BTreeMap<String, f64> = sim
+        .keys(&projects[1])
+        .into_iter()
+        .filter_map(|k| truth.get(&k.id).map(|v| (k.id, *v)))
+        .collect();
+    close(&sum(&items), &in_project);
+
+    // Costs take only daily buckets.
+    let err = client
+        .costs(&UsageQuery {
+            bucket_width: Some("1h".into()),
+            ..q.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
 }

@@ -10,6 +10,7 @@ const ADMIN_KEY: &str = "sk-admin-plan-test-0000";
 const DAY: i64 = 86_400;
 
 struct Setup {
+    sim: Sim,
     _server: keyrotd::sim::SimServer,
     _dir: tempfile::TempDir,
     config: std::path::PathBuf,
@@ -20,6 +21,7 @@ async fn setup(scenario: Scenario, extra: &str) -> Setup {
     let sim = Sim::new(ADMIN_KEY);
     let truth = scenario.populate(&sim);
     let server = sim.start().await.expect("sim");
+    let sim = sim.clone();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("keyrotd.toml");
     std::fs::write(
@@ -48,6 +50,7 @@ path = "openai/{{project_name}}/{{service_account_name}}"
     )
     .unwrap();
     Setup {
+        sim,
         _server: server,
         _dir: dir,
         config,
@@ -116,6 +119,7 @@ fn expected(k: &TruthKey, now: i64) -> (&'static str, BTreeSet<String>) {
                 "ok"
             }
         }
+        OwnerType::Unknown => "report",
     };
     (verdict, reasons)
 }
@@ -186,13 +190,7 @@ async fn plan_json_matches_the_ground_truth() {
         assert_eq!(g["project_id"], k.project_id.as_str());
         assert_eq!(g["project_name"], k.project_name.as_str());
         assert_eq!(g["owner_id"], k.owner_id.as_str());
-        assert_eq!(
-            g["owner_type"],
-            match k.owner_type {
-                OwnerType::User => "user",
-                OwnerType::ServiceAccount => "service_account",
-            }
-        );
+        assert_eq!(g["owner_type"], k.owner_type.as_str());
         let rule = if verdict == "rotate"
             || (k.project_name.starts_with("prod-") && k.owner_type == OwnerType::ServiceAccount)
         {
@@ -300,5 +298,67 @@ async fn plan_fails_with_1_on_api_errors_and_2_on_bad_config() {
     assert!(
         err.contains("openai.admin_key_env") && err.contains("PLAN_TEST_ADMIN_KEY"),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_infers_owner_types_the_listing_omits() {
+    let s = setup(
+        Scenario::new(25)
+            .projects(4)
+            .service_accounts_per_project(2)
+            .user_keys_per_project(2)
+            .stale_fraction(0.5),
+        "",
+    )
+    .await;
+    let (code, typed, stderr) = plan_json(&s, &[]);
+    assert_eq!(code, 0, "{stderr}");
+
+    // The same organization listed without owner.type: the same plan.
+    s.sim.update_faults(|f| f.omit_owner_type = true);
+    let (code, untyped, stderr) = plan_json(&s, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(untyped["keys"], typed["keys"]);
+    assert_eq!(untyped["slots"], typed["slots"]);
+    let keys = untyped["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), s.truth.keys.len());
+    for k in &s.truth.keys {
+        let got = keys
+            .iter()
+            .find(|g| g["key_id"] == k.key_id.as_str())
+            .unwrap_or_else(|| panic!("{} listed", k.key_id));
+        assert_eq!(got["owner_type"], k.owner_type.as_str(), "{}", k.key_id);
+        assert_eq!(got["owner_id"], k.owner_id.as_str(), "{}", k.key_id);
+    }
+    assert!(
+        keys.iter().any(|k| k["owner_type"] == "user")
+            && keys.iter().any(|k| k["owner_type"] == "service_account")
+    );
+
+    // A key with neither a type nor an owner object is listed as unknown and reported,
+    // with a warning naming it; the scan goes on.
+    let bare = &s.truth.keys[0];
+    s.sim
+        .update_faults(|f| f.bare_owners = [bare.key_id.clone()].into_iter().collect());
+    let (code, json, stderr) = plan_json(&s, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let keys = json["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), s.truth.keys.len());
+    let got = keys
+        .iter()
+        .find(|g| g["key_id"] == bare.key_id.as_str())
+        .unwrap();
+    assert_eq!(got["owner_type"], "unknown");
+    assert_eq!(got["verdict"], "report");
+    assert!(got["reasons"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("owner_unknown")));
+    assert!(
+        stderr.contains("api.key_owner_unknown")
+            && stderr.contains(&bare.key_id)
+            && stderr.contains(&bare.project_id),
+        "{stderr}"
     );
 }

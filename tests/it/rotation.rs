@@ -440,3 +440,51 @@ async fn a_moved_slot_keeps_its_old_account_while_it_has_fresh_foreign_keys() {
     assert_i1(&w, &states);
     assert_i2(&w, &states);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_service_account_keys_carry_the_policy_expiry() {
+    let mut w = World::new(
+        Scenario::new(17)
+            .projects(2)
+            .service_accounts_per_project(1)
+            .user_keys_per_project(0)
+            .stale_fraction(1.0),
+        Stores::File,
+        "key_expiry = \"30d\"",
+    )
+    .await;
+    w.toml.push_str("strategy = \"new_service_account\"\n");
+    let engine = w.engine(false).await;
+    let report = engine.cycle().await;
+    assert!(!report.any_failed(), "{:?}", report.slots);
+    assert!(rotated(&report) > 0, "{:?}", report.slots);
+
+    let creations = w.sim.requests_to(keyrotd::sim::Route::CreateServiceAccount);
+    assert_eq!(creations.len(), rotated(&report), "{creations:#?}");
+    for r in &creations {
+        assert_eq!(r.status, 200);
+        let body = r.body.as_ref().expect("creation body logged");
+        assert_eq!(body["expires_in_seconds"], 2_592_000, "{body}");
+    }
+    assert!(
+        w.sim
+            .requests_to(keyrotd::sim::Route::CreateServiceAccountKey)
+            .is_empty(),
+        "new_service_account mints through the account's creation only"
+    );
+    let states = w.store_states(&engine).await;
+    assert!(!states.is_empty());
+    for ((store, path), st) in &states {
+        let cur = st
+            .current
+            .as_ref()
+            .unwrap_or_else(|| panic!("{store} {path}"));
+        let key = w.sim.key(&cur.key_id).expect("minted key exists");
+        assert_eq!(
+            key.expires_at,
+            Some(key.created_at + 2_592_000),
+            "{store} {path}: {key:?}"
+        );
+    }
+    assert_i1(&w, &states);
+}

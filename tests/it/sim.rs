@@ -985,3 +985,277 @@ async fn many_concurrent_requests_on_a_large_org() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn service_account_creation_honours_expires_in_seconds() {
+    let api = Api::new().await;
+    let p = api.sim.add_project("prod-a");
+    let base = format!("/organization/projects/{p}/service_accounts");
+    let (status, sa) = api
+        .call(
+            Method::POST,
+            &base,
+            Some(json!({"name": "backend", "expires_in_seconds": 2_592_000})),
+        )
+        .await;
+    assert_eq!(status, 200, "{sa}");
+    let created_at = sa["api_key"]["created_at"].as_i64().unwrap();
+    assert_eq!(sa["api_key"]["expires_at"], created_at + 2_592_000);
+    let id = sa["api_key"]["id"].as_str().unwrap();
+    let (_, listed) = api
+        .get(&format!("/organization/projects/{p}/api_keys/{id}"))
+        .await;
+    assert_eq!(listed["expires_at"], created_at + 2_592_000);
+    let logged = api.sim.requests_to(Route::CreateServiceAccount);
+    assert_eq!(
+        logged[0].body,
+        Some(json!({"name": "backend", "expires_in_seconds": 2_592_000}))
+    );
+
+    // Without it the key never expires; out of range and with
+    // create_service_account_only it is refused, and nothing is created.
+    let (_, plain) = api
+        .call(Method::POST, &base, Some(json!({"name": "plain"})))
+        .await;
+    assert!(plain["api_key"].get("expires_at").is_none(), "{plain}");
+    for body in [
+        json!({"name": "zero", "expires_in_seconds": 0}),
+        json!({"name": "bare", "create_service_account_only": true, "expires_in_seconds": 60}),
+    ] {
+        let (status, err) = api.call(Method::POST, &base, Some(body.clone())).await;
+        assert_eq!(status, 400, "{body}: {err}");
+        assert_eq!(assert_error_shape(&err)["param"], "expires_in_seconds");
+    }
+    assert_eq!(api.sim.service_accounts(&p).len(), 2);
+}
+
+#[tokio::test]
+async fn owner_faults_strip_the_type_or_the_whole_owner() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa.clone()), "k")
+        .unwrap();
+    let other = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa.clone()), "bare")
+        .unwrap();
+    let list = format!("/organization/projects/{p}/api_keys?owner_project_access=any");
+    let (_, typed) = api.get(&list).await;
+    assert_eq!(typed["data"][0]["owner"]["type"], "service_account");
+    api.sim.update_faults(|f| {
+        f.omit_owner_type = true;
+        f.bare_owners = [other.id.clone()].into_iter().collect();
+    });
+    let (status, untyped) = api.get(&list).await;
+    assert_eq!(status, 200);
+    let owner = &untyped["data"][0]["owner"];
+    assert!(owner.get("type").is_none(), "{owner}");
+    assert_eq!(owner["service_account"]["id"], sa.as_str());
+    assert_eq!(untyped["data"][1]["owner"], json!({}));
+    let (_, one) = api
+        .get(&format!("/organization/projects/{p}/api_keys/{}", key.id))
+        .await;
+    assert!(one["owner"].get("type").is_none(), "{one}");
+}
+
+#[tokio::test]
+async fn key_update_sets_expiry_and_scopes_but_not_on_expired_keys() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa), "k")
+        .unwrap();
+    let path = format!("/organization/projects/{p}/api_keys/{}", key.id);
+    let (status, updated) = api
+        .call(
+            Method::POST,
+            &path,
+            Some(json!({"expires_in_seconds": 600, "scopes": ["api.all.read"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["object"], "organization.project.api_key");
+    assert_eq!(updated["id"], key.id.as_str());
+    assert!(updated.get("value").is_none(), "redacted: {updated}");
+    let now = api.sim.now();
+    let at = updated["expires_at"].as_i64().unwrap();
+    assert!((now + 599..=now + 600).contains(&at), "{at} vs {now}");
+    let sim_key = api.sim.key(&key.id).unwrap();
+    assert_eq!(sim_key.expires_at, Some(at));
+    assert_eq!(sim_key.scopes, vec!["api.all.read".to_string()]);
+    // Scopes alone; [] = all permissions.
+    let (status, _) = api
+        .call(Method::POST, &path, Some(json!({"scopes": []})))
+        .await;
+    assert_eq!(status, 200);
+    assert!(api.sim.key(&key.id).unwrap().scopes.is_empty());
+
+    for bad in [
+        json!({}),
+        json!({"expires_in_seconds": null}),
+        json!({"scopes": null}),
+        json!({"scopes": "api.all.read"}),
+        json!({"expires_in_seconds": 0}),
+    ] {
+        let (status, err) = api.call(Method::POST, &path, Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert_error_shape(&err);
+    }
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("/organization/projects/{p}/api_keys/key_missing"),
+            Some(json!({"scopes": []})),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // Expired: refused, and it stays expired.
+    api.sim.advance(Duration::from_secs(601));
+    let (status, err) = api
+        .call(
+            Method::POST,
+            &path,
+            Some(json!({"expires_in_seconds": 3600})),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(assert_error_shape(&err)["code"], "api_key_expired");
+    assert!(!api.sim.is_live(&key.id));
+
+    // An API without the endpoint.
+    let fresh = api
+        .sim
+        .add_key(&p, OwnerRef::User(api.sim.add_user("A", "a@x.y")), "u")
+        .unwrap();
+    api.sim.update_faults(|f| f.no_key_update = true);
+    let (status, err) = api
+        .call(
+            Method::POST,
+            &format!("/organization/projects/{p}/api_keys/{}", fresh.id),
+            Some(json!({"scopes": []})),
+        )
+        .await;
+    assert_eq!(status, 404, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Invalid URL"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn usage_completions_has_the_official_shape_and_pages() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa), "k")
+        .unwrap();
+    let day = 86_400;
+    let start = (api.sim.now() / day - 3) * day;
+    assert!(api.sim.record_usage(&key.id, start + 10, 2, 300, 40));
+    assert!(api.sim.record_usage(&key.id, start + day + 5, 1, 100, 10));
+    assert!(!api.sim.record_usage("key_missing", start, 1, 1, 1));
+    let path = format!(
+        "/organization/usage/completions?start_time={start}&bucket_width=1d&limit=2\
+         &group_by[]=api_key_id&group_by[]=project_id"
+    );
+    let (status, page) = api.get(&path).await;
+    assert_eq!(status, 200, "{page}");
+    // UsageResponse: object, data, has_more, next_page required.
+    assert_eq!(page["object"], "page");
+    assert_eq!(page["has_more"], true);
+    let next = page["next_page"].as_str().expect("next_page").to_owned();
+    let buckets = page["data"].as_array().unwrap();
+    assert_eq!(buckets.len(), 2);
+    // UsageTimeBucket: object, start_time, end_time, results.
+    assert_eq!(buckets[0]["object"], "bucket");
+    assert_eq!(buckets[0]["start_time"], start);
+    assert_eq!(buckets[0]["end_time"], start + day);
+    // UsageCompletionsResult: object, input_tokens, output_tokens, num_model_requests.
+    let r = &buckets[0]["results"][0];
+    assert_eq!(r["object"], "organization.usage.completions.result");
+    assert_eq!(
+        (
+            &r["input_tokens"],
+            &r["output_tokens"],
+            &r["num_model_requests"]
+        ),
+        (&json!(300), &json!(40), &json!(2))
+    );
+    assert_eq!(r["api_key_id"], key.id.as_str());
+    assert_eq!(r["project_id"], p.as_str());
+    assert!(r["model"].is_null(), "not grouped by model: {r}");
+    assert_eq!(buckets[1]["results"][0]["input_tokens"], 100);
+
+    let (_, rest) = api.get(&format!("{path}&page={next}")).await;
+    assert_eq!(rest["has_more"], false);
+    assert!(rest["next_page"].is_null());
+    assert_eq!(rest["data"][0]["start_time"], start + 2 * day);
+    assert_eq!(rest["data"][0]["results"], json!([]));
+
+    for bad in [
+        "/organization/usage/completions",
+        "/organization/usage/completions?start_time=0&bucket_width=1w",
+        "/organization/usage/completions?start_time=0&bucket_width=1d&limit=32",
+        "/organization/usage/completions?start_time=0&group_by=colour",
+    ] {
+        let (status, err) = api.get(bad).await;
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert_error_shape(&err);
+    }
+}
+
+#[tokio::test]
+async fn costs_price_the_recorded_usage() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa), "k")
+        .unwrap();
+    let day = 86_400;
+    let start = (api.sim.now() / day - 1) * day;
+    assert!(api
+        .sim
+        .record_usage(&key.id, start + 10, 3, 2_000_000, 1_000_000));
+    let (status, page) = api
+        .get(&format!(
+            "/organization/costs?start_time={start}&group_by=line_item&group_by=project_id"
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["object"], "page");
+    assert_eq!(page["has_more"], false);
+    let results = page["data"][0]["results"].as_array().unwrap();
+    let [(input_item, input_price), (output_item, output_price)] = keyrotd::sim::PRICES;
+    let by_item = |item: &str| {
+        results
+            .iter()
+            .find(|r| r["line_item"] == item)
+            .unwrap_or_else(|| panic!("{item} in {results:?}"))
+            .clone()
+    };
+    let input = by_item(input_item);
+    assert_eq!(input["object"], "organization.costs.result");
+    assert_eq!(
+        input["amount"],
+        json!({"value": 2.0 * input_price, "currency": "usd"})
+    );
+    assert_eq!(input["project_id"], p.as_str());
+    assert!(input["api_key_id"].is_null());
+    assert_eq!(input["quantity"], 2_000_000);
+    assert_eq!(by_item(output_item)["amount"]["value"], json!(output_price));
+    let (status, err) = api
+        .get(&format!(
+            "/organization/costs?start_time={start}&group_by=model"
+        ))
+        .await;
+    assert_eq!(status, 400, "{err}");
+}
