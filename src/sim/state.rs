@@ -123,7 +123,7 @@ pub(crate) struct UsageRec {
 /// The model every simulated usage record is for.
 pub(crate) const USAGE_MODEL: &str = "gpt-4o-mini";
 
-/// The simulator's fixed price list, USD per million tokens of [`USAGE_MODEL`]: the
+/// The simulator's fixed price list, USD per million tokens of `gpt-4o-mini` (`USAGE_MODEL`): the
 /// `/organization/costs` line items (input, then output).
 pub const PRICES: [(&str, f64); 2] = [("gpt-4o-mini, input", 0.15), ("gpt-4o-mini, output", 0.60)];
 

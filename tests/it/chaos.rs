@@ -54,7 +54,7 @@ async fn twenty_random_sigkills_under_api_faults_then_one_clean_run() {
     println!("KEYROTD_CHAOS_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let spec = Spec::new(&[File, Vault])
-        .policy("max_age", "\"2s\"")
+        .policy("max_age", "\"1s\"")
         .policy("grace_period", "\"1s\"");
     let mut b = Bench::new(spec).await;
     org(&mut b);
@@ -65,7 +65,7 @@ async fn twenty_random_sigkills_under_api_faults_then_one_clean_run() {
         f.latency = Duration::from_millis(15);
     });
     // How long an uninterrupted run takes here: the kills land inside that window.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let calibration = b.run_once(None).await;
     let window = calibration.elapsed.as_millis().max(200) as u64;
     println!("an uninterrupted run takes {window} ms");
@@ -74,7 +74,12 @@ async fn twenty_random_sigkills_under_api_faults_then_one_clean_run() {
         let child = b.command(&["once"], None).spawn().expect("spawn");
         let pid = child.id().expect("pid");
         let wait = tokio::spawn(wait_child(child, Duration::from_secs(60)));
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..window))).await;
+        // The scan is the first third of a run; the rotations (what a kill should
+        // interrupt) come after it.
+        tokio::time::sleep(Duration::from_millis(
+            rng.gen_range(window / 3..window + window / 3),
+        ))
+        .await;
         // Not once it has been reaped (its pid could be reused); it may still end by
         // itself just before the signal, so kill finding no one is fine.
         if !wait.is_finished() {
@@ -92,8 +97,9 @@ async fn twenty_random_sigkills_under_api_faults_then_one_clean_run() {
         // I1 holds at every moment, not only after the clean run.
         let snap = b.snapshot().await.expect("snapshot");
         check_i1(&b, &snap).unwrap_or_else(|e| panic!("seed {seed}, run {run}: {e}"));
-        // Sometimes long enough for keys to go stale again (max_age 2 s).
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..2500))).await;
+        // Long enough for every key to go stale again (max_age 1 s): each run has
+        // rotations to be killed in.
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1100..1800))).await;
     }
     assert!(
         killed >= 10,
