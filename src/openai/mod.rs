@@ -475,16 +475,7 @@ impl Client {
     /// Proves the admin key with the cheapest admin call: one project, one page.
     pub async fn ping(&self) -> ApiResult<()> {
         let url = self.url(&["organization", "projects"], &[("limit", "1")]);
-        let _: ListResponse<Project> = self
-            .call(
-                Endpoint::ListProjects,
-                Method::GET,
-                url,
-                None::<&()>,
-                Retry::Idempotent,
-                None,
-            )
-            .await?;
+        let _: ListResponse<Project> = self.get(Endpoint::ListProjects, url).await?;
         Ok(())
     }
 
@@ -520,15 +511,7 @@ impl Client {
     /// One admin API key by id (listing object, no value).
     pub async fn get_admin_api_key(&self, key_id: &str) -> ApiResult<AdminApiKey> {
         let url = self.url(&["organization", "admin_api_keys", key_id], &[]);
-        self.call(
-            Endpoint::GetAdminApiKey,
-            Method::GET,
-            url,
-            None::<&()>,
-            Retry::Idempotent,
-            None,
-        )
-        .await
+        self.get(Endpoint::GetAdminApiKey, url).await
     }
 
     /// Creates an admin API key; the only response that carries an admin key's value.
@@ -567,15 +550,7 @@ impl Client {
     /// One project by id.
     pub async fn get_project(&self, project_id: &str) -> ApiResult<Project> {
         let url = self.url(&["organization", "projects", project_id], &[]);
-        self.call(
-            Endpoint::GetProject,
-            Method::GET,
-            url,
-            None::<&()>,
-            Retry::Idempotent,
-            None,
-        )
-        .await
+        self.get(Endpoint::GetProject, url).await
     }
 
     /// Every key of a project (all pages), with `owner_project_access=any`. A key whose
@@ -606,15 +581,7 @@ impl Client {
             &["organization", "projects", project_id, "api_keys", key_id],
             &[],
         );
-        self.call(
-            Endpoint::GetApiKey,
-            Method::GET,
-            url,
-            None::<&()>,
-            Retry::Idempotent,
-            None,
-        )
-        .await
+        self.get(Endpoint::GetApiKey, url).await
     }
 
     /// DELETE a project key. 404 is returned as `ApiError::NotFound`; callers treat it as done.
@@ -813,16 +780,7 @@ impl Client {
                 query.push(("page", p));
             }
             let url = self.url(path, &query);
-            let got: UsagePage<T> = self
-                .call(
-                    endpoint,
-                    Method::GET,
-                    url,
-                    None::<&()>,
-                    Retry::Idempotent,
-                    None,
-                )
-                .await?;
+            let got: UsagePage<T> = self.get(endpoint, url).await?;
             buckets.extend(got.data);
             let next = match (got.has_more, got.next_page) {
                 (false, _) => None,
@@ -907,16 +865,7 @@ impl Client {
         }
         query.extend_from_slice(extra);
         let url = self.url(path, &query);
-        let list: ListResponse<T> = self
-            .call(
-                endpoint,
-                Method::GET,
-                url,
-                None::<&()>,
-                Retry::Idempotent,
-                None,
-            )
-            .await?;
+        let list: ListResponse<T> = self.get(endpoint, url).await?;
         if !list.has_more {
             return Ok(Page {
                 data: list.data,
@@ -938,6 +887,19 @@ impl Client {
     }
 
     /// One API call with the retry policy `retry`; `key` overrides the admin key.
+    /// A read: `GET url` with the admin key, retried as idempotent.
+    async fn get<T: DeserializeOwned>(&self, endpoint: Endpoint, url: Url) -> ApiResult<T> {
+        self.call(
+            endpoint,
+            Method::GET,
+            url,
+            None::<&()>,
+            Retry::Idempotent,
+            None,
+        )
+        .await
+    }
+
     async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
         &self,
         endpoint: Endpoint,
