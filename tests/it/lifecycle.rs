@@ -249,6 +249,21 @@ dir = "{dir}"
     path
 }
 
+/// The `[daemon]` lines of a daemon serving on `port` that cycles on `schedule` and
+/// at start.
+fn listening(port: u16, schedule: &str) -> String {
+    format!("listen = \"127.0.0.1:{port}\"\nschedule = \"{schedule}\"\nrun_on_start = true")
+}
+
+/// A store `bao`: the OpenBao dev server on `port`, root token from
+/// `LIFECYCLE_BAO_TOKEN`.
+fn bao_store(port: u16) -> String {
+    format!(
+        "[stores.bao]\ntype = \"vault\"\naddress = \"http://127.0.0.1:{port}\"\n\
+         auth = {{ method = \"token\", token_env = \"LIFECYCLE_BAO_TOKEN\" }}"
+    )
+}
+
 const FILE_RULE: &str = r#"
 [[rotate]]
 name = "all"
@@ -299,7 +314,7 @@ async fn health_answers_at_once_while_a_store_never_answers() {
     let config = write_config(
         &w,
         "tarpit.toml",
-        &format!("listen = \"127.0.0.1:{port}\"\nschedule = \"0 0 0 1 1 *\"\nrun_on_start = true"),
+        &listening(port, "0 0 0 1 1 *"),
         "",
         &format!(
             r#"
@@ -336,19 +351,15 @@ async fn a_store_down_at_start_is_reached_at_the_next_cycle() {
     let w = World::new(scenario(82), Stores::File, "").await;
     let bao_port = free_port();
     let port = free_port();
+    let bao = bao_store(bao_port);
     let config = write_config(
         &w,
         "late-bao.toml",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\nschedule = \"*/2 * * * * *\"\nrun_on_start = true"
-        ),
+        &listening(port, "*/2 * * * * *"),
         "",
         &format!(
             r#"
-[stores.bao]
-type = "vault"
-address = "http://127.0.0.1:{bao_port}"
-auth = {{ method = "token", token_env = "LIFECYCLE_BAO_TOKEN" }}
+{bao}
 [[rotate]]
 name = "all"
 project = "*"
@@ -401,19 +412,15 @@ async fn the_admin_key_store_down_is_transient_not_bad_config() {
     let w = World::new(scenario(83), Stores::File, "").await;
     let bao_port = free_port();
     let port = free_port();
+    let bao = bao_store(bao_port);
     let config = write_config(
         &w,
         "admin-store-down.toml",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\nschedule = \"*/1 * * * * *\"\nrun_on_start = true"
-        ),
+        &listening(port, "*/1 * * * * *"),
         &format!("admin_key_env = \"{ADMIN_KEY_ENV}\"\nadmin_key_store = \"bao\""),
         &format!(
             r#"
-[stores.bao]
-type = "vault"
-address = "http://127.0.0.1:{bao_port}"
-auth = {{ method = "token", token_env = "LIFECYCLE_BAO_TOKEN" }}
+{bao}
 {FILE_RULE}"#
         ),
     );
@@ -456,8 +463,7 @@ async fn sighup_reloads_the_config_and_the_admin_key_file_is_reread() {
     let port = free_port();
     let key_file = w.dir.path().join("admin-key");
     std::fs::write(&key_file, "sk-admin-not-the-right-one\n").unwrap();
-    let daemon =
-        format!("listen = \"127.0.0.1:{port}\"\nschedule = \"*/1 * * * * *\"\nrun_on_start = true");
+    let daemon = listening(port, "*/1 * * * * *");
     let openai = format!("admin_key_file = \"{}\"", key_file.display());
     let config = write_config(&w, "hup.toml", &daemon, &openai, FILE_RULE);
     let mut k = Keyrotd::spawn(&config, &["run"], &[]);
@@ -522,9 +528,7 @@ async fn readiness_reports_a_cycle_overrunning_its_schedule() {
     let config = write_config(
         &w,
         "slow.toml",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\nschedule = \"*/1 * * * * *\"\nrun_on_start = true"
-        ),
+        &listening(port, "*/1 * * * * *"),
         "",
         FILE_RULE,
     );

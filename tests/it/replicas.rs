@@ -50,6 +50,21 @@ fn org(b: &mut Bench) -> BTreeMap<String, String> {
     legacy
 }
 
+/// A bench over [`org`] whose rule covers only `project`'s first slot, which already
+/// serves its stale key (promoted 30 days ago): the slot the replica tests race on.
+async fn one_seeded_slot(
+    mut spec: Spec,
+    project: &str,
+) -> (Bench, BTreeMap<String, String>, SlotRef) {
+    spec.project_glob = project.into();
+    let mut b = Bench::new(spec).await;
+    let legacy = org(&mut b);
+    let slot = b.slots[0].clone();
+    b.seed_current(&slot, &legacy[&slot.path], Duration::from_secs(30 * 86400))
+        .await;
+    (b, legacy, slot)
+}
+
 fn ctx(b: &Bench) -> Ctx<'_> {
     Ctx {
         bench: b,
@@ -260,17 +275,12 @@ async fn stop_when(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_replica_neither_overwrites_nor_revokes_the_newer_key() {
     for stores in [&[File, Vault][..], &[Vault, Aws][..]] {
-        let mut spec = Spec::new(stores)
+        let spec = Spec::new(stores)
             .policy("lease", "\"2s\"")
             .policy("grace_period", "\"1s\"")
             .policy("verify_timeout", "\"20s\"");
         // One slot: A's only work is the rotation under test.
-        spec.project_glob = "prod-a".into();
-        let mut b = Bench::new(spec).await;
-        let legacy = org(&mut b);
-        let slot = b.slots[0].clone();
-        b.seed_current(&slot, &legacy[&slot.path], Duration::from_secs(30 * 86400))
-            .await;
+        let (mut b, _legacy, slot) = one_seeded_slot(spec, "prod-a").await;
         let c = ctx(&b);
         // New keys take 2.5 s to work: A keeps verifying long enough to be caught.
         b.sim
@@ -386,13 +396,8 @@ async fn a_paused_replica_neither_overwrites_nor_revokes_the_newer_key() {
 /// into a slot that moved on: it must lose check-and-set and revoke only its own key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_paused_after_its_intent_loses_cleanly() {
-    let mut spec = Spec::new(&[File, Vault]).policy("lease", "\"1s\"");
-    spec.project_glob = "prod-a".into();
-    let mut b = Bench::new(spec).await;
-    let legacy = org(&mut b);
-    let slot = b.slots[0].clone();
-    b.seed_current(&slot, &legacy[&slot.path], Duration::from_secs(30 * 86400))
-        .await;
+    let spec = Spec::new(&[File, Vault]).policy("lease", "\"1s\"");
+    let (b, legacy, slot) = one_seeded_slot(spec, "prod-a").await;
     // Slow API calls: the pause lands before A's create is answered.
     b.sim
         .update_faults(|f| f.latency = Duration::from_millis(150));
@@ -457,15 +462,10 @@ async fn a_replica_paused_after_its_intent_loses_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_with_a_stale_listing_does_not_rotate_again() {
     let proxy = Cutoff::start(socket_of(&env("KEYROTD_TEST_VAULT_ADDR"))).await;
-    let mut spec = Spec::new(&[File, Vault])
+    let spec = Spec::new(&[File, Vault])
         .policy("lease", "\"30s\"")
         .policy("grace_period", "\"1h\"");
-    spec.project_glob = "prod-a".into();
-    let mut b = Bench::new(spec).await;
-    let legacy = org(&mut b);
-    let slot = b.slots[0].clone();
-    b.seed_current(&slot, &legacy[&slot.path], Duration::from_secs(30 * 86400))
-        .await;
+    let (b, legacy, slot) = one_seeded_slot(spec, "prod-a").await;
     let c = ctx(&b);
     let b_config = b.dir.path().join("replica-b.toml");
     std::fs::write(
@@ -559,15 +559,10 @@ async fn wait_state(
 /// leaves it alone; A then finishes with the one key it minted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_short_lease_is_renewed_while_its_owner_works() {
-    let mut spec = Spec::new(&[File, Vault])
+    let spec = Spec::new(&[File, Vault])
         .policy("lease", "\"4s\"")
         .policy("verify_timeout", "\"2s\"");
-    spec.project_glob = "prod-b".into();
-    let mut b = Bench::new(spec).await;
-    let legacy = org(&mut b);
-    let slot = b.slots[0].clone();
-    b.seed_current(&slot, &legacy[&slot.path], Duration::from_secs(30 * 86400))
-        .await;
+    let (b, _legacy, slot) = one_seeded_slot(spec, "prod-b").await;
     let pa = b
         .command(
             &["once"],
@@ -641,15 +636,10 @@ async fn a_short_lease_is_renewed_while_its_owner_works() {
 /// promotion landed. One key minted, served everywhere, the old key kept for its grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_staged_key_is_finished_by_whoever_gets_there() {
-    let mut spec = Spec::new(&[File, Vault])
+    let spec = Spec::new(&[File, Vault])
         .policy("lease", "\"60s\"")
         .policy("grace_period", "\"1h\"");
-    spec.project_glob = "prod-b".into();
-    let mut b = Bench::new(spec).await;
-    let legacy = org(&mut b);
-    let slot = b.slots[0].clone();
-    b.seed_current(&slot, &legacy[&slot.path], Duration::from_secs(30 * 86400))
-        .await;
+    let (b, legacy, slot) = one_seeded_slot(spec, "prod-b").await;
     let pa = b
         .command(&["once"], Some("after_stage=sleep(6000)"))
         .spawn()
