@@ -940,14 +940,20 @@ impl SlotRun<'_> {
         Ok(true)
     }
 
-    /// The slot changed while this process was finishing `key_id` (its lease renewal
-    /// lost the check-and-set): another process finished the rotation, which is done,
-    /// or took the slot over, which is its to finish. Either way this run stops.
-    async fn finished_elsewhere(&mut self, key_id: &str) -> SlotResult<SlotOutcome> {
+    /// Reads every store's state record again (another process may have moved on).
+    async fn reread_states(&mut self) -> SlotResult<()> {
         for i in 0..self.stores.len() {
             let (_, store) = &self.stores[i];
             self.states[i] = store.read(&self.state_keys[i]).await?;
         }
+        Ok(())
+    }
+
+    /// The slot changed while this process was finishing `key_id` (its lease renewal
+    /// lost the check-and-set): another process finished the rotation, which is done,
+    /// or took the slot over, which is its to finish. Either way this run stops.
+    async fn finished_elsewhere(&mut self, key_id: &str) -> SlotResult<SlotOutcome> {
+        self.reread_states().await?;
         let landed = self
             .states
             .iter()
@@ -1386,10 +1392,7 @@ impl SlotRun<'_> {
             // Finishing another live process's key: it may have given up on the key
             // meanwhile (its verification failed) and be revoking it. Publish only
             // what is still staged.
-            for i in 0..self.stores.len() {
-                let (_, store) = &self.stores[i];
-                self.states[i] = store.read(&self.state_keys[i]).await?;
-            }
+            self.reread_states().await?;
             if self.staged_everywhere().as_deref() != Some(key_id.as_str()) {
                 return self.finished_elsewhere(&key_id).await;
             }
