@@ -265,7 +265,7 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
     let failed: Vec<String> = report
         .slots
         .iter()
-        .filter_map(|s| s.outcome.as_ref().err().cloned())
+        .filter_map(|s| s.outcome.as_ref().err().map(|e| e.to_string()))
         .take(3)
         .collect();
     assert!(failed.is_empty(), "slots failed: {failed:?}");

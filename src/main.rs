@@ -1,6 +1,6 @@
 //! The `keyrotd` binary: CLI parsing, telemetry, exit codes.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,9 +35,12 @@ enum Command {
     Run,
     /// One full cycle, then exit (for a CronJob or a systemd timer)
     Once {
-        /// Decide and report; mint, write and revoke nothing
+        /// Print the actions the cycle would perform; mint, write and revoke nothing
         #[arg(long)]
         dry_run: bool,
+        /// How --dry-run prints its actions [default: table on a TTY, json otherwise]
+        #[arg(long, value_enum)]
+        format: Option<PlanFormat>,
     },
     /// Read-only: every key with its verdict and reasons
     Plan {
@@ -236,7 +239,7 @@ async fn dispatch(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::Once { dry_run } => {
+        Command::Once { dry_run, format } => {
             let engine = match engine(&cli, *dry_run, true).await {
                 Ok((_, e)) => Arc::new(e),
                 Err(code) => return code,
@@ -252,6 +255,25 @@ async fn dispatch(cli: Cli) -> i32 {
             });
             let report = engine.cycle().await;
             engine.notifier.flush(daemon::NOTIFY_FLUSH_TIMEOUT).await;
+            let tty = std::io::stdout().is_terminal();
+            if *dry_run {
+                let json = match format {
+                    Some(f) => matches!(f, PlanFormat::Json),
+                    None => !tty,
+                };
+                let mut out = std::io::stdout().lock();
+                let _ = if json {
+                    let doc = keyrotd::plan::ActionsDoc {
+                        generated_at: keyrotd::plan::Timestamp::from(chrono::Utc::now()),
+                        actions: &report.planned,
+                    };
+                    writeln!(out, "{}", doc.to_json())
+                } else {
+                    keyrotd::plan::render_actions(&mut out, &report.planned)
+                };
+            } else if tty {
+                let _ = keyrotd::rotation::render_summary(&mut std::io::stdout().lock(), &report);
+            }
             if report.any_failed() {
                 EXIT_FAILED
             } else {

@@ -17,6 +17,7 @@ use crate::config::{PathVars, PolicyConfig, Rule};
 use crate::openai::models::{OwnerType, Project, ProjectApiKey, ServiceAccount};
 use crate::openai::{ApiResult, Client};
 use crate::policy::{self, Evaluation, Reason, Reasons, Verdict};
+use crate::rotation::decide::{self, Action, ActionKind, Why};
 use crate::store::{SecretRecord, SlotState, StoreError};
 
 /// One project with its keys and, where a rule covers the project, its service accounts.
@@ -413,6 +414,49 @@ impl SlotView {
                 .all(|(_, s)| s.book.promoted_at.is_some_and(|t| now - t >= grace))
     }
 
+    /// The decision for this slot as read (none for a slot refused or unreadable):
+    /// `project` is the slot's project as scanned.
+    pub fn decide(
+        &self,
+        project: Option<&ProjectInventory>,
+        rules: &[Rule],
+        cx: &decide::Context,
+    ) -> Vec<Action> {
+        if self.collides() || self.failed() {
+            return Vec::new();
+        }
+        let accounts = &self.slot.service_accounts;
+        let keys = project
+            .map(|p| {
+                p.keys
+                    .iter()
+                    .filter(|k| {
+                        k.owner.kind == OwnerType::ServiceAccount
+                            && k.owner
+                                .service_account
+                                .as_ref()
+                                .is_some_and(|sa| accounts.iter().any(|(id, _)| *id == sa.id))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let states: Vec<&SlotState> = self.ok_states().map(|(_, s)| s).collect();
+        let owner_gone = states
+            .iter()
+            .find_map(|s| s.book.intent.as_ref())
+            .is_some_and(|i| crate::rotation::owner_is_gone(&i.owner));
+        let facts = decide::SlotFacts {
+            slot: &self.slot,
+            rule: &rules[self.slot.rule],
+            states,
+            keys,
+            also_served: Vec::new(),
+            also_referenced: Vec::new(),
+            owner_gone,
+        };
+        decide::decide(&facts, cx)
+    }
+
     /// Refused this cycle: a colliding path, or a foreign record at the path.
     pub fn collides(&self) -> bool {
         !self.slot.collisions.is_empty() || self.foreign_record().is_some()
@@ -574,6 +618,132 @@ pub struct PlanSlot<'a> {
     /// The other slots claiming this slot's paths (state `collision`).
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub collisions: &'a [Collision],
+    /// What the decision has for this slot after the next cycle, with when.
+    pub later: Vec<PlannedAction>,
+}
+
+/// One action the decision returned, with the slot (or user key) it is for: what
+/// `once --dry-run` lists and `plan` counts. Serializes as
+/// `{"action", "rule", "project_id", "project_name", "service_account_id",
+/// "service_account_name", "key_id", "reason", "due_at"}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedAction {
+    pub action: Action,
+    /// `None` for a user key's revocation.
+    pub rule: Option<String>,
+    pub project_id: String,
+    pub project_name: String,
+    pub service_account_id: Option<String>,
+    pub service_account_name: Option<String>,
+}
+
+impl PlannedAction {
+    fn of_slot(slot: &Slot, action: Action) -> PlannedAction {
+        let sa = action
+            .service_account_id
+            .clone()
+            .filter(|sa| sa != crate::rotation::decide::NEW_ACCOUNT)
+            .unwrap_or_else(|| slot.service_account_id.clone());
+        PlannedAction {
+            rule: Some(slot.rule_name.clone()),
+            project_id: slot.project_id.clone(),
+            project_name: slot.project_name.clone(),
+            service_account_name: slot
+                .service_accounts
+                .iter()
+                .find(|(id, _)| *id == sa)
+                .map(|(_, n)| n.clone())
+                .or_else(|| Some(slot.service_account_name.clone())),
+            service_account_id: Some(sa),
+            action,
+        }
+    }
+
+    /// One line for people: `mint  prod-payments/backend  (stale)`.
+    pub fn describe(&self) -> String {
+        let a = &self.action;
+        let mut out = format!(
+            "{:<22} {} ({})",
+            a.kind.as_str(),
+            self.project_name,
+            self.project_id
+        );
+        if let Some(n) = &self.service_account_name {
+            out.push_str(&format!(" / {n}"));
+        }
+        if let Some(k) = &a.key_id {
+            out.push_str(&format!(" key {k}"));
+        }
+        out.push_str(&format!(" [{}]", a.why));
+        out
+    }
+}
+
+impl Serialize for PlannedAction {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Doc<'b> {
+            action: &'static str,
+            rule: Option<&'b str>,
+            project_id: &'b str,
+            project_name: &'b str,
+            service_account_id: Option<&'b str>,
+            service_account_name: Option<&'b str>,
+            key_id: Option<&'b str>,
+            reason: &'static str,
+            due_at: Timestamp,
+        }
+        Doc {
+            action: self.action.kind.as_str(),
+            rule: self.rule.as_deref(),
+            project_id: &self.project_id,
+            project_name: &self.project_name,
+            service_account_id: self.service_account_id.as_deref(),
+            service_account_name: self.service_account_name.as_deref(),
+            key_id: self.action.key_id.as_deref(),
+            reason: self.action.why.as_str(),
+            due_at: Timestamp::from(self.action.due_at),
+        }
+        .serialize(s)
+    }
+}
+
+/// The actions document of `once --dry-run --format json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActionsDoc<'a> {
+    pub generated_at: Timestamp,
+    pub actions: &'a [PlannedAction],
+}
+
+impl ActionsDoc<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+}
+
+/// Prints actions as a table (`once --dry-run` on a TTY).
+pub fn render_actions(out: &mut dyn Write, actions: &[PlannedAction]) -> std::io::Result<()> {
+    if actions.is_empty() {
+        return writeln!(out, "nothing to do");
+    }
+    writeln!(
+        out,
+        "{:<22} {:<28} {:<22} {:<34} {:<26} DUE",
+        "ACTION", "PROJECT", "SERVICE ACCOUNT", "KEY", "REASON"
+    )?;
+    for a in actions {
+        writeln!(
+            out,
+            "{:<22} {:<28} {:<22} {:<34} {:<26} {}",
+            a.action.kind.as_str(),
+            truncate(&a.project_name, 28),
+            truncate(a.service_account_name.as_deref().unwrap_or("-"), 22),
+            a.action.key_id.as_deref().unwrap_or("-"),
+            a.action.why.as_str(),
+            Timestamp::from(a.action.due_at),
+        )?;
+    }
+    Ok(())
 }
 
 /// The DESIGN.md §1 plan document, borrowing from the inventory, slot views and rules it
@@ -583,17 +753,24 @@ pub struct Plan<'a> {
     pub generated_at: Timestamp,
     pub keys: Vec<PlanKey<'a>>,
     pub slots: Vec<PlanSlot<'a>>,
+    /// What the next cycle does, in the order it does it: every action due now.
+    pub actions: Vec<PlannedAction>,
 }
 
-/// Counts for the summary line.
+/// Counts for the summary line: keys as scanned, and what the next cycle will do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {
     pub keys: usize,
     pub stale: usize,
+    /// Rotations the next cycle performs (bootstrap mints included).
     pub rotate: usize,
+    /// Keys (or service accounts) the next cycle revokes, orphans aside.
     pub revoke: usize,
     pub report: usize,
+    /// Orphaned `keyrotd-*` keys the next cycle revokes.
     pub orphan: usize,
+    /// Actions due after the next cycle.
+    pub later: usize,
 }
 
 /// Where a key id is referenced by the stores of a slot: the stores, and its most
@@ -657,10 +834,11 @@ enum Role {
 }
 
 impl<'a> Plan<'a> {
-    /// Verdicts for every key, refined by what the stores hold: a slot's previous key
-    /// is `revoke` (in grace or grace over), keys the stores serve are never revoked,
-    /// unreferenced `keyrotd-*` keys older than `orphan_min_age` are orphans, and other
-    /// stale keys of a managed account whose slot has a current key are `revoke`.
+    /// Verdicts for every key and every slot's actions, from the one decision
+    /// ([`decide::decide`]) the cycle performs: a slot's replaced key is `revoke` (in
+    /// grace, in use, or due), keys the stores serve are never revoked, `keyrotd-*`
+    /// keys the decision sweeps are orphans, and other stale keys of a managed account
+    /// it retires are `revoke`. The summary counts what the next cycle does.
     ///
     /// Rules are matched once per project and service account, not once per key, and
     /// the plan borrows its strings: 100k keys plan in a few tens of milliseconds.
@@ -671,6 +849,37 @@ impl<'a> Plan<'a> {
         policy: &PolicyConfig,
         now: DateTime<Utc>,
     ) -> Plan<'a> {
+        let cx = decide::Context {
+            policy,
+            now,
+            me: None,
+        };
+        let projects: HashMap<&str, &ProjectInventory> = inv
+            .projects
+            .iter()
+            .map(|p| (p.project.id.as_str(), p))
+            .collect();
+        // Each slot's decision; what it says of a key refines that key's verdict.
+        let decisions: Vec<Vec<Action>> = views
+            .iter()
+            .map(|v| {
+                v.decide(
+                    projects.get(v.slot.project_id.as_str()).copied(),
+                    rules,
+                    &cx,
+                )
+            })
+            .collect();
+        let mut key_actions: HashMap<&str, &Action> = HashMap::default();
+        for a in decisions.iter().flatten() {
+            if let (
+                Some(k),
+                ActionKind::Revoke | ActionKind::Keep | ActionKind::DeleteServiceAccount,
+            ) = (&a.key_id, a.kind)
+            {
+                key_actions.entry(k.as_str()).or_insert(a);
+            }
+        }
         // Grouped by project: a key is looked up among its own project's few slots.
         let mut by_project: HashMap<&'a str, ProjectSlots<'a>> = HashMap::default();
         for v in views {
@@ -696,9 +905,8 @@ impl<'a> Plan<'a> {
             }
         }
         let no_slots = ProjectSlots::default();
-        // Verdicts of the keys some store serves as current: what the slot states need.
-        let mut current_verdicts: HashMap<&'a str, Verdict> = HashMap::default();
 
+        let mut user_actions: Vec<PlannedAction> = Vec::new();
         let mut sa_rule = SaRuleCache::default();
         let mut keys = Vec::with_capacity(inv.key_count());
         for p in &inv.projects {
@@ -722,45 +930,49 @@ impl<'a> Plan<'a> {
                 let referenced = ps.referenced(&k.id);
                 let slot = sa.and_then(|sa| ps.managing(&sa.id));
                 if let Some(view) = slot {
-                    match referenced.map(|r| r.role) {
-                        Some(Role::Current) | Some(Role::Pending) => {
+                    let slot_serves = view.agreed_current().is_some();
+                    let due = |a: &Action| a.is_due(now);
+                    match (referenced.map(|r| r.role), key_actions.get(k.id.as_str())) {
+                        (Some(Role::Current) | Some(Role::Pending), _) => {
                             // Served (or about to be): rotate when due, never revoke.
                         }
-                        Some(Role::Previous) => {
+                        (Some(Role::Previous), a) => {
                             // Why it is still alive (or that it is due).
-                            let promoted = view
-                                .ok_states()
-                                .filter_map(|(_, s)| s.book.promoted_at)
-                                .max();
-                            let reason = promoted.map_or(Reason::InGrace, |t| {
-                                policy::retirement(
-                                    policy,
-                                    rules[view.slot.rule].grace_period,
-                                    t,
-                                    k.last_used_at,
-                                    now,
-                                )
-                                .reason
-                            });
                             verdict = Verdict::Revoke;
-                            reasons.push(reason);
+                            reasons.push(match a {
+                                Some(a) if a.kind == ActionKind::Keep => Reason::InUse,
+                                Some(a) if due(a) && a.why == Why::UnusedSincePromotion => {
+                                    Reason::Drained
+                                }
+                                Some(a) if due(a) => Reason::GraceOver,
+                                _ => Reason::InGrace,
+                            });
                         }
-                        None if policy::is_keyrotd_key(k)
-                            && policy::age(k, now) >= policy.orphan_min_age
-                            && view.settled(rules[view.slot.rule].grace_period, now) =>
-                        {
+                        (None, Some(a)) if a.why == Why::Orphan => {
                             verdict = Verdict::Orphan;
                             reasons.push(Reason::Unreferenced);
                         }
-                        None if verdict == Verdict::Rotate && view.agreed_current().is_some() => {
-                            // The slot already serves another key: this one is an extra.
+                        (None, Some(a)) if slot_serves => {
+                            // The slot serves another key: this one is an extra.
                             verdict = Verdict::Revoke;
+                            if a.kind == ActionKind::Keep {
+                                reasons.push(Reason::InUse);
+                            }
                         }
-                        None => {}
+                        (None, _) => {
+                            // Nothing served yet (a bootstrap): the mint replaces it.
+                        }
                     }
                 }
-                if referenced.is_some_and(|r| r.role == Role::Current) {
-                    current_verdicts.insert(&k.id, verdict);
+                if let Some(a) = decide::user_key_action(k, &p.project, rules, policy, now) {
+                    user_actions.push(PlannedAction {
+                        action: a,
+                        rule: None,
+                        project_id: p.project.id.clone(),
+                        project_name: p.project.display_name().to_string(),
+                        service_account_id: None,
+                        service_account_name: None,
+                    });
                 }
                 keys.push(PlanKey {
                     project: &p.project,
@@ -774,32 +986,42 @@ impl<'a> Plan<'a> {
             }
         }
 
+        let mut actions = Vec::new();
         let slots = views
             .iter()
-            .map(|v| {
+            .zip(decisions)
+            .map(|(v, decision)| {
                 let current = v.agreed_current();
                 let any_current = v.ok_states().any(|(_, s)| s.current.is_some());
                 let in_flight = v
                     .ok_states()
                     .any(|(_, s)| s.pending.is_some() || s.book.intent.is_some());
                 let previous = v.ok_states().any(|(_, s)| s.book.previous_key_id.is_some());
+                let mint_now = decision
+                    .iter()
+                    .any(|a| a.kind == ActionKind::Mint && a.is_due(now));
                 let state = if v.collides() {
                     SlotStatus::Collision
                 } else if v.failed() {
                     SlotStatus::Failed
                 } else if !any_current && !in_flight {
                     SlotStatus::Bootstrap
-                } else if in_flight
-                    || current
-                        .and_then(|c| current_verdicts.get(c))
-                        .is_none_or(|v| *v == Verdict::Rotate)
-                {
+                } else if in_flight || mint_now {
                     SlotStatus::Rotate
                 } else if previous {
                     SlotStatus::InGrace
                 } else {
                     SlotStatus::Current
                 };
+                let mut later = Vec::new();
+                for a in decision {
+                    let pa = PlannedAction::of_slot(&v.slot, a);
+                    if pa.action.is_due(now) && pa.action.kind != ActionKind::Keep {
+                        actions.push(pa);
+                    } else {
+                        later.push(pa);
+                    }
+                }
                 PlanSlot {
                     rule: &v.slot.rule_name,
                     project_id: &v.slot.project_id,
@@ -809,14 +1031,18 @@ impl<'a> Plan<'a> {
                     state,
                     current_key_id: current,
                     collisions: &v.slot.collisions,
+                    later,
                 }
             })
             .collect();
+        // User keys go after the slots, as the cycle revokes them.
+        actions.extend(user_actions.into_iter().filter(|a| a.action.is_due(now)));
 
         Plan {
             generated_at: Timestamp::from(now),
             keys,
             slots,
+            actions,
         }
     }
 
@@ -829,14 +1055,19 @@ impl<'a> Plan<'a> {
             if k.reasons.contains(&Reason::Stale) {
                 s.stale += 1;
             }
-            match k.verdict {
-                Verdict::Rotate => s.rotate += 1,
-                Verdict::Revoke => s.revoke += 1,
-                Verdict::Report => s.report += 1,
-                Verdict::Orphan => s.orphan += 1,
-                Verdict::Ok => {}
+            if k.verdict == Verdict::Report {
+                s.report += 1;
             }
         }
+        for a in &self.actions {
+            match a.action.kind {
+                ActionKind::Mint => s.rotate += 1,
+                _ if a.action.why == Why::Orphan => s.orphan += 1,
+                _ if a.action.revokes() => s.revoke += 1,
+                _ => {}
+            }
+        }
+        s.later = self.slots.iter().map(|sl| sl.later.len()).sum();
         s
     }
 
@@ -919,13 +1150,29 @@ impl<'a> Plan<'a> {
                 for c in s.collisions {
                     writeln!(out, "    collision: {c}")?;
                 }
+                for a in &s.later {
+                    writeln!(
+                        out,
+                        "    later: {} {} at {} ({})",
+                        a.action.kind.as_str(),
+                        a.action.key_id.as_deref().unwrap_or(""),
+                        Timestamp::from(a.action.due_at),
+                        a.action.why
+                    )?;
+                }
+            }
+        }
+        if !self.actions.is_empty() {
+            writeln!(out, "{}", paint("1", "next cycle"))?;
+            for a in &self.actions {
+                writeln!(out, "  {}", a.describe())?;
             }
         }
         let sm = self.summary();
         writeln!(
             out,
-            "{} keys, {} stale, {} to rotate, {} to revoke, {} report-only, {} orphaned",
-            sm.keys, sm.stale, sm.rotate, sm.revoke, sm.report, sm.orphan
+            "{} keys, {} stale, {} to rotate, {} to revoke, {} report-only, {} orphaned, {} later",
+            sm.keys, sm.stale, sm.rotate, sm.revoke, sm.report, sm.orphan, sm.later
         )
     }
 }

@@ -82,6 +82,9 @@ pub enum Reason {
     InUse,
     /// The listing says neither who owns the key nor what kind of owner it is.
     OwnerUnknown,
+    /// Replaced, and not used since its replacement was promoted
+    /// (`revoke_when = "unused"`): revoked without waiting for the grace period.
+    Drained,
 }
 
 impl Reason {
@@ -98,6 +101,7 @@ impl Reason {
             Reason::Unreferenced => "unreferenced",
             Reason::InUse => "in_use",
             Reason::OwnerUnknown => "owner_unknown",
+            Reason::Drained => "drained",
         }
     }
 }
@@ -114,7 +118,7 @@ impl fmt::Display for Reason {
 pub struct Reasons(u16);
 
 impl Reasons {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Stale,
         Reason::NeverUsed,
         Reason::Unused,
@@ -126,6 +130,7 @@ impl Reasons {
         Reason::Unreferenced,
         Reason::InUse,
         Reason::OwnerUnknown,
+        Reason::Drained,
     ];
 
     fn bit(r: Reason) -> u16 {
@@ -326,14 +331,19 @@ pub fn evaluate_with_rule(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retirement {
     pub due: bool,
-    /// `GraceOver` when due; `InGrace` or `InUse` while it waits.
+    /// `GraceOver` (grace period, or `max_grace`, over) or `Drained` (unused since
+    /// promotion) when due; `InGrace` or `InUse` while it waits.
     pub reason: Reason,
     /// Used since promotion and past `grace_period`: someone should switch consumers
     /// over (`key.still_in_use`).
     pub still_in_use: bool,
+    /// When it is (or became) due if nothing changes: the end of the grace period; for
+    /// `revoke_when = "unused"`, `min_grace` (and the report delay) for a key unused
+    /// since promotion, `max_grace` for one in use.
+    pub due_at: DateTime<Utc>,
 }
 
-/// Decides a previous key's retirement. Pure.
+/// Decides a replaced key's retirement. Pure.
 ///
 /// - `revoke_when = "grace"`: due once `grace_period` has passed since promotion.
 /// - `revoke_when = "unused"`: due at the first check after `min_grace` (and after the
@@ -347,39 +357,41 @@ pub fn retirement(
     last_used_at: Option<i64>,
     now: DateTime<Utc>,
 ) -> Retirement {
+    let after =
+        |d: Duration| promoted_at + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
     let elapsed = (now - promoted_at).to_std().unwrap_or(Duration::ZERO);
-    let wait = |reason| Retirement {
-        due: false,
+    let r = |due, reason, due_at| Retirement {
+        due,
         reason,
         still_in_use: false,
-    };
-    let due = Retirement {
-        due: true,
-        reason: Reason::GraceOver,
-        still_in_use: false,
+        due_at,
     };
     match policy.revoke_when {
         crate::config::RevokeWhen::Grace => {
+            let at = after(grace_period);
             if elapsed >= grace_period {
-                due
+                r(true, Reason::GraceOver, at)
             } else {
-                wait(Reason::InGrace)
+                r(false, Reason::InGrace, at)
             }
         }
         crate::config::RevokeWhen::Unused => {
             let used_since = last_used_at.is_some_and(|t| ts(t) > promoted_at);
+            let quiet = policy
+                .min_grace
+                .max(policy.usage_report_delay)
+                .min(policy.max_grace);
             if elapsed >= policy.max_grace {
-                due
+                r(true, Reason::GraceOver, after(policy.max_grace))
             } else if used_since {
                 Retirement {
-                    due: false,
-                    reason: Reason::InUse,
                     still_in_use: elapsed >= grace_period,
+                    ..r(false, Reason::InUse, after(policy.max_grace))
                 }
-            } else if elapsed >= policy.min_grace.max(policy.usage_report_delay) {
-                due
+            } else if elapsed >= quiet {
+                r(true, Reason::Drained, after(quiet))
             } else {
-                wait(Reason::InGrace)
+                r(false, Reason::InGrace, after(quiet))
             }
         }
     }
@@ -666,7 +678,8 @@ mod tests {
         // Unused: nobody used it since promotion, min_grace passed: due at once.
         let before = Some(promoted.timestamp() - 60);
         let r = retirement(&unused, day, promoted, before, now());
-        assert_eq!((r.due, r.reason), (true, Reason::GraceOver));
+        assert_eq!((r.due, r.reason), (true, Reason::Drained));
+        assert_eq!(r.due_at, promoted + chrono::Duration::hours(1));
         // ... but never before min_grace.
         let r = retirement(
             &unused,

@@ -7,6 +7,7 @@
 //! survive a restart lives in the stores, so a process on another machine picks up
 //! where a dead one stopped.
 
+pub mod decide;
 mod slot;
 
 use std::collections::BTreeMap;
@@ -28,7 +29,7 @@ use crate::plan::{self, Inventory, Plan, Slot, SlotView, Summary};
 use crate::policy::{self, Verdict};
 use crate::store::DynStore;
 
-pub use slot::SlotOutcome;
+pub use slot::{FailureKind, Performed, SlotError, SlotFailure, SlotOutcome};
 
 /// The engine's notion of now; tests substitute a manual clock.
 pub trait Clock: Send + Sync {
@@ -89,7 +90,9 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct SlotReport {
     pub slot: Slot,
-    pub outcome: Result<SlotOutcome, String>,
+    pub outcome: Result<SlotOutcome, SlotFailure>,
+    /// What the slot's run did (mints, revocations), also when it failed later.
+    pub performed: Vec<Performed>,
 }
 
 impl SlotReport {
@@ -98,7 +101,6 @@ impl SlotReport {
         match &self.outcome {
             Ok(SlotOutcome::Fresh | SlotOutcome::Rotated { .. }) => SlotStatus::Ok,
             Ok(SlotOutcome::Busy) => SlotStatus::Busy,
-            Ok(SlotOutcome::Planned(_)) => SlotStatus::Planned,
             Err(_) => SlotStatus::Failed,
         }
     }
@@ -123,6 +125,12 @@ pub struct CycleReport {
     pub other_failures: Vec<String>,
     /// Set when the scan itself failed: nothing was done.
     pub scan_error: Option<String>,
+    /// `--dry-run`: the actions the cycle would have performed (nothing was done);
+    /// without it, the actions the plan had due as scanned.
+    pub planned: Vec<plan::PlannedAction>,
+    /// The actions the slots' decisions left for later (a deferred rotation, a key in
+    /// grace or in use), as scanned.
+    pub later: Vec<plan::PlannedAction>,
     /// The plan's counts as scanned, before this cycle acted (`None` when the scan
     /// failed).
     pub plan: Option<Summary>,
@@ -298,6 +306,21 @@ impl Engine {
             }
         }
         report.plan = Some(plan.summary());
+        report.planned = plan.actions.clone();
+        report.later = plan
+            .slots
+            .iter()
+            .flat_map(|s| s.later.iter().cloned())
+            .collect();
+        if self.settings.dry_run {
+            // The decision is the whole of a dry run: nothing is read again, nothing
+            // is written.
+            for a in &plan.actions {
+                info!(event = "action.planned", action = a.action.kind.as_str(), rule = a.rule.as_deref().unwrap_or(""), project_id = %a.project_id, project_name = %a.project_name, service_account_id = a.service_account_id.as_deref().unwrap_or(""), service_account_name = a.service_account_name.as_deref().unwrap_or(""), key_id = a.action.key_id.as_deref().unwrap_or(""), reason = a.action.why.as_str(), outcome = "dry_run", "would do");
+            }
+            drop(plan);
+            return self.finish_cycle(report, started);
+        }
         drop(plan);
         // The slots go on; what their stores held is read again by each slot's run.
         let Survey {
@@ -320,7 +343,7 @@ impl Engine {
                 if self.shutdown.is_cancelled() {
                     return None;
                 }
-                let outcome = slot::run(self, &slot, keys).await;
+                let slot::RunResult { outcome, performed } = slot::run(self, &slot, keys).await;
                 match &outcome {
                     Ok(SlotOutcome::Rotated { key_id }) => {
                         self.notifier.send(Notice::RotationCompleted {
@@ -355,7 +378,8 @@ impl Engine {
                 }
                 Some(SlotReport {
                     slot,
-                    outcome: outcome.map_err(|e| e.to_string()),
+                    outcome: outcome.map_err(SlotFailure::from),
+                    performed,
                 })
             }
         }))
@@ -380,7 +404,11 @@ impl Engine {
         if self.policy.user_keys == UserKeys::Revoke && !self.shutdown.is_cancelled() {
             self.revoke_user_keys(&inv, &mut report).await;
         }
+        self.finish_cycle(report, started)
+    }
 
+    /// Records the cycle's end (metrics, `cycle.finished`).
+    fn finish_cycle(&self, mut report: CycleReport, started: Instant) -> CycleReport {
         report.duration = started.elapsed();
         let ok = !report.any_failed();
         self.metrics
@@ -430,34 +458,21 @@ impl Engine {
         self.metrics.set_keys(&counts, oldest);
     }
 
-    /// Stale user keys under `user_keys = "revoke"`: deleted once `grace_period` has
-    /// passed since they became stale (`created_at + max_age`), so owners get the same
-    /// warning window as a rotated key's consumers.
+    /// Stale user keys under `user_keys = "revoke"` whose revocation
+    /// [`decide::user_key_action`] has due.
     async fn revoke_user_keys(&self, inv: &Inventory, report: &mut CycleReport) {
         let now = self.clock.now();
         for p in &inv.projects {
             for k in &p.keys {
-                if k.owner.kind != OwnerType::User {
-                    continue;
-                }
-                let e = policy::evaluate(k, &p.project, &self.rules, &self.policy, now);
-                if e.verdict != Verdict::Revoke {
-                    continue;
-                }
-                let due = policy::ts(k.created_at)
-                    + chrono::Duration::from_std(e.max_age + self.policy.grace_period)
-                        .unwrap_or(chrono::Duration::MAX);
-                if now < due {
-                    continue;
-                }
-                if self.settings.dry_run {
-                    info!(event = "key.revoke_planned", project_id = %p.project.id, key_id = %k.id, owner_type = "user", outcome = "dry_run", "would revoke stale user key");
+                let due = decide::user_key_action(k, &p.project, &self.rules, &self.policy, now)
+                    .is_some_and(|a| a.is_due(now));
+                if !due {
                     continue;
                 }
                 match self.client.delete_api_key(&p.project.id, &k.id).await {
                     Ok(_) => {
                         self.metrics.revocation(RevocationOutcome::Revoked);
-                        info!(event = "key.revoked", project_id = %p.project.id, key_id = %k.id, owner_type = "user", reason = "stale", outcome = "revoked", "revoked stale user key");
+                        info!(event = "key.revoked", project_id = %p.project.id, project_name = %p.project.display_name(), key_id = %k.id, owner_type = "user", reason = decide::Why::StaleUserKey.as_str(), outcome = "revoked", "revoked stale user key");
                         report.user_keys_revoked.push(k.id.clone());
                     }
                     Err(ApiError::NotFound { .. }) => {
@@ -465,7 +480,7 @@ impl Engine {
                     }
                     Err(err) => {
                         self.metrics.revocation(RevocationOutcome::Failed);
-                        error!(event = "key.revoke_failed", project_id = %p.project.id, key_id = %k.id, owner_type = "user", outcome = "failed", error = %err, "could not revoke stale user key");
+                        error!(event = "key.revoke_failed", project_id = %p.project.id, project_name = %p.project.display_name(), key_id = %k.id, owner_type = "user", outcome = "failed", error = %err, "could not revoke stale user key");
                         report
                             .other_failures
                             .push(format!("revoke user key {}: {err}", k.id));
@@ -474,6 +489,94 @@ impl Engine {
             }
         }
     }
+}
+
+/// The one-screen summary `once` prints on a TTY: what was minted and revoked, what
+/// waits and until when, and what failed.
+pub fn render_summary(out: &mut dyn std::io::Write, r: &CycleReport) -> std::io::Result<()> {
+    if let Some(e) = &r.scan_error {
+        return writeln!(out, "the scan failed, nothing was done: {e}");
+    }
+    let name = |s: &Slot| format!("{} / {}", s.project_name, s.service_account_name);
+    let (mut minted, mut revoked) = (0, 0);
+    for s in &r.slots {
+        for p in &s.performed {
+            let what = match p.kind {
+                decide::ActionKind::Mint => {
+                    minted += 1;
+                    "minted"
+                }
+                decide::ActionKind::DeleteServiceAccount => {
+                    revoked += 1;
+                    "deleted service account"
+                }
+                _ => {
+                    revoked += 1;
+                    "revoked"
+                }
+            };
+            writeln!(
+                out,
+                "{what:<24} {:<36} {} ({})",
+                name(&s.slot),
+                p.id,
+                p.reason
+            )?;
+        }
+    }
+    for k in &r.user_keys_revoked {
+        revoked += 1;
+        writeln!(
+            out,
+            "{:<24} {:<36} {k} (stale_user_key)",
+            "revoked", "user key"
+        )?;
+    }
+    for a in &r.later {
+        writeln!(
+            out,
+            "{:<24} {:<36} {} at {} ({})",
+            format!("later: {}", a.action.kind.as_str()),
+            format!(
+                "{} / {}",
+                a.project_name,
+                a.service_account_name.as_deref().unwrap_or("-")
+            ),
+            a.action.key_id.as_deref().unwrap_or("-"),
+            plan::Timestamp::from(a.action.due_at),
+            a.action.why
+        )?;
+    }
+    let mut failed = 0;
+    for s in &r.slots {
+        if let Err(e) = &s.outcome {
+            failed += 1;
+            writeln!(
+                out,
+                "{:<24} {:<36} [{}] {e}",
+                "FAILED",
+                name(&s.slot),
+                e.kind.as_str()
+            )?;
+        }
+    }
+    for f in &r.other_failures {
+        failed += 1;
+        writeln!(out, "{:<24} {f}", "FAILED")?;
+    }
+    let busy = r
+        .slots
+        .iter()
+        .filter(|s| matches!(s.outcome, Ok(SlotOutcome::Busy)))
+        .count();
+    writeln!(
+        out,
+        "{} slots: {minted} minted, {revoked} revoked, {} later, {busy} busy, {failed} failed{} in {:.1} s",
+        r.slots.len(),
+        r.later.len(),
+        if r.skipped > 0 { format!(", {} skipped (shutdown)", r.skipped) } else { String::new() },
+        r.duration.as_secs_f64()
+    )
 }
 
 fn unix(t: DateTime<Utc>) -> f64 {

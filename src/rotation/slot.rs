@@ -1,5 +1,7 @@
-//! One slot's state machine (DESIGN.md §4): resume → decide → rotate
-//! (intent, mint, stage, verify, promote) → retire → sweep.
+//! One slot's state machine (DESIGN.md §4): settle the stores, ask
+//! [`decide`](super::decide::decide) what is due, and perform it: resume or clean up an
+//! interrupted rotation, retire replaced keys, rotate (intent, mint, stage, verify,
+//! promote), sweep the slot's account.
 //!
 //! Every step is idempotent and every write is check-and-set against the version just
 //! read, so a crash at any point, or a second process, leaves a state the next run
@@ -11,20 +13,18 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use tracing::{debug, error, info, warn};
 
+use super::decide::{self, Action, ActionKind, SlotFacts, Why, NEW_ACCOUNT};
 use super::Engine;
 use crate::config::{Rule, Strategy};
 use crate::metrics::{RevocationOutcome, RotationOutcome};
 use crate::openai::models::{CreateKeyRequest, ProjectApiKey};
 use crate::openai::ApiError;
 use crate::plan::Slot;
-use crate::policy::{self, Verdict};
+use crate::policy;
 use crate::store::{
     ConsumerDoc, DynStore, Intent, Layout, Location, SecretRecord, SlotState, StoreError,
     StoreErrorKind, Transition, MANAGED_BY,
 };
-
-/// `Intent::service_account_id` of a rotation that creates a new service account.
-pub const NEW_ACCOUNT: &str = "new";
 
 /// What happened to a slot in one cycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +35,6 @@ pub enum SlotOutcome {
     Rotated { key_id: String },
     /// Another process holds the slot (live intent, or it won check-and-set).
     Busy,
-    /// `--dry-run`: what would have been done.
-    Planned(Vec<String>),
 }
 
 /// Why a slot failed this cycle. Never carries a secret value.
@@ -64,9 +62,107 @@ pub enum SlotError {
 
 type SlotResult<T> = Result<T, SlotError>;
 
+/// What kind of failure a slot had: the `kind` label of the failure metrics and what
+/// the cycle's summary groups by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// A secret store refused or could not be reached.
+    Store,
+    /// The OpenAI Admin API answered with an error or not at all.
+    Api,
+    /// The new key never authenticated.
+    Verify,
+    /// A store read back another key than the one promoted.
+    ReadBack,
+    /// Another slot, or another project's document, claims the slot's path.
+    Collision,
+    /// A store changed under the rotation (reconciled next cycle).
+    Other,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Store => "store",
+            FailureKind::Api => "api",
+            FailureKind::Verify => "verify",
+            FailureKind::ReadBack => "read_back",
+            FailureKind::Collision => "collision",
+            FailureKind::Other => "other",
+        }
+    }
+}
+
+impl SlotError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            SlotError::Store(_) => FailureKind::Store,
+            SlotError::Api(_) => FailureKind::Api,
+            SlotError::VerifyFailed { .. } => FailureKind::Verify,
+            SlotError::ReadBack { .. } => FailureKind::ReadBack,
+            SlotError::Collision(_) => FailureKind::Collision,
+            SlotError::Other(_) => FailureKind::Other,
+        }
+    }
+}
+
+/// A slot's failure as the cycle reports it: its kind and the error's message (which
+/// names the store, the HTTP status or the API's message; never a secret).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SlotFailure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl SlotFailure {
+    pub fn contains(&self, s: &str) -> bool {
+        self.message.contains(s)
+    }
+}
+
+impl From<SlotError> for SlotFailure {
+    fn from(e: SlotError) -> Self {
+        SlotFailure {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Something a slot's run did to the organization: a mint (the new key's id), or a
+/// revocation of a key or a service account, with why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Performed {
+    pub kind: ActionKind,
+    /// The key minted or revoked, or the service account deleted.
+    pub id: String,
+    pub reason: String,
+}
+
+/// One slot's run: what came of it, and what it did on the way (also when it failed
+/// after some steps).
+#[derive(Debug)]
+pub struct RunResult {
+    pub outcome: SlotResult<SlotOutcome>,
+    pub performed: Vec<Performed>,
+}
+
 /// Runs the state machine for one slot. `keys` are the service account's keys as
 /// scanned at the start of the cycle.
-pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotResult<SlotOutcome> {
+pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> RunResult {
+    let mut performed = Vec::new();
+    let outcome = run_slot(eng, slot, keys, &mut performed).await;
+    RunResult { outcome, performed }
+}
+
+async fn run_slot(
+    eng: &Engine,
+    slot: &Slot,
+    keys: Vec<ProjectApiKey>,
+    performed: &mut Vec<Performed>,
+) -> SlotResult<SlotOutcome> {
     if !slot.collisions.is_empty() {
         for c in &slot.collisions {
             error!(event = "slot.collision", project_id = %slot.project_id, service_account_id = %slot.service_account_id, rule = %slot.rule_name, store = %c.store, path = %c.path, other_project_id = %c.project_id, other_service_account_id = %c.service_account_id, other_rule = %c.rule, outcome = "collision", "two slots render the same store path; neither is rotated until the configuration or the names change");
@@ -107,9 +203,9 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
         keys,
         stores,
         states: Vec::new(),
-        planned: Vec::new(),
         new_account: false,
-        fallback_rotated: None,
+        mint_on: slot.service_account_id.clone(),
+        performed,
         accounts: slot
             .service_accounts
             .iter()
@@ -123,41 +219,9 @@ pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> SlotRes
     run.read_all().await?;
     run.read_others().await?;
     run.settle().await?;
-    if let Some(out) = run.resume().await? {
-        return Ok(out);
-    }
-    // Retire first: a rotation overwrites the previous key, which must not be
-    // forgotten before its grace period is over.
-    run.retire().await?;
-    if let Some(out) = run.fallback_rotated.take() {
-        return Ok(out);
-    }
     run.refresh_keys().await?;
-    let mut outcome = SlotOutcome::Fresh;
-    if let Some(reason) = run.due() {
-        let routine = matches!(reason, "stale" | "expiring_soon");
-        let in_grace = run.states.iter().any(|s| s.book.previous_key_id.is_some());
-        if routine && in_grace {
-            // The last rotation's grace period is still running (e.g. max_age shorter
-            // than grace_period, or the daemon was down): rotate once it is over.
-            info!(event = "rotation.deferred", project_id = %slot.project_id, service_account_id = %slot.service_account_id, reason, "due, but the previous key is still in its grace period");
-        } else if eng.settings.dry_run {
-            run.planned.push(format!("rotate ({reason})"));
-        } else {
-            if eng.shutdown.is_cancelled() {
-                return Ok(SlotOutcome::Fresh);
-            }
-            outcome = run.rotate(reason).await?;
-            if outcome == SlotOutcome::Busy {
-                return Ok(outcome);
-            }
-        }
-    }
-    run.sweep().await?;
-    if eng.settings.dry_run {
-        return Ok(SlotOutcome::Planned(run.planned));
-    }
-    Ok(outcome)
+    let actions = decide::decide(&run.facts(), &run.context());
+    run.perform(actions).await
 }
 
 struct SlotRun<'a> {
@@ -168,12 +232,13 @@ struct SlotRun<'a> {
     stores: Vec<(String, DynStore)>,
     /// Latest known state per store, same order as `stores`.
     states: Vec<SlotState>,
-    planned: Vec<String>,
     /// Mint by creating a fresh service account (strategy `new_service_account`, or
     /// `auto` after the API refused to delete a service account's key).
     new_account: bool,
-    /// Set when `retire` had to rotate to a new account.
-    fallback_rotated: Option<SlotOutcome>,
+    /// The account a same-account rotation mints on (the decision's `mint` says).
+    mint_on: String,
+    /// What this run did to the organization, for the cycle's report.
+    performed: &'a mut Vec<Performed>,
     /// Service accounts known to be the slot's: the scanned ones, the ones created by
     /// this run, and same-named ones of the project found by a fresh listing.
     accounts: BTreeSet<String>,
@@ -359,7 +424,6 @@ impl SlotRun<'_> {
     async fn settle(&mut self) -> SlotResult<()> {
         let now = self.now();
         let grace = chrono::Duration::from_std(self.rule.grace_period).unwrap_or_default();
-        let dry = self.eng.settings.dry_run;
         for i in 0..self.stores.len() {
             if self.stores[i].1.layout() != Layout::Separate {
                 if !self.adopt_former_secret(i, now, grace).await? {
@@ -394,10 +458,6 @@ impl SlotRun<'_> {
                 }];
                 st.book.released_until = None;
                 info!(event = "slot.state_imported", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, path = %self.slot.path, how, key_id = %st.current.as_ref().map(|c| c.key_id.as_str()).unwrap_or("-"), "state record created from what the store or a former store held; nothing minted");
-                if dry {
-                    self.planned.push(format!("{how} state of {store}"));
-                    continue;
-                }
                 let current = st.current.clone();
                 self.apply(i, &Transition::Import(Box::new(st))).await?;
                 let clean = here.legacy.is_none()
@@ -429,13 +489,6 @@ impl SlotRun<'_> {
                 if !from.is_empty() {
                     info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, from = ?from, to = %self.slot.path, key_id = %current.key_id, "the slot's path changed: serving the same key at the new path; the old paths keep it until the grace period ends");
                 }
-                if dry {
-                    self.planned.push(format!(
-                        "serve {} at {} in {store}",
-                        current.key_id, self.slot.path
-                    ));
-                    continue;
-                }
                 self.apply(
                     i,
                     &Transition::Relocate {
@@ -457,18 +510,43 @@ impl SlotRun<'_> {
                     continue;
                 }
                 info!(event = "secret.republished", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, path = %self.docs[i][d].0, key_id = %current.key_id, found = ?served, "the consumer document does not serve the current key; writing it again");
-                if dry {
-                    self.planned.push(format!(
-                        "republish {} at {}",
-                        current.key_id, self.docs[i][d].0
-                    ));
-                    continue;
-                }
                 self.write_doc(i, d, Some(&current)).await?;
             }
             self.retire_locations(i, now).await?;
         }
+        self.finish_bookkeeping(now).await?;
         self.release_others(now, grace).await
+    }
+
+    /// Two repairs of what a crash left between writes, both without deciding
+    /// anything: a key promoted everywhere whose pending marker is left (AWS label)
+    /// loses the marker, and a promotion that landed without its grace clock starts it.
+    async fn finish_bookkeeping(&mut self, now: DateTime<Utc>) -> SlotResult<()> {
+        let promoted_everywhere = |key_id: &str, states: &[SlotState]| {
+            states
+                .iter()
+                .all(|s| s.current.as_ref().is_some_and(|c| c.key_id == key_id))
+        };
+        for i in 0..self.stores.len() {
+            let marker = self.states[i]
+                .pending
+                .as_ref()
+                .map(|p| p.key_id.clone())
+                .filter(|k| promoted_everywhere(k, &self.states));
+            let clockless = self.states[i]
+                .current
+                .as_ref()
+                .map(|c| c.key_id.clone())
+                .filter(|_| {
+                    let b = &self.states[i].book;
+                    b.previous_key_id.is_some() && b.promoted_at.is_none()
+                });
+            if let Some(key_id) = marker.or(clockless) {
+                self.apply(i, &Transition::Promote { key_id, at: now })
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// A store keeping its state beside the consumer value (AWS) that holds nothing at
@@ -490,13 +568,6 @@ impl SlotRun<'_> {
             return Ok(());
         };
         info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, to = %self.slot.path, key_id = %rec.key_id, "serving the slot's current key at a path that held nothing; nothing minted");
-        if self.eng.settings.dry_run {
-            self.planned.push(format!(
-                "serve {} at {} in {}",
-                rec.key_id, self.slot.path, self.stores[i].0
-            ));
-            return Ok(());
-        }
         let key_id = rec.key_id.clone();
         self.apply(i, &Transition::Stage(rec)).await?;
         self.apply(i, &Transition::Promote { key_id, at: now })
@@ -509,7 +580,7 @@ impl SlotRun<'_> {
     /// the slot's live key: the slot was renamed (project, account, or the rule's
     /// `path`). The new secret gets that key (no mint) and records the former one,
     /// which keeps serving it until the grace period ends ([`Self::retire_former_secret`]).
-    /// `Ok(true)` when adopted (or, in a dry run, planned).
+    /// `Ok(true)` when adopted.
     async fn adopt_former_secret(
         &mut self,
         i: usize,
@@ -536,13 +607,6 @@ impl SlotRun<'_> {
             return Ok(false);
         };
         info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %name, from = %from, to = %self.slot.path, key_id = %rec.key_id, "the slot's secret was renamed: serving the same key under the new name; the former secret keeps it until the grace period ends");
-        if self.eng.settings.dry_run {
-            self.planned.push(format!(
-                "serve {} at {} in {name}",
-                rec.key_id, self.slot.path
-            ));
-            return Ok(true);
-        }
         let mut st = SlotState {
             current: Some(rec),
             ..SlotState::default()
@@ -570,11 +634,6 @@ impl SlotRun<'_> {
             .collect();
         for path in due {
             let (name, store) = (self.stores[i].0.clone(), self.stores[i].1.clone());
-            if self.eng.settings.dry_run {
-                self.planned
-                    .push(format!("delete the former secret {path} in {name}"));
-                continue;
-            }
             let former = store.read(&path).await?;
             let mine = former.current.as_ref().is_none_or(|r| self.ours(r))
                 && former.book.intent.is_none();
@@ -625,11 +684,6 @@ impl SlotRun<'_> {
                 continue;
             }
             let path = self.docs[i][d].0.clone();
-            if self.eng.settings.dry_run {
-                self.planned.push(format!("remove the document at {path}"));
-                d += 1;
-                continue;
-            }
             let mine = self.docs[i][d]
                 .1
                 .record
@@ -653,14 +707,8 @@ impl SlotRun<'_> {
         grace: chrono::Duration,
     ) -> SlotResult<()> {
         let key = self.slot.state_key();
-        let dry = self.eng.settings.dry_run;
         let (project, accounts) = (&self.slot.project_id, &self.accounts);
         for o in &mut self.others {
-            if dry {
-                self.planned
-                    .push(format!("release the state in {}", o.name));
-                continue;
-            }
             match o.state.book.released_until {
                 None => {
                     info!(event = "store.released", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %o.name, "the rule no longer names this store: its documents keep serving until the grace period ends");
@@ -798,84 +846,176 @@ impl SlotRun<'_> {
         &self.eng.settings.instance_id
     }
 
-    /// Finishes or cleans up a rotation a previous run (of any process) left behind.
-    /// `Some(outcome)` ends the slot's work for this cycle.
-    async fn resume(&mut self) -> SlotResult<Option<SlotOutcome>> {
+    /// The decision's view of this run: the slot's stores as read, its keys, and what
+    /// consumer documents and stores outside the rule serve.
+    fn facts(&self) -> SlotFacts<'_> {
+        let mut also_served: Vec<&str> = Vec::new();
+        let mut also_referenced: Vec<&str> = Vec::new();
+        let docs = self
+            .docs
+            .iter()
+            .flatten()
+            .chain(self.others.iter().flat_map(|o| o.docs.iter()));
+        for (_, d) in docs {
+            also_served.extend(d.record.iter().map(|r| r.key_id.as_str()));
+            if let Some(l) = &d.legacy {
+                also_served.extend(
+                    l.current
+                        .iter()
+                        .chain(l.pending.iter())
+                        .map(|r| r.key_id.as_str()),
+                );
+            }
+        }
+        for o in &self.others {
+            let st = &o.state;
+            also_served.extend(
+                st.current
+                    .iter()
+                    .chain(st.pending.iter())
+                    .map(|r| r.key_id.as_str()),
+            );
+            also_referenced.extend(st.book.previous_key_id.as_deref());
+        }
+        let owner_gone = self
+            .states
+            .iter()
+            .find_map(|s| s.book.intent.as_ref())
+            .is_some_and(|i| super::owner_is_gone(&i.owner));
+        SlotFacts {
+            slot: self.slot,
+            rule: &self.rule,
+            states: self.states.iter().collect(),
+            keys: self.keys.iter().collect(),
+            also_served,
+            also_referenced,
+            owner_gone,
+        }
+    }
+
+    fn context(&self) -> decide::Context<'_> {
+        decide::Context {
+            policy: &self.eng.policy,
+            now: self.now(),
+            me: Some(self.my_id()),
+        }
+    }
+
+    /// Performs the decision's actions that are due, in order, and reports on the
+    /// ones that wait. Decides nothing: what each step re-checks (a key against the
+    /// stores right before its revocation, a staged key against a fresh listing) only
+    /// keeps it safe.
+    async fn perform(&mut self, actions: Vec<Action>) -> SlotResult<SlotOutcome> {
         let now = self.now();
-        let intent = self.states.iter().find_map(|s| s.book.intent.clone());
-        if let Some(intent) = &intent {
-            if intent.owner != self.my_id() && intent.lease_until > now {
-                if super::owner_is_gone(&intent.owner) {
-                    info!(event = "rotation.takeover", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "the process holding the slot is gone (same host, its process id no longer exists); taking over before its lease ends");
-                } else if let Some(key_id) = self.staged_everywhere() {
-                    // Finishing a staged key mints nothing: verify and promote are
-                    // compare-and-set and idempotent, so whoever gets there first wins
-                    // and the other sees its promotion landed.
-                    info!(event = "rotation.takeover", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), key_id = %key_id, "the slot's new key is staged in every store; finishing it without waiting for its owner");
-                } else {
-                    self.eng.metrics.slot_busy();
-                    info!(event = "rotation.busy", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "another live process holds the slot");
-                    return Ok(Some(SlotOutcome::Busy));
+        let mut outcome = SlotOutcome::Fresh;
+        for a in actions {
+            if a.kind == ActionKind::Keep {
+                // Kept until `due_at`: said every cycle it lasts.
+                self.keep(a.key_id.as_deref().unwrap_or_default(), a.why, &a);
+                continue;
+            }
+            if !a.is_due(now) {
+                if a.why == Why::HeldByAnother {
+                    return Ok(self.busy());
                 }
-            }
-        }
-        // Pending records, distinct by key id.
-        let mut pendings: Vec<SecretRecord> = Vec::new();
-        for s in &self.states {
-            if let Some(p) = &s.pending {
-                if !pendings.iter().any(|q| q.key_id == p.key_id) {
-                    pendings.push(p.clone());
+                if a.kind == ActionKind::Mint && a.deferred {
+                    info!(event = "rotation.deferred", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, reason = %a.why, due_at = %a.due_at.to_rfc3339(), "due, but the previous key is still in its grace period");
                 }
+                continue;
             }
-        }
-        for p in pendings {
-            if self.eng.settings.dry_run {
-                self.planned
-                    .push(format!("resume rotation to {}", p.key_id));
-                return Ok(Some(SlotOutcome::Planned(std::mem::take(
-                    &mut self.planned,
-                ))));
-            }
-            let everywhere_current = self
-                .states
-                .iter()
-                .all(|s| s.current.as_ref().is_some_and(|c| c.key_id == p.key_id));
-            if everywhere_current {
-                // Promoted everywhere, only the pending marker is left (AWS label).
-                let t = Transition::Promote {
-                    key_id: p.key_id.clone(),
-                    at: now,
-                };
-                for i in 0..self.stores.len() {
-                    if self.states[i].pending.is_some() {
-                        self.apply(i, &t).await?;
+            let key_id = a.key_id.clone().unwrap_or_default();
+            match a.kind {
+                ActionKind::Resume => return self.resume(&key_id, a.why).await,
+                ActionKind::CleanupIntent if a.why == Why::PendingKeyGone => {
+                    if let Some(out) = self.drop_pending(&key_id).await? {
+                        return Ok(out);
                     }
                 }
-                continue;
+                ActionKind::CleanupIntent => {
+                    if let Some(intent) = self.states.iter().find_map(|s| s.book.intent.clone()) {
+                        self.cleanup_intent(&intent).await?;
+                    }
+                }
+                // Settling the stores served the key at the new path already.
+                ActionKind::Move => {}
+                ActionKind::Keep => {}
+                ActionKind::Revoke => {
+                    let out = match a.why {
+                        Why::Orphan | Why::StaleOnManagedAccount => {
+                            self.sweep_key(&key_id, a.why).await?
+                        }
+                        _ => self.retire_key(&key_id, a.why).await?,
+                    };
+                    if let Some(out) = out {
+                        return Ok(out);
+                    }
+                }
+                ActionKind::DeleteServiceAccount => {
+                    let sa = a.service_account_id.clone().unwrap_or_default();
+                    self.retire_account(&sa, &key_id).await?;
+                }
+                ActionKind::Mint => {
+                    if self.eng.shutdown.is_cancelled() {
+                        return Ok(outcome);
+                    }
+                    if let Some(sa) = &a.service_account_id {
+                        self.mint_on = sa.clone();
+                    }
+                    outcome = self.rotate(a.why.as_str()).await?;
+                    if outcome == SlotOutcome::Busy {
+                        return Ok(outcome);
+                    }
+                }
             }
-            if !self.live(&p.key_id) {
-                // Minted after this cycle's scan (by the owner still at work, or one
-                // that just died): only a fresh listing can say it is gone.
-                self.relist().await?;
-            }
-            if !self.live(&p.key_id) {
-                info!(event = "rotation.abandoned", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, outcome = "key_gone", "pending key no longer exists; dropping it");
-                self.abandon_pending(&p.key_id).await?;
-                continue;
-            }
-            info!(event = "rotation.resumed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %p.key_id, "resuming an interrupted rotation");
-            return self.finish(p).await.map(Some);
         }
-        // An intent with nothing staged: the process died around minting.
-        if let Some(intent) = intent {
-            if self.eng.settings.dry_run {
-                self.planned
-                    .push(format!("clean up intent {}", intent.key_name));
-                return Ok(None);
-            }
-            self.cleanup_intent(&intent).await?;
+        Ok(outcome)
+    }
+
+    /// Another live process holds the slot.
+    fn busy(&self) -> SlotOutcome {
+        if let Some(intent) = self.states.iter().find_map(|s| s.book.intent.as_ref()) {
+            self.eng.metrics.slot_busy();
+            info!(event = "rotation.busy", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "another live process holds the slot");
         }
-        Ok(None)
+        SlotOutcome::Busy
+    }
+
+    /// Finishes the rotation to the staged key `key_id` (an interrupted one, or another
+    /// process's staged everywhere), unless the key turns out to be gone.
+    async fn resume(&mut self, key_id: &str, why: Why) -> SlotResult<SlotOutcome> {
+        if why == Why::Takeover {
+            if let Some(intent) = self.states.iter().find_map(|s| s.book.intent.as_ref()) {
+                info!(event = "rotation.takeover", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), key_id = %key_id, "the slot's new key is staged in every store (or its owner is gone); finishing it without waiting for its owner");
+            }
+        }
+        if let Some(out) = self.drop_pending(key_id).await? {
+            return Ok(out);
+        }
+        Ok(SlotOutcome::Fresh)
+    }
+
+    /// The staged key `key_id`: finished when it exists (listed afresh: it may have
+    /// been minted after this cycle's scan), else dropped. `Some(outcome)` when it was
+    /// finished.
+    async fn drop_pending(&mut self, key_id: &str) -> SlotResult<Option<SlotOutcome>> {
+        let Some(p) = self
+            .states
+            .iter()
+            .find_map(|s| s.pending.as_ref().filter(|p| p.key_id == key_id))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        if !self.live(key_id) {
+            self.relist().await?;
+        }
+        if !self.live(key_id) {
+            info!(event = "rotation.abandoned", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "key_gone", "pending key no longer exists; dropping it");
+            self.abandon_pending(key_id).await?;
+            return Ok(None);
+        }
+        info!(event = "rotation.resumed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "resuming an interrupted rotation");
+        self.finish(p).await.map(Some)
     }
 
     /// Whether the slot's intent belongs to another process (this run took over a key
@@ -885,22 +1025,6 @@ impl SlotRun<'_> {
             .iter()
             .filter_map(|s| s.book.intent.as_ref())
             .any(|i| i.owner != self.my_id())
-    }
-
-    /// The key id pending in every store of the slot (staged everywhere, or already
-    /// current in some), if there is one.
-    fn staged_everywhere(&self) -> Option<String> {
-        let key_id = self
-            .states
-            .iter()
-            .find_map(|s| s.pending.as_ref())?
-            .key_id
-            .clone();
-        let everywhere = self.states.iter().all(|s| {
-            s.pending.as_ref().is_some_and(|p| p.key_id == key_id)
-                || s.current.as_ref().is_some_and(|c| c.key_id == key_id)
-        });
-        everywhere.then_some(key_id)
     }
 
     /// Extends this process's intent in every store that holds it when less than half
@@ -1085,57 +1209,6 @@ impl SlotRun<'_> {
         Ok(())
     }
 
-    /// The slot's project as the policy sees it (id and name are what rules match).
-    fn project(&self) -> crate::openai::models::Project {
-        crate::openai::models::Project {
-            id: self.slot.project_id.clone(),
-            object: None,
-            name: Some(self.slot.project_name.clone()),
-            created_at: 0,
-            archived_at: None,
-            status: None,
-        }
-    }
-
-    /// Why the slot needs a new key, if it does.
-    fn due(&self) -> Option<&'static str> {
-        let currents: Vec<Option<&SecretRecord>> =
-            self.states.iter().map(|s| s.current.as_ref()).collect();
-        if currents.iter().all(Option::is_none) {
-            return Some("bootstrap");
-        }
-        if currents.iter().any(Option::is_none) {
-            return Some("store_without_key");
-        }
-        let first = currents[0].map(|c| c.key_id.as_str());
-        if currents
-            .iter()
-            .any(|c| c.map(|c| c.key_id.as_str()) != first)
-        {
-            return Some("stores_disagree");
-        }
-        let id = first?;
-        let Some(key) = self.keys.iter().find(|k| k.id == id) else {
-            return Some("current_key_missing");
-        };
-        let project = self.project();
-        let e = policy::evaluate(
-            key,
-            &project,
-            std::slice::from_ref(&self.rule),
-            &self.eng.policy,
-            self.now(),
-        );
-        if e.verdict == Verdict::Rotate {
-            return Some(if e.reasons.contains(&policy::Reason::Stale) {
-                "stale"
-            } else {
-                "expiring_soon"
-            });
-        }
-        None
-    }
-
     /// Records an intent in every store (the first store's check-and-set decides a
     /// race), mints, stages, then [`finish`](Self::finish)es.
     async fn rotate(&mut self, reason: &str) -> SlotResult<SlotOutcome> {
@@ -1143,7 +1216,7 @@ impl SlotRun<'_> {
         let account = if self.new_account {
             NEW_ACCOUNT.to_string()
         } else {
-            self.mint_account()
+            self.mint_on.clone()
         };
         let intent = super::new_intent(
             policy::KEY_NAME_PREFIX,
@@ -1192,6 +1265,11 @@ impl SlotRun<'_> {
         };
         failpoint!("after_mint");
         self.accounts.insert(sa_id.clone());
+        self.performed.push(Performed {
+            kind: ActionKind::Mint,
+            id: created.id.clone(),
+            reason: reason.to_string(),
+        });
         info!(event = "key.minted", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
         let record = SecretRecord {
             api_key: created.value.clone(),
@@ -1253,17 +1331,6 @@ impl SlotRun<'_> {
         self.finish(record).await
     }
 
-    /// The service account a same-account rotation mints on: the current key's
-    /// account when it belongs to the slot, else the slot's newest account.
-    fn mint_account(&self) -> String {
-        self.states
-            .iter()
-            .filter_map(|s| s.current.as_ref())
-            .map(|c| c.service_account_id.clone())
-            .find(|sa| self.slot.service_accounts.iter().any(|(id, _)| id == sa))
-            .unwrap_or_else(|| self.slot.service_account_id.clone())
-    }
-
     async fn mint_on_account(
         &self,
         intent: &Intent,
@@ -1308,7 +1375,7 @@ impl SlotRun<'_> {
     }
 
     /// Deletes a service account (and with it all its keys); 404 counts as done.
-    async fn delete_account(&self, sa_id: &str, reason: &str) -> SlotResult<()> {
+    async fn delete_account(&mut self, sa_id: &str, reason: &str) -> SlotResult<()> {
         failpoint!("before_revoke");
         match self
             .eng
@@ -1318,6 +1385,11 @@ impl SlotRun<'_> {
         {
             Ok(_) => {
                 self.eng.metrics.revocation(RevocationOutcome::Revoked);
+                self.performed.push(Performed {
+                    kind: ActionKind::DeleteServiceAccount,
+                    id: sa_id.to_string(),
+                    reason: reason.to_string(),
+                });
                 info!(event = "service_account.deleted", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = sa_id, reason, outcome = "revoked", "deleted the slot's previous service account and its keys");
             }
             Err(ApiError::NotFound { .. }) => {
@@ -1393,7 +1465,8 @@ impl SlotRun<'_> {
             // meanwhile (its verification failed) and be revoking it. Publish only
             // what is still staged.
             self.reread_states().await?;
-            if self.staged_everywhere().as_deref() != Some(key_id.as_str()) {
+            let states: Vec<&SlotState> = self.states.iter().collect();
+            if decide::staged_everywhere(&states) != Some(key_id.as_str()) {
                 return self.finished_elsewhere(&key_id).await;
             }
         }
@@ -1563,6 +1636,11 @@ impl SlotRun<'_> {
         {
             Ok(_) => {
                 self.eng.metrics.revocation(RevocationOutcome::Revoked);
+                self.performed.push(Performed {
+                    kind: ActionKind::Revoke,
+                    id: key_id.to_string(),
+                    reason: reason.to_string(),
+                });
                 info!(event = "key.revoked", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "revoked", "revoked key");
             }
             Err(ApiError::NotFound { .. }) => {
@@ -1613,166 +1691,96 @@ impl SlotRun<'_> {
                 .any(|o| in_state(&o.state) || in_docs(&o.docs))
     }
 
-    fn grace_over(&self, promoted_at: DateTime<Utc>) -> bool {
-        self.now() - promoted_at
-            >= chrono::Duration::from_std(self.rule.grace_period).unwrap_or(chrono::Duration::MAX)
+    /// Logs a replaced key kept because it is still in use; past the grace period
+    /// that is `key.still_in_use` (WARN, metric, webhook): someone should switch its
+    /// consumers over before `max_grace`.
+    fn keep(&self, key_id: &str, why: Why, a: &Action) {
+        let last_used = self
+            .keys
+            .iter()
+            .find(|k| k.id == key_id)
+            .and_then(|k| k.last_used_at)
+            .map(|t| policy::ts(t).to_rfc3339())
+            .unwrap_or_default();
+        if why != Why::StillInUse {
+            debug!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "replaced key in use within its grace period");
+            return;
+        }
+        self.eng.metrics.still_in_use();
+        warn!(
+            event = "key.still_in_use",
+            project_id = %self.slot.project_id,
+            project_name = %self.slot.project_name,
+            service_account_name = %self.slot.service_account_name,
+            service_account_id = %self.slot.service_account_id,
+            key_id = %key_id,
+            last_used_at = %last_used,
+            revoke_at = %a.due_at.to_rfc3339(),
+            "the replaced key is still in use after the grace period; kept until max_grace"
+        );
+        self.eng
+            .notifier
+            .send(crate::notify::Notice::KeyStillInUse {
+                project_id: self.slot.project_id.clone(),
+                service_account_id: self.slot.service_account_id.clone(),
+                key_id: key_id.to_string(),
+                last_used_at: last_used,
+            });
     }
 
-    /// Revokes each store's previous key once its grace period is over (I3: never a
-    /// key any store of the slot serves), then forgets it.
-    async fn retire(&mut self) -> SlotResult<()> {
-        let mut previous: BTreeSet<String> = BTreeSet::new();
-        for s in &self.states {
-            if let Some(p) = &s.book.previous_key_id {
-                previous.insert(p.clone());
-            }
+    /// The stores that record `key_id` as their previous key.
+    fn holders(&self, key_id: &str) -> Vec<usize> {
+        (0..self.stores.len())
+            .filter(|&i| self.states[i].book.previous_key_id.as_deref() == Some(key_id))
+            .collect()
+    }
+
+    /// Revokes a replaced key whose retirement is due (I3: never a key any store of
+    /// the slot serves), then forgets it. `Some(outcome)` when the API refused the
+    /// deletion and strategy `auto` rotated the slot to a new service account.
+    async fn retire_key(&mut self, key_id: &str, why: Why) -> SlotResult<Option<SlotOutcome>> {
+        if self.served(key_id) {
+            warn!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key is still served by a store; not revoking");
+            return Ok(None);
         }
-        for key_id in previous {
-            if self.served(&key_id) {
-                warn!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key is still served by a store; not revoking");
-                continue;
+        match self.revoke(key_id, why.as_str()).await {
+            Ok(()) => {}
+            Err(SlotError::Api(ApiError::Status {
+                status: 400,
+                message,
+                ..
+            })) if self.rule.strategy == Strategy::Auto && !self.new_account => {
+                return self.fall_back(key_id, &message).await.map(Some);
             }
-            let holders: Vec<usize> = (0..self.stores.len())
-                .filter(|&i| {
-                    self.states[i].book.previous_key_id.as_deref() == Some(key_id.as_str())
-                })
-                .collect();
-            let mut due = true;
-            let last_used = self
-                .keys
-                .iter()
-                .find(|k| k.id == key_id)
-                .and_then(|k| k.last_used_at);
-            for &i in &holders {
-                match self.states[i].book.promoted_at {
-                    Some(t) => {
-                        let r = policy::retirement(
-                            &self.eng.policy,
-                            self.rule.grace_period,
-                            t,
-                            last_used,
-                            self.now(),
-                        );
-                        if r.still_in_use {
-                            self.eng.metrics.still_in_use();
-                            warn!(
-                                event = "key.still_in_use",
-                                project_id = %self.slot.project_id,
-                                project_name = %self.slot.project_name,
-                                service_account_name = %self.slot.service_account_name,
-                                service_account_id = %self.slot.service_account_id,
-                                key_id = %key_id,
-                                last_used_at = %last_used.map(|t| policy::ts(t).to_rfc3339()).unwrap_or_default(),
-                                promoted_at = %t.to_rfc3339(),
-                                "the previous key is still in use after the grace period; kept until max_grace"
-                            );
-                            self.eng
-                                .notifier
-                                .send(crate::notify::Notice::KeyStillInUse {
-                                    project_id: self.slot.project_id.clone(),
-                                    service_account_id: self.slot.service_account_id.clone(),
-                                    key_id: key_id.clone(),
-                                    last_used_at: last_used
-                                        .map(|t| policy::ts(t).to_rfc3339())
-                                        .unwrap_or_default(),
-                                });
-                        }
-                        if !r.due {
-                            due = false;
-                        }
-                    }
-                    None => {
-                        // Promotion landed without its clock (a crash): start it now.
-                        due = false;
-                        if !self.eng.settings.dry_run {
-                            if let Some(cur) =
-                                self.states[i].current.as_ref().map(|c| c.key_id.clone())
-                            {
-                                let at = self.now();
-                                self.apply(i, &Transition::Promote { key_id: cur, at })
-                                    .await?;
-                            }
-                        }
-                    }
-                }
-            }
-            if !due {
-                debug!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key in grace");
-                continue;
-            }
-            if self.eng.settings.dry_run {
-                self.planned.push(format!("revoke previous key {key_id}"));
-                continue;
-            }
-            let prev_account = holders
-                .iter()
-                .find_map(|&i| self.states[i].book.previous_service_account_id.clone());
-            let current_accounts: BTreeSet<String> = self
-                .states
-                .iter()
-                .filter_map(|s| s.current.as_ref().map(|c| c.service_account_id.clone()))
-                .collect();
-            match prev_account {
-                Some(sa) if !current_accounts.contains(&sa) => {
-                    // The slot moved to a new service account: retire the old account,
-                    // which takes all its keys with it. I3 allows that only for keys
-                    // keyrotd minted and stale ones: a fresh key someone else made on
-                    // the account defers the deletion until it is stale too.
-                    let project = self.project();
-                    let now = self.now();
-                    let fresh_foreign: Vec<String> = self
-                        .keys
-                        .iter()
-                        .filter(|k| k.owner.service_account.as_ref().is_some_and(|o| o.id == sa))
-                        .filter(|k| k.id != key_id && !policy::is_keyrotd_key(k))
-                        .filter(|k| {
-                            let e = policy::evaluate(
-                                k,
-                                &project,
-                                std::slice::from_ref(&self.rule),
-                                &self.eng.policy,
-                                now,
-                            );
-                            !e.reasons.contains(&policy::Reason::Stale)
-                        })
-                        .map(|k| k.id.clone())
-                        .collect();
-                    if !fresh_foreign.is_empty() {
-                        info!(event = "service_account.retire_deferred", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa, keys = ?fresh_foreign, "the slot's previous service account still has fresh keys keyrotd did not mint; deleting it when they are stale");
-                        continue;
-                    }
-                    self.delete_account(&sa, "grace_over").await?;
-                    for &i in &holders {
-                        self.record_retired(i, &key_id).await?;
-                        self.rekey(i).await?;
-                    }
-                    continue;
-                }
-                _ => match self.revoke(&key_id, "grace_over").await {
-                    Ok(()) => {}
-                    Err(SlotError::Api(ApiError::Status {
-                        status: 400,
-                        message,
-                        ..
-                    })) if self.rule.strategy == Strategy::Auto && !self.new_account => {
-                        // The API's older behaviour: a service account's key cannot be
-                        // deleted. Move the slot to a fresh account; the old account
-                        // (with this key) is deleted after the next grace period.
-                        warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
-                        self.new_account = true;
-                        let out = self.rotate("strategy_fallback").await?;
-                        if out == SlotOutcome::Busy {
-                            return Ok(());
-                        }
-                        self.fallback_rotated = Some(out);
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e),
-                },
-            }
-            for i in holders {
-                self.record_retired(i, &key_id).await?;
-            }
+            Err(e) => return Err(e),
+        }
+        for i in self.holders(key_id) {
+            self.record_retired(i, key_id).await?;
+        }
+        Ok(None)
+    }
+
+    /// The API's older behaviour: a service account's key cannot be deleted. Moves the
+    /// slot to a fresh account (strategy `auto`); the old account, with the key, is
+    /// deleted after the next grace period.
+    async fn fall_back(&mut self, key_id: &str, message: &str) -> SlotResult<SlotOutcome> {
+        warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
+        self.new_account = true;
+        self.rotate(Why::StrategyFallback.as_str()).await
+    }
+
+    /// The slot moved to a new service account: deletes the old account, which takes
+    /// all its keys with it (the decision waits until none of them is a fresh key
+    /// someone else made), then forgets the replaced key and re-keys the state.
+    async fn retire_account(&mut self, sa: &str, key_id: &str) -> SlotResult<()> {
+        if self.served(key_id) {
+            warn!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa, key_id = %key_id, "previous key is still served by a store; not deleting its service account");
+            return Ok(());
+        }
+        self.delete_account(sa, Why::GraceOver.as_str()).await?;
+        for i in self.holders(key_id) {
+            self.record_retired(i, key_id).await?;
+            self.rekey(i).await?;
         }
         Ok(())
     }
@@ -1836,100 +1844,27 @@ impl SlotRun<'_> {
         Ok(())
     }
 
-    /// Revokes this service account's `keyrotd-*` keys that no store references (older
-    /// than `orphan_min_age`, re-checked against the stores right before each delete),
-    /// and its other stale keys once the slot's current key has been served for a
-    /// full grace period.
-    async fn sweep(&mut self) -> SlotResult<()> {
-        let now = self.now();
-        let intents: BTreeSet<String> = self
-            .states
-            .iter()
-            .filter_map(|s| s.book.intent.as_ref().map(|i| i.key_name.clone()))
-            .collect();
-        let agreed_current = {
-            let ids: BTreeSet<Option<&str>> = self
-                .states
-                .iter()
-                .map(|s| s.current.as_ref().map(|c| c.key_id.as_str()))
-                .collect();
-            ids.len() == 1 && ids.iter().next().is_some_and(|i| i.is_some())
-        };
-        let settled = agreed_current
-            && self
-                .states
-                .iter()
-                .all(|s| s.book.promoted_at.is_some_and(|t| self.grace_over(t)));
-        let project = self.project();
-        // Only the account that serves the slot: an older account of a slot that moved
-        // (strategy new_service_account) is deleted whole after its grace period.
-        let serving = self.mint_account();
-        let candidates: Vec<(String, &'static str)> = self
-            .keys
-            .iter()
-            .filter(|k| {
-                k.owner
-                    .service_account
-                    .as_ref()
-                    .is_some_and(|sa| sa.id == serving)
-            })
-            .filter(|k| !self.referenced(&k.id))
-            .filter_map(|k| {
-                if policy::is_keyrotd_key(k) {
-                    // Only once the slot's key has been served for a full grace period:
-                    // a key keyrotd minted before may still be served at a place no
-                    // state record names (an AWS secret at a former path).
-                    let name = k.name.as_deref().unwrap_or_default();
-                    (settled
-                        && !intents.contains(name)
-                        && policy::age(k, now) >= self.eng.policy.orphan_min_age)
-                        .then(|| (k.id.clone(), "orphan"))
-                } else {
-                    let e = policy::evaluate(
-                        k,
-                        &project,
-                        std::slice::from_ref(&self.rule),
-                        &self.eng.policy,
-                        now,
-                    );
-                    (settled && e.verdict == Verdict::Rotate).then(|| (k.id.clone(), "stale_extra"))
-                }
-            })
-            .collect();
-        if candidates.is_empty() {
-            return Ok(());
+    /// Revokes a key of the slot's account no store references (an orphan, or another
+    /// stale key), re-checked against every store right before: a concurrent process
+    /// may have recorded it since this run's read. `Some(outcome)` when the API refused
+    /// the deletion and strategy `auto` rotated the slot to a new service account.
+    async fn sweep_key(&mut self, key_id: &str, why: Why) -> SlotResult<Option<SlotOutcome>> {
+        self.read_all().await?;
+        self.read_others().await?;
+        if self.referenced(key_id) {
+            return Ok(None);
         }
-        if self.eng.settings.dry_run {
-            for (id, why) in candidates {
-                self.planned.push(format!("revoke {why} key {id}"));
+        match self.revoke(key_id, why.as_str()).await {
+            Ok(()) => Ok(None),
+            Err(SlotError::Api(ApiError::Status {
+                status: 400,
+                message,
+                ..
+            })) if self.rule.strategy == Strategy::Auto && !self.new_account => {
+                self.fall_back(key_id, &message).await.map(Some)
             }
-            return Ok(());
+            Err(e) => Err(e),
         }
-        for (key_id, why) in candidates {
-            // Re-read: a concurrent process may have recorded the key since our read.
-            self.read_all().await?;
-            self.read_others().await?;
-            if self.referenced(&key_id) {
-                continue;
-            }
-            match self.revoke(&key_id, why).await {
-                Ok(()) => {}
-                Err(SlotError::Api(ApiError::Status {
-                    status: 400,
-                    message,
-                    ..
-                })) if self.rule.strategy == Strategy::Auto && !self.new_account => {
-                    // Deleting the account's keys is refused: move the slot to a new
-                    // account; this one goes, whole, after the grace period.
-                    warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %serving, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
-                    self.new_account = true;
-                    self.rotate("strategy_fallback").await?;
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 }
 

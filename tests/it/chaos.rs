@@ -67,7 +67,7 @@ async fn twenty_random_sigkills_under_api_faults_then_one_clean_run() {
     // How long an uninterrupted run takes here: the kills land inside that window.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let calibration = b.run_once(None).await;
-    let window = calibration.elapsed.as_millis().max(200) as u64;
+    let mut window = calibration.elapsed.as_millis().max(200) as u64;
     println!("an uninterrupted run takes {window} ms");
     let (mut killed, mut minted, mut revoked) = (0, 0, 0);
     for run in 0..20 {
@@ -91,6 +91,10 @@ async fn twenty_random_sigkills_under_api_faults_then_one_clean_run() {
         let exit = wait.await.expect("wait");
         if exit.crashed() {
             killed += 1;
+        } else {
+            // It ended before the kill: later runs (no bootstrap, a loaded machine)
+            // differ from the calibration; aim the next kills at what this one took.
+            window = ((window + exit.elapsed.as_millis() as u64) / 2).max(150);
         }
         minted += exit.events("key.minted").len();
         revoked += exit.events("key.revoked").len();

@@ -49,7 +49,7 @@ fn errors(r: &CycleReport) -> Vec<(String, String)> {
             s.outcome
                 .as_ref()
                 .err()
-                .map(|e| (s.slot.project_id.clone(), e.clone()))
+                .map(|e| (s.slot.project_id.clone(), e.to_string()))
         })
         .collect()
 }
