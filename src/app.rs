@@ -25,14 +25,14 @@ pub enum BuildError {
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("admin key: {0}")]
-    AdminKey(#[from] crate::admin_key::AdminKeyError),
+    AdminKey(#[from] crate::rotation::admin_key::AdminKeyError),
 }
 
 impl BuildError {
     /// Whether the configuration itself is wrong (exit 2; retrying cannot help), as
     /// opposed to a store or the API failing now (exit 1; the next attempt may work).
     pub fn is_invalid_config(&self) -> bool {
-        use crate::admin_key::AdminKeyError;
+        use crate::rotation::admin_key::AdminKeyError;
         match self {
             BuildError::Config(_) => true,
             // Only building the client fails here: a base URL that does not parse.
@@ -162,7 +162,7 @@ pub async fn admin_key(
                 message: format!("unknown store {store:?}"),
             })?;
             let seed = cfg.admin_key_seed()?;
-            Ok(crate::admin_key::initial_key(s.as_ref(), &path, seed).await?)
+            Ok(crate::rotation::admin_key::initial_key(s.as_ref(), &path, seed).await?)
         }
         _ => Ok(cfg.admin_key()?),
     }

@@ -5,16 +5,16 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML configuration, `KEYROTD__*` overrides, pure validation.
-//! - [`admin_key`]: the admin key kept in a store, re-read every cycle, and its own
-//!   crash-safe rotation.
 //! - [`openai`]: the Admin API client (pagination, retries) and its models.
 //! - [`store`]: the secret-store trait and its backends (Vault/OpenBao KV v2, AWS
 //!   Secrets Manager, file). Knows nothing of OpenAI.
 //! - [`policy`]: pure verdicts for one key (ok, rotate, revoke, report, orphan).
 //! - [`plan`]: the organization inventory and the read-only plan.
 //! - [`report`]: the org-wide inventory report (HTML, JSON, CSV) built from the plan.
-//! - [`rotation`]: the slot state machine, the only place that orders
-//!   mint → stage → verify → promote → retire.
+//! - [`rotation`]: the one decision (`rotation::decide`), the slot state machine that
+//!   performs it, the only place that orders mint → stage → verify → promote →
+//!   retire, and beside it the admin key's own crash-safe rotation
+//!   (`rotation::admin_key`: the admin key kept in a store, re-read every cycle).
 //! - [`sim`]: the Admin API simulator used by `keyrotd demo`, `keyrotd sim` and tests.
 //! - [`app`]: wiring from a validated config to an [`rotation::Engine`].
 //! - [`daemon`]: `keyrotd run`: the schedule, signals, sd_notify, the HTTP listener.
@@ -23,7 +23,6 @@
 //!   text; the one exponential backoff with jitter every retry loop waits by.
 //! - [`check`], [`demo`]: `check-config --connect` and `keyrotd demo`.
 
-pub mod admin_key;
 pub mod app;
 pub mod backoff;
 pub mod check;

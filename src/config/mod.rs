@@ -113,7 +113,7 @@ pub struct OpenAiConfig {
     /// Keep the admin key in this store (a `[stores.<name>]`): keyrotd reads it from the
     /// record's `api_key` at `admin_key_path`, re-reads it every cycle, and may rotate
     /// it. `admin_key_env`/`admin_key_file` are then optional and only seed an empty
-    /// store (see [`crate::admin_key`]).
+    /// store (see [`crate::rotation::admin_key`]).
     pub admin_key_store: Option<String>,
     /// Path of the admin key's record in `admin_key_store` (default
     /// [`DEFAULT_ADMIN_KEY_PATH`]).

@@ -9,7 +9,7 @@
 //! stores right before it is revoked, a pending key is listed afresh before it is
 //! given up).
 //!
-//! [`user_key_actions`] is the same for user-owned keys under `user_keys = "revoke"`.
+//! [`user_key_action`] is the same for user-owned keys under `user_keys = "revoke"`.
 
 use std::collections::BTreeSet;
 

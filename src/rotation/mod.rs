@@ -7,6 +7,19 @@
 //! survive a restart lives in the stores, so a process on another machine picks up
 //! where a dead one stopped.
 
+/// A crash point at a step boundary of the slot's and the admin key's state
+/// machines (feature `failpoints`): the process aborts, and the crash harness checks
+/// what the next process makes of the state it left.
+macro_rules! failpoint {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            // A crash, not an error: the harness checks what the next process makes of it.
+            std::process::abort()
+        });
+    };
+}
+
+pub mod admin_key;
 pub mod decide;
 mod slot;
 
@@ -138,7 +151,7 @@ pub struct CycleReport {
     /// Slots skipped because shutdown was requested.
     pub skipped: usize,
     /// What admin-key maintenance did (`None` when it failed: see `other_failures`).
-    pub admin_key: Option<crate::admin_key::AdminKeyReport>,
+    pub admin_key: Option<admin_key::AdminKeyReport>,
 }
 
 impl CycleReport {
@@ -255,7 +268,7 @@ impl Engine {
         );
         self.reread_admin_key_file();
         // Before the scan, so the scan already runs on a key another replica rotated.
-        match crate::admin_key::maybe_rotate(self).await {
+        match admin_key::maybe_rotate(self).await {
             Ok(r) => report.admin_key = Some(r),
             Err(e) => {
                 error!(event = "admin_key.failed", outcome = "failed", error = %e, "admin key maintenance failed; carrying on with the admin key in use");

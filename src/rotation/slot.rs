@@ -346,15 +346,6 @@ async fn read_docs(
     Ok(out)
 }
 
-macro_rules! failpoint {
-    ($name:literal) => {
-        fail::fail_point!($name, |_| {
-            // A crash, not an error: the harness checks what the next process makes of it.
-            std::process::abort()
-        });
-    };
-}
-
 impl SlotRun<'_> {
     /// Now, to the second: what stores record must read back equal (AWS tags keep
     /// whole seconds).

@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::e2e::{Stores, World, ADMIN_KEY};
-use chrono::SubsecRound;
-use keyrotd::admin_key::{AdminKeyReport, ADMIN_KEY_NAME_PREFIX, RECORD_OWNER_ID};
 use keyrotd::config::{AdminKeySource, Config};
 use keyrotd::openai::models::CreateAdminKeyRequest;
+use keyrotd::rotation::admin_key::{AdminKeyReport, ADMIN_KEY_NAME_PREFIX, RECORD_OWNER_ID};
 use keyrotd::rotation::{CycleReport, Engine};
 use keyrotd::sim::{FailNext, LostResponse, RejectVerification, Route, Scenario, SimAdminKey};
 use keyrotd::store::{Intent, SlotState, Transition};
@@ -625,15 +624,4 @@ async fn binary_killed_after_creating_the_admin_key() {
     assert!(admin_key(&w, &orphan.id).deleted);
     let st = admin_state(&e, "file", &path).await;
     assert_admin_i2(&w, &st);
-}
-
-trait ClockNow {
-    fn clock_now(&self) -> chrono::DateTime<chrono::Utc>;
-}
-
-impl ClockNow for World {
-    fn clock_now(&self) -> chrono::DateTime<chrono::Utc> {
-        use keyrotd::rotation::Clock;
-        self.clock.now().trunc_subsecs(0)
-    }
 }

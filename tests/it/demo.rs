@@ -67,6 +67,17 @@ fn demo_rotates_revokes_and_never_prints_a_key() {
         .filter(|l| l.starts_with("rotated "))
         .collect();
     assert_eq!(rotated.len(), 6, "rotated lines:\n{stdout}");
+    // The plan counted exactly the rotations the cycle then performed.
+    let to_rotate: usize = summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" to rotate"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no rotate count in {summary}"));
+    assert_eq!(
+        to_rotate,
+        rotated.len(),
+        "the plan and the cycle agree: {summary}"
+    );
     for l in &rotated {
         assert!(
             l.contains("new key key_") && l.contains("sk-svca…"),

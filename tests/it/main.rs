@@ -19,6 +19,7 @@ mod config_errors;
 mod cores;
 mod crash;
 mod daemon;
+mod decide;
 mod demo;
 mod faults;
 mod fuzz_api;

@@ -39,7 +39,7 @@ const EXPECTED: &[Expect] = &[
     },
     Expect {
         command: "keyrotd once --dry-run",
-        prints: &["rotation cycle finished"],
+        prints: &["\"action\": \"mint\"", "\"reason\": \"bootstrap\""],
         never: &["minted a new key"],
     },
     Expect {

@@ -132,6 +132,12 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
     }
 
     /// Moves the simulator's and the engine's clocks together.
+    /// The engine's clock, to the second (what stores record).
+    pub fn clock_now(&self) -> chrono::DateTime<Utc> {
+        use chrono::SubsecRound;
+        keyrotd::rotation::Clock::now(&self.clock).trunc_subsecs(0)
+    }
+
     pub fn advance(&self, d: Duration) {
         self.sim.advance(d);
         self.clock.advance(d);

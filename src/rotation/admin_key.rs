@@ -107,15 +107,6 @@ pub struct AdminKeyReport {
     pub planned: Vec<String>,
 }
 
-macro_rules! failpoint {
-    ($name:literal) => {
-        fail::fail_point!($name, |_| {
-            // A crash, not an error: the harness checks what the next process makes of it.
-            std::process::abort()
-        });
-    };
-}
-
 /// The admin key a process starts with when it is kept in `store` at `path`: the
 /// record's `api_key`; while the store holds no record, the seed (or a seed staged by
 /// an interrupted bootstrap).
