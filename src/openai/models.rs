@@ -834,3 +834,164 @@ mod admin_key_tests {
         assert!(!listed(None).redaction_matches("sk-admin-abc"));
     }
 }
+
+#[cfg(test)]
+mod audit_log_tests {
+    use super::*;
+
+    /// The two entries of the spec's `list-audit-logs` example (its trailing commas
+    /// removed), plus an entry of a type this client has no variant for.
+    const EXAMPLE: &str = r#"{
+        "object": "list",
+        "data": [
+            {
+                "id": "audit_log-xxx_yyyymmdd",
+                "type": "project.archived",
+                "effective_at": 1722461446,
+                "actor": {
+                    "type": "api_key",
+                    "api_key": {"type": "user", "user": {"id": "user-xxx", "email": "user@example.com"}}
+                },
+                "project.archived": {"id": "proj_abc"}
+            },
+            {
+                "id": "audit_log-yyy__20240101",
+                "type": "api_key.updated",
+                "effective_at": 1720804190,
+                "actor": {
+                    "type": "session",
+                    "session": {
+                        "user": {"id": "user-xxx", "email": "user@example.com"},
+                        "ip_address": "127.0.0.1",
+                        "user_agent": "Mozilla/5.0",
+                        "ip_address_details": {"country": "US"}
+                    }
+                },
+                "api_key.updated": {"id": "key_xxxx", "data": {"scopes": ["resource_2.operation_2"]}}
+            },
+            {"id": "audit_log-zzz", "type": "tenant.sso.migrated", "effective_at": 1, "actor": null}
+        ],
+        "first_id": "audit_log-xxx__20240101",
+        "last_id": "audit_log_yyy__20240101",
+        "has_more": true
+    }"#;
+
+    #[test]
+    fn the_official_example_decodes_and_unknown_types_are_kept() {
+        let list: ListResponse<AuditLog> = serde_json::from_str(EXAMPLE).unwrap();
+        assert!(list.has_more);
+        let [archived, updated, unknown] = &list.data[..] else {
+            panic!("{:?}", list.data)
+        };
+        assert_eq!(archived.kind, "project.archived");
+        assert_eq!(
+            archived.event,
+            AuditEvent::Other {
+                details: Some(serde_json::json!({"id": "proj_abc"}))
+            }
+        );
+        assert_eq!(archived.resource_id(), Some("proj_abc"));
+        let actor = archived.actor.as_ref().unwrap();
+        assert_eq!(actor.kind, AuditActorType::ApiKey);
+        assert_eq!(actor.email(), Some("user@example.com"));
+        assert_eq!(
+            actor.api_key.as_ref().unwrap().kind.as_deref(),
+            Some("user")
+        );
+
+        // The example puts the scopes under `data`; the schema under
+        // `changes_requested`: the schema wins, the rest is ignored.
+        assert_eq!(
+            updated.event,
+            AuditEvent::ApiKeyUpdated {
+                id: Some("key_xxxx".into()),
+                scopes: None
+            }
+        );
+        let session = updated.actor.as_ref().unwrap();
+        assert_eq!(session.kind, AuditActorType::Session);
+        assert_eq!(
+            session.session.as_ref().unwrap().ip_address.as_deref(),
+            Some("127.0.0.1")
+        );
+
+        assert_eq!(unknown.kind, "tenant.sso.migrated");
+        assert_eq!(unknown.event, AuditEvent::Other { details: None });
+        assert_eq!(
+            (unknown.actor.as_ref(), unknown.resource_id()),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn key_and_service_account_events_are_typed() {
+        let entry = |json: serde_json::Value| -> AuditLog { serde_json::from_value(json).unwrap() };
+        let e = entry(serde_json::json!({
+            "id": "a1", "type": "api_key.created", "effective_at": 5,
+            "project": {"id": "proj_1", "name": "prod"},
+            "api_key.created": {"id": "key_1", "data": {"scopes": ["api.model.read"]}},
+        }));
+        assert_eq!(
+            e.event,
+            AuditEvent::ApiKeyCreated {
+                id: Some("key_1".into()),
+                scopes: Some(vec!["api.model.read".into()])
+            }
+        );
+        assert_eq!(e.project.unwrap().name.as_deref(), Some("prod"));
+        let e = entry(serde_json::json!({
+            "id": "a2", "type": "service_account.updated", "effective_at": 5,
+            "actor": {"type": "api_key", "api_key": {"id": "key_admin", "type": "service_account",
+                      "service_account": {"id": "svc_acct_1"}}},
+            "service_account.updated": {"id": "svc_acct_2", "changes_requested": {"role": "owner"}},
+        }));
+        assert_eq!(
+            e.event,
+            AuditEvent::ServiceAccountUpdated {
+                id: Some("svc_acct_2".into()),
+                role: Some("owner".into())
+            }
+        );
+        let key = e.actor.unwrap().api_key.unwrap();
+        assert_eq!(
+            key.service_account.unwrap().id.as_deref(),
+            Some("svc_acct_1")
+        );
+        for (kind, want) in [
+            (
+                "api_key.deleted",
+                AuditEvent::ApiKeyDeleted {
+                    id: Some("x".into()),
+                },
+            ),
+            (
+                "service_account.deleted",
+                AuditEvent::ServiceAccountDeleted {
+                    id: Some("x".into()),
+                },
+            ),
+            (
+                "service_account.created",
+                AuditEvent::ServiceAccountCreated {
+                    id: Some("x".into()),
+                    role: None,
+                },
+            ),
+        ] {
+            let e = entry(
+                serde_json::json!({"id": "a", "type": kind, "effective_at": 1, kind: {"id": "x"}}),
+            );
+            assert_eq!(e.event, want, "{kind}");
+            assert_eq!(e.resource_id(), Some("x"));
+        }
+        // Details of the wrong shape are an error, not a silent miss.
+        let bad: Result<AuditLog, _> = serde_json::from_value(serde_json::json!({
+            "id": "a", "type": "api_key.created", "effective_at": 1,
+            "api_key.created": {"id": 7},
+        }));
+        let e = bad.unwrap_err().to_string();
+        assert!(e.contains("api_key.created.id"), "{e}");
+        // So is an entry without its required fields.
+        assert!(serde_json::from_value::<AuditLog>(serde_json::json!({"id": "a"})).is_err());
+    }
+}
