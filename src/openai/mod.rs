@@ -876,8 +876,7 @@ impl Client {
         if backward {
             pages.reverse();
         }
-        let entries: Vec<AuditLog> = pages.into_iter().flatten().collect();
-        Ok(entries)
+        Ok(pages.into_iter().flatten().collect())
     }
 
     /// `GET /models` with a project key: Ok(()) when the key works.

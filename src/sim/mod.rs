@@ -1,8 +1,10 @@
 //! In-process OpenAI Admin API simulator (see `keyrotd sim`, `keyrotd demo`, tests).
 //!
 //! An axum server faithful to the OpenAI OpenAPI spec (openai/openai-openapi at
-//! commit f85dbe2, DESIGN.md §8): every endpoint of the excerpt keyrotd uses (projects, project API keys, service accounts and their keys, admin API
-//! keys, `GET /v1/models`), the `{"error": {message, type, param, code}}` error shape,
+//! commit f85dbe2, DESIGN.md §8): every endpoint of the excerpt keyrotd uses
+//! (projects, project API keys, service accounts and their keys, admin API keys,
+//! `GET /v1/models`, usage, costs and audit logs), the
+//! `{"error": {message, type, param, code}}` error shape,
 //! `limit` 1..=100 (default 20) with `after`/`has_more` pagination, `owner_project_access`,
 //! `include_archived`, plus fault injection and a movable clock for tests.
 //!
@@ -546,7 +548,8 @@ impl Sim {
     }
 
     /// Whether a key would work now: not deleted, not expired, project not archived.
-    /// Ignores `reject_verification` (see [`Sim::use_key`] for the full check).
+    /// Ignores `reject_verification` and `disabled_keys` (see [`Sim::use_key`] for the
+    /// full check).
     pub fn is_live(&self, key_id: &str) -> bool {
         let st = self.lock();
         let now = st.now();
@@ -595,14 +598,16 @@ impl Sim {
     }
 
     /// A consumer using a key: exactly what `GET /v1/models` does (moves
-    /// `last_used_at`), without HTTP or request faults. True when the key works.
+    /// `last_used_at`, counts one request of usage), without HTTP or request faults.
+    /// True when the key works.
     pub fn use_key(&self, value: &str) -> bool {
         self.lock().use_key(value)
     }
 
     /// Records usage by project key `key_id` at `at` (Unix seconds): `requests` model
-    /// requests with these token counts, served by `GET /organization/usage/completions`.
-    /// False when no such key exists (deleted keys count).
+    /// requests with these token counts, served by `GET /organization/usage/completions`
+    /// and priced by `GET /organization/costs`. False when no such key exists (deleted
+    /// keys count).
     pub fn record_usage(
         &self,
         key_id: &str,

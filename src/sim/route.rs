@@ -33,7 +33,7 @@ pub enum Route {
     DeleteServiceAccount,
     CreateServiceAccountKey,
     /// `GET /v1/organization/usage/completions` (from the usage recorded with
-    /// [`Sim::record_usage`](super::Sim::record_usage)).
+    /// [`Sim::record_usage`](super::Sim::record_usage) and the calls project keys made).
     UsageCompletions,
     /// `GET /v1/organization/costs` (the same usage, priced by `sim::PRICES`).
     Costs,

@@ -118,12 +118,9 @@ fn check(spec: &Value, schema: &Value, value: &Value, path: &str, out: &mut Vec<
         }
         for (field, v) in obj {
             let sub = format!("{path}.{field}");
-            match props.and_then(|p| p.get(field)) {
-                Some(s) => check(spec, s, v, &sub, out),
-                None => match schema.get("additionalProperties") {
-                    Some(extra) => check(spec, extra, v, &sub, out),
-                    None => {}
-                },
+            let declared = props.and_then(|p| p.get(field));
+            if let Some(s) = declared.or_else(|| schema.get("additionalProperties")) {
+                check(spec, s, v, &sub, out);
             }
         }
     }
