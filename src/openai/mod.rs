@@ -175,6 +175,7 @@ pub enum Endpoint {
     ListModels,
     UsageCompletions,
     Costs,
+    ListAuditLogs,
     ListAdminApiKeys,
     GetAdminApiKey,
     CreateAdminApiKey,
@@ -198,6 +199,7 @@ impl Endpoint {
             Endpoint::ListModels => "list_models",
             Endpoint::UsageCompletions => "usage_completions",
             Endpoint::Costs => "costs",
+            Endpoint::ListAuditLogs => "list_audit_logs",
             Endpoint::ListAdminApiKeys => "list_admin_api_keys",
             Endpoint::GetAdminApiKey => "get_admin_api_key",
             Endpoint::CreateAdminApiKey => "create_admin_api_key",
@@ -798,6 +800,83 @@ impl Client {
                 None => return Ok(buckets),
             }
         }
+    }
+
+    /// Every entry of `GET /organization/audit_logs` for `q`, newest first as the API
+    /// lists them, page after page to the end: forward by `after` = each page's
+    /// `last_id` (or its last entry's id), or, for a `before` without `after`, backward
+    /// by `before` = each page's `first_id`. One request per page, with the bounds,
+    /// retries and body cap of every listing. Arrays go as `event_types[]=...`.
+    pub async fn audit_logs(&self, q: &AuditLogQuery) -> ApiResult<Vec<AuditLog>> {
+        let endpoint = Endpoint::ListAuditLogs;
+        let mut base: Vec<(&str, String)> = vec![("limit", q.limit.unwrap_or(100).to_string())];
+        for (name, bound) in [
+            ("effective_at[gt]", q.effective_at.gt),
+            ("effective_at[gte]", q.effective_at.gte),
+            ("effective_at[lt]", q.effective_at.lt),
+            ("effective_at[lte]", q.effective_at.lte),
+        ] {
+            if let Some(bound) = bound {
+                base.push((name, bound.to_string()));
+            }
+        }
+        for (name, values) in [
+            ("event_types[]", &q.event_types),
+            ("project_ids[]", &q.project_ids),
+            ("resource_ids[]", &q.resource_ids),
+            ("actor_ids[]", &q.actor_ids),
+            ("actor_emails[]", &q.actor_emails),
+        ] {
+            base.extend(values.iter().map(|v| (name, v.clone())));
+        }
+        // Backward from `before` alone; otherwise forward, `before` (if any) a fixed bound.
+        let backward = q.before.is_some() && q.after.is_none();
+        if let (false, Some(before)) = (backward, &q.before) {
+            base.push(("before", before.clone()));
+        }
+        let (cursor_name, mut cursor) = if backward {
+            ("before", q.before.clone())
+        } else {
+            ("after", q.after.clone())
+        };
+        let mut cursors = Cursors::new(endpoint, self.cfg.max_pages);
+        let mut pages: Vec<Vec<AuditLog>> = Vec::new();
+        loop {
+            let mut query: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if let Some(c) = &cursor {
+                query.push((cursor_name, c));
+            }
+            let url = self.url(&["organization", "audit_logs"], &query);
+            let list: ListResponse<AuditLog> = self.get(endpoint, url).await?;
+            let next = match (list.has_more, backward) {
+                (false, _) => None,
+                (true, false) => list
+                    .last_id
+                    .clone()
+                    .or_else(|| list.data.last().map(|e| e.id.clone())),
+                (true, true) => list
+                    .first_id
+                    .clone()
+                    .or_else(|| list.data.first().map(|e| e.id.clone())),
+            };
+            if list.has_more && next.is_none() {
+                return Err(ApiError::Decode {
+                    endpoint: endpoint.as_str().into(),
+                    status: 200,
+                    message: "has_more is true but the page has neither a cursor id nor entries"
+                        .into(),
+                });
+            }
+            pages.push(list.data);
+            match cursors.advance(next)? {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        if backward {
+            pages.reverse();
+        }
+        Ok(pages.into_iter().flatten().collect())
     }
 
     /// `GET /models` with a project key: Ok(()) when the key works.

@@ -395,6 +395,266 @@ pub struct UsageQuery {
     pub limit: Option<u32>,
 }
 
+/// The query of `GET /organization/audit_logs` (arrays go as `name[]=v`, the range
+/// as `effective_at[gt]=...`). `limit` defaults to 100 here (the API's default is 20),
+/// so a listing takes as few requests as the API allows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditLogQuery {
+    /// `event_types[]`: e.g. `api_key.created`; empty = every type.
+    pub event_types: Vec<String>,
+    /// `effective_at[gt|gte|lt|lte]`, Unix seconds.
+    pub effective_at: EffectiveAt,
+    /// `project_ids[]`.
+    pub project_ids: Vec<String>,
+    /// `resource_ids[]`: the objects acted on (a key id, a service account id ...).
+    pub resource_ids: Vec<String>,
+    /// `actor_ids[]`: user ids, service account ids or API key tracking ids.
+    pub actor_ids: Vec<String>,
+    /// `actor_emails[]`.
+    pub actor_emails: Vec<String>,
+    /// Start after this entry (listing order) and read on to the end.
+    pub after: Option<String>,
+    /// Only entries before this one (listing order). Without `after` the listing is
+    /// read backwards from it, page by page (`before` = each page's first id), and
+    /// returned in listing order; with `after` it bounds the forward listing.
+    pub before: Option<String>,
+    /// Entries per page, 1..=100; `None` = 100.
+    pub limit: Option<u32>,
+}
+
+/// `effective_at` of [`AuditLogQuery`]: each bound optional.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EffectiveAt {
+    pub gt: Option<i64>,
+    pub gte: Option<i64>,
+    pub lt: Option<i64>,
+    pub lte: Option<i64>,
+}
+
+/// `AuditLog`: one user action or configuration change.
+///
+/// The event's details sit in the object under the event's own type name
+/// (`"api_key.created": {...}`); [`AuditLog::event`] holds them typed for the key and
+/// service-account events, and keeps any other type (and its details, raw) as
+/// [`AuditEvent::Other`]: a type this client does not know is read, never an error.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditLog {
+    pub id: String,
+    /// The event type as sent (`api_key.created`, `project.archived`, ...).
+    pub kind: String,
+    /// Unix seconds.
+    pub effective_at: i64,
+    pub project: Option<AuditLogProject>,
+    /// `null` or absent when the API does not say who acted.
+    pub actor: Option<AuditLogActor>,
+    pub event: AuditEvent,
+}
+
+impl AuditLog {
+    /// The id of the object acted on (key or service account id), when the details
+    /// name one.
+    pub fn resource_id(&self) -> Option<&str> {
+        match &self.event {
+            AuditEvent::ApiKeyCreated { id, .. }
+            | AuditEvent::ApiKeyUpdated { id, .. }
+            | AuditEvent::ApiKeyDeleted { id }
+            | AuditEvent::ServiceAccountCreated { id, .. }
+            | AuditEvent::ServiceAccountUpdated { id, .. }
+            | AuditEvent::ServiceAccountDeleted { id } => id.as_deref(),
+            AuditEvent::Other { details } => details.as_ref()?.get("id")?.as_str(),
+        }
+    }
+}
+
+/// The typed details of an [`AuditLog`], by event type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AuditEvent {
+    /// `api_key.created`: `id` (tracking id) and `data.scopes`.
+    ApiKeyCreated {
+        id: Option<String>,
+        scopes: Option<Vec<String>>,
+    },
+    /// `api_key.updated`: `id` and `changes_requested.scopes`.
+    ApiKeyUpdated {
+        id: Option<String>,
+        scopes: Option<Vec<String>>,
+    },
+    /// `api_key.deleted`.
+    ApiKeyDeleted { id: Option<String> },
+    /// `service_account.created`: `id` and `data.role`.
+    ServiceAccountCreated {
+        id: Option<String>,
+        role: Option<String>,
+    },
+    /// `service_account.updated`: `id` and `changes_requested.role`.
+    ServiceAccountUpdated {
+        id: Option<String>,
+        role: Option<String>,
+    },
+    /// `service_account.deleted`.
+    ServiceAccountDeleted { id: Option<String> },
+    /// Any other type: its details object as sent (`None` when absent).
+    Other { details: Option<serde_json::Value> },
+}
+
+/// `project` of an [`AuditLog`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AuditLogProject {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `AuditLogActor`: a dashboard session or an API key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AuditLogActor {
+    #[serde(default, rename = "type")]
+    pub kind: AuditActorType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<AuditLogActorSession>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<AuditLogActorApiKey>,
+}
+
+impl AuditLogActor {
+    /// The acting user's email (a session's user, or the user owning the API key).
+    pub fn email(&self) -> Option<&str> {
+        match self.kind {
+            AuditActorType::Session => self.session.as_ref()?.user.as_ref()?.email.as_deref(),
+            AuditActorType::ApiKey => self.api_key.as_ref()?.user.as_ref()?.email.as_deref(),
+            AuditActorType::Unknown => None,
+        }
+    }
+}
+
+/// `AuditLogActor.type`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditActorType {
+    Session,
+    ApiKey,
+    /// Absent, or a type this client does not know.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+/// `AuditLogActorSession`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AuditLogActorSession {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<AuditLogActorUser>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+}
+
+/// `AuditLogActorApiKey`: `id` is the key's tracking id (never its value); `type`
+/// `user` or `service_account` says who owns it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AuditLogActorApiKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<AuditLogActorUser>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<AuditLogActorServiceAccount>,
+}
+
+/// `AuditLogActorUser`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AuditLogActorUser {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+/// `AuditLogActorServiceAccount`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AuditLogActorServiceAccount {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for AuditLog {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AuditLog, D::Error> {
+        use serde::de::Error;
+        use serde_json::Value;
+        #[derive(Deserialize)]
+        struct Head {
+            id: String,
+            #[serde(rename = "type")]
+            kind: String,
+            effective_at: i64,
+            #[serde(default)]
+            project: Option<AuditLogProject>,
+            #[serde(default)]
+            actor: Option<AuditLogActor>,
+        }
+        let mut map = serde_json::Map::<String, Value>::deserialize(d)?;
+        let details = map
+            .get(map.get("type").and_then(Value::as_str).unwrap_or(""))
+            .cloned();
+        let head: Head = serde_json::from_value(Value::Object(std::mem::take(&mut map)))
+            .map_err(D::Error::custom)?;
+        let field = |v: &Option<Value>, path: &[&str]| -> Option<Value> {
+            let mut cur = v.as_ref()?;
+            for p in path {
+                cur = cur.get(p)?;
+            }
+            (!cur.is_null()).then(|| cur.clone())
+        };
+        let text = |v: &Option<Value>, path: &[&str]| -> Result<Option<String>, D::Error> {
+            field(v, path)
+                .map(serde_json::from_value::<String>)
+                .transpose()
+                .map_err(|e| D::Error::custom(format!("{}.{}: {e}", head.kind, path.join("."))))
+        };
+        let list = |v: &Option<Value>, path: &[&str]| -> Result<Option<Vec<String>>, D::Error> {
+            field(v, path)
+                .map(serde_json::from_value::<Vec<String>>)
+                .transpose()
+                .map_err(|e| D::Error::custom(format!("{}.{}: {e}", head.kind, path.join("."))))
+        };
+        let event = match head.kind.as_str() {
+            "api_key.created" => AuditEvent::ApiKeyCreated {
+                id: text(&details, &["id"])?,
+                scopes: list(&details, &["data", "scopes"])?,
+            },
+            "api_key.updated" => AuditEvent::ApiKeyUpdated {
+                id: text(&details, &["id"])?,
+                scopes: list(&details, &["changes_requested", "scopes"])?,
+            },
+            "api_key.deleted" => AuditEvent::ApiKeyDeleted {
+                id: text(&details, &["id"])?,
+            },
+            "service_account.created" => AuditEvent::ServiceAccountCreated {
+                id: text(&details, &["id"])?,
+                role: text(&details, &["data", "role"])?,
+            },
+            "service_account.updated" => AuditEvent::ServiceAccountUpdated {
+                id: text(&details, &["id"])?,
+                role: text(&details, &["changes_requested", "role"])?,
+            },
+            "service_account.deleted" => AuditEvent::ServiceAccountDeleted {
+                id: text(&details, &["id"])?,
+            },
+            _ => AuditEvent::Other { details },
+        };
+        Ok(AuditLog {
+            id: head.id,
+            kind: head.kind,
+            effective_at: head.effective_at,
+            project: head.project,
+            actor: head.actor,
+            event,
+        })
+    }
+}
+
 /// `Error` inside `ErrorResponse`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct ApiErrorBody {
@@ -572,5 +832,166 @@ mod admin_key_tests {
         assert!(!listed(Some("...")).redaction_matches("anything"));
         assert!(!listed(Some("sk-admin-full")).redaction_matches("sk-admin-full"));
         assert!(!listed(None).redaction_matches("sk-admin-abc"));
+    }
+}
+
+#[cfg(test)]
+mod audit_log_tests {
+    use super::*;
+
+    /// The two entries of the spec's `list-audit-logs` example (its trailing commas
+    /// removed), plus an entry of a type this client has no variant for.
+    const EXAMPLE: &str = r#"{
+        "object": "list",
+        "data": [
+            {
+                "id": "audit_log-xxx_yyyymmdd",
+                "type": "project.archived",
+                "effective_at": 1722461446,
+                "actor": {
+                    "type": "api_key",
+                    "api_key": {"type": "user", "user": {"id": "user-xxx", "email": "user@example.com"}}
+                },
+                "project.archived": {"id": "proj_abc"}
+            },
+            {
+                "id": "audit_log-yyy__20240101",
+                "type": "api_key.updated",
+                "effective_at": 1720804190,
+                "actor": {
+                    "type": "session",
+                    "session": {
+                        "user": {"id": "user-xxx", "email": "user@example.com"},
+                        "ip_address": "127.0.0.1",
+                        "user_agent": "Mozilla/5.0",
+                        "ip_address_details": {"country": "US"}
+                    }
+                },
+                "api_key.updated": {"id": "key_xxxx", "data": {"scopes": ["resource_2.operation_2"]}}
+            },
+            {"id": "audit_log-zzz", "type": "tenant.sso.migrated", "effective_at": 1, "actor": null}
+        ],
+        "first_id": "audit_log-xxx__20240101",
+        "last_id": "audit_log_yyy__20240101",
+        "has_more": true
+    }"#;
+
+    #[test]
+    fn the_official_example_decodes_and_unknown_types_are_kept() {
+        let list: ListResponse<AuditLog> = serde_json::from_str(EXAMPLE).unwrap();
+        assert!(list.has_more);
+        let [archived, updated, unknown] = &list.data[..] else {
+            panic!("{:?}", list.data)
+        };
+        assert_eq!(archived.kind, "project.archived");
+        assert_eq!(
+            archived.event,
+            AuditEvent::Other {
+                details: Some(serde_json::json!({"id": "proj_abc"}))
+            }
+        );
+        assert_eq!(archived.resource_id(), Some("proj_abc"));
+        let actor = archived.actor.as_ref().unwrap();
+        assert_eq!(actor.kind, AuditActorType::ApiKey);
+        assert_eq!(actor.email(), Some("user@example.com"));
+        assert_eq!(
+            actor.api_key.as_ref().unwrap().kind.as_deref(),
+            Some("user")
+        );
+
+        // The example puts the scopes under `data`; the schema under
+        // `changes_requested`: the schema wins, the rest is ignored.
+        assert_eq!(
+            updated.event,
+            AuditEvent::ApiKeyUpdated {
+                id: Some("key_xxxx".into()),
+                scopes: None
+            }
+        );
+        let session = updated.actor.as_ref().unwrap();
+        assert_eq!(session.kind, AuditActorType::Session);
+        assert_eq!(
+            session.session.as_ref().unwrap().ip_address.as_deref(),
+            Some("127.0.0.1")
+        );
+
+        assert_eq!(unknown.kind, "tenant.sso.migrated");
+        assert_eq!(unknown.event, AuditEvent::Other { details: None });
+        assert_eq!(
+            (unknown.actor.as_ref(), unknown.resource_id()),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn key_and_service_account_events_are_typed() {
+        let entry = |json: serde_json::Value| -> AuditLog { serde_json::from_value(json).unwrap() };
+        let e = entry(serde_json::json!({
+            "id": "a1", "type": "api_key.created", "effective_at": 5,
+            "project": {"id": "proj_1", "name": "prod"},
+            "api_key.created": {"id": "key_1", "data": {"scopes": ["api.model.read"]}},
+        }));
+        assert_eq!(
+            e.event,
+            AuditEvent::ApiKeyCreated {
+                id: Some("key_1".into()),
+                scopes: Some(vec!["api.model.read".into()])
+            }
+        );
+        assert_eq!(e.project.unwrap().name.as_deref(), Some("prod"));
+        let e = entry(serde_json::json!({
+            "id": "a2", "type": "service_account.updated", "effective_at": 5,
+            "actor": {"type": "api_key", "api_key": {"id": "key_admin", "type": "service_account",
+                      "service_account": {"id": "svc_acct_1"}}},
+            "service_account.updated": {"id": "svc_acct_2", "changes_requested": {"role": "owner"}},
+        }));
+        assert_eq!(
+            e.event,
+            AuditEvent::ServiceAccountUpdated {
+                id: Some("svc_acct_2".into()),
+                role: Some("owner".into())
+            }
+        );
+        let key = e.actor.unwrap().api_key.unwrap();
+        assert_eq!(
+            key.service_account.unwrap().id.as_deref(),
+            Some("svc_acct_1")
+        );
+        for (kind, want) in [
+            (
+                "api_key.deleted",
+                AuditEvent::ApiKeyDeleted {
+                    id: Some("x".into()),
+                },
+            ),
+            (
+                "service_account.deleted",
+                AuditEvent::ServiceAccountDeleted {
+                    id: Some("x".into()),
+                },
+            ),
+            (
+                "service_account.created",
+                AuditEvent::ServiceAccountCreated {
+                    id: Some("x".into()),
+                    role: None,
+                },
+            ),
+        ] {
+            let e = entry(
+                serde_json::json!({"id": "a", "type": kind, "effective_at": 1, kind: {"id": "x"}}),
+            );
+            assert_eq!(e.event, want, "{kind}");
+            assert_eq!(e.resource_id(), Some("x"));
+        }
+        // Details of the wrong shape are an error, not a silent miss.
+        let bad: Result<AuditLog, _> = serde_json::from_value(serde_json::json!({
+            "id": "a", "type": "api_key.created", "effective_at": 1,
+            "api_key.created": {"id": 7},
+        }));
+        let e = bad.unwrap_err().to_string();
+        assert!(e.contains("api_key.created.id"), "{e}");
+        // So is an entry without its required fields.
+        assert!(serde_json::from_value::<AuditLog>(serde_json::json!({"id": "a"})).is_err());
     }
 }

@@ -62,6 +62,11 @@ pub struct Faults {
     /// `POST .../api_keys/{id}` (key update) answers 404 `Invalid URL`, like an API
     /// that lacks the endpoint.
     pub no_key_update: bool,
+    /// These project keys are disabled, as OpenAI disables a key found leaked in
+    /// public: still listed as before, but every call made with one (`GET /models`, an
+    /// admin endpoint) answers 401 `invalid_api_key`, and no usage is recorded. No
+    /// audit-log entry says so (the real API has no event for it).
+    pub disabled_keys: BTreeSet<String>,
 }
 
 impl Default for Faults {
@@ -85,6 +90,7 @@ impl Default for Faults {
             omit_owner_type: false,
             bare_owners: BTreeSet::new(),
             no_key_update: false,
+            disabled_keys: BTreeSet::new(),
         }
     }
 }

@@ -14,7 +14,7 @@ use rand::Rng;
 use super::faults::{LostResponse, Malformation, RetryAfter};
 use super::route::{self, Ids, Miss, Route};
 use super::state::{Query, SimError, State};
-use super::{RequestRecord, Sim};
+use super::{RequestRecord, Sim, SimActor};
 
 /// Largest request body read.
 const MAX_BODY: usize = 1 << 20;
@@ -152,11 +152,14 @@ fn run(
         Ok(q) => q,
         Err(e) => return Outcome::error(&e),
     };
-    if route.is_admin() {
-        if let Err(e) = st.authenticate_admin(bearer) {
-            return Outcome::error(&e);
+    let actor = if route.is_admin() {
+        match st.authenticate_admin(bearer) {
+            Ok(key_id) => Some(SimActor::AdminKey(key_id)),
+            Err(e) => return Outcome::error(&e),
         }
-    }
+    } else {
+        None
+    };
     // A never-ending listing serves its first page under whatever cursor it is given.
     let bad_cursor = st
         .faults
@@ -167,7 +170,7 @@ fn run(
         query.0.retain(|(k, _)| k != "after");
         after
     });
-    let mut value = match st.execute(route, ids, &query, body, bearer) {
+    let mut value = match st.execute(route, ids, &query, body, bearer, actor.as_ref()) {
         Ok(v) => v,
         Err(e) => return Outcome::error(&e),
     };

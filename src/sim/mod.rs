@@ -1,8 +1,10 @@
 //! In-process OpenAI Admin API simulator (see `keyrotd sim`, `keyrotd demo`, tests).
 //!
 //! An axum server faithful to the OpenAI OpenAPI spec (openai/openai-openapi at
-//! commit f85dbe2, DESIGN.md §8): every endpoint of the excerpt keyrotd uses (projects, project API keys, service accounts and their keys, admin API
-//! keys, `GET /v1/models`), the `{"error": {message, type, param, code}}` error shape,
+//! commit f85dbe2, DESIGN.md §8): every endpoint of the excerpt keyrotd uses
+//! (projects, project API keys, service accounts and their keys, admin API keys,
+//! `GET /v1/models`, usage, costs and audit logs), the
+//! `{"error": {message, type, param, code}}` error shape,
 //! `limit` 1..=100 (default 20) with `after`/`has_more` pagination, `owner_project_access`,
 //! `include_archived`, plus fault injection and a movable clock for tests.
 //!
@@ -49,6 +51,23 @@
 //! - Fault order and semantics: see [`Faults`].
 //! - The request log ([`Sim::requests`]) keeps each request's JSON body, so tests can
 //!   check what the client sent.
+//! - Usage (`GET /organization/usage/completions`, `GET /organization/costs`): every
+//!   successful call with a project key (`GET /models`, [`Sim::use_key`]) counts one
+//!   request (no tokens) for that key in its minute; tests and benchmarks add
+//!   requests and tokens at any time with [`Sim::record_usage`]; [`Sim::usage_totals`]
+//!   is the ground truth. Costs price the tokens by [`PRICES`].
+//! - Audit log (`GET /organization/audit_logs`, newest first, [`Sim::audit_log`]):
+//!   `api_key.created|updated|deleted` and `service_account.created|updated|deleted`
+//!   for every such change, with the project and the actor: the admin key for changes
+//!   made through the API, a dashboard session (user id, email, IP) for seeded
+//!   objects, [`Sim::delete_key`] (the organization owner) and
+//!   [`Sim::create_key_by_hand`] (the user with that email). Deleting a service
+//!   account logs `api_key.deleted` for each of its keys first. Ids, scopes and roles
+//!   only: never a key value.
+//! - [`Faults::disabled_keys`] ([`Sim::disable_key`]): a key disabled like a leaked
+//!   one is still listed, but every call with it answers 401; an expired key
+//!   (`expires_at` in the past) fails authentication the same way and cannot be
+//!   updated.
 //!
 //! Layout: `route.rs` (endpoint table), `state.rs` (the organization and the
 //! operations, no HTTP), `http.rs` (handler, faults, logging), `faults.rs`,
@@ -88,6 +107,39 @@ pub enum OwnerRef {
     User(String),
     /// A service account id (`svc_acct_...`).
     ServiceAccount(String),
+}
+
+/// Who made a change, as the audit log shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SimActor {
+    /// An admin API key, by id (`actor.type = api_key`, owned by the organization's
+    /// owner): every change made through the HTTP API.
+    AdminKey(String),
+    /// A person in the dashboard, by user id (`actor.type = session`, with the user's
+    /// email and an IP address): seeded objects and [`Sim::create_key_by_hand`].
+    Session(String),
+}
+
+/// One audit-log entry, as the simulator's ground truth ([`Sim::audit_log`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimAuditEntry {
+    pub id: String,
+    /// `api_key.created`, `api_key.updated`, `api_key.deleted`,
+    /// `service_account.created`, `service_account.updated`, `service_account.deleted`.
+    pub kind: String,
+    pub effective_at: i64,
+    pub project_id: Option<String>,
+    /// The key or service account acted on.
+    pub resource_id: String,
+    pub actor: SimActor,
+}
+
+/// Usage totals of one key ([`Sim::usage_totals`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
 }
 
 /// A project as the simulator holds it.
@@ -306,11 +358,13 @@ impl Sim {
         st.archive(project_id, now).is_ok()
     }
 
-    /// Creates a service account (role `member`); `None` when the project is unknown.
+    /// Creates a service account (role `member`), logged as made by the organization
+    /// owner in the dashboard; `None` when the project is unknown.
     pub fn add_service_account(&self, project_id: &str, name: &str) -> Option<String> {
         let mut st = self.lock();
         let now = st.now();
-        st.new_sa(project_id, name, "member", now).ok()
+        let by = st.seed_actor(None);
+        st.new_sa(project_id, name, "member", now, &by).ok()
     }
 
     /// Creates a user (role `member` in every project); returns its id.
@@ -326,7 +380,9 @@ impl Sim {
         self.add_key_at(project_id, owner, name, now, None)
     }
 
-    /// Creates a key with the given timestamps (seeded, not "minted").
+    /// Creates a key with the given timestamps (seeded, not "minted"). The audit log
+    /// says a person made it in the dashboard at `created_at`: the owning user, or the
+    /// organization owner for a service account's key.
     pub fn add_key_at(
         &self,
         project_id: &str,
@@ -336,6 +392,7 @@ impl Sim {
         last_used_at: Option<i64>,
     ) -> Option<SimKey> {
         let mut st = self.lock();
+        let by = st.seed_actor(Some(&owner));
         let id = st
             .new_key(
                 project_id,
@@ -346,6 +403,45 @@ impl Sim {
                 None,
                 Vec::new(),
                 false,
+                &by,
+            )
+            .ok()?;
+        st.keys.get(&id).map(|k| sim_key(&st, k))
+    }
+
+    /// A person creating a key "by hand" in the dashboard: the user with `email`
+    /// (created, role `member`, when there is none) makes a key of their own in the
+    /// project, now; the audit log shows `api_key.created` by that user's session.
+    /// `None` when the project is unknown.
+    pub fn create_key_by_hand(&self, project_id: &str, email: &str, name: &str) -> Option<SimKey> {
+        let mut st = self.lock();
+        let now = st.now();
+        let existing = st
+            .users
+            .values()
+            .find(|u| u.email == email)
+            .map(|u| u.id.clone());
+        let user = match existing {
+            Some(id) => id,
+            None => {
+                st.project(project_id).ok()?;
+                let name = email.split('@').next().unwrap_or(email).to_owned();
+                st.new_user(&name, email, "member", now)
+            }
+        };
+        let owner = OwnerRef::User(user.clone());
+        let by = SimActor::Session(user);
+        let id = st
+            .new_key(
+                project_id,
+                owner,
+                name,
+                now,
+                None,
+                None,
+                Vec::new(),
+                false,
+                &by,
             )
             .ok()?;
         st.keys.get(&id).map(|k| sim_key(&st, k))
@@ -359,15 +455,28 @@ impl Sim {
             .is_ok()
     }
 
-    /// Deletes a live key, as `DELETE .../api_keys/{id}` would (ignoring faults); false
-    /// when it is unknown or already deleted.
+    /// Deletes a live key, as `DELETE .../api_keys/{id}` would (ignoring faults),
+    /// logged as done by the organization owner in the dashboard; false when it is
+    /// unknown or already deleted.
     pub fn delete_key(&self, key_id: &str) -> bool {
         let mut st = self.lock();
         let now = st.now();
         let Some(project) = st.keys.get(key_id).map(|k| k.project_id.clone()) else {
             return false;
         };
-        st.remove_key(&project, key_id, now).is_ok()
+        let by = st.seed_actor(None);
+        st.remove_key(&project, key_id, now, &by).is_ok()
+    }
+
+    /// Disables a key as OpenAI does a leaked one ([`Faults::disabled_keys`]): still
+    /// listed, every call with it a 401. False when no such key exists.
+    pub fn disable_key(&self, key_id: &str) -> bool {
+        let mut st = self.lock();
+        if !st.keys.contains_key(key_id) {
+            return false;
+        }
+        st.faults.disabled_keys.insert(key_id.to_owned());
+        true
     }
 
     // ----- inspection -----
@@ -439,7 +548,8 @@ impl Sim {
     }
 
     /// Whether a key would work now: not deleted, not expired, project not archived.
-    /// Ignores `reject_verification` (see [`Sim::use_key`] for the full check).
+    /// Ignores `reject_verification` and `disabled_keys` (see [`Sim::use_key`] for the
+    /// full check).
     pub fn is_live(&self, key_id: &str) -> bool {
         let st = self.lock();
         let now = st.now();
@@ -488,14 +598,16 @@ impl Sim {
     }
 
     /// A consumer using a key: exactly what `GET /v1/models` does (moves
-    /// `last_used_at`), without HTTP or request faults. True when the key works.
+    /// `last_used_at`, counts one request of usage), without HTTP or request faults.
+    /// True when the key works.
     pub fn use_key(&self, value: &str) -> bool {
         self.lock().use_key(value)
     }
 
     /// Records usage by project key `key_id` at `at` (Unix seconds): `requests` model
-    /// requests with these token counts, served by `GET /organization/usage/completions`.
-    /// False when no such key exists (deleted keys count).
+    /// requests with these token counts, served by `GET /organization/usage/completions`
+    /// and priced by `GET /organization/costs`. False when no such key exists (deleted
+    /// keys count).
     pub fn record_usage(
         &self,
         key_id: &str,
@@ -517,6 +629,28 @@ impl Sim {
             output_tokens,
         });
         true
+    }
+
+    /// Usage per key with `start <= at < end` (Unix seconds): what the usage endpoint
+    /// would total, both what [`Sim::record_usage`] injected and the calls project keys
+    /// made. Keys without usage in the window are absent.
+    pub fn usage_totals(&self, start: i64, end: i64) -> BTreeMap<String, UsageTotals> {
+        let st = self.lock();
+        let mut totals: BTreeMap<String, UsageTotals> = BTreeMap::new();
+        for u in st.usage.iter().filter(|u| (start..end).contains(&u.at)) {
+            let t = totals.entry(u.key_id.clone()).or_default();
+            t.requests += u.requests;
+            t.input_tokens += u.input_tokens;
+            t.output_tokens += u.output_tokens;
+        }
+        totals
+    }
+
+    /// The audit log, newest first (as `GET /organization/audit_logs` lists it): every
+    /// creation, update and deletion of a key or service account, with its actor. No
+    /// entry holds a key value.
+    pub fn audit_log(&self) -> Vec<SimAuditEntry> {
+        self.lock().audit_entries()
     }
 
     /// The request log, oldest first (the last 200,000 requests).

@@ -33,15 +33,18 @@ pub enum Route {
     DeleteServiceAccount,
     CreateServiceAccountKey,
     /// `GET /v1/organization/usage/completions` (from the usage recorded with
-    /// [`Sim::record_usage`](super::Sim::record_usage)).
+    /// [`Sim::record_usage`](super::Sim::record_usage) and the calls project keys made).
     UsageCompletions,
     /// `GET /v1/organization/costs` (the same usage, priced by `sim::PRICES`).
     Costs,
+    /// `GET /v1/organization/audit_logs` (the key and service-account events the
+    /// simulator recorded, newest first).
+    ListAuditLogs,
 }
 
 impl Route {
     /// Every route, for iteration in tests and docs.
-    pub const ALL: [Route; 22] = [
+    pub const ALL: [Route; 23] = [
         Route::ListModels,
         Route::ListAdminKeys,
         Route::CreateAdminKey,
@@ -64,6 +67,7 @@ impl Route {
         Route::CreateServiceAccountKey,
         Route::UsageCompletions,
         Route::Costs,
+        Route::ListAuditLogs,
     ];
 
     /// The HTTP method.
@@ -71,9 +75,8 @@ impl Route {
         use Route::*;
         match self {
             ListModels | ListAdminKeys | GetAdminKey | ListProjects | GetProject | ListApiKeys
-            | GetApiKey | ListServiceAccounts | GetServiceAccount | UsageCompletions | Costs => {
-                "GET"
-            }
+            | GetApiKey | ListServiceAccounts | GetServiceAccount | UsageCompletions | Costs
+            | ListAuditLogs => "GET",
             CreateAdminKey
             | CreateProject
             | ModifyProject
@@ -111,6 +114,7 @@ impl Route {
             }
             UsageCompletions => "/v1/organization/usage/completions",
             Costs => "/v1/organization/costs",
+            ListAuditLogs => "/v1/organization/audit_logs",
         }
     }
 
@@ -133,6 +137,7 @@ impl Route {
         matches!(
             self,
             Route::ListAdminKeys
+                | Route::ListAuditLogs
                 | Route::ListProjects
                 | Route::ListApiKeys
                 | Route::ListServiceAccounts
@@ -167,6 +172,7 @@ impl From<Endpoint> for Route {
             Endpoint::ListModels => Route::ListModels,
             Endpoint::UsageCompletions => Route::UsageCompletions,
             Endpoint::Costs => Route::Costs,
+            Endpoint::ListAuditLogs => Route::ListAuditLogs,
             Endpoint::ListAdminApiKeys => Route::ListAdminKeys,
             Endpoint::GetAdminApiKey => Route::GetAdminKey,
             Endpoint::CreateAdminApiKey => Route::CreateAdminKey,
@@ -207,6 +213,7 @@ pub(crate) fn match_route(method: &str, path: &str) -> Result<(Route, Ids), Miss
         ["organization", "projects"] => &[ListProjects, CreateProject],
         ["organization", "usage", "completions"] => &[UsageCompletions],
         ["organization", "costs"] => &[Costs],
+        ["organization", "audit_logs"] => &[ListAuditLogs],
         ["organization", "projects", _] => &[GetProject, ModifyProject],
         ["organization", "projects", _, "archive"] => &[ArchiveProject],
         ["organization", "projects", _, "api_keys"] => &[ListApiKeys],

@@ -213,7 +213,8 @@ impl Scenario {
             };
             for s in 0..self.service_accounts_per_project {
                 let sa_name = indexed(&SA_NAMES, s);
-                let Ok(sa_id) = st.new_sa(&pid, &sa_name, "member", long_ago) else {
+                let by = st.seed_actor(None);
+                let Ok(sa_id) = st.new_sa(&pid, &sa_name, "member", long_ago, &by) else {
                     continue;
                 };
                 project
@@ -233,6 +234,7 @@ impl Scenario {
                         None,
                         Vec::new(),
                         false,
+                        &by,
                     ) else {
                         continue;
                     };
@@ -265,6 +267,7 @@ impl Scenario {
                 let handle = user_name.split(' ').next().unwrap_or("user").to_lowercase();
                 let key_name = format!("{handle}-{}", indexed(&USER_KEY_NAMES, j));
                 let owner = OwnerRef::User(user_id.clone());
+                let by = st.seed_actor(Some(&owner));
                 let Ok(key_id) = st.new_key(
                     &pid,
                     owner,
@@ -274,6 +277,7 @@ impl Scenario {
                     None,
                     Vec::new(),
                     false,
+                    &by,
                 ) else {
                     continue;
                 };

@@ -10,6 +10,7 @@
 // Support code shared by the test modules.
 mod e2e;
 mod harness;
+mod spec_schema;
 mod store_support;
 
 mod admin_key;

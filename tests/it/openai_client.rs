@@ -1222,3 +1222,244 @@ async fn costs_per_key_match_the_simulators_price_list_in_the_fewest_pages() {
         .unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
 }
+
+/// A project whose service account has `n` keys: `n + 1` audit-log entries (each
+/// key's creation, a second apart from `start`, an hour ago; then the account's, now).
+/// Returns (project, keys, start).
+fn audited_org(sim: &Sim, n: usize) -> (String, Vec<String>, i64) {
+    let p = sim.add_project("prod-audit");
+    let start = sim.now() - 3600;
+    let sa = sim.add_service_account(&p, "backend").unwrap();
+    let keys = (0..n)
+        .map(|i| {
+            sim.add_key_at(
+                &p,
+                OwnerRef::ServiceAccount(sa.clone()),
+                &format!("k{i}"),
+                start + i as i64,
+                None,
+            )
+            .unwrap()
+            .id
+        })
+        .collect();
+    (p, keys, start)
+}
+
+fn audit_ids(entries: &[keyrotd::openai::models::AuditLog]) -> Vec<String> {
+    entries.iter().map(|e| e.id.clone()).collect()
+}
+
+#[tokio::test]
+async fn audit_logs_are_read_to_the_end_each_page_once() {
+    use keyrotd::openai::models::{AuditEvent, AuditLogQuery, EffectiveAt};
+    let (sim, _server, client) = setup().await;
+    let (p, keys, start) = audited_org(&sim, 249);
+    let truth: Vec<String> = sim.audit_log().into_iter().map(|e| e.id).collect();
+    assert_eq!(truth.len(), 250);
+
+    let all = client.audit_logs(&AuditLogQuery::default()).await.unwrap();
+    assert_eq!(audit_ids(&all), truth);
+    assert_eq!(
+        assert_pages_once(&sim, Route::ListAuditLogs),
+        3,
+        "250 at 100 a page"
+    );
+    for r in sim.requests_to(Route::ListAuditLogs) {
+        assert!(r.query.contains("limit=100"), "{}", r.query);
+    }
+    assert_eq!(
+        client.stats().snapshot(),
+        vec![(Endpoint::ListAuditLogs, 200, 3)]
+    );
+    // Newest first: the account, then the last key's creation, typed.
+    assert_eq!(all[0].kind, "service_account.created");
+    assert_eq!(
+        all[1].event,
+        AuditEvent::ApiKeyCreated {
+            id: Some(keys[248].clone()),
+            scopes: Some(Vec::new())
+        }
+    );
+    assert_eq!(
+        all[0].project.as_ref().unwrap().id.as_deref(),
+        Some(p.as_str())
+    );
+    assert_eq!(all[249].resource_id(), Some(keys[0].as_str()));
+
+    // Forward from `after`; backward from `before` (returned in listing order); both.
+    sim.clear_requests();
+    let q = |after: Option<usize>, before: Option<usize>, limit| AuditLogQuery {
+        after: after.map(|i| truth[i].clone()),
+        before: before.map(|i| truth[i].clone()),
+        limit,
+        ..AuditLogQuery::default()
+    };
+    let got = client.audit_logs(&q(Some(49), None, None)).await.unwrap();
+    assert_eq!(audit_ids(&got), truth[50..].to_vec());
+    assert_eq!(sim.requests_to(Route::ListAuditLogs).len(), 2);
+    sim.clear_requests();
+    let got = client
+        .audit_logs(&q(None, Some(200), Some(30)))
+        .await
+        .unwrap();
+    assert_eq!(audit_ids(&got), truth[..200].to_vec());
+    assert_eq!(
+        assert_pages_once(&sim, Route::ListAuditLogs),
+        7,
+        "200 at 30 a page"
+    );
+    assert!(sim.requests_to(Route::ListAuditLogs)[1]
+        .query
+        .contains(&format!("before={}", truth[170])));
+    sim.clear_requests();
+    let got = client
+        .audit_logs(&q(Some(10), Some(240), Some(100)))
+        .await
+        .unwrap();
+    assert_eq!(audit_ids(&got), truth[11..240].to_vec());
+    assert_eq!(sim.requests_to(Route::ListAuditLogs).len(), 3);
+
+    // Filters go as the schema's array and range parameters.
+    sim.clear_requests();
+    let from = start + 100;
+    let filtered = client
+        .audit_logs(&AuditLogQuery {
+            event_types: vec!["api_key.created".into()],
+            effective_at: EffectiveAt {
+                gte: Some(from),
+                lt: Some(from + 50),
+                ..EffectiveAt::default()
+            },
+            project_ids: vec![p.clone()],
+            ..AuditLogQuery::default()
+        })
+        .await
+        .unwrap();
+    let want: Vec<String> = keys[100..150].iter().rev().cloned().collect();
+    let got: Vec<String> = filtered
+        .iter()
+        .map(|e| e.resource_id().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, want);
+    let sent = &sim.requests_to(Route::ListAuditLogs)[0].query;
+    for part in [
+        "event_types%5B%5D=api_key.created".to_owned(),
+        format!("effective_at%5Bgte%5D={from}"),
+        format!("effective_at%5Blt%5D={}", from + 50),
+        format!("project_ids%5B%5D={p}"),
+    ] {
+        assert!(sent.contains(&part), "{part} in {sent}");
+    }
+    let one = client
+        .audit_logs(&AuditLogQuery {
+            resource_ids: vec![keys[7].clone()],
+            ..AuditLogQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].resource_id(), Some(keys[7].as_str()));
+}
+
+#[tokio::test]
+async fn audit_logs_failures() {
+    use keyrotd::openai::models::AuditLogQuery;
+    use keyrotd::sim::{BadCursor, CursorFault};
+    let (sim, _server, client) = setup().await;
+    audited_org(&sim, 249);
+    let q = AuditLogQuery::default();
+    let statuses = |sim: &Sim| -> Vec<u16> {
+        sim.requests_to(Route::ListAuditLogs)
+            .iter()
+            .map(|r| r.status)
+            .collect()
+    };
+
+    // 429 with retry-after, between pages: waited for, then the listing goes on.
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::Seconds(1),
+        malformed_next: Vec::new(),
+        ..Faults::default().fail_next(Route::ListAuditLogs, 429, 1)
+    });
+    let started = Instant::now();
+    assert_eq!(client.audit_logs(&q).await.unwrap().len(), 250);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(statuses(&sim), vec![429, 200, 200, 200]);
+    // 429 without retry-after: backoff, and no page fetched twice.
+    sim.clear_requests();
+    sim.set_faults(Faults {
+        retry_after: RetryAfter::None,
+        ..Faults::default().fail_next(Route::ListAuditLogs, 429, 2)
+    });
+    assert_eq!(client.audit_logs(&q).await.unwrap().len(), 250);
+    assert_eq!(statuses(&sim), vec![429, 429, 200, 200, 200]);
+    // Transient 5xx are retried; persistent ones fail after max_retries.
+    sim.clear_requests();
+    sim.set_faults(Faults::default().fail_next(Route::ListAuditLogs, 502, 2));
+    assert_eq!(client.audit_logs(&q).await.unwrap().len(), 250);
+    sim.clear_requests();
+    sim.set_faults(Faults::default().fail_next(Route::ListAuditLogs, 500, 100));
+    let err = client.audit_logs(&q).await.unwrap_err();
+    assert!(err.is_temporary() && err.status() == Some(500), "{err:?}");
+    assert_eq!(sim.requests_to(Route::ListAuditLogs).len(), 4);
+
+    // Bad JSON on a later page fails the whole listing.
+    for kind in [
+        Malformation::Truncated,
+        Malformation::NotJson,
+        Malformation::WrongShape,
+    ] {
+        sim.set_faults(Faults {
+            malformed_next: vec![MalformedNext {
+                route: Some(Route::ListAuditLogs),
+                kind,
+                skip: 1,
+                remaining: 1,
+            }],
+            ..Faults::default()
+        });
+        let err = client.audit_logs(&q).await.unwrap_err();
+        assert!(
+            matches!(&err, ApiError::Decode { endpoint, .. } if endpoint == "list_audit_logs"),
+            "{kind:?}: {err:?}"
+        );
+        assert!(!err.is_temporary());
+    }
+
+    // A cursor that comes back is a loop, not an endless listing.
+    sim.set_faults(Faults {
+        bad_cursor: Some(BadCursor {
+            route: Route::ListAuditLogs,
+            kind: CursorFault::Cycle(2),
+        }),
+        ..Faults::default()
+    });
+    let err = client.audit_logs(&q).await.unwrap_err();
+    assert!(
+        matches!(&err, ApiError::CursorLoop { endpoint, pages: 3, .. } if endpoint == "list_audit_logs"),
+        "{err:?}"
+    );
+    sim.set_faults(Faults::default());
+
+    // The API's own refusals: a bad cursor (400, not retried) and a wrong admin key.
+    sim.clear_requests();
+    let err = client
+        .audit_logs(&AuditLogQuery {
+            after: Some("audit_log-gone".into()),
+            ..AuditLogQuery::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("after"), "{err}");
+    assert_eq!(sim.requests_to(Route::ListAuditLogs).len(), 1);
+    let wrong = Client::new(
+        config(&_server.base_url),
+        SecretString::from("sk-admin-wrong"),
+    )
+    .unwrap();
+    let err = wrong.audit_logs(&q).await.unwrap_err();
+    assert!(matches!(err, ApiError::Unauthorized { .. }), "{err:?}");
+    assert!(!err.to_string().contains("sk-admin-wrong"), "{err}");
+}

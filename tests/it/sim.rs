@@ -1259,3 +1259,455 @@ async fn costs_price_the_recorded_usage() {
         .await;
     assert_eq!(status, 400, "{err}");
 }
+
+/// The admin key's id, as audit-log actors name it.
+fn admin_key_id(sim: &Sim) -> String {
+    sim.admin_keys()
+        .into_iter()
+        .find(|k| k.value == ADMIN)
+        .expect("initial admin key")
+        .id
+}
+
+#[tokio::test]
+async fn audit_log_records_every_key_and_service_account_change_with_its_actor() {
+    let api = Api::new().await;
+    let p = api.sim.add_project("prod-a");
+    let before = api.sim.audit_log().len();
+    // Through the API, with the admin key.
+    let base = format!("/organization/projects/{p}/service_accounts");
+    let (status, sa) = api
+        .call(Method::POST, &base, Some(json!({"name": "backend"})))
+        .await;
+    assert_eq!(status, 200, "{sa}");
+    let sa_id = sa["id"].as_str().unwrap().to_owned();
+    let first_key = sa["api_key"]["id"].as_str().unwrap().to_owned();
+    let (_, second) = api
+        .call(
+            Method::POST,
+            &format!("{base}/{sa_id}/api_keys"),
+            Some(json!({"name": "second", "scopes": ["api.model.read"]})),
+        )
+        .await;
+    let second_key = second["id"].as_str().unwrap().to_owned();
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("/organization/projects/{p}/api_keys/{second_key}"),
+            Some(json!({"scopes": ["api.all.read"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("{base}/{sa_id}"),
+            Some(json!({"role": "owner"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // By hand, in the dashboard.
+    let hand = api
+        .sim
+        .create_key_by_hand(&p, "dana@example.com", "laptop")
+        .unwrap();
+    assert_eq!(api.sim.key(&hand.id).unwrap().owner_name, "dana");
+    let (status, _) = api
+        .call(Method::DELETE, &format!("{base}/{sa_id}"), None)
+        .await;
+    assert_eq!(status, 200);
+
+    let (status, page) = api.get("/organization/audit_logs?limit=100").await;
+    assert_eq!(status, 200, "{page}");
+    crate::spec_schema::assert_conforms("ListAuditLogsResponse", &page);
+    let text = page.to_string();
+    for k in [&first_key, &second_key, &hand.id] {
+        let value = api.sim.key_value(k).unwrap();
+        assert!(!text.contains(&value), "a key value in the audit log");
+    }
+    let entries: Vec<&Value> = page["data"].as_array().unwrap()[..]
+        .iter()
+        .take(page["data"].as_array().unwrap().len() - before)
+        .collect();
+    // Newest first.
+    let summary: Vec<(String, String)> = entries
+        .iter()
+        .map(|e| {
+            let kind = e["type"].as_str().unwrap().to_owned();
+            (kind.clone(), e[&kind]["id"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    let s = |k: &str, id: &str| (k.to_owned(), id.to_owned());
+    assert_eq!(
+        summary,
+        vec![
+            s("service_account.deleted", &sa_id),
+            s("api_key.deleted", &second_key),
+            s("api_key.deleted", &first_key),
+            s("api_key.created", &hand.id),
+            s("service_account.updated", &sa_id),
+            s("api_key.updated", &second_key),
+            s("api_key.created", &second_key),
+            s("api_key.created", &first_key),
+            s("service_account.created", &sa_id),
+        ],
+        "{page:#}"
+    );
+    let admin_id = admin_key_id(&api.sim);
+    for e in &entries {
+        assert_eq!(e["project"]["id"], p.as_str(), "{e}");
+        assert_eq!(e["project"]["name"], "prod-a");
+        let kind = e["type"].as_str().unwrap();
+        if e[kind]["id"] == hand.id.as_str() {
+            assert_eq!(e["actor"]["type"], "session", "{e}");
+            assert_eq!(
+                e["actor"]["session"]["user"]["email"], "dana@example.com",
+                "{e}"
+            );
+            assert!(e["actor"]["session"]["ip_address"].is_string());
+        } else {
+            assert_eq!(e["actor"]["type"], "api_key", "{e}");
+            assert_eq!(e["actor"]["api_key"]["id"], admin_id.as_str(), "{e}");
+            assert_eq!(e["actor"]["api_key"]["type"], "user");
+            assert_eq!(e["actor"]["api_key"]["user"]["email"], "owner@example.com");
+        }
+    }
+    let by_kind = |kind: &str| entries.iter().find(|e| e["type"] == kind).unwrap()[kind].clone();
+    assert_eq!(
+        by_kind("api_key.updated")["changes_requested"]["scopes"],
+        json!(["api.all.read"])
+    );
+    assert_eq!(
+        by_kind("service_account.updated")["changes_requested"]["role"],
+        "owner"
+    );
+    assert_eq!(by_kind("service_account.created")["data"]["role"], "member");
+    // The ground truth says the same.
+    let truth = api.sim.audit_log();
+    assert_eq!(truth.len(), page["data"].as_array().unwrap().len());
+    for (t, e) in truth.iter().zip(page["data"].as_array().unwrap()) {
+        assert_eq!(t.id, e["id"].as_str().unwrap());
+        assert_eq!(t.kind, e["type"].as_str().unwrap());
+        assert_eq!(t.effective_at, e["effective_at"].as_i64().unwrap());
+    }
+    assert!(matches!(&truth[0].actor, keyrotd::sim::SimActor::AdminKey(id) if *id == admin_id));
+}
+
+#[tokio::test]
+async fn audit_log_filters_and_pages_like_the_official_schema() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let other = api.sim.add_project("dev-b");
+    let t0 = api.sim.now();
+    let mut keys = Vec::new();
+    for i in 0..25 {
+        api.sim.advance(Duration::from_secs(10));
+        let k = api
+            .sim
+            .add_key(&p, OwnerRef::ServiceAccount(sa.clone()), &format!("k{i}"))
+            .unwrap();
+        keys.push(k.id);
+    }
+    let hand = api
+        .sim
+        .create_key_by_hand(&other, "erin@example.com", "notebook")
+        .unwrap();
+    assert!(api.sim.delete_key(&keys[3]));
+    let all = api.sim.audit_log();
+    // service_account.created + 25 + 1 created + 1 deleted.
+    assert_eq!(all.len(), 28);
+
+    // Default limit 20; `after` walks on; first_id / last_id name the page's ends.
+    let (status, page1) = api.get("/organization/audit_logs").await;
+    assert_eq!(status, 200);
+    crate::spec_schema::assert_conforms("ListAuditLogsResponse", &page1);
+    assert_eq!(ids(&page1).len(), 20);
+    assert_eq!(page1["has_more"], true);
+    assert_eq!(page1["first_id"], all[0].id.as_str());
+    assert_eq!(page1["last_id"], all[19].id.as_str());
+    let (_, page2) = api
+        .get(&format!(
+            "/organization/audit_logs?after={}",
+            page1["last_id"].as_str().unwrap()
+        ))
+        .await;
+    crate::spec_schema::assert_conforms("ListAuditLogsResponse", &page2);
+    assert_eq!(page2["has_more"], false);
+    let walked: Vec<String> = ids(&page1).into_iter().chain(ids(&page2)).collect();
+    let want: Vec<String> = all.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(walked, want);
+    // `before`: the entries just before the cursor, in listing order.
+    let (_, back) = api
+        .get(&format!(
+            "/organization/audit_logs?limit=5&before={}",
+            all[12].id
+        ))
+        .await;
+    assert_eq!(ids(&back), want[7..12].to_vec());
+    assert_eq!(back["has_more"], true);
+    let (_, back) = api
+        .get(&format!(
+            "/organization/audit_logs?limit=5&before={}",
+            all[3].id
+        ))
+        .await;
+    assert_eq!(ids(&back), want[..3].to_vec());
+    assert_eq!(back["has_more"], false);
+    let (_, between) = api
+        .get(&format!(
+            "/organization/audit_logs?after={}&before={}",
+            all[9].id, all[2].id
+        ))
+        .await;
+    assert_eq!(
+        ids(&between),
+        Vec::<String>::new(),
+        "before lies above after"
+    );
+    let (_, between) = api
+        .get(&format!(
+            "/organization/audit_logs?after={}&before={}",
+            all[2].id, all[9].id
+        ))
+        .await;
+    assert_eq!(ids(&between), want[3..9].to_vec());
+
+    // Filters.
+    let only = |query: &str| {
+        let query = query.to_owned();
+        let api = &api;
+        async move {
+            let (status, page) = api
+                .get(&format!("/organization/audit_logs?limit=100&{query}"))
+                .await;
+            assert_eq!(status, 200, "{query}: {page}");
+            crate::spec_schema::assert_conforms("ListAuditLogsResponse", &page);
+            ids(&page)
+        }
+    };
+    let expect = |f: &dyn Fn(&keyrotd::sim::SimAuditEntry) -> bool| -> Vec<String> {
+        all.iter().filter(|e| f(e)).map(|e| e.id.clone()).collect()
+    };
+    assert_eq!(
+        only("event_types[]=api_key.deleted").await,
+        expect(&|e| e.kind == "api_key.deleted")
+    );
+    assert_eq!(
+        only("event_types[]=api_key.deleted&event_types[]=service_account.created").await,
+        expect(&|e| e.kind == "api_key.deleted" || e.kind == "service_account.created")
+    );
+    assert_eq!(
+        only(&format!("project_ids[]={other}")).await,
+        vec![all
+            .iter()
+            .find(|e| e.resource_id == hand.id)
+            .unwrap()
+            .id
+            .clone()]
+    );
+    assert_eq!(
+        only(&format!("resource_ids[]={}", keys[3])).await,
+        expect(&|e| e.resource_id == keys[3])
+    );
+    assert_eq!(only(&format!("resource_ids[]={}", keys[3])).await.len(), 2);
+    let (lo, hi) = (t0 + 50, t0 + 100);
+    assert_eq!(
+        only(&format!("effective_at[gte]={lo}&effective_at[lt]={hi}")).await,
+        expect(&|e| (lo..hi).contains(&e.effective_at))
+    );
+    assert_eq!(
+        only(&format!("effective_at[gt]={lo}&effective_at[lte]={hi}")).await,
+        expect(&|e| e.effective_at > lo && e.effective_at <= hi)
+    );
+    assert_eq!(
+        only("actor_emails[]=erin@example.com").await,
+        expect(&|e| e.resource_id == hand.id)
+    );
+    // An admin key id as actor: nothing here was made through the API.
+    assert!(only(&format!("actor_ids[]={}", admin_key_id(&api.sim)))
+        .await
+        .is_empty());
+
+    for bad in [
+        "/organization/audit_logs?limit=0",
+        "/organization/audit_logs?limit=101",
+        "/organization/audit_logs?after=audit_log-nope",
+        "/organization/audit_logs?before=audit_log-nope",
+        "/organization/audit_logs?effective_at[gt]=yesterday",
+        "/organization/audit_logs?tenant_only=maybe",
+    ] {
+        let (status, err) = api.get(bad).await;
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert_error_shape(&err);
+    }
+    let (status, _) = api
+        .call_as(None, Method::GET, "/organization/audit_logs", None)
+        .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn usage_and_costs_responses_follow_the_official_schemas() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa), "k")
+        .unwrap();
+    let day = 86_400;
+    let start = (api.sim.now() / day - 2) * day;
+    assert!(api.sim.record_usage(&key.id, start + 10, 2, 300, 40));
+    for query in [
+        format!("/organization/usage/completions?start_time={start}"),
+        format!("/organization/usage/completions?start_time={start}&bucket_width=1h&limit=3"),
+        format!("/organization/usage/completions?start_time={start}&group_by[]=api_key_id&group_by[]=model&group_by[]=project_id"),
+        format!("/organization/costs?start_time={start}"),
+        format!("/organization/costs?start_time={start}&group_by=line_item&group_by=api_key_id&group_by=project_id"),
+    ] {
+        let (status, page) = api.get(&query).await;
+        assert_eq!(status, 200, "{query}: {page}");
+        crate::spec_schema::assert_conforms("UsageResponse", &page);
+        assert!(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| !b["results"].as_array().unwrap().is_empty()),
+            "{query}: no results to check in {page}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn project_key_calls_count_as_usage_per_minute() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let key = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa.clone()), "k")
+        .unwrap();
+    let idle = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa), "idle")
+        .unwrap();
+    let minute = (api.sim.now() / 60 + 1) * 60;
+    api.sim
+        .advance(Duration::from_secs((minute - api.sim.now()) as u64));
+    for _ in 0..3 {
+        let (status, _) = api
+            .call_as(Some(&key.value), Method::GET, "/models", None)
+            .await;
+        assert_eq!(status, 200);
+    }
+    api.sim.advance(Duration::from_secs(60));
+    assert!(api.sim.use_key(&key.value));
+    // A rejected call is no usage.
+    assert!(api.sim.delete_key(&idle.id));
+    let (status, _) = api
+        .call_as(Some(&idle.value), Method::GET, "/models", None)
+        .await;
+    assert_eq!(status, 401);
+
+    let (status, page) = api
+        .get(&format!(
+            "/organization/usage/completions?start_time={minute}&end_time={}&bucket_width=1m\
+             &group_by=api_key_id",
+            minute + 120
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    crate::spec_schema::assert_conforms("UsageResponse", &page);
+    let per_minute: Vec<Vec<(String, u64)>> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            b["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r["api_key_id"].as_str().unwrap().to_owned(),
+                        r["num_model_requests"].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        per_minute,
+        vec![vec![(key.id.clone(), 3)], vec![(key.id.clone(), 1)]]
+    );
+    let totals = api.sim.usage_totals(minute, minute + 120);
+    assert_eq!(totals.len(), 1);
+    assert_eq!(totals[&key.id].requests, 4);
+    assert_eq!(totals[&key.id].input_tokens, 0);
+}
+
+#[tokio::test]
+async fn disabled_and_expired_keys_fail_authentication_everywhere() {
+    let api = Api::new().await;
+    let (p, sa) = sa_project(&api.sim);
+    let leaked = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa.clone()), "leaked")
+        .unwrap();
+    let fine = api
+        .sim
+        .add_key(&p, OwnerRef::ServiceAccount(sa.clone()), "fine")
+        .unwrap();
+    let projects = "/organization/projects";
+    // Live: 200 on /models, 403 on an admin endpoint.
+    let (status, _) = api
+        .call_as(Some(&leaked.value), Method::GET, "/models", None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = api
+        .call_as(Some(&leaked.value), Method::GET, projects, None)
+        .await;
+    assert_eq!(status, 403);
+
+    assert!(api.sim.disable_key(&leaked.id));
+    assert!(!api.sim.disable_key("key_missing"));
+    for path in ["/models", projects] {
+        let (status, err) = api
+            .call_as(Some(&leaked.value), Method::GET, path, None)
+            .await;
+        assert_eq!(status, 401, "{path}: {err}");
+        assert_eq!(assert_error_shape(&err)["code"], "invalid_api_key");
+        assert!(!err.to_string().contains(&leaked.value), "{err}");
+    }
+    assert!(!api.sim.use_key(&leaked.value));
+    assert!(api.sim.use_key(&fine.value), "only the disabled key");
+    // Still listed, as before.
+    let (_, listed) = api
+        .get(&format!("{projects}/{p}/api_keys?owner_project_access=any"))
+        .await;
+    assert!(ids(&listed).contains(&leaked.id));
+
+    // An expired key: the same 401 on both, and it cannot be updated.
+    let (_, created) = api
+        .call(
+            Method::POST,
+            &format!("{projects}/{p}/service_accounts/{sa}/api_keys"),
+            Some(json!({"expires_in_seconds": 60})),
+        )
+        .await;
+    let value = created["value"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    api.sim.advance(Duration::from_secs(61));
+    for path in ["/models", projects] {
+        let (status, err) = api.call_as(Some(&value), Method::GET, path, None).await;
+        assert_eq!(status, 401, "{path}: {err}");
+    }
+    let (status, err) = api
+        .call(
+            Method::POST,
+            &format!("{projects}/{p}/api_keys/{id}"),
+            Some(json!({"expires_in_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(assert_error_shape(&err)["code"], "api_key_expired");
+}

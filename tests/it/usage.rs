@@ -83,3 +83,237 @@ async fn a_used_previous_key_is_kept_until_max_grace_an_unused_one_goes_after_mi
             .use_key(st.current.as_ref().unwrap().api_key.expose_secret()));
     }
 }
+
+/// Issue 16's acceptance: usage, costs and audit logs of an organization of 2,000 keys
+/// with a week of usage, read through the client, equal the simulator's ground truth
+/// per key, in the fewest requests the pagination allows (counted by the simulator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_costs_and_audit_logs_of_2000_keys_over_a_week_match_the_simulator() {
+    use std::collections::BTreeMap;
+
+    use keyrotd::openai::models::{
+        AuditActorType, AuditLogQuery, EffectiveAt, UpdateKeyRequest, UsageQuery,
+    };
+    use keyrotd::openai::{Client, ClientConfig, Endpoint};
+    use keyrotd::sim::{OwnerRef, Route, Sim, SimActor, PRICES};
+    use secrecy::SecretString;
+
+    const ADMIN: &str = "sk-admin-usage-acceptance-0123456789";
+    let sim = Sim::with_seed(ADMIN, 16);
+    let server = sim.start().await.expect("start sim");
+    let client = Client::new(
+        ClientConfig {
+            base_url: server.base_url.clone(),
+            request_timeout: Duration::from_secs(10),
+            max_retries: 3,
+            max_retry_after: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(5),
+            max_pages: keyrotd::openai::DEFAULT_MAX_PAGES,
+            max_response_bytes: keyrotd::openai::DEFAULT_MAX_RESPONSE_BYTES,
+        },
+        SecretString::from(ADMIN),
+    )
+    .unwrap();
+    let week = 7 * 86_400;
+    let start = sim.now() - week;
+
+    // 20 projects of 100 keys: 90 of a service account's, created over the week (the
+    // organization owner, in the dashboard), and 10 made by hand by a developer.
+    let mut keys: Vec<(String, String)> = Vec::new(); // (project, key)
+    let mut n = 0u64;
+    let mut next = || {
+        n = n
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        n >> 33
+    };
+    for p in 0..20 {
+        let project = sim.add_project(&format!("prod-{p}"));
+        let sa = sim.add_service_account(&project, "backend").unwrap();
+        for i in 0..100 {
+            let key = if i % 10 == 0 {
+                sim.create_key_by_hand(&project, &format!("dev{p}@example.com"), &format!("h{i}"))
+            } else {
+                let at = start + (next() % (week as u64 / 2)) as i64;
+                sim.add_key_at(
+                    &project,
+                    OwnerRef::ServiceAccount(sa.clone()),
+                    &format!("k{i}"),
+                    at,
+                    None,
+                )
+            };
+            keys.push((project.clone(), key.unwrap().id));
+        }
+    }
+    assert_eq!(keys.len(), 2000);
+    // A week of usage: injected requests and tokens, plus real calls with some keys.
+    for (_, key) in &keys {
+        for _ in 0..(next() % 6) {
+            let at = start + (next() % week as u64) as i64;
+            let (requests, input) = (1 + next() % 20, next() % 50_000);
+            assert!(sim.record_usage(key, at, requests, input, input / 7));
+        }
+        // Before the window: never counted.
+        sim.record_usage(key, start - 1, 5, 5, 5);
+    }
+    for (i, (_, key)) in keys.iter().enumerate().filter(|(i, _)| i % 97 == 0) {
+        let value = SecretString::from(sim.key_value(key).unwrap());
+        for _ in 0..(1 + i % 3) {
+            client.verify_key(&value).await.unwrap();
+        }
+    }
+    // Changes through the API, with the admin key: 100 updates, 50 deletions.
+    for (project, key) in keys.iter().skip(1).step_by(20) {
+        let req = UpdateKeyRequest {
+            scopes: Some(vec!["api.all.read".into()]),
+            ..UpdateKeyRequest::default()
+        };
+        client.update_api_key(project, key, &req).await.unwrap();
+    }
+    for (project, key) in keys.iter().skip(3).step_by(40) {
+        client.delete_api_key(project, key).await.unwrap();
+    }
+    let end = sim.now() + 60;
+    sim.clear_requests();
+
+    // Usage: 8 or 9 daily buckets, 31 a page at most: one request.
+    let usage = client
+        .usage_completions(&UsageQuery {
+            start_time: start,
+            end_time: Some(end),
+            bucket_width: Some("1d".into()),
+            group_by: vec!["api_key_id".into()],
+            limit: Some(31),
+            ..UsageQuery::default()
+        })
+        .await
+        .unwrap();
+    let truth = sim.usage_totals(start, end);
+    assert!(truth.len() > 1500, "{} keys with usage", truth.len());
+    let mut got: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    for r in usage.iter().flat_map(|b| &b.results) {
+        let t = got.entry(r.api_key_id.clone().unwrap()).or_default();
+        t.0 += r.num_model_requests;
+        t.1 += r.input_tokens;
+        t.2 += r.output_tokens;
+    }
+    let want: BTreeMap<String, (u64, u64, u64)> = truth
+        .iter()
+        .map(|(k, t)| (k.clone(), (t.requests, t.input_tokens, t.output_tokens)))
+        .collect();
+    assert_eq!(got, want);
+    let verified = &keys[97].1;
+    assert!(truth[verified].requests >= 2, "verify calls count");
+
+    // Costs: daily buckets, 180 a page at most: one request.
+    let costs = client
+        .costs(&UsageQuery {
+            start_time: start,
+            end_time: Some(end),
+            group_by: vec!["api_key_id".into()],
+            limit: Some(180),
+            ..UsageQuery::default()
+        })
+        .await
+        .unwrap();
+    let [(_, input_price), (_, output_price)] = PRICES;
+    let mut cost: BTreeMap<String, f64> = BTreeMap::new();
+    for r in costs.iter().flat_map(|b| &b.results) {
+        *cost.entry(r.api_key_id.clone().unwrap()).or_default() += r.amount.as_ref().unwrap().value;
+    }
+    assert_eq!(cost.len(), truth.len());
+    for (k, t) in &truth {
+        let want =
+            (t.input_tokens as f64 * input_price + t.output_tokens as f64 * output_price) / 1e6;
+        assert!(
+            (cost[k] - want).abs() <= 1e-9 * want.max(1.0),
+            "{k}: {} vs {want}",
+            cost[k]
+        );
+    }
+
+    // Audit logs of the week: every entry, 100 a page.
+    let audit = client
+        .audit_logs(&AuditLogQuery {
+            effective_at: EffectiveAt {
+                gte: Some(start),
+                ..EffectiveAt::default()
+            },
+            ..AuditLogQuery::default()
+        })
+        .await
+        .unwrap();
+    let ground = sim.audit_log();
+    assert_eq!(
+        ground.len(),
+        20 + 2000 + 100 + 50,
+        "accounts, keys, updates, deletions"
+    );
+    let count = |entries: Vec<(String, String)>| {
+        let mut per: BTreeMap<(String, String), u32> = BTreeMap::new();
+        for e in entries {
+            *per.entry(e).or_default() += 1;
+        }
+        per
+    };
+    assert_eq!(
+        count(
+            audit
+                .iter()
+                .map(|e| (e.resource_id().unwrap().to_owned(), e.kind.clone()))
+                .collect()
+        ),
+        count(
+            ground
+                .iter()
+                .map(|e| (e.resource_id.clone(), e.kind.clone()))
+                .collect()
+        )
+    );
+    let admin_id = sim.admin_keys()[0].id.clone();
+    for (e, g) in audit.iter().zip(&ground) {
+        assert_eq!(e.id, g.id, "in the simulator's order");
+        let actor = e.actor.as_ref().unwrap();
+        match &g.actor {
+            SimActor::AdminKey(id) => {
+                assert_eq!(id, &admin_id);
+                assert_eq!(actor.kind, AuditActorType::ApiKey);
+                assert_eq!(
+                    actor.api_key.as_ref().unwrap().id.as_deref(),
+                    Some(id.as_str())
+                );
+            }
+            SimActor::Session(_) => assert_eq!(actor.kind, AuditActorType::Session),
+        }
+    }
+    let by_hand = audit
+        .iter()
+        .filter(|e| {
+            e.actor
+                .as_ref()
+                .unwrap()
+                .email()
+                .is_some_and(|m| m.starts_with("dev"))
+        })
+        .count();
+    assert_eq!(by_hand, 200);
+
+    // The fewest requests: 1 + 1 + ceil(2170 / 100), each once, each a 200.
+    let pages = ground.len().div_ceil(100);
+    for (route, want) in [
+        (Route::UsageCompletions, 1),
+        (Route::Costs, 1),
+        (Route::ListAuditLogs, pages),
+    ] {
+        let reqs = sim.requests_to(route);
+        assert_eq!(reqs.len(), want, "{route}");
+        assert!(reqs.iter().all(|r| r.status == 200), "{route}: {reqs:?}");
+    }
+    assert_eq!(sim.requests().len(), 2 + pages);
+    let stats = client.stats().snapshot();
+    assert!(
+        stats.contains(&(Endpoint::ListAuditLogs, 200, pages as u64)),
+        "{stats:?}"
+    );
+}
