@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::config::{PolicyConfig, Rule, UserKeys};
@@ -356,7 +356,18 @@ impl Engine {
                 if self.shutdown.is_cancelled() {
                     return None;
                 }
-                let slot::RunResult { outcome, performed } = slot::run(self, &slot, keys).await;
+                // Every line of the slot's run carries its ids and names. At ERROR so
+                // that no level filter drops it while it would keep the events inside.
+                let span = tracing::error_span!(
+                    "slot",
+                    rule = %slot.rule_name,
+                    project_id = %slot.project_id,
+                    project_name = %slot.project_name,
+                    service_account_id = %slot.service_account_id,
+                    service_account_name = %slot.service_account_name,
+                );
+                let slot::RunResult { outcome, performed } =
+                    slot::run(self, &slot, keys).instrument(span).await;
                 match &outcome {
                     Ok(SlotOutcome::Rotated { key_id }) => {
                         self.notifier.send(Notice::RotationCompleted {

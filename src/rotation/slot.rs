@@ -165,7 +165,7 @@ async fn run_slot(
 ) -> SlotResult<SlotOutcome> {
     if !slot.collisions.is_empty() {
         for c in &slot.collisions {
-            error!(event = "slot.collision", project_id = %slot.project_id, service_account_id = %slot.service_account_id, rule = %slot.rule_name, store = %c.store, path = %c.path, other_project_id = %c.project_id, other_service_account_id = %c.service_account_id, other_rule = %c.rule, outcome = "collision", "two slots render the same store path; neither is rotated until the configuration or the names change");
+            error!(event = "slot.collision", store = %c.store, path = %c.path, other_project_id = %c.project_id, other_service_account_id = %c.service_account_id, other_rule = %c.rule, outcome = "collision", "two slots render the same store path; neither is rotated until the configuration or the names change");
         }
         eng.metrics.slot_collision();
         let all: Vec<String> = slot.collisions.iter().map(|c| c.to_string()).collect();
@@ -448,7 +448,7 @@ impl SlotRun<'_> {
                     retire_after: None,
                 }];
                 st.book.released_until = None;
-                info!(event = "slot.state_imported", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, path = %self.slot.path, how, key_id = %st.current.as_ref().map(|c| c.key_id.as_str()).unwrap_or("-"), "state record created from what the store or a former store held; nothing minted");
+                info!(event = "slot.state_imported", store = %store, path = %self.slot.path, how, key_id = %st.current.as_ref().map(|c| c.key_id.as_str()).unwrap_or("-"), "state record created from what the store or a former store held; nothing minted");
                 let current = st.current.clone();
                 self.apply(i, &Transition::Import(Box::new(st))).await?;
                 let clean = here.legacy.is_none()
@@ -478,7 +478,7 @@ impl SlotRun<'_> {
                     .map(|l| l.path.clone())
                     .collect();
                 if !from.is_empty() {
-                    info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, from = ?from, to = %self.slot.path, key_id = %current.key_id, "the slot's path changed: serving the same key at the new path; the old paths keep it until the grace period ends");
+                    info!(event = "slot.moved", store = %store, from = ?from, to = %self.slot.path, key_id = %current.key_id, "the slot's path changed: serving the same key at the new path; the old paths keep it until the grace period ends");
                 }
                 self.apply(
                     i,
@@ -500,7 +500,7 @@ impl SlotRun<'_> {
                 if fine || retiring {
                     continue;
                 }
-                info!(event = "secret.republished", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %store, path = %self.docs[i][d].0, key_id = %current.key_id, found = ?served, "the consumer document does not serve the current key; writing it again");
+                info!(event = "secret.republished", store = %store, path = %self.docs[i][d].0, key_id = %current.key_id, found = ?served, "the consumer document does not serve the current key; writing it again");
                 self.write_doc(i, d, Some(&current)).await?;
             }
             self.retire_locations(i, now).await?;
@@ -558,7 +558,7 @@ impl SlotRun<'_> {
         else {
             return Ok(());
         };
-        info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, to = %self.slot.path, key_id = %rec.key_id, "serving the slot's current key at a path that held nothing; nothing minted");
+        info!(event = "slot.moved", store = %self.stores[i].0, to = %self.slot.path, key_id = %rec.key_id, "serving the slot's current key at a path that held nothing; nothing minted");
         let key_id = rec.key_id.clone();
         self.apply(i, &Transition::Stage(rec)).await?;
         self.apply(i, &Transition::Promote { key_id, at: now })
@@ -597,7 +597,7 @@ impl SlotRun<'_> {
         let Some((from, rec)) = found else {
             return Ok(false);
         };
-        info!(event = "slot.moved", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %name, from = %from, to = %self.slot.path, key_id = %rec.key_id, "the slot's secret was renamed: serving the same key under the new name; the former secret keeps it until the grace period ends");
+        info!(event = "slot.moved", store = %name, from = %from, to = %self.slot.path, key_id = %rec.key_id, "the slot's secret was renamed: serving the same key under the new name; the former secret keeps it until the grace period ends");
         let mut st = SlotState {
             current: Some(rec),
             ..SlotState::default()
@@ -631,7 +631,7 @@ impl SlotRun<'_> {
             if mine {
                 store.remove(&path, &former.version).await?;
             }
-            info!(event = "location.retired", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %name, path = %path, removed = mine, "the grace period of a former secret is over");
+            info!(event = "location.retired", store = %name, path = %path, removed = mine, "the grace period of a former secret is over");
             self.apply(i, &Transition::DropLocation { path }).await?;
         }
         Ok(())
@@ -683,7 +683,7 @@ impl SlotRun<'_> {
             if mine {
                 self.write_doc(i, d, None).await?;
             }
-            info!(event = "location.retired", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, path = %path, removed = mine, "the grace period of a former path is over");
+            info!(event = "location.retired", store = %self.stores[i].0, path = %path, removed = mine, "the grace period of a former path is over");
             self.apply(i, &Transition::DropLocation { path }).await?;
             self.docs[i].remove(d);
         }
@@ -702,7 +702,7 @@ impl SlotRun<'_> {
         for o in &mut self.others {
             match o.state.book.released_until {
                 None => {
-                    info!(event = "store.released", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %o.name, "the rule no longer names this store: its documents keep serving until the grace period ends");
+                    info!(event = "store.released", store = %o.name, "the rule no longer names this store: its documents keep serving until the grace period ends");
                     o.state = o
                         .store
                         .apply_to(&key, &o.state, &Transition::Release { until: now + grace })
@@ -720,7 +720,7 @@ impl SlotRun<'_> {
                         }
                     }
                     o.store.write_consumer(&key, None, &o.state.version).await?;
-                    info!(event = "store.cleaned", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %o.name, "removed the documents and the state a former store of the slot held");
+                    info!(event = "store.cleaned", store = %o.name, "removed the documents and the state a former store of the slot held");
                     o.docs.clear();
                     o.state = SlotState::default();
                 }
@@ -808,7 +808,7 @@ impl SlotRun<'_> {
 
     fn foreign(&self, i: usize, r: &SecretRecord) -> SlotError {
         let store = &self.stores[i].0;
-        error!(event = "slot.collision", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, store = %store, path = %self.slot.path, other_project_id = %r.project_id, other_service_account_id = %r.service_account_id, outcome = "collision", "the document at the slot's path belongs to another project or service account; not touching it");
+        error!(event = "slot.collision", rule = %self.slot.rule_name, store = %store, path = %self.slot.path, other_project_id = %r.project_id, other_service_account_id = %r.service_account_id, outcome = "collision", "the document at the slot's path belongs to another project or service account; not touching it");
         self.eng.metrics.slot_collision();
         SlotError::Collision(format!(
             "path {:?} in store {store:?} holds the key of project {} / service account {}, not of slot {}; keyrotd will not overwrite it",
@@ -910,7 +910,7 @@ impl SlotRun<'_> {
                     return Ok(self.busy());
                 }
                 if a.kind == ActionKind::Mint && a.deferred {
-                    info!(event = "rotation.deferred", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, reason = %a.why, due_at = %a.due_at.to_rfc3339(), "due, but the previous key is still in its grace period");
+                    info!(event = "rotation.deferred", reason = %a.why, due_at = %a.due_at.to_rfc3339(), "due, but the previous key is still in its grace period");
                 }
                 continue;
             }
@@ -966,7 +966,7 @@ impl SlotRun<'_> {
     fn busy(&self) -> SlotOutcome {
         if let Some(intent) = self.states.iter().find_map(|s| s.book.intent.as_ref()) {
             self.eng.metrics.slot_busy();
-            info!(event = "rotation.busy", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "another live process holds the slot");
+            info!(event = "rotation.busy", owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), "another live process holds the slot");
         }
         SlotOutcome::Busy
     }
@@ -976,7 +976,7 @@ impl SlotRun<'_> {
     async fn resume(&mut self, key_id: &str, why: Why) -> SlotResult<SlotOutcome> {
         if why == Why::Takeover {
             if let Some(intent) = self.states.iter().find_map(|s| s.book.intent.as_ref()) {
-                info!(event = "rotation.takeover", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), key_id = %key_id, "the slot's new key is staged in every store (or its owner is gone); finishing it without waiting for its owner");
+                info!(event = "rotation.takeover", owner = %intent.owner, lease_until = %intent.lease_until.to_rfc3339(), key_id = %key_id, "the slot's new key is staged in every store (or its owner is gone); finishing it without waiting for its owner");
             }
         }
         if let Some(out) = self.drop_pending(key_id).await? {
@@ -1001,11 +1001,11 @@ impl SlotRun<'_> {
             self.relist().await?;
         }
         if !self.live(key_id) {
-            info!(event = "rotation.abandoned", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "key_gone", "pending key no longer exists; dropping it");
+            info!(event = "rotation.abandoned", key_id = %key_id, outcome = "key_gone", "pending key no longer exists; dropping it");
             self.abandon_pending(key_id).await?;
             return Ok(None);
         }
-        info!(event = "rotation.resumed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "resuming an interrupted rotation");
+        info!(event = "rotation.resumed", key_id = %key_id, "resuming an interrupted rotation");
         self.finish(p).await.map(Some)
     }
 
@@ -1050,7 +1050,7 @@ impl SlotRun<'_> {
                 }
                 Err(e) => return Err(e.into()),
             }
-            debug!(event = "rotation.lease_renewed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %self.stores[i].0, lease_until = %renewed.lease_until.to_rfc3339(), "renewed the slot's lease");
+            debug!(event = "rotation.lease_renewed", store = %self.stores[i].0, lease_until = %renewed.lease_until.to_rfc3339(), "renewed the slot's lease");
         }
         Ok(true)
     }
@@ -1074,10 +1074,20 @@ impl SlotRun<'_> {
             .iter()
             .all(|s| s.current.as_ref().is_some_and(|c| c.key_id == key_id));
         if landed {
-            info!(event = "rotation.finished_elsewhere", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, outcome = "completed", "another process finished this rotation");
+            info!(
+                event = "rotation.finished_elsewhere",
+                key_id,
+                outcome = "completed",
+                "another process finished this rotation"
+            );
         } else {
             self.eng.metrics.rotation(RotationOutcome::Conflict);
-            info!(event = "rotation.conflict", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, outcome = "conflict", "another process took the slot over; leaving the rotation to it");
+            info!(
+                event = "rotation.conflict",
+                key_id,
+                outcome = "conflict",
+                "another process took the slot over; leaving the rotation to it"
+            );
         }
         Ok(SlotOutcome::Busy)
     }
@@ -1102,7 +1112,7 @@ impl SlotRun<'_> {
                     && policy::ts(sa.created_at) >= since
                     && !known.contains(&sa.id)
                 {
-                    info!(event = "service_account.unrecorded", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa.id, "found a service account created by an interrupted run; deleting it");
+                    info!(event = "service_account.unrecorded", service_account_id = %sa.id, "found a service account created by an interrupted run; deleting it");
                     self.delete_account(&sa.id, "unrecorded").await?;
                 }
             }
@@ -1113,7 +1123,7 @@ impl SlotRun<'_> {
                 // so a crash in between leaves it behind). Never revoke it: finish the
                 // promotion where the key is current (clears the intent, starts the
                 // grace clock); stores that disagree are reconciled by a rotation.
-                info!(event = "rotation.resumed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %intent.service_account_id, key_id = %key_id, "the interrupted rotation's key is already in the stores; finishing it");
+                info!(event = "rotation.resumed", service_account_id = %intent.service_account_id, key_id = %key_id, "the interrupted rotation's key is already in the stores; finishing it");
                 let t = Transition::Promote {
                     key_id: key_id.clone(),
                     at: self.now(),
@@ -1128,7 +1138,7 @@ impl SlotRun<'_> {
                     }
                 }
             } else {
-                info!(event = "key.unrecorded", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %intent.service_account_id, key_id = %key_id, key_name = %intent.key_name, "found a key minted by an interrupted run; revoking it");
+                info!(event = "key.unrecorded", service_account_id = %intent.service_account_id, key_id = %key_id, key_name = %intent.key_name, "found a key minted by an interrupted run; revoking it");
                 self.revoke(&key_id, "unrecorded").await?;
             }
         }
@@ -1217,7 +1227,7 @@ impl SlotRun<'_> {
             account,
         );
         let key_name = intent.key_name.clone();
-        info!(event = "rotation.started", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, rule = %self.slot.rule_name, reason, "rotating slot");
+        info!(event = "rotation.started", reason, "rotating slot");
         failpoint!("before_intent");
         for i in 0..self.stores.len() {
             match self.apply(i, &Transition::Intent(intent.clone())).await {
@@ -1226,7 +1236,7 @@ impl SlotRun<'_> {
                     // Another process got there first; undo what we wrote and leave.
                     self.undo_intent(i, &intent).await;
                     self.eng.metrics.rotation(RotationOutcome::Conflict);
-                    info!(event = "rotation.conflict", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, store = %e.store, outcome = "conflict", "another process is rotating this slot");
+                    info!(event = "rotation.conflict", store = %e.store, outcome = "conflict", "another process is rotating this slot");
                     return Ok(SlotOutcome::Busy);
                 }
                 Err(e) => {
@@ -1246,9 +1256,9 @@ impl SlotRun<'_> {
             Ok(k) => k,
             Err(e) => {
                 // No idempotency key: an ambiguous failure may have created the key.
-                warn!(event = "key.mint_failed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %intent.service_account_id, key_name = %key_name, error = %e, "minting failed");
+                warn!(event = "key.mint_failed", service_account_id = %intent.service_account_id, key_name = %key_name, error = %e, "minting failed");
                 if let Err(ce) = self.cleanup_intent(&intent).await {
-                    warn!(event = "key.mint_cleanup_failed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %intent.service_account_id, error = %ce, "cleanup after a failed mint did not finish; the intent stays for the next cycle");
+                    warn!(event = "key.mint_cleanup_failed", service_account_id = %intent.service_account_id, error = %ce, "cleanup after a failed mint did not finish; the intent stays for the next cycle");
                 }
                 self.eng.metrics.rotation(RotationOutcome::Failed);
                 return Err(e.into());
@@ -1261,7 +1271,7 @@ impl SlotRun<'_> {
             id: created.id.clone(),
             reason: reason.to_string(),
         });
-        info!(event = "key.minted", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
+        info!(event = "key.minted", service_account_id = %sa_id, key_id = %created.id, key_name = %key_name, outcome = "ok", "minted a new key");
         let record = SecretRecord {
             api_key: created.value.clone(),
             key_id: created.id.clone(),
@@ -1276,7 +1286,7 @@ impl SlotRun<'_> {
             // key was never stored anywhere, so it goes now.
             let _ = self.revoke(&created.id, "lost_lease").await;
             self.eng.metrics.rotation(RotationOutcome::Conflict);
-            info!(event = "rotation.conflict", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa_id, key_id = %created.id, outcome = "conflict", "lost the slot's lease while minting; revoked the unstored key");
+            info!(event = "rotation.conflict", service_account_id = %sa_id, key_id = %created.id, outcome = "conflict", "lost the slot's lease while minting; revoked the unstored key");
             return Ok(SlotOutcome::Busy);
         }
         self.keys.push(listing_of(
@@ -1289,7 +1299,7 @@ impl SlotRun<'_> {
             match self.apply(i, &Transition::Stage(record.clone())).await {
                 Ok(()) => {
                     staged_anywhere = true;
-                    info!(event = "secret.staged", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %record.key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
+                    info!(event = "secret.staged", key_id = %record.key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
                     failpoint!("after_stage_one");
                 }
                 Err(e) if e.kind == StoreErrorKind::Conflict => {
@@ -1298,7 +1308,7 @@ impl SlotRun<'_> {
                     self.abandon_pending(&record.key_id).await.ok();
                     self.revoke(&record.key_id, "conflict").await.ok();
                     self.eng.metrics.rotation(RotationOutcome::Conflict);
-                    info!(event = "rotation.conflict", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %record.key_id, store = %e.store, outcome = "conflict", "lost check-and-set while staging; revoked our key");
+                    info!(event = "rotation.conflict", key_id = %record.key_id, store = %e.store, outcome = "conflict", "lost check-and-set while staging; revoked our key");
                     return Ok(SlotOutcome::Busy);
                 }
                 Err(e) => {
@@ -1354,7 +1364,7 @@ impl SlotRun<'_> {
                 self.eng.policy.key_expiry.0.map(|d| d.as_secs()),
             )
             .await?;
-        info!(event = "service_account.created", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa.id, name = %sa.name, outcome = "ok", "created a service account for the slot");
+        info!(event = "service_account.created", service_account_id = %sa.id, name = %sa.name, outcome = "ok", "created a service account for the slot");
         match sa.api_key {
             Some(k) => Ok((k, sa.id)),
             None => Err(ApiError::Decode {
@@ -1381,7 +1391,13 @@ impl SlotRun<'_> {
                     id: sa_id.to_string(),
                     reason: reason.to_string(),
                 });
-                info!(event = "service_account.deleted", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = sa_id, reason, outcome = "revoked", "deleted the slot's previous service account and its keys");
+                info!(
+                    event = "service_account.deleted",
+                    service_account_id = sa_id,
+                    reason,
+                    outcome = "revoked",
+                    "deleted the slot's previous service account and its keys"
+                );
             }
             Err(ApiError::NotFound { .. }) => {
                 self.eng.metrics.revocation(RevocationOutcome::AlreadyGone);
@@ -1431,7 +1447,7 @@ impl SlotRun<'_> {
                     .is_some_and(|c| c.key_id == key_id);
             if !has {
                 self.apply(i, &Transition::Stage(record.clone())).await?;
-                info!(event = "secret.staged", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
+                info!(event = "secret.staged", key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "staged the new key");
             }
         }
         if !self.renew_lease().await? {
@@ -1439,13 +1455,13 @@ impl SlotRun<'_> {
         }
         if self.rule.verify {
             if let Err(reason) = self.verify(&record.api_key).await? {
-                warn!(event = "key.verify_failed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "failed", reason = %reason, "new key never verified; revoking it");
+                warn!(event = "key.verify_failed", key_id = %key_id, outcome = "failed", reason = %reason, "new key never verified; revoking it");
                 self.abandon_pending(&key_id).await?;
                 self.revoke(&key_id, "verify_failed").await?;
                 self.eng.metrics.rotation(RotationOutcome::VerifyFailed);
                 return Err(SlotError::VerifyFailed { key_id, reason });
             }
-            info!(event = "key.verified", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "ok", "new key works");
+            info!(event = "key.verified", key_id = %key_id, outcome = "ok", "new key works");
         }
         failpoint!("after_verify");
         if !self.renew_lease().await? {
@@ -1492,7 +1508,7 @@ impl SlotRun<'_> {
                     return Err(e.into());
                 }
             }
-            info!(event = "secret.promoted", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "promoted the new key");
+            info!(event = "secret.promoted", key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "promoted the new key");
             failpoint!("after_promote_one");
         }
         // Read every store back: what consumers will read must be the new key.
@@ -1519,7 +1535,7 @@ impl SlotRun<'_> {
             }
         }
         self.eng.metrics.rotation(RotationOutcome::Completed);
-        info!(event = "rotation.completed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
+        info!(event = "rotation.completed", key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
         Ok(SlotOutcome::Rotated { key_id })
     }
 
@@ -1632,15 +1648,27 @@ impl SlotRun<'_> {
                     id: key_id.to_string(),
                     reason: reason.to_string(),
                 });
-                info!(event = "key.revoked", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "revoked", "revoked key");
+                info!(
+                    event = "key.revoked",
+                    key_id,
+                    reason,
+                    outcome = "revoked",
+                    "revoked key"
+                );
             }
             Err(ApiError::NotFound { .. }) => {
                 self.eng.metrics.revocation(RevocationOutcome::AlreadyGone);
-                info!(event = "key.revoked", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "already_gone", "key was already gone");
+                info!(
+                    event = "key.revoked",
+                    key_id,
+                    reason,
+                    outcome = "already_gone",
+                    "key was already gone"
+                );
             }
             Err(e) => {
                 self.eng.metrics.revocation(RevocationOutcome::Failed);
-                error!(event = "key.revoke_failed", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, reason, outcome = "failed", error = %e, "could not revoke key");
+                error!(event = "key.revoke_failed", key_id, reason, outcome = "failed", error = %e, "could not revoke key");
                 return Err(e.into());
             }
         }
@@ -1694,16 +1722,12 @@ impl SlotRun<'_> {
             .map(|t| policy::ts(t).to_rfc3339())
             .unwrap_or_default();
         if why != Why::StillInUse {
-            debug!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "replaced key in use within its grace period");
+            debug!(key_id = %key_id, "replaced key in use within its grace period");
             return;
         }
         self.eng.metrics.still_in_use();
         warn!(
             event = "key.still_in_use",
-            project_id = %self.slot.project_id,
-            project_name = %self.slot.project_name,
-            service_account_name = %self.slot.service_account_name,
-            service_account_id = %self.slot.service_account_id,
             key_id = %key_id,
             last_used_at = %last_used,
             revoke_at = %a.due_at.to_rfc3339(),
@@ -1731,7 +1755,7 @@ impl SlotRun<'_> {
     /// deletion and strategy `auto` rotated the slot to a new service account.
     async fn retire_key(&mut self, key_id: &str, why: Why) -> SlotResult<Option<SlotOutcome>> {
         if self.served(key_id) {
-            warn!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, "previous key is still served by a store; not revoking");
+            warn!(key_id = %key_id, "previous key is still served by a store; not revoking");
             return Ok(None);
         }
         match self.revoke(key_id, why.as_str()).await {
@@ -1755,7 +1779,7 @@ impl SlotRun<'_> {
     /// slot to a fresh account (strategy `auto`); the old account, with the key, is
     /// deleted after the next grace period.
     async fn fall_back(&mut self, key_id: &str, message: &str) -> SlotResult<SlotOutcome> {
-        warn!(event = "rotation.strategy_fallback", project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
+        warn!(event = "rotation.strategy_fallback", key_id = %key_id, api_message = %message, "deleting a service-account key was refused; moving the slot to a new service account");
         self.new_account = true;
         self.rotate(Why::StrategyFallback.as_str()).await
     }
@@ -1765,7 +1789,7 @@ impl SlotRun<'_> {
     /// someone else made), then forgets the replaced key and re-keys the state.
     async fn retire_account(&mut self, sa: &str, key_id: &str) -> SlotResult<()> {
         if self.served(key_id) {
-            warn!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %sa, key_id = %key_id, "previous key is still served by a store; not deleting its service account");
+            warn!(service_account_id = %sa, key_id = %key_id, "previous key is still served by a store; not deleting its service account");
             return Ok(());
         }
         self.delete_account(sa, Why::GraceOver.as_str()).await?;
@@ -1790,7 +1814,7 @@ impl SlotRun<'_> {
                 let done = state.book.previous_key_id.as_deref() != Some(key_id);
                 self.states[i] = state;
                 if done {
-                    debug!(project_id = %self.slot.project_id, project_name = %self.slot.project_name, service_account_name = %self.slot.service_account_name, service_account_id = %self.slot.service_account_id, key_id, store = %self.stores[i].0, "another process recorded the retirement first");
+                    debug!(key_id, store = %self.stores[i].0, "another process recorded the retirement first");
                     return Ok(());
                 }
                 Ok(self.apply(i, &t).await?)
