@@ -292,6 +292,7 @@ impl Engine {
         // Key gauges and stale-key audit events come from the plan as scanned.
         let plan = self.plan(&survey);
         self.record_key_metrics(&survey.inventory, &plan, survey.now);
+        self.metrics.set_slots(&survey, &self.rules, &self.policy);
         for k in &plan.keys {
             if k.reasons.contains(&policy::Reason::Stale)
                 && k.owner_type() == "user"
@@ -387,9 +388,10 @@ impl Engine {
                     Ok(_) => {}
                 }
                 if let Err(e) = &outcome {
-                    self.metrics.slot_failed();
+                    self.metrics.slot_failed(e.kind());
                     error!(
                         event = "rotation.failed",
+                        kind = e.kind().as_str(),
                         project_id = %slot.project_id,
                         project_name = %slot.project_name,
                         service_account_name = %slot.service_account_name,

@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 use super::decide::{self, Action, ActionKind, SlotFacts, Why, NEW_ACCOUNT};
 use super::Engine;
 use crate::config::{Rule, Strategy};
-use crate::metrics::{RevocationOutcome, RotationOutcome};
+use crate::metrics::{FailureKind, RevocationOutcome, RotationOutcome};
 use crate::openai::models::{CreateKeyRequest, ProjectApiKey};
 use crate::openai::ApiError;
 use crate::plan::Slot;
@@ -58,6 +58,21 @@ pub enum SlotError {
     Collision(String),
     #[error("{0}")]
     Other(String),
+}
+
+impl SlotError {
+    /// The `kind` label of the failure metrics and the `kind` field of
+    /// `rotation.failed`: the one place an error is classified for them.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            SlotError::Store(_) => FailureKind::Store,
+            SlotError::Api(_) => FailureKind::Api,
+            SlotError::VerifyFailed { .. } => FailureKind::Verify,
+            SlotError::ReadBack { .. } => FailureKind::ReadBack,
+            SlotError::Collision(_) => FailureKind::Collision,
+            SlotError::Other(_) => FailureKind::Other,
+        }
+    }
 }
 
 type SlotResult<T> = Result<T, SlotError>;
@@ -352,6 +367,12 @@ impl SlotRun<'_> {
     fn now(&self) -> DateTime<Utc> {
         use chrono::SubsecRound;
         self.eng.clock.now().trunc_subsecs(0)
+    }
+
+    /// Counts `e` as a failed rotation (by its kind) and hands it back.
+    fn rotation_failed(&self, e: SlotError) -> SlotError {
+        self.eng.metrics.rotation_failed(e.kind());
+        e
     }
 
     async fn read_all(&mut self) -> SlotResult<()> {
@@ -1260,8 +1281,7 @@ impl SlotRun<'_> {
                 if let Err(ce) = self.cleanup_intent(&intent).await {
                     warn!(event = "key.mint_cleanup_failed", service_account_id = %intent.service_account_id, error = %ce, "cleanup after a failed mint did not finish; the intent stays for the next cycle");
                 }
-                self.eng.metrics.rotation(RotationOutcome::Failed);
-                return Err(e.into());
+                return Err(self.rotation_failed(e.into()));
             }
         };
         failpoint!("after_mint");
@@ -1323,8 +1343,7 @@ impl SlotRun<'_> {
                             }
                         }
                     }
-                    self.eng.metrics.rotation(RotationOutcome::Failed);
-                    return Err(e.into());
+                    return Err(self.rotation_failed(e.into()));
                 }
             }
         }
@@ -1458,8 +1477,7 @@ impl SlotRun<'_> {
                 warn!(event = "key.verify_failed", key_id = %key_id, outcome = "failed", reason = %reason, "new key never verified; revoking it");
                 self.abandon_pending(&key_id).await?;
                 self.revoke(&key_id, "verify_failed").await?;
-                self.eng.metrics.rotation(RotationOutcome::VerifyFailed);
-                return Err(SlotError::VerifyFailed { key_id, reason });
+                return Err(self.rotation_failed(SlotError::VerifyFailed { key_id, reason }));
             }
             info!(event = "key.verified", key_id = %key_id, outcome = "ok", "new key works");
         }
@@ -1497,15 +1515,13 @@ impl SlotRun<'_> {
                     let landed = now.current.as_ref().is_some_and(|c| c.key_id == key_id);
                     self.states[i] = now;
                     if !landed {
-                        self.eng.metrics.rotation(RotationOutcome::Failed);
-                        return Err(SlotError::Other(format!(
+                        return Err(self.rotation_failed(SlotError::Other(format!(
                             "store {name:?} changed while promoting {key_id}; the stores will be reconciled next cycle"
-                        )));
+                        ))));
                     }
                 }
                 Err(e) => {
-                    self.eng.metrics.rotation(RotationOutcome::Failed);
-                    return Err(e.into());
+                    return Err(self.rotation_failed(e.into()));
                 }
             }
             info!(event = "secret.promoted", key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "promoted the new key");
@@ -1526,12 +1542,11 @@ impl SlotRun<'_> {
                 found
             };
             if found.as_deref() != Some(key_id.as_str()) {
-                self.eng.metrics.rotation(RotationOutcome::Failed);
-                return Err(SlotError::ReadBack {
+                return Err(self.rotation_failed(SlotError::ReadBack {
                     store: name.clone(),
                     expected: key_id,
                     found,
-                });
+                }));
             }
         }
         self.eng.metrics.rotation(RotationOutcome::Completed);
@@ -1574,11 +1589,10 @@ impl SlotRun<'_> {
                         .any(|l| l.path == self.slot.path && l.retire_after.is_none());
                     self.states[i] = now;
                     if !landed {
-                        self.eng.metrics.rotation(RotationOutcome::Failed);
-                        return Err(SlotError::Other(format!(
+                        return Err(self.rotation_failed(SlotError::Other(format!(
                             "store {name:?} changed while recording {:?}; the stores will be reconciled next cycle",
                             self.slot.path
-                        )));
+                        ))));
                     }
                 }
                 Err(e) => return Err(e.into()),
@@ -1604,16 +1618,14 @@ impl SlotRun<'_> {
                         .is_some_and(|r| r.key_id == record.key_id);
                     self.docs[i][d].1 = doc;
                     if !landed {
-                        self.eng.metrics.rotation(RotationOutcome::Failed);
-                        return Err(SlotError::Other(format!(
+                        return Err(self.rotation_failed(SlotError::Other(format!(
                             "store {name:?} changed while promoting {}; the stores will be reconciled next cycle",
                             record.key_id
-                        )));
+                        ))));
                     }
                 }
                 Err(e) => {
-                    self.eng.metrics.rotation(RotationOutcome::Failed);
-                    return Err(e);
+                    return Err(self.rotation_failed(e));
                 }
             }
         }

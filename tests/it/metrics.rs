@@ -1,5 +1,6 @@
 //! The HTTP listener against a real engine: `/metrics` values after real cycles, the
-//! exposition format checked by a strict parser, `/healthz` and `/readyz`.
+//! exposition format checked by a strict parser (and by `promtool check metrics`), the
+//! per-slot series and their budget, `/healthz` and `/readyz`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -509,9 +510,19 @@ async fn slots_gauge_follows_the_last_cycle() {
         let m = scrape(&client, addr).await;
         assert_eq!(slots(&m), expect(0, n), "cycle {cycle}");
         assert_eq!(
-            m.get("keyrotd_slot_failures_total", &[]),
+            m.get("keyrotd_slot_failures_total", &[("kind", "store")]),
             (cycle * n) as f64,
-            "cycle {cycle}"
+            "cycle {cycle}: an unreadable store is a store failure"
+        );
+        let all: f64 = m
+            .family("keyrotd_slot_failures_total")
+            .iter()
+            .map(|s| s.value)
+            .sum();
+        assert_eq!(
+            all,
+            (cycle * n) as f64,
+            "cycle {cycle}: the kinds sum to the total"
         );
         assert_eq!(
             m.get("keyrotd_cycles_total", &[("result", "failed")]),
@@ -532,4 +543,304 @@ async fn slots_gauge_follows_the_last_cycle() {
     assert!(!report.any_failed(), "{:?}", report.slots);
     assert_eq!(slots(&scrape(&client, addr).await), expect(n, 0));
     token.cancel();
+}
+
+/// The labels of a per-slot series, as a comparable tuple.
+type SlotKey = (String, String, String, String, String);
+
+fn slot_key(labels: &BTreeMap<String, String>) -> SlotKey {
+    let l = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    (
+        l("rule"),
+        l("project_id"),
+        l("project_name"),
+        l("service_account_id"),
+        l("service_account_name"),
+    )
+}
+
+/// The slots of a per-slot family, by their labels.
+fn per_slot(m: &Exposition, family: &str) -> BTreeMap<SlotKey, f64> {
+    m.family(family)
+        .iter()
+        .map(|s| {
+            assert_eq!(s.labels.len(), 5, "{family}: {:?}", s.labels);
+            (slot_key(&s.labels), s.value)
+        })
+        .collect()
+}
+
+const PER_SLOT: [&str; 4] = [
+    "keyrotd_slot_ready",
+    "keyrotd_slot_key_age_seconds",
+    "keyrotd_slot_last_rotation_timestamp_seconds",
+    "keyrotd_slot_next_rotation_timestamp_seconds",
+];
+
+/// Every slot of a cycle gets its series, labelled by names (a project name with `"`,
+/// `\` and a newline comes back intact through the escaping); the first cycle sees the
+/// slots before it bootstraps them (not ready, no key), the second serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_slot_has_its_series_with_escaped_labels() {
+    let scenario = Scenario::new(33)
+        .projects(6)
+        .service_accounts_per_project(1)
+        .stale_fraction(0.5);
+    let mut w = World::new(scenario, Stores::File, "").await;
+    let odd_name = "odd \"quoted\" back\\slash\nsecond line";
+    let odd = w.sim.add_project(odd_name);
+    w.sim
+        .add_service_account(&odd, "backend")
+        .expect("service account");
+    w.toml.push_str(&format!(
+        r#"
+[[rotate]]
+name = "odd"
+project = "odd *"
+service_account = "*"
+stores = ["file"]
+path = "{}/odd/{{project_id}}/{{service_account_name}}"
+max_age = "30d"
+"#,
+        w.prefix
+    ));
+    let engine = w.engine(false).await;
+    let state = HttpState::for_engine(&engine);
+    let token = CancellationToken::new();
+    let addr = serve_http("127.0.0.1:0".parse().unwrap(), state.clone(), token.clone())
+        .await
+        .expect("listener starts");
+    let client = reqwest::Client::new();
+
+    let m = scrape(&client, addr).await;
+    for family in PER_SLOT {
+        assert_eq!(
+            m.types.get(family).map(String::as_str),
+            Some("gauge"),
+            "{family}"
+        );
+        assert!(
+            m.family(family).is_empty(),
+            "{family}: no series before a cycle"
+        );
+    }
+    let info = m.family("keyrotd_build_info");
+    assert_eq!(info.len(), 1, "{info:?}");
+    assert_eq!(info[0].value, 1.0);
+    assert_eq!(info[0].labels["version"], env!("CARGO_PKG_VERSION"));
+    assert!(!info[0].labels["commit"].is_empty());
+
+    let report = engine.cycle().await;
+    assert!(!report.any_failed(), "{:?}", report.slots);
+    let slots: BTreeSet<SlotKey> = report
+        .slots
+        .iter()
+        .map(|r| {
+            let s = &r.slot;
+            (
+                s.rule_name.clone(),
+                s.project_id.clone(),
+                s.project_name.clone(),
+                s.service_account_id.clone(),
+                s.service_account_name.clone(),
+            )
+        })
+        .collect();
+    assert!(slots.len() >= 3, "prod slots and the odd one: {slots:?}");
+    assert!(
+        slots.iter().any(|k| k.0 == "odd" && k.2 == odd_name),
+        "{slots:?}"
+    );
+    let m = scrape(&client, addr).await;
+    let ready = per_slot(&m, "keyrotd_slot_ready");
+    assert_eq!(ready.keys().cloned().collect::<BTreeSet<_>>(), slots);
+    assert!(
+        ready.values().all(|v| *v == 0.0),
+        "surveyed before their first key: {ready:?}"
+    );
+    assert!(m.family("keyrotd_slot_key_age_seconds").is_empty());
+
+    // The second cycle surveys what the first promoted.
+    let report = engine.cycle().await;
+    assert!(!report.any_failed(), "{:?}", report.slots);
+    let now = keyrotd::rotation::Clock::now(&w.clock).timestamp() as f64;
+    let m = scrape(&client, addr).await;
+    for family in PER_SLOT {
+        let got = per_slot(&m, family);
+        assert_eq!(
+            got.keys().cloned().collect::<BTreeSet<_>>(),
+            slots,
+            "{family}"
+        );
+    }
+    assert!(per_slot(&m, "keyrotd_slot_ready")
+        .values()
+        .all(|v| *v == 1.0));
+    let age = per_slot(&m, "keyrotd_slot_key_age_seconds");
+    let promoted = per_slot(&m, "keyrotd_slot_last_rotation_timestamp_seconds");
+    let due = per_slot(&m, "keyrotd_slot_next_rotation_timestamp_seconds");
+    for k in &slots {
+        assert!((0.0..120.0).contains(&age[k]), "{k:?}: age {}", age[k]);
+        assert!(
+            (promoted[k] - now).abs() < 120.0,
+            "{k:?}: promoted {}",
+            promoted[k]
+        );
+        let max_age = if k.0 == "odd" { 30.0 } else { 90.0 } * 86400.0;
+        let expected = now - age[k] + max_age;
+        assert!(
+            (due[k] - expected).abs() < 5.0,
+            "{k:?}: due {} vs {expected}",
+            due[k]
+        );
+    }
+    // Names only: no key id, path or secret in any label.
+    let text = get(&client, addr, "/metrics").await.1;
+    for r in &report.slots {
+        assert!(!text.contains(&r.slot.path), "{}", r.slot.path);
+    }
+    assert!(!text.contains("sk-"), "no key material");
+    token.cancel();
+}
+
+/// A slot that is no longer surveyed (its project archived, then every slot once the
+/// rule stops matching) loses every per-slot series at the next cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_slots_that_disappear_are_dropped() {
+    let scenario = Scenario::new(34)
+        .projects(6)
+        .service_accounts_per_project(1);
+    let w = World::new(scenario, Stores::File, "").await;
+    let engine = w.engine(false).await;
+    for _ in 0..2 {
+        let report = engine.cycle().await;
+        assert!(!report.any_failed(), "{:?}", report.slots);
+    }
+    let m = parse_exposition(&engine.metrics.render(None)).expect("exposition");
+    let before = per_slot(&m, "keyrotd_slot_ready");
+    assert!(before.len() >= 2, "{before:?}");
+    let gone = before.keys().next().unwrap().1.clone();
+    assert!(w.sim.archive_project(&gone));
+
+    let report = engine.cycle().await;
+    assert!(!report.any_failed(), "{:?}", report.slots);
+    let m = parse_exposition(&engine.metrics.render(None)).expect("exposition");
+    for family in PER_SLOT {
+        let now = per_slot(&m, family);
+        assert_eq!(now.len(), before.len() - 1, "{family}: {now:?}");
+        assert!(now.keys().all(|k| k.1 != gone), "{family}: {gone} dropped");
+    }
+
+    // The rule changed so that it matches nothing: a new engine on the same metrics.
+    let cfg = keyrotd::config::Config::from_toml(
+        &w.toml
+            .replace("project = \"prod-*\"", "project = \"nothing-*\""),
+    )
+    .expect("config");
+    let mut changed = keyrotd::app::build_engine(&cfg, false)
+        .await
+        .expect("engine builds");
+    changed.metrics = engine.metrics.clone();
+    let report = changed.cycle().await;
+    assert!(report.slots.is_empty(), "{:?}", report.slots);
+    let m = parse_exposition(&changed.metrics.render(None)).expect("exposition");
+    for family in PER_SLOT {
+        assert!(
+            m.family(family).is_empty(),
+            "{family}: {:?}",
+            m.family(family)
+        );
+    }
+}
+
+/// `promtool check metrics` on `text`: `None` when promtool is not installed (outside
+/// CI only; under CI its absence fails the test).
+fn promtool_check(text: &str) -> Option<String> {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!(
+                "SKIPPED promtool check metrics: promtool not runnable ({e}); \
+                 apt-get install prometheus (scripts/test installs it)"
+            );
+            return None;
+        }
+        Err(e) => panic!("promtool not runnable under CI ({e}): scripts/test installs it"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{said}"
+    );
+    Some(said)
+}
+
+/// The series budget (README, "Metrics"): a 2,000-project organization, one managed
+/// service account per project, stays at 4 series per slot plus a fixed few dozen, and
+/// its scrape passes `promtool check metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_projects_stay_within_the_series_budget() {
+    let scenario = Scenario::new(35)
+        .projects(2000)
+        .service_accounts_per_project(1)
+        .keys_per_service_account(1)
+        .user_keys_per_project(1)
+        .stale_fraction(0.1);
+    let mut w = World::new(scenario, Stores::File, "").await;
+    w.toml = w
+        .toml
+        .replace("project = \"prod-*\"", "project = \"*\"")
+        .replace("concurrency = 4", "concurrency = 16");
+    let engine = w.engine(false).await;
+    let started = std::time::Instant::now();
+    for cycle in 1..=2 {
+        let report = engine.cycle().await;
+        assert!(
+            !report.any_failed(),
+            "cycle {cycle}: {:?}",
+            report.scan_error
+        );
+        assert_eq!(report.slots.len(), 2000, "cycle {cycle}");
+    }
+    let text = engine.metrics.render(Some(engine.client.stats()));
+    let m = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}"));
+    let per_slot_series: usize = PER_SLOT.iter().map(|f| m.family(f).len()).sum();
+    let total = m.samples.len();
+    eprintln!(
+        "2,000 projects, 2,000 slots: {total} series ({per_slot_series} per-slot, {} other), \
+         {} KiB, two cycles in {:?}",
+        total - per_slot_series,
+        text.len() / 1024,
+        started.elapsed()
+    );
+    assert_eq!(per_slot_series, 4 * 2000, "four series per managed slot");
+    assert!(
+        total - per_slot_series <= 150,
+        "fixed and API series: {}",
+        total - per_slot_series
+    );
+    assert_eq!(m.get("keyrotd_slot_series_omitted", &[]), 0.0);
+    assert!(
+        m.samples.iter().all(|s| !s.labels.contains_key("key_id")),
+        "no per-key series"
+    );
+    promtool_check(&text);
 }
