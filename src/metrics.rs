@@ -22,12 +22,11 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tracing::warn;
 
-use crate::config::{PolicyConfig, Rule};
 use crate::openai::ApiStats;
 use crate::policy::Verdict;
 use crate::rotation::Survey;
 
-pub use slots::{next_due, SlotLabels, SlotRow};
+pub use slots::{SlotLabels, SlotRow};
 
 /// At most this many slots get per-slot series (4 each): beyond it the rest are counted
 /// in `keyrotd_slot_series_omitted` and not exported, so a scrape stays a few thousand
@@ -500,8 +499,8 @@ impl Metrics {
     /// surveyed (project gone or archived, rule changed) loses its series. Beyond
     /// [`Metrics::slot_limit`] slots, the not-ready slots are kept first and the rest
     /// are counted in `keyrotd_slot_series_omitted` (and logged once) instead.
-    pub fn set_slots(&self, survey: &Survey, rules: &[Rule], policy: &PolicyConfig) {
-        self.set_slot_rows(slots::rows(survey, rules, policy));
+    pub fn set_slots(&self, survey: &Survey, plan: &crate::plan::Plan) {
+        self.set_slot_rows(slots::rows(survey, plan));
     }
 
     /// [`Metrics::set_slots`] from rows already derived.

@@ -620,6 +620,10 @@ pub struct PlanSlot<'a> {
     pub collisions: &'a [Collision],
     /// What the decision has for this slot after the next cycle, with when.
     pub later: Vec<PlannedAction>,
+    /// When the decision mints for this slot next (now, for a rotation due), if it
+    /// knows (not for a slot refused, unreadable, or held by another process).
+    #[serde(skip)]
+    pub next_rotation: Option<DateTime<Utc>>,
 }
 
 /// One action the decision returned, with the slot (or user key) it is for: what
@@ -1013,6 +1017,10 @@ impl<'a> Plan<'a> {
                 } else {
                     SlotStatus::Current
                 };
+                let next_rotation = decision
+                    .iter()
+                    .find(|a| a.kind == ActionKind::Mint)
+                    .map(|a| a.due_at.max(now));
                 let mut later = Vec::new();
                 for a in decision {
                     let pa = PlannedAction::of_slot(&v.slot, a);
@@ -1032,6 +1040,7 @@ impl<'a> Plan<'a> {
                     current_key_id: current,
                     collisions: &v.slot.collisions,
                     later,
+                    next_rotation,
                 }
             })
             .collect();

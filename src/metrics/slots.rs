@@ -1,15 +1,12 @@
 //! Per-slot gauges derived from a cycle's [`Survey`]: what every managed slot's stores
 //! serve, checked against the keys the Admin API listed.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use prometheus_client::encoding::EncodeLabelSet;
 use rustc_hash::FxHashMap as HashMap;
 
-use crate::config::{PolicyConfig, Rule};
 use crate::openai::models::ProjectApiKey;
-use crate::plan::SlotView;
+use crate::plan::{Plan, SlotView};
 use crate::policy;
 use crate::rotation::Survey;
 
@@ -35,31 +32,13 @@ pub struct SlotRow {
     pub next_due: Option<f64>,
 }
 
-/// When a key is due for rotation: `created_at + max_age`, or `expires_at -
-/// expiry_warning` when that is earlier (the two reasons `policy` rotates a managed key
-/// for). The engine's own decision can replace this once it records one.
-pub fn next_due(
-    created_at: DateTime<Utc>,
-    expires_at: Option<DateTime<Utc>>,
-    max_age: Duration,
-    expiry_warning: Duration,
-) -> DateTime<Utc> {
-    let by_age = created_at + chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
-    match expires_at {
-        Some(exp) => {
-            let warn = chrono::Duration::from_std(expiry_warning).unwrap_or(chrono::Duration::MAX);
-            by_age.min(exp - warn)
-        }
-        None => by_age,
-    }
-}
-
 fn unix(t: DateTime<Utc>) -> f64 {
     t.timestamp_millis() as f64 / 1000.0
 }
 
-/// The rows of every slot in `survey`, in survey order.
-pub fn rows(survey: &Survey, rules: &[Rule], policy: &PolicyConfig) -> Vec<SlotRow> {
+/// The rows of every slot in `survey`, in survey order; `plan` is the survey's plan
+/// (its slots in the same order), whose decision says when each slot rotates next.
+pub fn rows(survey: &Survey, plan: &Plan) -> Vec<SlotRow> {
     let listed: HashMap<&str, &ProjectApiKey> = survey
         .inventory
         .projects
@@ -70,15 +49,15 @@ pub fn rows(survey: &Survey, rules: &[Rule], policy: &PolicyConfig) -> Vec<SlotR
     survey
         .views
         .iter()
-        .map(|v| row(v, &listed, rules, policy, survey.now))
+        .zip(&plan.slots)
+        .map(|(v, p)| row(v, p.next_rotation, &listed, survey.now))
         .collect()
 }
 
 fn row(
     v: &SlotView,
+    next_rotation: Option<DateTime<Utc>>,
     listed: &HashMap<&str, &ProjectApiKey>,
-    rules: &[Rule],
-    policy: &PolicyConfig,
     now: DateTime<Utc>,
 ) -> SlotRow {
     let s = &v.slot;
@@ -120,7 +99,6 @@ fn row(
     let expires_at = api.and_then(|k| k.expires_at).map(policy::ts);
     let live = api.is_some() && expires_at.is_none_or(|e| e > now);
     let ready = !collides && all_read && !in_flight && v.agreed_current().is_some() && live;
-    let max_age = rules.get(s.rule).map_or(policy.max_age, |r| r.max_age);
     SlotRow {
         labels,
         ready,
@@ -128,8 +106,6 @@ fn row(
         last_rotation: served
             .and(read.iter().filter_map(|st| st.book.promoted_at).max())
             .map(unix),
-        next_due: created_at
-            .map(|c| next_due(c, expires_at, max_age, policy.expiry_warning))
-            .map(unix),
+        next_due: next_rotation.map(unix),
     }
 }

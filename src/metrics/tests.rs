@@ -101,32 +101,6 @@ fn slots_that_disappear_lose_every_series() {
 }
 
 #[test]
-fn next_due_is_max_age_or_the_expiry_warning_whichever_is_first() {
-    let created = policy_ts(1_000_000);
-    let day = Duration::from_secs(86400);
-    assert_eq!(
-        next_due(created, None, 90 * day, 7 * day),
-        created + chrono::Duration::days(90)
-    );
-    let expires = created + chrono::Duration::days(30);
-    assert_eq!(
-        next_due(created, Some(expires), 90 * day, 7 * day),
-        created + chrono::Duration::days(23)
-    );
-    let late = created + chrono::Duration::days(200);
-    assert_eq!(
-        next_due(created, Some(late), 90 * day, 7 * day),
-        created + chrono::Duration::days(90)
-    );
-}
-
-use std::time::Duration;
-
-fn policy_ts(secs: i64) -> chrono::DateTime<chrono::Utc> {
-    crate::policy::ts(secs)
-}
-
-#[test]
 fn families_keep_their_names_and_build_info_is_one() {
     let m = Metrics::default();
     m.slot_failed(FailureKind::Store);

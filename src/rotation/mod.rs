@@ -42,7 +42,8 @@ use crate::plan::{self, Inventory, Plan, Slot, SlotView, Summary};
 use crate::policy::{self, Verdict};
 use crate::store::DynStore;
 
-pub use slot::{FailureKind, Performed, SlotError, SlotFailure, SlotOutcome};
+pub use crate::metrics::FailureKind;
+pub use slot::{Performed, SlotError, SlotFailure, SlotOutcome};
 
 /// The engine's notion of now; tests substitute a manual clock.
 pub trait Clock: Send + Sync {
@@ -292,7 +293,7 @@ impl Engine {
         // Key gauges and stale-key audit events come from the plan as scanned.
         let plan = self.plan(&survey);
         self.record_key_metrics(&survey.inventory, &plan, survey.now);
-        self.metrics.set_slots(&survey, &self.rules, &self.policy);
+        self.metrics.set_slots(&survey, &plan);
         for k in &plan.keys {
             if k.reasons.contains(&policy::Reason::Stale)
                 && k.owner_type() == "user"

@@ -77,51 +77,6 @@ impl SlotError {
 
 type SlotResult<T> = Result<T, SlotError>;
 
-/// What kind of failure a slot had: the `kind` label of the failure metrics and what
-/// the cycle's summary groups by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureKind {
-    /// A secret store refused or could not be reached.
-    Store,
-    /// The OpenAI Admin API answered with an error or not at all.
-    Api,
-    /// The new key never authenticated.
-    Verify,
-    /// A store read back another key than the one promoted.
-    ReadBack,
-    /// Another slot, or another project's document, claims the slot's path.
-    Collision,
-    /// A store changed under the rotation (reconciled next cycle).
-    Other,
-}
-
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Store => "store",
-            FailureKind::Api => "api",
-            FailureKind::Verify => "verify",
-            FailureKind::ReadBack => "read_back",
-            FailureKind::Collision => "collision",
-            FailureKind::Other => "other",
-        }
-    }
-}
-
-impl SlotError {
-    pub fn kind(&self) -> FailureKind {
-        match self {
-            SlotError::Store(_) => FailureKind::Store,
-            SlotError::Api(_) => FailureKind::Api,
-            SlotError::VerifyFailed { .. } => FailureKind::Verify,
-            SlotError::ReadBack { .. } => FailureKind::ReadBack,
-            SlotError::Collision(_) => FailureKind::Collision,
-            SlotError::Other(_) => FailureKind::Other,
-        }
-    }
-}
-
 /// A slot's failure as the cycle reports it: its kind and the error's message (which
 /// names the store, the HTTP status or the API's message; never a secret).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
