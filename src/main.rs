@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use keyrotd::config::Config;
 use keyrotd::rotation::Engine;
@@ -65,6 +65,17 @@ enum Command {
     Demo,
     /// Serve the OpenAI Admin API simulator (for tests and benchmarks)
     Sim(SimArgs),
+    /// Print a shell completion script, e.g. `keyrotd completions bash`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `keyrotd man | man -l -`, or a subcommand's
+    /// (`keyrotd man run` is keyrotd-run(1))
+    Man {
+        /// The subcommand whose page to print [default: keyrotd(1)]
+        subcommand: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -177,6 +188,12 @@ async fn dispatch(cli: Cli) -> i32 {
     match &cli.command {
         Command::Demo => keyrotd::demo::run().await,
         Command::Sim(args) => sim(args).await,
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "keyrotd", &mut out);
+            print_generated(&out, "completions")
+        }
+        Command::Man { subcommand } => man_page(subcommand.as_deref()),
         Command::CheckConfig { connect } => {
             let cfg = match load(&cli) {
                 Ok(c) => c,
@@ -304,6 +321,50 @@ async fn dispatch(cli: Cli) -> i32 {
                     EXIT_FAILED
                 }
             }
+        }
+    }
+}
+
+/// Prints keyrotd(1), or with a subcommand keyrotd-<subcommand>(1), the pages
+/// keyrotd(1) refers to.
+fn man_page(subcommand: Option<&str>) -> i32 {
+    let mut cmd = Cli::command();
+    // Gives subcommands their display names (keyrotd-run) and global flags.
+    cmd.build();
+    let page = match subcommand {
+        None => cmd,
+        Some(name) => match cmd.find_subcommand(name) {
+            Some(sub) => sub.clone().version(keyrotd::VERSION),
+            None => {
+                let known: Vec<_> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+                fatal(format_args!(
+                    "man: no subcommand {name:?}; one of: {}",
+                    known.join(", ")
+                ));
+                return EXIT_BAD_CONFIG;
+            }
+        },
+    };
+    let mut out = Vec::new();
+    match clap_mangen::Man::new(page).render(&mut out) {
+        Ok(()) => print_generated(&out, "man page"),
+        Err(e) => {
+            fatal(format_args!("cannot render the man page: {e}"));
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Writes generated text (completions, the man page) to stdout; a closed pipe is an
+/// error message and exit code, not a panic.
+fn print_generated(text: &[u8], what: &str) -> i32 {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text).and_then(|()| stdout.flush()) {
+        Ok(()) => 0,
+        Err(e) => {
+            fatal(format_args!("cannot write the {what}: {e}"));
+            EXIT_FAILED
         }
     }
 }

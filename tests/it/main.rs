@@ -16,6 +16,7 @@ mod store_support;
 mod admin_key;
 mod chaos;
 mod check_config;
+mod cli_docs;
 mod config_errors;
 mod cores;
 mod crash;
