@@ -448,10 +448,10 @@ impl Worker {
                 continue;
             };
             self.http.cycle_started();
-            let report = engine.cycle().await;
-            self.http.record_cycle(&report);
+            // The tick that started this cycle has fired: this is the one after it.
             let next = next_cycle(&self.sched, self.job).await;
-            info!(event = "cycle.scheduled", next_cycle = %next, "next cycle");
+            let report = engine.scheduled_cycle(next).await;
+            self.http.record_cycle(&report);
             // A tick queued during the cycle means we are late.
             late = !rx.is_empty();
         }

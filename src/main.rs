@@ -42,6 +42,19 @@ enum Command {
         #[arg(long, value_enum)]
         format: Option<PlanFormat>,
     },
+    /// Rotate chosen slots now, whatever their keys' age (incident response)
+    Rotate(RotateArgs),
+    /// Revoke project keys now (any key, user-owned included); refuses a key a store
+    /// serves unless --rotate-first
+    Revoke {
+        /// The key ids (key_...)
+        #[arg(required = true)]
+        keys: Vec<String>,
+        /// Rotate the slot serving a key first (its replaced key, this one, is revoked
+        /// as soon as every store serves the new one)
+        #[arg(long)]
+        rotate_first: bool,
+    },
     /// Read-only: every key with its verdict and reasons
     Plan {
         #[arg(long, value_enum, default_value = "table")]
@@ -76,6 +89,41 @@ enum Command {
         /// The subcommand whose page to print [default: keyrotd(1)]
         subcommand: Option<String>,
     },
+}
+
+#[derive(Args, Debug)]
+struct RotateArgs {
+    /// Slots of this rule
+    #[arg(long)]
+    rule: Option<String>,
+    /// Slots of this project (id or name)
+    #[arg(long)]
+    project: Option<String>,
+    /// Slots of this service account (id or name)
+    #[arg(long)]
+    service_account: Option<String>,
+    /// The slot that serves this key, or whose service account owns it
+    #[arg(long)]
+    key: Option<String>,
+    /// Every slot
+    #[arg(long)]
+    all: bool,
+    /// When the replaced key is revoked: now (as soon as every store serves and has
+    /// read back the new key) or after the grace period
+    #[arg(long, value_enum, default_value = "grace")]
+    revoke_old: RevokeOld,
+    /// Print what it would do; change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Output of --dry-run and of the result [default: table on a TTY, json otherwise]
+    #[arg(long, value_enum)]
+    format: Option<PlanFormat>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RevokeOld {
+    Now,
+    Grace,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -232,6 +280,8 @@ async fn dispatch(cli: Cli) -> i32 {
                 }
             }
         }
+        Command::Rotate(args) => rotate(&cli, args).await,
+        Command::Revoke { keys, rotate_first } => revoke(&cli, keys, *rotate_first).await,
         Command::Report { format, output } => {
             let (_, engine) = match engine(&cli, true, false).await {
                 Ok(e) => e,
@@ -364,6 +414,149 @@ fn print_generated(text: &[u8], what: &str) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             fatal(format_args!("cannot write the {what}: {e}"));
+            EXIT_FAILED
+        }
+    }
+}
+
+/// `keyrotd rotate`: exit 0 every chosen slot rotated, 1 some failed or was busy, 2 bad
+/// arguments, bad configuration, or no slot matched.
+async fn rotate(cli: &Cli, args: &RotateArgs) -> i32 {
+    use keyrotd::rotation::manual::Selection;
+    let (_, engine) = match engine(cli, false, true).await {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let asked_at = engine.clock.now();
+    let survey = match engine.survey().await {
+        Ok(s) => s,
+        Err(e) => {
+            fatal(&e);
+            return EXIT_FAILED;
+        }
+    };
+    let sel = Selection {
+        rule: args.rule.clone(),
+        project: args.project.clone(),
+        service_account: args.service_account.clone(),
+        key: args.key.clone(),
+        all: args.all,
+    };
+    let picked = match sel.pick(&survey) {
+        Ok(p) => p,
+        Err(e) => {
+            fatal(format_args!("rotate: {e}"));
+            return EXIT_BAD_CONFIG;
+        }
+    };
+    let now = args.revoke_old == RevokeOld::Now;
+    let tty = std::io::stdout().is_terminal();
+    let json = match args.format {
+        Some(f) => matches!(f, PlanFormat::Json),
+        None => !tty,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.dry_run {
+        let actions = engine.plan_rotation(&survey, &picked, now);
+        let _ = if json {
+            let doc = keyrotd::plan::ActionsDoc {
+                generated_at: keyrotd::plan::Timestamp::from(survey.now),
+                actions: &actions,
+            };
+            writeln!(out, "{}", doc.to_json())
+        } else {
+            keyrotd::plan::render_actions(&mut out, &actions)
+        };
+        return 0;
+    }
+    let report = engine.rotate_now(&picked, &survey, now, asked_at).await;
+    engine.notifier.flush(daemon::NOTIFY_FLUSH_TIMEOUT).await;
+    let _ = print_result(&mut out, &report, json);
+    let busy = report
+        .slots
+        .iter()
+        .any(|s| matches!(s.outcome, Ok(keyrotd::rotation::SlotOutcome::Busy)));
+    if report.any_failed() || busy {
+        EXIT_FAILED
+    } else {
+        0
+    }
+}
+
+/// What a manual command did: the one-screen summary, or JSON
+/// `{"slots": [{"slot", "outcome", "performed": [{"action", "id", "reason"}]}], "revoked", "failures"}`.
+fn print_result(
+    out: &mut dyn Write,
+    report: &keyrotd::rotation::CycleReport,
+    json: bool,
+) -> std::io::Result<()> {
+    if !json {
+        return keyrotd::rotation::render_summary(out, report);
+    }
+    let slots: Vec<serde_json::Value> = report
+        .slots
+        .iter()
+        .map(|s| {
+            let outcome = match &s.outcome {
+                Ok(keyrotd::rotation::SlotOutcome::Rotated { .. }) => "rotated".to_string(),
+                Ok(keyrotd::rotation::SlotOutcome::Busy) => "busy".to_string(),
+                Ok(keyrotd::rotation::SlotOutcome::Fresh) => "unchanged".to_string(),
+                Err(e) => format!("failed ({}): {e}", e.kind.as_str()),
+            };
+            serde_json::json!({
+                "slot": s.slot.id(),
+                "project_name": s.slot.project_name,
+                "service_account_name": s.slot.service_account_name,
+                "outcome": outcome,
+                "performed": s.performed.iter().map(|p| serde_json::json!({
+                    "action": p.kind.as_str(), "id": p.id, "reason": p.reason,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "slots": slots,
+        "revoked": report.user_keys_revoked,
+        "failures": report.other_failures,
+    });
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
+    )
+}
+
+/// `keyrotd revoke`: exit 0 every key revoked, 1 refused (a store serves one; nothing
+/// changed) or a revocation failed, 2 bad configuration.
+async fn revoke(cli: &Cli, keys: &[String], rotate_first: bool) -> i32 {
+    let (_, engine) = match engine(cli, false, false).await {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let asked_at = engine.clock.now();
+    let survey = match engine.survey().await {
+        Ok(s) => s,
+        Err(e) => {
+            fatal(&e);
+            return EXIT_FAILED;
+        }
+    };
+    match engine
+        .revoke_now(&survey, keys, rotate_first, asked_at)
+        .await
+    {
+        Ok(report) => {
+            engine.notifier.flush(daemon::NOTIFY_FLUSH_TIMEOUT).await;
+            let json = !std::io::stdout().is_terminal();
+            let _ = print_result(&mut std::io::stdout().lock(), &report, json);
+            if report.any_failed() {
+                EXIT_FAILED
+            } else {
+                0
+            }
+        }
+        Err(why) => {
+            fatal(format_args!("revoke: refused, nothing changed: {why}"));
             EXIT_FAILED
         }
     }

@@ -189,6 +189,7 @@ pub struct Metrics {
     slot_collisions: Counter,
     slot_busy: Counter,
     still_in_use: Counter,
+    key_invalid: Counter,
     cycle_duration_seconds: FloatGauge,
     last_success_timestamp_seconds: FloatGauge,
     oldest_key_age_seconds: FloatGauge,
@@ -277,6 +278,7 @@ impl Metrics {
             slot_collisions: Counter::default(),
             slot_busy: Counter::default(),
             still_in_use: Counter::default(),
+            key_invalid: Counter::default(),
             cycle_duration_seconds: FloatGauge::default(),
             last_success_timestamp_seconds: FloatGauge::default(),
             oldest_key_age_seconds: FloatGauge::default(),
@@ -358,6 +360,12 @@ impl Metrics {
             "keyrotd_key_still_in_use",
             "Checks that found a previous key still in use after its grace period",
             m.still_in_use.clone(),
+        );
+        register(
+            r,
+            "keyrotd_key_invalid",
+            "Served keys found dead (HTTP 401) and replaced at once",
+            m.key_invalid.clone(),
         );
         // 0 until the first cycle sets them (the alert rules expect the series).
         register(
@@ -450,6 +458,15 @@ impl Metrics {
     /// A previous key still in use after its grace period (`key.still_in_use`).
     pub fn still_in_use(&self) {
         self.still_in_use.inc();
+    }
+
+    /// A served key answered 401 (`key.invalid`).
+    pub fn key_invalid(&self) {
+        self.key_invalid.inc();
+    }
+
+    pub fn key_invalid_total(&self) -> u64 {
+        self.key_invalid.get()
     }
 
     pub fn slot_failed(&self, kind: FailureKind) {

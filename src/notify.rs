@@ -81,6 +81,13 @@ pub enum Notice {
         /// RFC 3339; empty when the API reported no use.
         last_used_at: String,
     },
+    /// The key a slot serves answered 401 (disabled by OpenAI, or deleted): the slot
+    /// is rotated at once and the dead key revoked.
+    KeyInvalid {
+        project_id: String,
+        service_account_id: String,
+        key_id: String,
+    },
 }
 
 impl Notice {
@@ -91,6 +98,7 @@ impl Notice {
             Notice::RotationFailed { .. } => NotifyEvent::RotationFailed,
             Notice::StaleUserKey { .. } => NotifyEvent::StaleUserKey,
             Notice::KeyStillInUse { .. } => NotifyEvent::KeyStillInUse,
+            Notice::KeyInvalid { .. } => NotifyEvent::KeyInvalid,
         }
     }
 
@@ -145,6 +153,15 @@ impl Notice {
                 "service_account_id": service_account_id,
                 "key_id": key_id,
                 "last_used_at": last_used_at,
+            }),
+            Notice::KeyInvalid {
+                project_id,
+                service_account_id,
+                key_id,
+            } => json!({
+                "project_id": project_id,
+                "service_account_id": service_account_id,
+                "key_id": key_id,
             }),
         };
         v["event"] = json!(self.event().as_str());
@@ -206,6 +223,16 @@ impl Notice {
                 "keyrotd: the previous key `{key_id}` of service account `{service_account_id}` \
                  in project `{project_id}` is still in use (last used {last_used_at}) after its \
                  grace period: switch its consumers to the stored key; it is revoked at max_grace"
+            ),
+            Notice::KeyInvalid {
+                project_id,
+                service_account_id,
+                key_id,
+            } => format!(
+                "keyrotd: the key `{key_id}` served for service account `{service_account_id}` \
+                 in project `{project_id}` no longer authenticates (HTTP 401: disabled or \
+                 deleted); keyrotd is replacing it now and revoking it once every store serves \
+                 the new key"
             ),
         }
     }

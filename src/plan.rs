@@ -415,12 +415,13 @@ impl SlotView {
     }
 
     /// The decision for this slot as read (none for a slot refused or unreadable):
-    /// `project` is the slot's project as scanned.
+    /// `project` is the slot's project as scanned; `forced`, a rotation asked for.
     pub fn decide(
         &self,
         project: Option<&ProjectInventory>,
         rules: &[Rule],
         cx: &decide::Context,
+        forced: Option<Why>,
     ) -> Vec<Action> {
         if self.collides() || self.failed() {
             return Vec::new();
@@ -453,6 +454,7 @@ impl SlotView {
             also_served: Vec::new(),
             also_referenced: Vec::new(),
             owner_gone,
+            forced,
         };
         decide::decide(&facts, cx)
     }
@@ -642,7 +644,7 @@ pub struct PlannedAction {
 }
 
 impl PlannedAction {
-    fn of_slot(slot: &Slot, action: Action) -> PlannedAction {
+    pub fn of_slot(slot: &Slot, action: Action) -> PlannedAction {
         let sa = action
             .service_account_id
             .clone()
@@ -871,6 +873,7 @@ impl<'a> Plan<'a> {
                     projects.get(v.slot.project_id.as_str()).copied(),
                     rules,
                     &cx,
+                    None,
                 )
             })
             .collect();

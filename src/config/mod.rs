@@ -259,6 +259,9 @@ pub struct PolicyConfig {
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
     pub verify: bool,
+    /// Every cycle, check that the key each slot serves still authenticates
+    /// (`GET /models` with it); one that answers 401 is replaced at once.
+    pub verify_served: bool,
     pub user_keys: UserKeys,
     pub key_expiry: KeyExpiry,
     /// A key whose `expires_at` falls within this window is `expiring_soon` (rotated).
@@ -303,6 +306,7 @@ impl Default for PolicyConfig {
             max_age: Duration::from_secs(90 * 86400),
             grace_period: Duration::from_secs(86400),
             verify: true,
+            verify_served: true,
             user_keys: UserKeys::Report,
             key_expiry: KeyExpiry(None),
             expiry_warning: Duration::from_secs(7 * 86400),
@@ -421,6 +425,9 @@ pub enum NotifyEvent {
     /// A previous key is still used after its grace period (`revoke_when = "unused"`).
     #[serde(rename = "key.still_in_use")]
     KeyStillInUse,
+    /// A served key no longer authenticates; the slot was rotated at once.
+    #[serde(rename = "key.invalid")]
+    KeyInvalid,
 }
 
 impl NotifyEvent {
@@ -431,6 +438,7 @@ impl NotifyEvent {
             NotifyEvent::RotationFailed => "rotation.failed",
             NotifyEvent::StaleUserKey => "key.stale_user",
             NotifyEvent::KeyStillInUse => "key.still_in_use",
+            NotifyEvent::KeyInvalid => "key.invalid",
         }
     }
 }

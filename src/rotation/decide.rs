@@ -81,6 +81,12 @@ pub enum Why {
     /// The API refused to delete a service-account key: the slot moves to a new
     /// service account (strategy `auto`).
     StrategyFallback,
+    /// An operator asked for it (`keyrotd rotate`, `keyrotd revoke --rotate-first`).
+    Manual,
+    /// The served key no longer authenticates (OpenAI disabled it, someone deleted it):
+    /// replaced at once, and the dead key revoked as soon as every store serves the new
+    /// one.
+    KeyInvalid,
     /// A replaced key whose grace period (or `max_grace`) is over.
     GraceOver,
     /// A replaced key not used since its replacement was promoted
@@ -124,6 +130,8 @@ impl Why {
             Why::Stale => "stale",
             Why::ExpiringSoon => "expiring_soon",
             Why::StrategyFallback => "strategy_fallback",
+            Why::Manual => "manual",
+            Why::KeyInvalid => "key_invalid",
             Why::GraceOver => "grace_over",
             Why::UnusedSincePromotion => "unused_since_promotion",
             Why::Orphan => "orphan",
@@ -217,6 +225,8 @@ pub struct SlotFacts<'a> {
     pub also_referenced: Vec<&'a str>,
     /// The owner of the slot's intent provably died ([`super::owner_is_gone`]).
     pub owner_gone: bool,
+    /// Rotate now whatever the key's age (`Why::Manual`, `Why::KeyInvalid`).
+    pub forced: Option<Why>,
 }
 
 /// Who is asking, and when.
@@ -427,7 +437,11 @@ pub fn decide(f: &SlotFacts, cx: &Context) -> Vec<Action> {
     // 4. The rotation.
     let mint_account = mint_account(f);
     let mut minting_now = false;
-    if let Some((why, at)) = rotation_due(f, cx) {
+    let due = match f.forced {
+        Some(why) => Some((why, now)),
+        None => rotation_due(f, cx),
+    };
+    if let Some((why, at)) = due {
         let routine = matches!(why, Why::Stale | Why::ExpiringSoon);
         let mut a = Action::new(ActionKind::Mint, why, at);
         if f.rule.strategy != Strategy::NewServiceAccount {

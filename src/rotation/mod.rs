@@ -21,6 +21,7 @@ macro_rules! failpoint {
 
 pub mod admin_key;
 pub mod decide;
+pub mod manual;
 mod slot;
 
 use std::collections::BTreeMap;
@@ -43,7 +44,7 @@ use crate::policy::{self, Verdict};
 use crate::store::DynStore;
 
 pub use crate::metrics::FailureKind;
-pub use slot::{Performed, SlotError, SlotFailure, SlotOutcome};
+pub use slot::{Forced, Performed, SlotError, SlotFailure, SlotOutcome};
 
 /// The engine's notion of now; tests substitute a manual clock.
 pub trait Clock: Send + Sync {
@@ -151,6 +152,8 @@ pub struct CycleReport {
     pub duration: Duration,
     /// Slots skipped because shutdown was requested.
     pub skipped: usize,
+    /// When the daemon's schedule runs the next cycle (`None` for `once`).
+    pub next_cycle: Option<String>,
     /// What admin-key maintenance did (`None` when it failed: see `other_failures`).
     pub admin_key: Option<admin_key::AdminKeyReport>,
 }
@@ -260,8 +263,21 @@ impl Engine {
 
     /// Runs one full cycle. Never panics on API or store errors: they are in the report.
     pub async fn cycle(&self) -> CycleReport {
+        self.run_cycle(None).await
+    }
+
+    /// A cycle the daemon's schedule runs: `next_cycle` (when the schedule runs the one
+    /// after it) goes into its `cycle.finished` (or `cycle.failed`) line.
+    pub async fn scheduled_cycle(&self, next_cycle: String) -> CycleReport {
+        self.run_cycle(Some(next_cycle)).await
+    }
+
+    async fn run_cycle(&self, next_cycle: Option<String>) -> CycleReport {
         let started = Instant::now();
-        let mut report = CycleReport::default();
+        let mut report = CycleReport {
+            next_cycle,
+            ..CycleReport::default()
+        };
         info!(
             event = "cycle.started",
             dry_run = self.settings.dry_run,
@@ -279,7 +295,7 @@ impl Engine {
         let survey = match self.survey().await {
             Ok(survey) => survey,
             Err(e) => {
-                error!(event = "cycle.failed", outcome = "scan_failed", error = %e, "could not list the organization");
+                error!(event = "cycle.failed", outcome = "scan_failed", error = %e, next_cycle = report.next_cycle.as_deref(), "could not list the organization");
                 report.scan_error = Some(e.to_string());
                 report.duration = started.elapsed();
                 self.metrics.cycle_finished(
@@ -358,56 +374,7 @@ impl Engine {
                 if self.shutdown.is_cancelled() {
                     return None;
                 }
-                // Every line of the slot's run carries its ids and names. At ERROR so
-                // that no level filter drops it while it would keep the events inside.
-                let span = tracing::error_span!(
-                    "slot",
-                    rule = %slot.rule_name,
-                    project_id = %slot.project_id,
-                    project_name = %slot.project_name,
-                    service_account_id = %slot.service_account_id,
-                    service_account_name = %slot.service_account_name,
-                );
-                let slot::RunResult { outcome, performed } =
-                    slot::run(self, &slot, keys).instrument(span).await;
-                match &outcome {
-                    Ok(SlotOutcome::Rotated { key_id }) => {
-                        self.notifier.send(Notice::RotationCompleted {
-                            project_id: slot.project_id.clone(),
-                            service_account_id: slot.service_account_id.clone(),
-                            rule: slot.rule_name.clone(),
-                            key_id: key_id.clone(),
-                            stores: slot.stores.clone(),
-                        })
-                    }
-                    Err(e) => self.notifier.send(Notice::RotationFailed {
-                        project_id: slot.project_id.clone(),
-                        service_account_id: slot.service_account_id.clone(),
-                        rule: slot.rule_name.clone(),
-                        error: e.to_string(),
-                    }),
-                    Ok(_) => {}
-                }
-                if let Err(e) = &outcome {
-                    self.metrics.slot_failed(e.kind());
-                    error!(
-                        event = "rotation.failed",
-                        kind = e.kind().as_str(),
-                        project_id = %slot.project_id,
-                        project_name = %slot.project_name,
-                        service_account_name = %slot.service_account_name,
-                        service_account_id = %slot.service_account_id,
-                        rule = %slot.rule_name,
-                        outcome = "failed",
-                        error = %e,
-                        "slot failed; it will be retried next cycle"
-                    );
-                }
-                Some(SlotReport {
-                    slot,
-                    outcome: outcome.map_err(SlotFailure::from),
-                    performed,
-                })
+                Some(self.run_slot(slot, keys, None).await)
             }
         }))
         .buffer_unordered(self.settings.concurrency.max(1))
@@ -434,6 +401,70 @@ impl Engine {
         self.finish_cycle(report, started)
     }
 
+    /// Runs one slot's state machine in a span carrying its ids and names, and tells
+    /// the webhooks and the logs how it went. `forced`: a rotation asked for (an
+    /// operator's, with `trigger = "manual"` and the operator on every line).
+    async fn run_slot(
+        &self,
+        slot: Slot,
+        keys: Vec<ProjectApiKey>,
+        forced: Option<(slot::Forced, Option<String>)>,
+    ) -> SlotReport {
+        // Every line of the slot's run carries its ids and names. At ERROR so that no
+        // level filter drops it while it would keep the events inside.
+        let manual = forced
+            .as_ref()
+            .is_some_and(|(f, _)| f.why == decide::Why::Manual);
+        let span = tracing::error_span!(
+            "slot",
+            rule = %slot.rule_name,
+            project_id = %slot.project_id,
+            project_name = %slot.project_name,
+            service_account_id = %slot.service_account_id,
+            service_account_name = %slot.service_account_name,
+            trigger = if manual { "manual" } else { "schedule" },
+            operator = manual.then(manual::operator),
+        );
+        let slot::RunResult { outcome, performed } =
+            slot::run(self, &slot, keys, forced).instrument(span).await;
+        match &outcome {
+            Ok(SlotOutcome::Rotated { key_id }) => self.notifier.send(Notice::RotationCompleted {
+                project_id: slot.project_id.clone(),
+                service_account_id: slot.service_account_id.clone(),
+                rule: slot.rule_name.clone(),
+                key_id: key_id.clone(),
+                stores: slot.stores.clone(),
+            }),
+            Err(e) => self.notifier.send(Notice::RotationFailed {
+                project_id: slot.project_id.clone(),
+                service_account_id: slot.service_account_id.clone(),
+                rule: slot.rule_name.clone(),
+                error: e.to_string(),
+            }),
+            Ok(_) => {}
+        }
+        if let Err(e) = &outcome {
+            self.metrics.slot_failed(e.kind());
+            error!(
+                event = "rotation.failed",
+                kind = e.kind().as_str(),
+                project_id = %slot.project_id,
+                project_name = %slot.project_name,
+                service_account_name = %slot.service_account_name,
+                service_account_id = %slot.service_account_id,
+                rule = %slot.rule_name,
+                outcome = "failed",
+                error = %e,
+                "slot failed; it will be retried next cycle"
+            );
+        }
+        SlotReport {
+            slot,
+            outcome: outcome.map_err(SlotFailure::from),
+            performed,
+        }
+    }
+
     /// Records the cycle's end (metrics, `cycle.finished`).
     fn finish_cycle(&self, mut report: CycleReport, started: Instant) -> CycleReport {
         report.duration = started.elapsed();
@@ -447,6 +478,7 @@ impl Engine {
             failed = report.failed_slots(),
             skipped = report.skipped,
             duration_ms = report.duration.as_millis() as u64,
+            next_cycle = report.next_cycle.as_deref(),
             "rotation cycle finished"
         );
         report

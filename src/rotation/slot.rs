@@ -121,18 +121,55 @@ pub struct RunResult {
 
 /// Runs the state machine for one slot. `keys` are the service account's keys as
 /// scanned at the start of the cycle.
-pub async fn run(eng: &Engine, slot: &Slot, keys: Vec<ProjectApiKey>) -> RunResult {
+pub async fn run(
+    eng: &Engine,
+    slot: &Slot,
+    keys: Vec<ProjectApiKey>,
+    forced: Option<(Forced, Option<String>)>,
+) -> RunResult {
     let mut performed = Vec::new();
-    let outcome = run_slot(eng, slot, keys, &mut performed).await;
+    let outcome = run_slot(eng, slot, keys, forced, &mut performed).await;
     RunResult { outcome, performed }
+}
+
+/// A rotation asked for whatever the key's age.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forced {
+    /// `Why::Manual` (an operator) or `Why::KeyInvalid` (the served key is dead).
+    pub why: Why,
+    /// Revoke the replaced key as soon as every store serves and has read back the
+    /// new one, instead of after the grace period.
+    pub revoke_old_now: bool,
+    /// When it was asked for (to the second): a slot every store promoted a key in
+    /// since then has been rotated already.
+    pub asked_at: Option<DateTime<Utc>>,
+}
+
+impl Forced {
+    /// A rotation an operator asked for at `asked_at`.
+    pub fn manual(revoke_old_now: bool, asked_at: DateTime<Utc>) -> Forced {
+        use chrono::SubsecRound;
+        Forced {
+            why: Why::Manual,
+            revoke_old_now,
+            asked_at: Some(asked_at.trunc_subsecs(0)),
+        }
+    }
 }
 
 async fn run_slot(
     eng: &Engine,
     slot: &Slot,
     keys: Vec<ProjectApiKey>,
+    forced: Option<(Forced, Option<String>)>,
     performed: &mut Vec<Performed>,
 ) -> SlotResult<SlotOutcome> {
+    // With the key the asker saw served: a rotation asked for replaces that key, and
+    // is done already when another process replaced it meanwhile.
+    let (forced, replacing) = match forced {
+        Some((f, k)) => (Some(f), k),
+        None => (None, None),
+    };
     if !slot.collisions.is_empty() {
         for c in &slot.collisions {
             error!(event = "slot.collision", store = %c.store, path = %c.path, other_project_id = %c.project_id, other_service_account_id = %c.service_account_id, other_rule = %c.rule, outcome = "collision", "two slots render the same store path; neither is rotated until the configuration or the names change");
@@ -175,6 +212,7 @@ async fn run_slot(
         states: Vec::new(),
         new_account: false,
         mint_on: slot.service_account_id.clone(),
+        forced,
         performed,
         accounts: slot
             .service_accounts
@@ -190,7 +228,37 @@ async fn run_slot(
     run.read_others().await?;
     run.settle().await?;
     run.refresh_keys().await?;
-    let actions = decide::decide(&run.facts(), &run.context());
+    if let (Some(f), Some(k)) = (run.forced, &replacing) {
+        // Another process rotated the slot since the operator asked: the key they
+        // wanted replaced is no longer served (or every store promoted a key since).
+        let states: Vec<&SlotState> = run.states.iter().collect();
+        let moved_on = decide::agreed_current(&states) != Some(k.as_str());
+        let promoted_since = f.asked_at.is_some_and(|at| {
+            run.states
+                .iter()
+                .all(|s| s.current.is_some() && s.book.promoted_at.is_some_and(|p| p >= at))
+        });
+        if moved_on || promoted_since {
+            info!(event = "rotation.already_replaced", key_id = %k, "another process rotated the slot since this rotation was asked for");
+            run.forced = None;
+            if f.revoke_old_now && moved_on {
+                run.retire_key(k, f.why).await?;
+            }
+        }
+    }
+    let mut actions = decide::decide(&run.facts(), &run.context());
+    // A slot about to rotate anyway is not checked: the check is a call with the key,
+    // which the API counts as a use, and the key it replaces must not look in use.
+    let now = run.now();
+    let minting = actions
+        .iter()
+        .any(|a| a.kind == ActionKind::Mint && a.is_due(now));
+    if run.forced.is_none() && eng.policy.verify_served && !minting {
+        run.forced = run.check_served().await;
+        if run.forced.is_some() {
+            actions = decide::decide(&run.facts(), &run.context());
+        }
+    }
     run.perform(actions).await
 }
 
@@ -209,6 +277,8 @@ struct SlotRun<'a> {
     mint_on: String,
     /// What this run did to the organization, for the cycle's report.
     performed: &'a mut Vec<Performed>,
+    /// A rotation asked for (by an operator, or because the served key is dead).
+    forced: Option<Forced>,
     /// Service accounts known to be the slot's: the scanned ones, the ones created by
     /// this run, and same-named ones of the project found by a fresh listing.
     accounts: BTreeSet<String>,
@@ -857,6 +927,7 @@ impl SlotRun<'_> {
             also_served,
             also_referenced,
             owner_gone,
+            forced: self.forced.map(|f| f.why),
         }
     }
 
@@ -932,10 +1003,70 @@ impl SlotRun<'_> {
                     if outcome == SlotOutcome::Busy {
                         return Ok(outcome);
                     }
+                    if self.forced.is_some_and(|f| f.revoke_old_now) {
+                        self.revoke_replaced_now(a.why).await?;
+                    }
                 }
             }
         }
         Ok(outcome)
+    }
+
+    /// Whether the key every store serves still authenticates (`GET /models` with it,
+    /// once: it verified at its promotion). A 401 means it is dead (OpenAI disabled
+    /// it, or it was deleted): `key.invalid` (ERROR, metric, webhook), and the slot is
+    /// rotated now with the dead key revoked as soon as the new one is served. Any
+    /// other answer (a network error, a 5xx) says nothing and changes nothing.
+    async fn check_served(&mut self) -> Option<Forced> {
+        let states: Vec<&SlotState> = self.states.iter().collect();
+        let id = decide::agreed_current(&states)?.to_string();
+        let busy = self
+            .states
+            .iter()
+            .any(|s| s.pending.is_some() || s.book.intent.is_some());
+        if busy {
+            return None;
+        }
+        let key = self.states[0].current.as_ref()?.api_key.clone();
+        match self.eng.client.verify_key(&key).await {
+            Err(ApiError::Unauthorized { message, .. }) => {
+                self.eng.metrics.key_invalid();
+                error!(event = "key.invalid", key_id = %id, status = 401, api_message = %message, outcome = "rotating", "the served key no longer authenticates; replacing it now and revoking it once every store serves the new one");
+                self.eng.notifier.send(crate::notify::Notice::KeyInvalid {
+                    project_id: self.slot.project_id.clone(),
+                    service_account_id: self.slot.service_account_id.clone(),
+                    key_id: id,
+                });
+                Some(Forced {
+                    why: Why::KeyInvalid,
+                    revoke_old_now: true,
+                    asked_at: None,
+                })
+            }
+            Err(e) => {
+                debug!(key_id = %id, error = %e, "could not check the served key; checked again next cycle");
+                None
+            }
+            Ok(()) => None,
+        }
+    }
+
+    /// After a forced rotation with `revoke_old_now`: the key it replaced goes at once
+    /// (every store serves and has read back the new one), not after the grace period.
+    async fn revoke_replaced_now(&mut self, why: Why) -> SlotResult<()> {
+        let replaced: BTreeSet<String> = self
+            .states
+            .iter()
+            .filter_map(|s| s.book.previous_key_id.clone())
+            .collect();
+        for key_id in replaced {
+            if let Some(out) = self.retire_key(&key_id, why).await? {
+                // The API refused the deletion (strategy auto moved the slot): the
+                // replaced account goes after its grace period instead.
+                debug!(key_id = %key_id, outcome = ?out, "replaced key kept until the account is retired");
+            }
+        }
+        Ok(())
     }
 
     /// Another live process holds the slot.
@@ -1470,9 +1601,8 @@ impl SlotRun<'_> {
                     let landed = now.current.as_ref().is_some_and(|c| c.key_id == key_id);
                     self.states[i] = now;
                     if !landed {
-                        return Err(self.rotation_failed(SlotError::Other(format!(
-                            "store {name:?} changed while promoting {key_id}; the stores will be reconciled next cycle"
-                        ))));
+                        let name = name.clone();
+                        return self.lost_promotion(&name, &key_id).await;
                     }
                 }
                 Err(e) => {
@@ -1507,6 +1637,34 @@ impl SlotRun<'_> {
         self.eng.metrics.rotation(RotationOutcome::Completed);
         info!(event = "rotation.completed", key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
         Ok(SlotOutcome::Rotated { key_id })
+    }
+
+    /// Another process promoted its own key in store `name` while this run promoted
+    /// `key_id` (a store whose intents are not compare-and-set, AWS, lets two replicas
+    /// both mint). When no store or consumer document serves `key_id`, it was never
+    /// served: it is dropped and revoked, as a lost stage is. Otherwise the slot fails
+    /// and the next cycle reconciles the stores.
+    async fn lost_promotion(&mut self, name: &str, key_id: &str) -> SlotResult<SlotOutcome> {
+        self.reread_states().await?;
+        let consumers_have_it = self
+            .docs
+            .iter()
+            .flatten()
+            .any(|(_, d)| d.record.as_ref().is_some_and(|r| r.key_id == key_id));
+        let current = self
+            .states
+            .iter()
+            .any(|s| s.current.as_ref().is_some_and(|c| c.key_id == key_id));
+        if current || consumers_have_it {
+            return Err(self.rotation_failed(SlotError::Other(format!(
+                "store {name:?} changed while promoting {key_id}; the stores will be reconciled next cycle"
+            ))));
+        }
+        self.abandon_pending(key_id).await.ok();
+        self.revoke(key_id, "conflict").await.ok();
+        self.eng.metrics.rotation(RotationOutcome::Conflict);
+        info!(event = "rotation.conflict", key_id, store = %name, outcome = "conflict", "another process promoted its key first; revoked ours, which was never served");
+        Ok(SlotOutcome::Busy)
     }
 
     /// Writes `record` into every consumer document of store `i` that does not serve it

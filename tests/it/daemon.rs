@@ -336,7 +336,18 @@ async fn run_notifies_systemd_serves_metrics_and_stops_on_sigterm() {
             .is_some_and(|v| v.contains("commit")),
         "{started}"
     );
-    assert!(log.contains("\"event\":\"cycle.scheduled\""), "{log}");
+    // Each cycle's last line says when the next one runs.
+    let finished = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["event"] == "cycle.finished")
+        .unwrap_or_else(|| panic!("no cycle.finished:\n{log}"));
+    assert!(
+        finished["next_cycle"]
+            .as_str()
+            .is_some_and(|t| t.len() == 20 && t.ends_with('Z')),
+        "{finished}"
+    );
     for noise in ["Uninited", "Job creator created"] {
         assert!(!log.contains(noise), "scheduler noise {noise:?}:\n{log}");
     }

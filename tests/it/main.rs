@@ -28,6 +28,7 @@ mod fuzz_api;
 mod fuzz_config;
 mod hygiene;
 mod identity;
+mod incident;
 mod lifecycle;
 mod metrics;
 mod moves;
