@@ -419,21 +419,37 @@ fn print_generated(text: &[u8], what: &str) -> i32 {
     }
 }
 
+/// The engine of a manual command, when it was asked (before the scan), and its
+/// survey; `Err(exit code)` when either cannot be had.
+async fn engine_and_survey(
+    cli: &Cli,
+    needs_rules: bool,
+) -> Result<
+    (
+        Engine,
+        chrono::DateTime<chrono::Utc>,
+        keyrotd::rotation::Survey,
+    ),
+    i32,
+> {
+    let (_, engine) = engine(cli, false, needs_rules).await?;
+    let asked_at = engine.clock.now();
+    match engine.survey().await {
+        Ok(survey) => Ok((engine, asked_at, survey)),
+        Err(e) => {
+            fatal(&e);
+            Err(EXIT_FAILED)
+        }
+    }
+}
+
 /// `keyrotd rotate`: exit 0 every chosen slot rotated, 1 some failed or was busy, 2 bad
 /// arguments, bad configuration, or no slot matched.
 async fn rotate(cli: &Cli, args: &RotateArgs) -> i32 {
     use keyrotd::rotation::manual::Selection;
-    let (_, engine) = match engine(cli, false, true).await {
+    let (engine, asked_at, survey) = match engine_and_survey(cli, true).await {
         Ok(e) => e,
         Err(code) => return code,
-    };
-    let asked_at = engine.clock.now();
-    let survey = match engine.survey().await {
-        Ok(s) => s,
-        Err(e) => {
-            fatal(&e);
-            return EXIT_FAILED;
-        }
     };
     let sel = Selection {
         rule: args.rule.clone(),
@@ -529,17 +545,9 @@ fn print_result(
 /// `keyrotd revoke`: exit 0 every key revoked, 1 refused (a store serves one; nothing
 /// changed) or a revocation failed, 2 bad configuration.
 async fn revoke(cli: &Cli, keys: &[String], rotate_first: bool) -> i32 {
-    let (_, engine) = match engine(cli, false, false).await {
+    let (engine, asked_at, survey) = match engine_and_survey(cli, false).await {
         Ok(e) => e,
         Err(code) => return code,
-    };
-    let asked_at = engine.clock.now();
-    let survey = match engine.survey().await {
-        Ok(s) => s,
-        Err(e) => {
-            fatal(&e);
-            return EXIT_FAILED;
-        }
     };
     match engine
         .revoke_now(&survey, keys, rotate_first, asked_at)

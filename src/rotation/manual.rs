@@ -218,13 +218,7 @@ impl Engine {
         let runs = picked.iter().map(|v| {
             let slot = v.slot.clone();
             let replacing = v.agreed_current().map(str::to_string);
-            let keys = slot
-                .service_accounts
-                .iter()
-                .filter_map(|(sa, _)| by_sa.get(&(slot.project_id.as_str(), sa.as_str())))
-                .flatten()
-                .map(|k| (*k).clone())
-                .collect();
+            let keys = super::slot_keys(&by_sa, &slot);
             self.run_slot(slot, keys, Some((forced, replacing)))
         });
         use futures::stream::StreamExt;

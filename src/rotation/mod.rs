@@ -363,13 +363,7 @@ impl Engine {
 
         let by_sa = keys_by_service_account(&inv);
         let results: Vec<Option<SlotReport>> = stream::iter(slots.into_iter().map(|slot| {
-            let keys: Vec<ProjectApiKey> = slot
-                .service_accounts
-                .iter()
-                .filter_map(|(sa, _)| by_sa.get(&(slot.project_id.as_str(), sa.as_str())))
-                .flatten()
-                .map(|k| (*k).clone())
-                .collect();
+            let keys = slot_keys(&by_sa, &slot);
             async move {
                 if self.shutdown.is_cancelled() {
                     return None;
@@ -640,6 +634,19 @@ pub fn render_summary(out: &mut dyn std::io::Write, r: &CycleReport) -> std::io:
 
 fn unix(t: DateTime<Utc>) -> f64 {
     t.timestamp_millis() as f64 / 1000.0
+}
+
+/// The keys of a slot's service accounts, from [`keys_by_service_account`].
+fn slot_keys(
+    by_sa: &BTreeMap<(&str, &str), Vec<&ProjectApiKey>>,
+    slot: &Slot,
+) -> Vec<ProjectApiKey> {
+    slot.service_accounts
+        .iter()
+        .filter_map(|(sa, _)| by_sa.get(&(slot.project_id.as_str(), sa.as_str())))
+        .flatten()
+        .map(|k| (*k).clone())
+        .collect()
 }
 
 /// Service-account keys grouped by (project id, service account id).
