@@ -273,10 +273,15 @@ async fn rotate_racing_a_cycle_rotates_each_slot_once() {
     // Every key stale again: the cycle wants to rotate each slot as well.
     b.sim.advance(200 * DAY);
     let before = served(&b).await;
+    // The three asked at once: each rotation's first write waits long enough for the
+    // other processes to have surveyed the slots (however slowly a loaded machine
+    // starts them), so none of them asks to replace a key another has just promoted.
+    // A rotation asked for after one completed is a new request, and rotates again.
+    let hold = Some("before_intent=sleep(2500)");
     let (r1, r2, cycle) = tokio::join!(
-        b.run(&["rotate", "--all"], None),
-        b.run(&["rotate", "--all"], None),
-        b.run_once(None),
+        b.run(&["rotate", "--all"], hold),
+        b.run(&["rotate", "--all"], hold),
+        b.run_once(hold),
     );
     for e in [&r1, &r2, &cycle] {
         assert!(e.code.is_some(), "{}", e.tail());
