@@ -165,6 +165,14 @@ impl CycleReport {
     }
 }
 
+/// What the engines of one process remember between cycles (the daemon hands the
+/// same one to every engine it builds).
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// `key.expiry_unsupported` was logged.
+    pub(crate) expiry_unsupported: std::sync::atomic::AtomicBool,
+}
+
 /// The rotation engine.
 pub struct Engine {
     pub client: Client,
@@ -179,6 +187,8 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     pub notifier: Notifier,
     pub shutdown: CancellationToken,
+    /// What this process's engines remember between cycles.
+    pub memory: Arc<Memory>,
 }
 
 impl std::fmt::Debug for Engine {

@@ -23,6 +23,7 @@ mod crash;
 mod daemon;
 mod decide;
 mod demo;
+mod expiry;
 mod faults;
 mod fuzz_api;
 mod fuzz_config;
