@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 use tracing::warn;
 
 use crate::openai::ApiStats;
+use crate::plan::ExpiryState;
 use crate::policy::Verdict;
 use crate::rotation::Survey;
 
@@ -189,6 +190,8 @@ pub struct Metrics {
     slot_collisions: Counter,
     slot_busy: Counter,
     still_in_use: Counter,
+    created_outside: Counter,
+    keys_expiring: Family<One, Gauge>,
     cycle_duration_seconds: FloatGauge,
     last_success_timestamp_seconds: FloatGauge,
     oldest_key_age_seconds: FloatGauge,
@@ -277,6 +280,8 @@ impl Metrics {
             slot_collisions: Counter::default(),
             slot_busy: Counter::default(),
             still_in_use: Counter::default(),
+            created_outside: Counter::default(),
+            keys_expiring: preset("state", ExpiryState::ALL.map(ExpiryState::as_str)),
             cycle_duration_seconds: FloatGauge::default(),
             last_success_timestamp_seconds: FloatGauge::default(),
             oldest_key_age_seconds: FloatGauge::default(),
@@ -358,6 +363,18 @@ impl Metrics {
             "keyrotd_key_still_in_use",
             "Checks that found a previous key still in use after its grace period",
             m.still_in_use.clone(),
+        );
+        register(
+            r,
+            "keyrotd_keys_created_outside",
+            "Keys created by a person (audit log: a dashboard session) on a service account a slot manages",
+            m.created_outside.clone(),
+        );
+        register(
+            r,
+            "keyrotd_keys_expiring",
+            "Project API keys with an expiry at the last scan, by state: expired, expiring (within policy.expiry_warning), protected (a replaced key expiring at the end of its grace period)",
+            m.keys_expiring.clone(),
         );
         // 0 until the first cycle sets them (the alert rules expect the series).
         register(
@@ -450,6 +467,26 @@ impl Metrics {
     /// A previous key still in use after its grace period (`key.still_in_use`).
     pub fn still_in_use(&self) {
         self.still_in_use.inc();
+    }
+
+    /// A key created outside keyrotd on a managed account (`key.created_outside`).
+    pub fn created_outside(&self) {
+        self.created_outside.inc();
+    }
+
+    /// Keys created outside keyrotd counted so far.
+    pub fn keys_created_outside(&self) -> u64 {
+        self.created_outside.get()
+    }
+
+    /// Sets `keyrotd_keys_expiring` from the plan's counts per expiry state.
+    pub fn set_expiring(&self, counts: &BTreeMap<ExpiryState, u64>) {
+        for s in ExpiryState::ALL {
+            let n = counts.get(&s).copied().unwrap_or(0);
+            self.keys_expiring
+                .get_or_create(&[("state", s.as_str())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn slot_failed(&self, kind: FailureKind) {

@@ -1,5 +1,6 @@
 //! Notifications: optional webhooks (Slack-compatible or generic JSON) on rotation
-//! completed, rotation failed, and stale user-owned key found. Never a secret value.
+//! completed, rotation failed, stale user-owned key found, previous key still in use,
+//! and key created by hand on a managed service account. Never a secret value.
 //!
 //! ```toml
 //! [[notify.webhooks]]
@@ -81,6 +82,15 @@ pub enum Notice {
         /// RFC 3339; empty when the API reported no use.
         last_used_at: String,
     },
+    /// A person created a key on a service account a slot manages (the audit log's
+    /// `api_key.created` by a dashboard session): keyrotd neither stores nor rotates it.
+    KeyCreatedOutside {
+        project_id: String,
+        service_account_id: String,
+        key_id: String,
+        /// The creator's e-mail as the audit log gives it; empty when it gives none.
+        created_by: String,
+    },
 }
 
 impl Notice {
@@ -91,6 +101,7 @@ impl Notice {
             Notice::RotationFailed { .. } => NotifyEvent::RotationFailed,
             Notice::StaleUserKey { .. } => NotifyEvent::StaleUserKey,
             Notice::KeyStillInUse { .. } => NotifyEvent::KeyStillInUse,
+            Notice::KeyCreatedOutside { .. } => NotifyEvent::KeyCreatedOutside,
         }
     }
 
@@ -145,6 +156,17 @@ impl Notice {
                 "service_account_id": service_account_id,
                 "key_id": key_id,
                 "last_used_at": last_used_at,
+            }),
+            Notice::KeyCreatedOutside {
+                project_id,
+                service_account_id,
+                key_id,
+                created_by,
+            } => json!({
+                "project_id": project_id,
+                "service_account_id": service_account_id,
+                "key_id": key_id,
+                "created_by": created_by,
             }),
         };
         v["event"] = json!(self.event().as_str());
@@ -207,6 +229,23 @@ impl Notice {
                  in project `{project_id}` is still in use (last used {last_used_at}) after its \
                  grace period: switch its consumers to the stored key; it is revoked at max_grace"
             ),
+            Notice::KeyCreatedOutside {
+                project_id,
+                service_account_id,
+                key_id,
+                created_by,
+            } => {
+                let who = if created_by.is_empty() {
+                    "someone".to_string()
+                } else {
+                    created_by.clone()
+                };
+                format!(
+                    "keyrotd: {who} created key `{key_id}` by hand on service account \
+                     `{service_account_id}` in project `{project_id}`, which keyrotd manages; \
+                     it is not in any store and keyrotd does not rotate it"
+                )
+            }
         }
     }
 

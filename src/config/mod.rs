@@ -431,6 +431,9 @@ pub enum NotifyEvent {
     /// A previous key is still used after its grace period (`revoke_when = "unused"`).
     #[serde(rename = "key.still_in_use")]
     KeyStillInUse,
+    /// A key was created by a person (not keyrotd) on a service account a slot manages.
+    #[serde(rename = "key.created_outside")]
+    KeyCreatedOutside,
 }
 
 impl NotifyEvent {
@@ -441,6 +444,7 @@ impl NotifyEvent {
             NotifyEvent::RotationFailed => "rotation.failed",
             NotifyEvent::StaleUserKey => "key.stale_user",
             NotifyEvent::KeyStillInUse => "key.still_in_use",
+            NotifyEvent::KeyCreatedOutside => "key.created_outside",
         }
     }
 }

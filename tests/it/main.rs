@@ -34,6 +34,7 @@ mod metrics;
 mod moves;
 mod notify;
 mod openai_client;
+mod outside;
 mod plan;
 mod replicas;
 mod report;
