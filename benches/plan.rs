@@ -158,6 +158,7 @@ fn inventory(keys: usize, rules: &[Rule]) -> Inventory {
     Inventory {
         scanned_at: now(),
         projects: out,
+        creators: None,
     }
 }
 

@@ -45,14 +45,16 @@ impl BuildError {
     }
 }
 
-/// What outlives one engine in a daemon: the counters `/metrics` serves and the
-/// shutdown signal in-flight work watches. A reload or a reconnect builds a new
+/// What outlives one engine in a daemon: the counters `/metrics` serves, the
+/// shutdown signal in-flight work watches, and what the engines remember between
+/// cycles. A reload or a reconnect builds a new
 /// engine on the same [`Shared`].
 #[derive(Debug, Clone, Default)]
 pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub api: Arc<ApiStats>,
     pub shutdown: CancellationToken,
+    pub memory: Arc<crate::rotation::Memory>,
 }
 
 /// The Admin API client settings a config describes.
@@ -218,5 +220,6 @@ pub async fn build_engine_in(
         metrics: shared.metrics.clone(),
         notifier: crate::notify::Notifier::from_config(&cfg.notify)?,
         shutdown: shared.shutdown.clone(),
+        memory: shared.memory.clone(),
     })
 }

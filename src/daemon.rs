@@ -66,6 +66,7 @@ impl HttpState {
             metrics: engine.metrics.clone(),
             api: engine.client.stats().clone(),
             shutdown: engine.shutdown.clone(),
+            memory: engine.memory.clone(),
         })
     }
 

@@ -14,7 +14,8 @@
 //! - [`rotation`]: the one decision (`rotation::decide`), the slot state machine that
 //!   performs it, the only place that orders mint → stage → verify → promote →
 //!   retire, and beside it the admin key's own crash-safe rotation
-//!   (`rotation::admin_key`: the admin key kept in a store, re-read every cycle).
+//!   (`rotation::admin_key`: the admin key kept in a store, re-read every cycle), and
+//!   `rotation::outside` (keys made by hand on managed accounts, from the audit log).
 //! - [`sim`]: the Admin API simulator used by `keyrotd demo`, `keyrotd sim` and tests.
 //! - [`app`]: wiring from a validated config to an [`rotation::Engine`].
 //! - [`daemon`]: `keyrotd run`: the schedule, signals, sd_notify, the HTTP listener.

@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 use tracing::warn;
 
 use crate::openai::ApiStats;
+use crate::plan::ExpiryState;
 use crate::policy::Verdict;
 use crate::rotation::Survey;
 
@@ -190,6 +191,8 @@ pub struct Metrics {
     slot_busy: Counter,
     still_in_use: Counter,
     key_invalid: Counter,
+    created_outside: Counter,
+    keys_expiring: Family<One, Gauge>,
     cycle_duration_seconds: FloatGauge,
     last_success_timestamp_seconds: FloatGauge,
     oldest_key_age_seconds: FloatGauge,
@@ -279,6 +282,8 @@ impl Metrics {
             slot_busy: Counter::default(),
             still_in_use: Counter::default(),
             key_invalid: Counter::default(),
+            created_outside: Counter::default(),
+            keys_expiring: preset("state", ExpiryState::ALL.map(ExpiryState::as_str)),
             cycle_duration_seconds: FloatGauge::default(),
             last_success_timestamp_seconds: FloatGauge::default(),
             oldest_key_age_seconds: FloatGauge::default(),
@@ -366,6 +371,18 @@ impl Metrics {
             "keyrotd_key_invalid",
             "Served keys found dead (HTTP 401) and replaced at once",
             m.key_invalid.clone(),
+        );
+        register(
+            r,
+            "keyrotd_keys_created_outside",
+            "Keys created by a person (audit log: a dashboard session) on a service account a slot manages",
+            m.created_outside.clone(),
+        );
+        register(
+            r,
+            "keyrotd_keys_expiring",
+            "Project API keys with an expiry at the last scan, by state: expired, expiring (within policy.expiry_warning), protected (a replaced key expiring at the end of its grace period)",
+            m.keys_expiring.clone(),
         );
         // 0 until the first cycle sets them (the alert rules expect the series).
         register(
@@ -467,6 +484,26 @@ impl Metrics {
 
     pub fn key_invalid_total(&self) -> u64 {
         self.key_invalid.get()
+    }
+
+    /// A key created outside keyrotd on a managed account (`key.created_outside`).
+    pub fn created_outside(&self) {
+        self.created_outside.inc();
+    }
+
+    /// Keys created outside keyrotd counted so far.
+    pub fn keys_created_outside(&self) -> u64 {
+        self.created_outside.get()
+    }
+
+    /// Sets `keyrotd_keys_expiring` from the plan's counts per expiry state.
+    pub fn set_expiring(&self, counts: &BTreeMap<ExpiryState, u64>) {
+        for s in ExpiryState::ALL {
+            let n = counts.get(&s).copied().unwrap_or(0);
+            self.keys_expiring
+                .get_or_create(&[("state", s.as_str())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn slot_failed(&self, kind: FailureKind) {

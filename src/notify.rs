@@ -1,5 +1,6 @@
 //! Notifications: optional webhooks (Slack-compatible or generic JSON) on rotation
-//! completed, rotation failed, and stale user-owned key found. Never a secret value.
+//! completed, rotation failed, stale user-owned key found, previous key still in use,
+//! and key created by hand on a managed service account. Never a secret value.
 //!
 //! ```toml
 //! [[notify.webhooks]]
@@ -88,6 +89,15 @@ pub enum Notice {
         service_account_id: String,
         key_id: String,
     },
+    /// A person created a key on a service account a slot manages (the audit log's
+    /// `api_key.created` by a dashboard session): keyrotd neither stores nor rotates it.
+    KeyCreatedOutside {
+        project_id: String,
+        service_account_id: String,
+        key_id: String,
+        /// The creator's e-mail as the audit log gives it; empty when it gives none.
+        created_by: String,
+    },
 }
 
 impl Notice {
@@ -99,6 +109,7 @@ impl Notice {
             Notice::StaleUserKey { .. } => NotifyEvent::StaleUserKey,
             Notice::KeyStillInUse { .. } => NotifyEvent::KeyStillInUse,
             Notice::KeyInvalid { .. } => NotifyEvent::KeyInvalid,
+            Notice::KeyCreatedOutside { .. } => NotifyEvent::KeyCreatedOutside,
         }
     }
 
@@ -162,6 +173,17 @@ impl Notice {
                 "project_id": project_id,
                 "service_account_id": service_account_id,
                 "key_id": key_id,
+            }),
+            Notice::KeyCreatedOutside {
+                project_id,
+                service_account_id,
+                key_id,
+                created_by,
+            } => json!({
+                "project_id": project_id,
+                "service_account_id": service_account_id,
+                "key_id": key_id,
+                "created_by": created_by,
             }),
         };
         v["event"] = json!(self.event().as_str());
@@ -234,6 +256,23 @@ impl Notice {
                  deleted); keyrotd is replacing it now and revoking it once every store serves \
                  the new key"
             ),
+            Notice::KeyCreatedOutside {
+                project_id,
+                service_account_id,
+                key_id,
+                created_by,
+            } => {
+                let who = if created_by.is_empty() {
+                    "someone".to_string()
+                } else {
+                    created_by.clone()
+                };
+                format!(
+                    "keyrotd: {who} created key `{key_id}` by hand on service account \
+                     `{service_account_id}` in project `{project_id}`, which keyrotd manages; \
+                     it is not in any store and keyrotd does not rotate it"
+                )
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //! what the stores hold, and renders as a table or DESIGN.md §1 JSON.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::io::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -14,7 +15,9 @@ use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
 
 use crate::config::{PathVars, PolicyConfig, Rule};
-use crate::openai::models::{OwnerType, Project, ProjectApiKey, ServiceAccount};
+use crate::openai::models::{
+    AuditActorType, AuditEvent, AuditLog, OwnerType, Project, ProjectApiKey, ServiceAccount,
+};
 use crate::openai::{ApiResult, Client};
 use crate::policy::{self, Evaluation, Reason, Reasons, Verdict};
 use crate::rotation::decide::{self, Action, ActionKind, Why};
@@ -34,6 +37,96 @@ pub struct ProjectInventory {
 pub struct Inventory {
     pub scanned_at: DateTime<Utc>,
     pub projects: Vec<ProjectInventory>,
+    /// Who created each key (by key id), as the audit log says: an e-mail, or
+    /// [`CREATOR_KEYROTD`]. `None` when the audit log could not be read; a key the
+    /// audit log says nothing of is absent.
+    pub creators: Option<BTreeMap<String, String>>,
+}
+
+/// The creator of a key keyrotd minted with the admin key.
+pub const CREATOR_KEYROTD: &str = "keyrotd";
+
+/// Who created each listed key, from `api_key.created` entries of the audit log: a
+/// `keyrotd-*` key created with an admin key is keyrotd's, any other key the acting
+/// person's (a dashboard session's user, or the user owning the admin key used).
+pub fn creators(inv: &Inventory, created: &[AuditLog]) -> BTreeMap<String, String> {
+    let by_key: HashMap<&str, &AuditLog> = created
+        .iter()
+        .filter_map(|e| match &e.event {
+            AuditEvent::ApiKeyCreated { id: Some(id), .. } => Some((id.as_str(), e)),
+            _ => None,
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for k in inv.projects.iter().flat_map(|p| p.keys.iter()) {
+        let Some(actor) = by_key.get(k.id.as_str()).and_then(|e| e.actor.as_ref()) else {
+            continue;
+        };
+        let who = match actor.kind {
+            AuditActorType::ApiKey if policy::is_keyrotd_key(k) => Some(CREATOR_KEYROTD),
+            _ => actor.email().filter(|e| !e.is_empty()),
+        };
+        if let Some(who) = who {
+            out.insert(k.id.clone(), who.to_string());
+        }
+    }
+    out
+}
+
+/// What a key's `expires_at` means (`expiry` of `plan` and `report`; the `state` of
+/// `keyrotd_keys_expiring`). A key that never expires, or not soon, has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiryState {
+    /// `expires_at` has passed: the key no longer authenticates.
+    Expired,
+    /// Expires within `policy.expiry_warning`.
+    Expiring,
+    /// A replaced key with an expiry: the end of its grace period, set by keyrotd
+    /// (`policy.expire_replaced`), protects against a keyrotd that never runs again.
+    Protected,
+}
+
+impl ExpiryState {
+    pub const ALL: [ExpiryState; 3] = [
+        ExpiryState::Expired,
+        ExpiryState::Expiring,
+        ExpiryState::Protected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpiryState::Expired => "expired",
+            ExpiryState::Expiring => "expiring",
+            ExpiryState::Protected => "protected",
+        }
+    }
+
+    /// The state of a key expiring at `expires_at`, replaced (a slot's previous key)
+    /// or not, at `now`.
+    pub fn of(
+        expires_at: Option<i64>,
+        replaced: bool,
+        warning: std::time::Duration,
+        now: DateTime<Utc>,
+    ) -> Option<ExpiryState> {
+        let at = policy::ts(expires_at?);
+        if at <= now {
+            Some(ExpiryState::Expired)
+        } else if replaced {
+            Some(ExpiryState::Protected)
+        } else if at - now <= chrono::Duration::from_std(warning).unwrap_or(chrono::Duration::MAX) {
+            Some(ExpiryState::Expiring)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for ExpiryState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Inventory {
@@ -104,6 +197,7 @@ pub async fn scan(
     Ok(Inventory {
         scanned_at: Utc::now(),
         projects: out,
+        creators: None,
     })
 }
 
@@ -536,6 +630,10 @@ pub struct PlanKey<'a> {
     pub rule: Option<&'a str>,
     /// Stores that reference the key (current, pending or previous), sorted.
     pub stores: Vec<&'a str>,
+    /// Who created it, where the audit log says ([`creators`]).
+    pub creator: Option<&'a str>,
+    /// What its `expires_at` means, if anything.
+    pub expiry: Option<ExpiryState>,
 }
 
 impl<'a> PlanKey<'a> {
@@ -587,6 +685,8 @@ impl Serialize for PlanKey<'_> {
             reasons: Reasons,
             rule: Option<&'b str>,
             stores: &'b [&'b str],
+            creator: Option<&'b str>,
+            expiry: Option<ExpiryState>,
         }
         Doc {
             project_id: self.project_id(),
@@ -603,6 +703,8 @@ impl Serialize for PlanKey<'_> {
             reasons: self.reasons,
             rule: self.rule,
             stores: &self.stores,
+            creator: self.creator,
+            expiry: self.expiry,
         }
         .serialize(s)
     }
@@ -989,6 +1091,17 @@ impl<'a> Plan<'a> {
                     age_days: policy::age(k, now).as_secs() / 86400,
                     rule: rule.map(|i| rules[i].name.as_str()),
                     stores: referenced.map(|r| r.stores.clone()).unwrap_or_default(),
+                    creator: inv
+                        .creators
+                        .as_ref()
+                        .and_then(|c| c.get(&k.id))
+                        .map(String::as_str),
+                    expiry: ExpiryState::of(
+                        k.expires_at,
+                        referenced.is_some_and(|r| r.role == Role::Previous),
+                        policy.expiry_warning,
+                        now,
+                    ),
                 });
             }
         }
@@ -1116,8 +1229,8 @@ impl<'a> Plan<'a> {
             writeln!(out, "{} ({id})", paint("1", name))?;
             writeln!(
                 out,
-                "  {:<kw$} {:<26} {:<16} {:<22} {:>5}  {:<8} REASONS",
-                "KEY", "NAME", "OWNER", "OWNER NAME", "AGE", "VERDICT"
+                "  {:<kw$} {:<26} {:<16} {:<22} {:>5}  {:<8} {:<9} {:<24} REASONS",
+                "KEY", "NAME", "OWNER", "OWNER NAME", "AGE", "VERDICT", "EXPIRY", "CREATOR"
             )?;
             for k in keys {
                 let verdict = format!("{:<8}", k.verdict.as_str());
@@ -1130,13 +1243,15 @@ impl<'a> Plan<'a> {
                 let reasons: Vec<&str> = k.reasons.iter().map(|r| r.as_str()).collect();
                 writeln!(
                     out,
-                    "  {:<kw$} {:<26} {:<16} {:<22} {:>4}d  {} {}",
+                    "  {:<kw$} {:<26} {:<16} {:<22} {:>4}d  {} {:<9} {:<24} {}",
                     k.key_id(),
                     truncate(k.key_name().unwrap_or("-"), 26),
                     k.owner_type(),
                     truncate(k.owner_name().unwrap_or("-"), 22),
                     k.age_days,
                     verdict,
+                    k.expiry.map_or("-", ExpiryState::as_str),
+                    truncate(k.creator.unwrap_or("-"), 24),
                     if reasons.is_empty() {
                         "-".to_string()
                     } else {

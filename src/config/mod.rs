@@ -290,7 +290,16 @@ pub struct PolicyConfig {
     /// How late the Admin API may report a key's use (`last_used_at`).
     #[serde(with = "humantime_serde")]
     pub usage_report_delay: Duration,
+    /// At promotion, ask OpenAI to expire the replaced key at the end of its grace
+    /// period (plus [`EXPIRY_MARGIN`]), so it dies even if keyrotd never runs again;
+    /// under `revoke_when = "unused"` the expiry is extended while the key is in use,
+    /// up to `max_grace`.
+    pub expire_replaced: bool,
 }
+
+/// How long after the end of its grace period (or `max_grace`) a replaced key expires
+/// under `policy.expire_replaced`: keyrotd's own revocation comes first.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -317,6 +326,7 @@ impl Default for PolicyConfig {
             min_grace: Duration::from_secs(3600),
             max_grace: Duration::from_secs(7 * 86400),
             usage_report_delay: Duration::from_secs(15 * 60),
+            expire_replaced: true,
         }
     }
 }
@@ -428,6 +438,9 @@ pub enum NotifyEvent {
     /// A served key no longer authenticates; the slot was rotated at once.
     #[serde(rename = "key.invalid")]
     KeyInvalid,
+    /// A key was created by a person (not keyrotd) on a service account a slot manages.
+    #[serde(rename = "key.created_outside")]
+    KeyCreatedOutside,
 }
 
 impl NotifyEvent {
@@ -439,6 +452,7 @@ impl NotifyEvent {
             NotifyEvent::StaleUserKey => "key.stale_user",
             NotifyEvent::KeyStillInUse => "key.still_in_use",
             NotifyEvent::KeyInvalid => "key.invalid",
+            NotifyEvent::KeyCreatedOutside => "key.created_outside",
         }
     }
 }
@@ -1239,6 +1253,18 @@ mod tests {
     fn unknown_store_type_rejected() {
         let e = err(&BASE.replace("type = \"file\"", "type = \"s3\""));
         assert!(e.contains("s3"), "{e}");
+    }
+
+    #[test]
+    fn expire_replaced_defaults_to_true_and_must_be_a_bool() {
+        let c = Config::from_toml(BASE).unwrap();
+        assert!(c.policy.expire_replaced);
+        let c = Config::from_toml(&format!("{BASE}\n[policy]\nexpire_replaced = false\n")).unwrap();
+        assert!(!c.policy.expire_replaced);
+        let e = err(&format!(
+            "{BASE}\n[policy]\nexpire_replaced = \"sometimes\"\n"
+        ));
+        assert!(e.contains("expire_replaced"), "{e}");
     }
 
     #[test]

@@ -117,6 +117,8 @@ fn families_keep_their_names_and_build_info_is_one() {
         "keyrotd_slot_collisions_total",
         "keyrotd_slot_busy_total",
         "keyrotd_key_still_in_use_total",
+        "keyrotd_keys_created_outside_total",
+        "keyrotd_keys_expiring",
         "keyrotd_cycle_duration_seconds",
         "keyrotd_last_success_timestamp_seconds",
         "keyrotd_oldest_key_age_seconds",

@@ -3,7 +3,7 @@
 
 use super::Report;
 
-const CSV_HEADER: [&str; 17] = [
+const CSV_HEADER: [&str; 19] = [
     "project_id",
     "project_name",
     "key_id",
@@ -21,6 +21,8 @@ const CSV_HEADER: [&str; 17] = [
     "rule",
     "max_age_days",
     "stores",
+    "creator",
+    "expiry",
 ];
 
 /// One RFC 4180 field: quoted when it holds a comma, quote, CR or LF (quotes doubled).
@@ -88,6 +90,8 @@ pub(super) fn render(report: &Report) -> String {
                 o(&k.rule),
                 &max_age,
                 &stores,
+                o(&k.creator),
+                k.expiry.map_or("", |e| e.as_str()),
             ],
         );
     }

@@ -439,7 +439,7 @@ fn key_table(out: &mut String, r: &Report) {
     out.push_str(
         "<table>\n<thead><tr><th>Project</th><th>Key</th><th>Owner</th><th>Created</th>\
          <th class=\"sorted\">Age ▼</th><th>Last used</th><th>Expires</th><th>Verdict</th>\
-         <th>Reasons</th><th>Rule</th></tr></thead>\n<tbody>\n",
+         <th>Reasons</th><th>Rule</th><th>Created by</th></tr></thead>\n<tbody>\n",
     );
     for k in keys {
         out.push_str("<tr><td>");
@@ -497,10 +497,14 @@ fn key_table(out: &mut String, r: &Report) {
             Some(t) => {
                 let _ = write!(
                     out,
-                    "<td class=\"d\" title=\"{}\">{}</td>",
+                    "<td class=\"d\" title=\"{}\">{}",
                     escaped(t),
                     escaped(date(t))
                 );
+                if let Some(e) = k.expiry {
+                    let _ = write!(out, " <span class=\"tag\">{}</span>", e.as_str());
+                }
+                out.push_str("</td>");
             }
             None => out.push_str("<td class=\"never\">never</td>"),
         }
@@ -515,6 +519,8 @@ fn key_table(out: &mut String, r: &Report) {
         }
         out.push_str("</td><td>");
         esc(out, k.rule.as_deref().unwrap_or("—"));
+        out.push_str("</td><td>");
+        esc(out, k.creator.as_deref().unwrap_or("—"));
         out.push_str("</td></tr>\n");
     }
     out.push_str("</tbody>\n</table>\n");

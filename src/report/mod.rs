@@ -122,6 +122,11 @@ pub struct ReportKey {
     pub max_age_days: u64,
     /// Stores that reference this key (current, pending or previous).
     pub stores: Vec<String>,
+    /// Who created it (an e-mail, or `keyrotd`), where the audit log says.
+    pub creator: Option<String>,
+    /// `expired`, `expiring` (within `policy.expiry_warning`), `protected` (a replaced
+    /// key expiring at the end of its grace period); `null` otherwise.
+    pub expiry: Option<crate::plan::ExpiryState>,
 }
 
 /// The report document.
@@ -169,6 +174,8 @@ impl Report {
                     rule: k.rule.map(str::to_string),
                     max_age_days: days(max_age),
                     stores: k.stores.iter().map(|s| s.to_string()).collect(),
+                    creator: k.creator.map(str::to_string),
+                    expiry: k.expiry,
                 }
             })
             .collect();
@@ -319,6 +326,11 @@ mod tests {
                     service_accounts: None,
                 },
             ],
+            creators: Some(
+                [("key_old".to_string(), "pat@example.com".to_string())]
+                    .into_iter()
+                    .collect(),
+            ),
         };
         let policy = PolicyConfig::default();
         let plan = Plan::build(&inv, &[], &[], &policy, policy::ts(NOW));
@@ -383,6 +395,7 @@ mod tests {
         let inv = Inventory {
             scanned_at: policy::ts(NOW),
             projects: vec![],
+            creators: None,
         };
         let policy = PolicyConfig::default();
         let plan = Plan::build(&inv, &[], &[], &policy, policy::ts(NOW));

@@ -22,6 +22,7 @@ macro_rules! failpoint {
 pub mod admin_key;
 pub mod decide;
 pub mod manual;
+mod outside;
 mod slot;
 
 use std::collections::BTreeMap;
@@ -37,7 +38,7 @@ use crate::backoff::Backoff;
 use crate::config::{PolicyConfig, Rule, UserKeys};
 use crate::metrics::{Metrics, RevocationOutcome, SlotStatus};
 use crate::notify::{Notice, Notifier};
-use crate::openai::models::{OwnerType, ProjectApiKey};
+use crate::openai::models::{AuditLog, AuditLogQuery, EffectiveAt, OwnerType, ProjectApiKey};
 use crate::openai::{ApiError, Client};
 use crate::plan::{self, Inventory, Plan, Slot, SlotView, Summary};
 use crate::policy::{self, Verdict};
@@ -128,6 +129,10 @@ pub struct Survey {
     pub inventory: Inventory,
     pub views: Vec<SlotView>,
     pub now: DateTime<Utc>,
+    /// The audit log's `api_key.created` entries since the oldest listed key was
+    /// created (at least a day back), or why they could not be read.
+    /// The key creators of the inventory come from them.
+    pub key_creations: Result<Vec<AuditLog>, ApiError>,
 }
 
 /// What a cycle did.
@@ -168,6 +173,16 @@ impl CycleReport {
     }
 }
 
+/// What the engines of one process remember between cycles (the daemon hands the
+/// same one to every engine it builds).
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// `key.expiry_unsupported` was logged.
+    pub(crate) expiry_unsupported: std::sync::atomic::AtomicBool,
+    /// How far the audit log was read for keys created outside.
+    pub(crate) outside: std::sync::Mutex<outside::Seen>,
+}
+
 /// The rotation engine.
 pub struct Engine {
     pub client: Client,
@@ -182,6 +197,8 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     pub notifier: Notifier,
     pub shutdown: CancellationToken,
+    /// What this process's engines remember between cycles.
+    pub memory: Arc<Memory>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -219,14 +236,70 @@ impl Engine {
                 }),
             },
         }?;
+        let mut inventory = inventory;
         let now = self.clock.now();
         let slots = plan::slots(&inventory, &self.rules);
-        let views = self.read_views(slots).await;
+        // The audit log is read while the stores are: it adds no round trip.
+        let (views, key_creations) =
+            tokio::join!(self.read_views(slots), self.key_creations(&inventory, now));
+        inventory.creators = key_creations
+            .as_ref()
+            .ok()
+            .map(|c| plan::creators(&inventory, c));
         Ok(Survey {
             inventory,
             views,
             now,
+            key_creations,
         })
+    }
+
+    /// One audit-log listing of `api_key.created` since the oldest listed key was
+    /// created, or [`outside::LOOKBACK_SECS`] before `now` if that is earlier. A
+    /// failure is logged (WARN, once per survey) and degrades creators to unknown.
+    async fn key_creations(
+        &self,
+        inv: &Inventory,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<AuditLog>, ApiError> {
+        let oldest = inv
+            .projects
+            .iter()
+            .flat_map(|p| p.keys.iter())
+            .map(|k| k.created_at)
+            .min()
+            .unwrap_or(i64::MAX);
+        let q = AuditLogQuery {
+            event_types: vec!["api_key.created".into()],
+            effective_at: EffectiveAt {
+                gte: Some(oldest.min(now.timestamp() - outside::LOOKBACK_SECS)),
+                ..EffectiveAt::default()
+            },
+            ..AuditLogQuery::default()
+        };
+        let r = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
+            r = tokio::time::timeout(self.settings.scan_timeout, self.client.audit_logs(&q)) => {
+                r.unwrap_or_else(|_| Err(ApiError::Network {
+                    endpoint: crate::openai::Endpoint::ListAuditLogs.as_str().into(),
+                    message: format!(
+                        "no answer within {} (openai.scan_timeout)",
+                        humantime::format_duration(self.settings.scan_timeout)
+                    ),
+                }))
+            }
+        };
+        match &r {
+            Ok(_) | Err(ApiError::Cancelled) => {}
+            Err(e @ ApiError::Forbidden { .. }) => {
+                warn!(event = "audit_log.forbidden", status = 403, error = %e, "the admin key may not read the audit log: key creators are unknown and keys created by hand go unnoticed");
+            }
+            Err(e) => {
+                warn!(event = "audit_log.failed", status = e.status().unwrap_or(0), error = %e, "could not read the audit log: key creators are unknown this time");
+            }
+        }
+        r
     }
 
     /// The plan of a [`Survey`] under this engine's rules and policy.
@@ -352,6 +425,7 @@ impl Engine {
             drop(plan);
             return self.finish_cycle(report, started);
         }
+        outside::check(self, &survey);
         drop(plan);
         // The slots go on; what their stores held is read again by each slot's run.
         let Survey {
@@ -509,6 +583,11 @@ impl Engine {
             .map(|k| policy::age(k, now).as_secs_f64())
             .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
         self.metrics.set_keys(&counts, oldest);
+        let mut expiring: BTreeMap<plan::ExpiryState, u64> = BTreeMap::new();
+        for e in plan.keys.iter().filter_map(|k| k.expiry) {
+            *expiring.entry(e).or_default() += 1;
+        }
+        self.metrics.set_expiring(&expiring);
     }
 
     /// Stale user keys under `user_keys = "revoke"` whose revocation

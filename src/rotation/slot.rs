@@ -949,7 +949,8 @@ impl SlotRun<'_> {
         for a in actions {
             if a.kind == ActionKind::Keep {
                 // Kept until `due_at`: said every cycle it lasts.
-                self.keep(a.key_id.as_deref().unwrap_or_default(), a.why, &a);
+                self.keep(a.key_id.as_deref().unwrap_or_default(), a.why, &a)
+                    .await;
                 continue;
             }
             if !a.is_due(now) {
@@ -1636,6 +1637,18 @@ impl SlotRun<'_> {
         }
         self.eng.metrics.rotation(RotationOutcome::Completed);
         info!(event = "rotation.completed", key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
+        if let Some(previous) = self.replaced_key(&key_id) {
+            // Under `revoke_when = "unused"` a key in use is kept until `max_grace`: it
+            // must not expire under a consumer before keyrotd would revoke it.
+            let grace = match self.eng.policy.revoke_when {
+                crate::config::RevokeWhen::Grace => self.rule.grace_period,
+                crate::config::RevokeWhen::Unused => {
+                    self.rule.grace_period.max(self.eng.policy.max_grace)
+                }
+            };
+            let lifetime = grace + crate::config::EXPIRY_MARGIN;
+            self.set_expiry(&previous, lifetime.as_secs()).await;
+        }
         Ok(SlotOutcome::Rotated { key_id })
     }
 
@@ -1838,7 +1851,8 @@ impl SlotRun<'_> {
     /// Logs a replaced key kept because it is still in use; past the grace period
     /// that is `key.still_in_use` (WARN, metric, webhook): someone should switch its
     /// consumers over before `max_grace`.
-    fn keep(&self, key_id: &str, why: Why, a: &Action) {
+    async fn keep(&self, key_id: &str, why: Why, a: &Action) {
+        self.extend_expiry(key_id, a.due_at).await;
         let last_used = self
             .keys
             .iter()
@@ -2004,6 +2018,91 @@ impl SlotRun<'_> {
                 self.fall_back(key_id, &message).await.map(Some)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The key the promotion of `new_key` replaced (the stores' previous key), when
+    /// `policy.expire_replaced` asks for its expiry and it is still listed.
+    fn replaced_key(&self, new_key: &str) -> Option<String> {
+        if !self.eng.policy.expire_replaced {
+            return None;
+        }
+        self.states
+            .iter()
+            .filter_map(|s| s.book.previous_key_id.as_deref())
+            .find(|k| *k != new_key && self.live(k))
+            .map(str::to_string)
+    }
+
+    /// A replaced key kept because it is in use (`revoke_when = "unused"`) must not
+    /// expire before `until` (the decision's `max_grace`): its expiry moves to `until`
+    /// plus the margin when the listing shows an earlier one.
+    async fn extend_expiry(&self, key_id: &str, until: DateTime<Utc>) {
+        if !self.eng.policy.expire_replaced
+            || self.eng.policy.revoke_when != crate::config::RevokeWhen::Unused
+        {
+            return;
+        }
+        let needed =
+            until + chrono::Duration::from_std(crate::config::EXPIRY_MARGIN).unwrap_or_default();
+        let Some(current) = self
+            .keys
+            .iter()
+            .find(|k| k.id == key_id)
+            .and_then(|k| k.expires_at)
+        else {
+            // Never expires (keyrotd did not set an expiry): nothing to extend.
+            return;
+        };
+        if policy::ts(current) >= needed {
+            return;
+        }
+        let secs = (needed - self.now()).num_seconds();
+        if let Ok(secs) = u64::try_from(secs) {
+            if secs > 0 {
+                self.set_expiry(key_id, secs).await;
+            }
+        }
+    }
+
+    /// Asks OpenAI to expire `key_id` `seconds` from now (the key update call). Never
+    /// fails the slot: an API without the call (404/405) or refusing it is said once
+    /// per process (`key.expiry_unsupported`); keyrotd's own revocation still applies.
+    async fn set_expiry(&self, key_id: &str, seconds: u64) {
+        use std::sync::atomic::Ordering;
+        let req = crate::openai::models::UpdateKeyRequest {
+            expires_in_seconds: Some(seconds),
+            scopes: None,
+        };
+        let asked_at = self.now();
+        match self
+            .eng
+            .client
+            .update_api_key(&self.slot.project_id, key_id, &req)
+            .await
+        {
+            Ok(k) => {
+                let at = k.expires_at.map(policy::ts).unwrap_or_else(|| {
+                    asked_at
+                        + chrono::Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 2))
+                });
+                info!(event = "key.expiry_set", key_id, expires_at = %at.to_rfc3339(), outcome = "ok", "the replaced key expires at the end of its grace period");
+            }
+            Err(e) if e.is_temporary() => {
+                warn!(event = "key.expiry_failed", key_id, outcome = "failed", error = %e, "could not set the replaced key's expiry; keyrotd revokes it itself");
+            }
+            Err(e) => {
+                if !self
+                    .eng
+                    .memory
+                    .expiry_unsupported
+                    .swap(true, Ordering::Relaxed)
+                {
+                    warn!(event = "key.expiry_unsupported", key_id, status = e.status().unwrap_or(0), outcome = "unsupported", error = %e, "the API does not set key expiries; replaced keys are revoked by keyrotd alone");
+                } else {
+                    debug!(key_id, error = %e, "key expiry not set");
+                }
+            }
         }
     }
 }

@@ -61,7 +61,8 @@
 //!   for every such change, with the project and the actor: the admin key for changes
 //!   made through the API, a dashboard session (user id, email, IP) for seeded
 //!   objects, [`Sim::delete_key`] (the organization owner) and
-//!   [`Sim::create_key_by_hand`] (the user with that email). Deleting a service
+//!   [`Sim::create_key_by_hand`] and [`Sim::create_service_account_key_by_hand`] (the
+//!   user with that email). Deleting a service
 //!   account logs `api_key.deleted` for each of its keys first. Ids, scopes and roles
 //!   only: never a key value.
 //! - [`Faults::disabled_keys`] ([`Sim::disable_key`]): a key disabled like a leaked
@@ -414,8 +415,32 @@ impl Sim {
     /// project, now; the audit log shows `api_key.created` by that user's session.
     /// `None` when the project is unknown.
     pub fn create_key_by_hand(&self, project_id: &str, email: &str, name: &str) -> Option<SimKey> {
+        self.by_hand(project_id, None, email, name)
+    }
+
+    /// Like [`Sim::create_key_by_hand`], for a key of the project's service account
+    /// `service_account_id` (a person adding a key to an account in the dashboard).
+    /// `None` when the project or the service account is unknown.
+    pub fn create_service_account_key_by_hand(
+        &self,
+        project_id: &str,
+        service_account_id: &str,
+        email: &str,
+        name: &str,
+    ) -> Option<SimKey> {
+        self.by_hand(project_id, Some(service_account_id), email, name)
+    }
+
+    fn by_hand(
+        &self,
+        project_id: &str,
+        service_account_id: Option<&str>,
+        email: &str,
+        name: &str,
+    ) -> Option<SimKey> {
         let mut st = self.lock();
         let now = st.now();
+        st.project(project_id).ok()?;
         let existing = st
             .users
             .values()
@@ -424,12 +449,14 @@ impl Sim {
         let user = match existing {
             Some(id) => id,
             None => {
-                st.project(project_id).ok()?;
                 let name = email.split('@').next().unwrap_or(email).to_owned();
                 st.new_user(&name, email, "member", now)
             }
         };
-        let owner = OwnerRef::User(user.clone());
+        let owner = match service_account_id {
+            Some(sa) => OwnerRef::ServiceAccount(sa.to_owned()),
+            None => OwnerRef::User(user.clone()),
+        };
         let by = SimActor::Session(user);
         let id = st
             .new_key(
@@ -445,6 +472,11 @@ impl Sim {
             )
             .ok()?;
         st.keys.get(&id).map(|k| sim_key(&st, k))
+    }
+
+    /// The e-mail of the user `user_id`, if there is one.
+    pub fn user_email(&self, user_id: &str) -> Option<String> {
+        self.lock().users.get(user_id).map(|u| u.email.clone())
     }
 
     /// Marks an owner (user or service account id) as having, or not having, effective

@@ -4,11 +4,9 @@
 use crate::e2e;
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::e2e::{Stores, World, ADMIN_KEY};
+use crate::e2e::{captured_logs, Stores, World, ADMIN_KEY};
 use keyrotd::config::{AdminKeySource, Config};
 use keyrotd::openai::models::CreateAdminKeyRequest;
 use keyrotd::rotation::admin_key::{AdminKeyReport, ADMIN_KEY_NAME_PREFIX, RECORD_OWNER_ID};
@@ -350,46 +348,6 @@ async fn process_killed_between_create_and_store_leaves_a_working_key_and_a_foun
     assert_admin_i2(&w, &st);
 }
 
-/// Captured log output (every level), for the no-secrets check.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-    fn make_writer(&'a self) -> Logs {
-        self.clone()
-    }
-}
-
-/// Every log line of this test binary, captured by a global subscriber (a thread-local
-/// one misses events whose callsites other tests registered first). `None` when
-/// another subscriber was installed first (`RUST_LOG` set).
-fn captured_logs() -> Option<Logs> {
-    static LOGS: std::sync::OnceLock<Option<Logs>> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Logs::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber)
-            .ok()
-            .map(|()| logs)
-    })
-    .clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn new_admin_key_failing_verification_is_deleted_and_never_promoted() {
     let logs = captured_logs();
@@ -434,7 +392,7 @@ async fn new_admin_key_failing_verification_is_deleted_and_never_promoted() {
 
     // I4: no admin key value in logs, reports, errors or Debug output.
     let logs = match logs {
-        Some(l) => String::from_utf8_lossy(&l.0.lock().unwrap()).into_owned(),
+        Some(l) => l.text(),
         None => {
             eprintln!("logs not captured (another subscriber is installed); checking the rest");
             String::new()

@@ -73,13 +73,12 @@ async fn twenty_random_sigkills_under_api_faults_then_one_clean_run() {
     for run in 0..20 {
         let child = b.command(&["once"], None).spawn().expect("spawn");
         let pid = child.id().expect("pid");
-        let wait = tokio::spawn(wait_child(child, Duration::from_secs(60)));
-        // The scan is the first third of a run; the rotations (what a kill should
-        // interrupt) come after it.
-        tokio::time::sleep(Duration::from_millis(
-            rng.gen_range(window / 3..window + window / 3),
-        ))
-        .await;
+        let (wait, rotating) = spawn_watching(child, Duration::from_secs(60), "rotation.started");
+        // A kill should interrupt a rotation, not the scan before it (whose length
+        // varies with the faults and the machine's load): from the first
+        // `rotation.started` on, at a random moment within the rest of a run.
+        let _ = tokio::time::timeout(Duration::from_millis(2 * window), rotating).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..window * 2 / 3))).await;
         // Not once it has been reaped (its pid could be reused); it may still end by
         // itself just before the signal, so kill finding no one is fine.
         if !wait.is_finished() {

@@ -371,3 +371,187 @@ async fn plan_infers_owner_types_the_listing_omits() {
         "{stderr}"
     );
 }
+
+/// Who created each key, as the simulator's audit log says (every scenario key was
+/// made in the dashboard, by its owner or the organization's owner).
+fn creators_of(sim: &Sim) -> BTreeMap<String, String> {
+    sim.audit_log()
+        .into_iter()
+        .filter(|e| e.kind == "api_key.created")
+        .filter_map(|e| match e.actor {
+            keyrotd::sim::SimActor::Session(uid) => Some((e.resource_id, sim.user_email(&uid)?)),
+            keyrotd::sim::SimActor::AdminKey(_) => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_json_shows_each_keys_creator_from_the_audit_log() {
+    let s = setup(
+        Scenario::new(26)
+            .projects(4)
+            .service_accounts_per_project(2)
+            .user_keys_per_project(2)
+            .stale_fraction(0.5),
+        "",
+    )
+    .await;
+    let want = creators_of(&s.sim);
+    assert_eq!(
+        want.len(),
+        s.truth.keys.len(),
+        "every key's creation is logged"
+    );
+    let (code, json, stderr) = plan_json(&s, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    for k in json["keys"].as_array().unwrap() {
+        let id = k["key_id"].as_str().unwrap();
+        assert_eq!(k["creator"], want[id].as_str(), "creator of {id}");
+        assert!(k["expiry"].is_null(), "no key expires: {k}");
+    }
+
+    // Without audit-log permission the plan still works; creators are unknown.
+    s.sim.update_faults(|f| {
+        *f = std::mem::take(f).fail_next(keyrotd::sim::Route::ListAuditLogs, 403, 100)
+    });
+    let (code, json, stderr) = plan_json(&s, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("audit_log.forbidden"), "{stderr}");
+    for k in json["keys"].as_array().unwrap() {
+        assert!(k["creator"].is_null(), "{k}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_report_and_metrics_show_expired_expiring_and_protected_keys() {
+    use crate::e2e::{Stores, World};
+    use keyrotd::openai::models::UpdateKeyRequest;
+    use std::time::Duration;
+
+    let w = World::new(
+        Scenario::new(27)
+            .projects(4)
+            .service_accounts_per_project(1)
+            .user_keys_per_project(2),
+        Stores::File,
+        "",
+    )
+    .await;
+    let e = w.engine(false).await;
+    assert!(!e.cycle().await.any_failed());
+    w.advance(Duration::from_secs(91 * DAY as u64));
+    assert!(!e.cycle().await.any_failed());
+    let protected: BTreeSet<String> = w
+        .store_states(&e)
+        .await
+        .values()
+        .filter_map(|s| s.book.previous_key_id.clone())
+        .collect();
+    assert!(!protected.is_empty());
+    // Two user keys: one expires in ten minutes (expired once the clock moves half an
+    // hour, while the replaced keys are still in their grace period), one in three
+    // days (within policy.expiry_warning, 7 days).
+    let users: Vec<(String, String)> = w
+        .sim
+        .all_keys()
+        .into_iter()
+        .filter(|k| k.deleted_at.is_none())
+        .filter(|k| matches!(k.owner, keyrotd::sim::OwnerRef::User(_)))
+        .map(|k| (k.project_id, k.id))
+        .take(2)
+        .collect();
+    assert_eq!(users.len(), 2);
+    for ((project, id), secs) in users.iter().zip([600, 3 * 86400]) {
+        let req = UpdateKeyRequest {
+            expires_in_seconds: Some(secs),
+            scopes: None,
+        };
+        e.client.update_api_key(project, id, &req).await.unwrap();
+    }
+    w.advance(Duration::from_secs(1800));
+    let (expired, expiring) = (&users[0].1, &users[1].1);
+
+    let survey = e.survey().await.unwrap();
+    let plan = e.plan(&survey);
+    let json = serde_json::to_value(&plan).unwrap();
+    let expiry = |id: &str| -> serde_json::Value {
+        json["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key_id"] == id)
+            .unwrap_or_else(|| panic!("{id} in the plan"))["expiry"]
+            .clone()
+    };
+    assert_eq!(expiry(expired), "expired");
+    assert_eq!(expiry(expiring), "expiring");
+    for id in &protected {
+        assert_eq!(expiry(id), "protected", "{id}");
+    }
+    let others = json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| !k["expiry"].is_null())
+        .count();
+    assert_eq!(
+        others,
+        protected.len() + 2,
+        "no other key has an expiry state"
+    );
+    // Minted keys were created by keyrotd.
+    for k in w.minted_live() {
+        let got = json["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["key_id"] == k.as_str())
+            .unwrap()["creator"]
+            .clone();
+        assert_eq!(got, "keyrotd", "{k}");
+    }
+    let mut table = Vec::new();
+    plan.render_table(&mut table, false).unwrap();
+    let table = String::from_utf8(table).unwrap();
+    assert!(
+        table.contains("EXPIRY") && table.contains("CREATOR"),
+        "{table}"
+    );
+    for (id, state) in [
+        (expired.as_str(), "expired"),
+        (expiring.as_str(), "expiring"),
+    ] {
+        let line = table.lines().find(|l| l.contains(id)).unwrap();
+        assert!(line.contains(state), "{line}");
+    }
+
+    // The report carries the same states.
+    let config = w.config();
+    let report =
+        keyrotd::report::Report::build(&survey.inventory, &plan, &config.rules(), &config.policy);
+    let rk = |id: &str| report.keys.iter().find(|k| k.key_id == id).unwrap();
+    assert_eq!(rk(expired).expiry.map(|s| s.as_str()), Some("expired"));
+    assert_eq!(rk(expiring).expiry.map(|s| s.as_str()), Some("expiring"));
+    let csv = keyrotd::report::render(&report, keyrotd::report::Format::Csv);
+    assert!(
+        csv.lines().next().unwrap().ends_with(",creator,expiry"),
+        "{csv}"
+    );
+    let html = keyrotd::report::render(&report, keyrotd::report::Format::Html);
+    assert!(html.contains("Created by") && html.contains(">protected<"));
+
+    // The metrics count them after a cycle.
+    drop(plan);
+    assert!(!e.cycle().await.any_failed());
+    let text = e.metrics.render(None);
+    for (state, n) in [("expired", 1), ("expiring", 1)] {
+        let line = format!("keyrotd_keys_expiring{{state=\"{state}\"}} {n}");
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("keyrotd_keys_expiring{state=\"protected\"} ") && !l.ends_with(" 0")
+        ),
+        "{text}"
+    );
+}

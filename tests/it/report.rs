@@ -186,6 +186,8 @@ async fn report_numbers_are_the_plans() {
             "reasons",
             "rule",
             "stores",
+            "creator",
+            "expiry",
         ] {
             assert_eq!(rk[f], pk[f], "{f} of {id}");
         }
@@ -195,6 +197,7 @@ async fn report_numbers_are_the_plans() {
     }
     let awkward = rkeys.iter().find(|k| k["key_name"] == AWKWARD_KEY).unwrap();
     assert_eq!(awkward["owner_email"], "pat@example.com");
+    assert_eq!(awkward["creator"], "pat@example.com", "from the audit log");
     assert_eq!(awkward["owner_name"], AWKWARD_USER);
 
     // The summary, recomputed from the plan.
@@ -350,6 +353,8 @@ async fn report_csv_parses_back_one_row_per_key() {
     assert_eq!(r[col("owner_name")], AWKWARD_USER);
     assert_eq!(r[col("key_name")], AWKWARD_KEY);
     assert_eq!(r[col("owner_email")], "pat@example.com");
+    assert_eq!(r[col("creator")], "pat@example.com", "from the audit log");
+    assert_eq!(r[col("expiry")], "", "never expires");
     assert_eq!(r[col("owner_type")], "user");
     assert_eq!(r[col("verdict")], "report", "a stale user key");
     assert_eq!(r[col("last_used_at")], "", "never used: empty cell");

@@ -614,11 +614,35 @@ impl Bench {
 }
 
 /// Waits for a child, collecting its output; kills it after `timeout`.
-pub async fn wait_child(mut child: tokio::process::Child, timeout: Duration) -> Exit {
+pub async fn wait_child(child: tokio::process::Child, timeout: Duration) -> Exit {
+    wait_child_watching(child, timeout, None).await
+}
+
+/// [`wait_child`] in a task, and a receiver that fires when the child logs `event`
+/// (dropped unfired if it never does): to act at a moment of the run, not a guess.
+pub fn spawn_watching(
+    child: tokio::process::Child,
+    timeout: Duration,
+    event: &'static str,
+) -> (
+    tokio::task::JoinHandle<Exit>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let wait = tokio::spawn(wait_child_watching(child, timeout, Some((event, tx))));
+    (wait, rx)
+}
+
+async fn wait_child_watching(
+    mut child: tokio::process::Child,
+    timeout: Duration,
+    mut watch: Option<(&'static str, tokio::sync::oneshot::Sender<()>)>,
+) -> Exit {
     use std::os::unix::process::ExitStatusExt;
+    use tokio::io::AsyncBufReadExt;
     let started = Instant::now();
     let mut out = child.stdout.take().expect("stdout piped");
-    let mut err = child.stderr.take().expect("stderr piped");
+    let err = child.stderr.take().expect("stderr piped");
     let read_out = tokio::spawn(async move {
         let mut s = String::new();
         let _ = out.read_to_string(&mut s).await;
@@ -626,7 +650,18 @@ pub async fn wait_child(mut child: tokio::process::Child, timeout: Duration) -> 
     });
     let read_err = tokio::spawn(async move {
         let mut s = String::new();
-        let _ = err.read_to_string(&mut s).await;
+        let mut lines = tokio::io::BufReader::new(err).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if watch.as_ref().is_some_and(|(event, _)| {
+                serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|v| v["event"] == *event)
+            }) {
+                if let Some((_, tx)) = watch.take() {
+                    let _ = tx.send(());
+                }
+            }
+            s.push_str(&line);
+            s.push('\n');
+        }
         s
     });
     let status = match tokio::time::timeout(timeout, child.wait()).await {
