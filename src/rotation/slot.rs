@@ -155,6 +155,17 @@ impl Forced {
             asked_at: Some(asked_at.trunc_subsecs(0)),
         }
     }
+
+    /// A rotation the slot's own evidence asks for (`why`: the served key is dead, or
+    /// its traffic is anomalous): now, with the replaced key revoked once every store
+    /// serves the new one.
+    pub fn incident(why: Why) -> Forced {
+        Forced {
+            why,
+            revoke_old_now: true,
+            asked_at: None,
+        }
+    }
 }
 
 async fn run_slot(
@@ -1038,11 +1049,7 @@ impl SlotRun<'_> {
                     service_account_id: self.slot.service_account_id.clone(),
                     key_id: id,
                 });
-                Some(Forced {
-                    why: Why::KeyInvalid,
-                    revoke_old_now: true,
-                    asked_at: None,
-                })
+                Some(Forced::incident(Why::KeyInvalid))
             }
             Err(e) => {
                 debug!(key_id = %id, error = %e, "could not check the served key; checked again next cycle");
