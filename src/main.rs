@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use keyrotd::config::Config;
-use keyrotd::rotation::Engine;
+use keyrotd::rotation::{Engine, RevokeOld};
 use keyrotd::telemetry::{self, LogFormat};
 use keyrotd::{app, daemon, EXIT_BAD_CONFIG, EXIT_FAILED};
 
@@ -108,9 +108,10 @@ struct RotateArgs {
     /// Every slot
     #[arg(long)]
     all: bool,
-    /// When the replaced key is revoked: now (as soon as every store serves and has
-    /// read back the new key) or after the grace period
-    #[arg(long, value_enum, default_value = "grace")]
+    /// When the replaced key is revoked: `now` (as soon as every store serves and has
+    /// read back the new key), `grace` (the rule's grace period), or a DURATION after
+    /// the promotion (`15m`, `2h`: recorded in the stores, kept by the daemon)
+    #[arg(long, value_name = "now|grace|DURATION", default_value = "grace", value_parser = RevokeOld::parse)]
     revoke_old: RevokeOld,
     /// Print what it would do; change nothing
     #[arg(long)]
@@ -118,12 +119,6 @@ struct RotateArgs {
     /// Output of --dry-run and of the result [default: table on a TTY, json otherwise]
     #[arg(long, value_enum)]
     format: Option<PlanFormat>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum RevokeOld {
-    Now,
-    Grace,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -465,7 +460,7 @@ async fn rotate(cli: &Cli, args: &RotateArgs) -> i32 {
             return EXIT_BAD_CONFIG;
         }
     };
-    let now = args.revoke_old == RevokeOld::Now;
+    let revoke_old = args.revoke_old;
     let tty = std::io::stdout().is_terminal();
     let json = match args.format {
         Some(f) => matches!(f, PlanFormat::Json),
@@ -473,7 +468,7 @@ async fn rotate(cli: &Cli, args: &RotateArgs) -> i32 {
     };
     let mut out = std::io::stdout().lock();
     if args.dry_run {
-        let actions = engine.plan_rotation(&survey, &picked, now);
+        let actions = engine.plan_rotation(&survey, &picked, revoke_old);
         let _ = if json {
             let doc = keyrotd::plan::ActionsDoc {
                 generated_at: keyrotd::plan::Timestamp::from(survey.now),
@@ -485,7 +480,9 @@ async fn rotate(cli: &Cli, args: &RotateArgs) -> i32 {
         };
         return 0;
     }
-    let report = engine.rotate_now(&picked, &survey, now, asked_at).await;
+    let report = engine
+        .rotate_now(&picked, &survey, revoke_old, asked_at)
+        .await;
     engine.notifier.flush(daemon::NOTIFY_FLUSH_TIMEOUT).await;
     let _ = print_result(&mut out, &report, json);
     let busy = report

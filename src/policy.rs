@@ -343,6 +343,24 @@ pub struct Retirement {
     pub due_at: DateTime<Utc>,
 }
 
+impl Retirement {
+    /// Revocation at a fixed time (an operator's `--revoke-old DURATION`), whatever
+    /// the grace period and the key's use.
+    pub fn deadline(until: DateTime<Utc>, now: DateTime<Utc>) -> Retirement {
+        let due = now >= until;
+        Retirement {
+            due,
+            reason: if due {
+                Reason::GraceOver
+            } else {
+                Reason::InGrace
+            },
+            still_in_use: false,
+            due_at: until,
+        }
+    }
+}
+
 /// Decides a replaced key's retirement. Pure.
 ///
 /// - `revoke_when = "grace"`: due once `grace_period` has passed since promotion.

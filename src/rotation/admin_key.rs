@@ -295,6 +295,7 @@ impl Run<'_> {
         self.apply(&Transition::Promote {
             key_id: listed.id.clone(),
             at,
+            previous_until: None,
         })
         .await?;
         info!(event = "admin_key.seeded", key_id = %listed.id, store = %self.cfg.store, outcome = "ok", "stored the configured admin key; the store is its source from now on");
@@ -325,6 +326,7 @@ impl Run<'_> {
                     let t = Transition::Promote {
                         key_id: pending.key_id,
                         at: now,
+                        previous_until: None,
                     };
                     self.apply(&t).await?;
                 }
@@ -437,6 +439,7 @@ impl Run<'_> {
                 self.apply(&Transition::Promote {
                     key_id: cur.key_id,
                     at,
+                    previous_until: None,
                 })
                 .await?;
             }
@@ -591,6 +594,7 @@ impl Run<'_> {
         let t = Transition::Promote {
             key_id: key_id.clone(),
             at,
+            previous_until: None,
         };
         match self.apply(&t).await {
             Ok(()) => {}

@@ -369,7 +369,11 @@ pub fn decide(f: &SlotFacts, cx: &Context) -> Vec<Action> {
         let mut ret: Option<policy::Retirement> = None;
         for h in &holders {
             let promoted = h.book.promoted_at.unwrap_or(now);
-            let mut r = policy::retirement(cx.policy, grace, promoted, last_used, now);
+            let mut r = match h.book.previous_until {
+                // An operator's deadline (`keyrotd rotate --revoke-old DURATION`).
+                Some(until) => policy::Retirement::deadline(until, now),
+                None => policy::retirement(cx.policy, grace, promoted, last_used, now),
+            };
             if h.book.promoted_at.is_none() {
                 r.due = false;
             }

@@ -158,13 +158,13 @@ fn slot_has_key(v: &SlotView, survey: &Survey, key_id: &str) -> bool {
 
 impl Engine {
     /// What `keyrotd rotate --dry-run` prints: each picked slot's decision with a
-    /// manual rotation forced (and, with `revoke_old_now`, the revocation of the key
-    /// it replaces), due now.
+    /// manual rotation forced (and the revocation of the key it replaces: now, or at
+    /// the deadline `revoke_old` sets).
     pub fn plan_rotation(
         &self,
         survey: &Survey,
         picked: &[&SlotView],
-        revoke_old_now: bool,
+        revoke_old: slot::RevokeOld,
     ) -> Vec<PlannedAction> {
         let cx = decide::Context {
             policy: &self.policy,
@@ -184,13 +184,16 @@ impl Engine {
                 }
                 let mint = a.kind == ActionKind::Mint;
                 out.push(PlannedAction::of_slot(&v.slot, a.clone()));
-                if mint && revoke_old_now {
-                    if let Some(old) = v.agreed_current() {
-                        let mut r = a;
-                        r.kind = ActionKind::Revoke;
-                        r.key_id = Some(old.to_string());
-                        out.push(PlannedAction::of_slot(&v.slot, r));
-                    }
+                let at = match revoke_old {
+                    slot::RevokeOld::Now => Some(a.due_at),
+                    _ => revoke_old.deadline(a.due_at),
+                };
+                if let (true, Some(at), Some(old)) = (mint, at, v.agreed_current()) {
+                    let mut r = a;
+                    r.kind = ActionKind::Revoke;
+                    r.key_id = Some(old.to_string());
+                    r.due_at = at;
+                    out.push(PlannedAction::of_slot(&v.slot, r));
                 }
             }
         }
@@ -206,15 +209,15 @@ impl Engine {
         &self,
         picked: &[&SlotView],
         survey: &Survey,
-        revoke_old_now: bool,
+        revoke_old: slot::RevokeOld,
         asked_at: DateTime<Utc>,
     ) -> CycleReport {
         let started = std::time::Instant::now();
         let mut report = CycleReport::default();
         let by_sa = super::keys_by_service_account(&survey.inventory);
         // A promotion at or after the request answered it.
-        let forced = slot::Forced::manual(revoke_old_now, asked_at);
-        info!(event = "rotate.started", slots = picked.len(), trigger = "manual", operator = %operator(), revoke_old = if revoke_old_now { "now" } else { "grace" }, "rotating the chosen slots now");
+        let forced = slot::Forced::manual(revoke_old, asked_at);
+        info!(event = "rotate.started", slots = picked.len(), trigger = "manual", operator = %operator(), revoke_old = %revoke_old, "rotating the chosen slots now");
         let runs = picked.iter().map(|v| {
             let slot = v.slot.clone();
             let replacing = v.agreed_current().map(str::to_string);
@@ -295,7 +298,9 @@ impl Engine {
             return Err(refused.join("\n"));
         }
         if !to_rotate.is_empty() {
-            report = self.rotate_now(&to_rotate, survey, true, asked_at).await;
+            report = self
+                .rotate_now(&to_rotate, survey, slot::RevokeOld::Now, asked_at)
+                .await;
         }
         let who = operator();
         let done: BTreeSet<String> = report

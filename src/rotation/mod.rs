@@ -45,7 +45,7 @@ use crate::policy::{self, Verdict};
 use crate::store::DynStore;
 
 pub use crate::metrics::FailureKind;
-pub use slot::{Forced, Performed, SlotError, SlotFailure, SlotOutcome};
+pub use slot::{Forced, Performed, RevokeOld, SlotError, SlotFailure, SlotOutcome};
 
 /// The engine's notion of now; tests substitute a manual clock.
 pub trait Clock: Send + Sync {

@@ -137,9 +137,8 @@ pub async fn run(
 pub struct Forced {
     /// `Why::Manual` (an operator) or `Why::KeyInvalid` (the served key is dead).
     pub why: Why,
-    /// Revoke the replaced key as soon as every store serves and has read back the
-    /// new one, instead of after the grace period.
-    pub revoke_old_now: bool,
+    /// When the replaced key is revoked.
+    pub revoke_old: RevokeOld,
     /// When it was asked for (to the second): a slot every store promoted a key in
     /// since then has been rotated already.
     pub asked_at: Option<DateTime<Utc>>,
@@ -147,11 +146,11 @@ pub struct Forced {
 
 impl Forced {
     /// A rotation an operator asked for at `asked_at`.
-    pub fn manual(revoke_old_now: bool, asked_at: DateTime<Utc>) -> Forced {
+    pub fn manual(revoke_old: RevokeOld, asked_at: DateTime<Utc>) -> Forced {
         use chrono::SubsecRound;
         Forced {
             why: Why::Manual,
-            revoke_old_now,
+            revoke_old,
             asked_at: Some(asked_at.trunc_subsecs(0)),
         }
     }
@@ -162,8 +161,56 @@ impl Forced {
     pub fn incident(why: Why) -> Forced {
         Forced {
             why,
-            revoke_old_now: true,
+            revoke_old: RevokeOld::Now,
             asked_at: None,
+        }
+    }
+}
+
+/// When a forced rotation's replaced key is revoked (`keyrotd rotate --revoke-old`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevokeOld {
+    /// By the rule's grace period and `policy.revoke_when`, as a routine rotation.
+    Grace,
+    /// As soon as every store serves and has read back the new key.
+    Now,
+    /// This long after the promotion, whatever the grace period and its use: the
+    /// deadline is recorded in every store (`previous_until`), so the daemon or the
+    /// next `once` keeps it if this process is gone.
+    After(std::time::Duration),
+}
+
+impl RevokeOld {
+    /// Parses `now`, `grace` or a duration (`15m`, `2h`; `0s` is `now`).
+    pub fn parse(s: &str) -> Result<RevokeOld, String> {
+        match s {
+            "now" => Ok(RevokeOld::Now),
+            "grace" => Ok(RevokeOld::Grace),
+            _ => match humantime::parse_duration(s) {
+                Ok(d) if d.is_zero() => Ok(RevokeOld::Now),
+                Ok(d) => Ok(RevokeOld::After(d)),
+                Err(e) => Err(format!(
+                    "expected now, grace or a duration such as 15m or 2h ({e})"
+                )),
+            },
+        }
+    }
+
+    /// The replaced key's deadline for a promotion at `at`, if this sets one.
+    pub fn deadline(self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            RevokeOld::After(d) => Some(at + chrono::Duration::from_std(d).ok()?),
+            RevokeOld::Grace | RevokeOld::Now => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RevokeOld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RevokeOld::Grace => f.write_str("grace"),
+            RevokeOld::Now => f.write_str("now"),
+            RevokeOld::After(d) => write!(f, "{}", humantime::format_duration(*d)),
         }
     }
 }
@@ -252,7 +299,7 @@ async fn run_slot(
         if moved_on || promoted_since {
             info!(event = "rotation.already_replaced", key_id = %k, "another process rotated the slot since this rotation was asked for");
             run.forced = None;
-            if f.revoke_old_now && moved_on {
+            if f.revoke_old == RevokeOld::Now && moved_on {
                 run.retire_key(k, f.why).await?;
             }
         }
@@ -590,8 +637,15 @@ impl SlotRun<'_> {
                     b.previous_key_id.is_some() && b.promoted_at.is_none()
                 });
             if let Some(key_id) = marker.or(clockless) {
-                self.apply(i, &Transition::Promote { key_id, at: now })
-                    .await?;
+                self.apply(
+                    i,
+                    &Transition::Promote {
+                        key_id,
+                        at: now,
+                        previous_until: None,
+                    },
+                )
+                .await?;
             }
         }
         Ok(())
@@ -618,8 +672,15 @@ impl SlotRun<'_> {
         info!(event = "slot.moved", store = %self.stores[i].0, to = %self.slot.path, key_id = %rec.key_id, "serving the slot's current key at a path that held nothing; nothing minted");
         let key_id = rec.key_id.clone();
         self.apply(i, &Transition::Stage(rec)).await?;
-        self.apply(i, &Transition::Promote { key_id, at: now })
-            .await?;
+        self.apply(
+            i,
+            &Transition::Promote {
+                key_id,
+                at: now,
+                previous_until: None,
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -1015,7 +1076,7 @@ impl SlotRun<'_> {
                     if outcome == SlotOutcome::Busy {
                         return Ok(outcome);
                     }
-                    if self.forced.is_some_and(|f| f.revoke_old_now) {
+                    if self.forced.is_some_and(|f| f.revoke_old == RevokeOld::Now) {
                         self.revoke_replaced_now(a.why).await?;
                     }
                 }
@@ -1059,7 +1120,7 @@ impl SlotRun<'_> {
         }
     }
 
-    /// After a forced rotation with `revoke_old_now`: the key it replaced goes at once
+    /// After a forced rotation with [`RevokeOld::Now`]: the key it replaced goes at once
     /// (every store serves and has read back the new one), not after the grace period.
     async fn revoke_replaced_now(&mut self, why: Why) -> SlotResult<()> {
         let replaced: BTreeSet<String> = self
@@ -1242,6 +1303,7 @@ impl SlotRun<'_> {
                 let t = Transition::Promote {
                     key_id: key_id.clone(),
                     at: self.now(),
+                    previous_until: None,
                 };
                 for i in 0..self.stores.len() {
                     let current = self.states[i]
@@ -1590,9 +1652,12 @@ impl SlotRun<'_> {
             }
         }
         let at = self.now();
+        // An operator's `--revoke-old DURATION` is recorded with the promotion.
+        let previous_until = self.forced.and_then(|f| f.revoke_old.deadline(at));
         let t = Transition::Promote {
             key_id: key_id.clone(),
             at,
+            previous_until,
         };
         for i in 0..self.stores.len() {
             // Consumers first, then the state: a crash in between leaves the state
@@ -1647,14 +1712,20 @@ impl SlotRun<'_> {
         if let Some(previous) = self.replaced_key(&key_id) {
             // Under `revoke_when = "unused"` a key in use is kept until `max_grace`: it
             // must not expire under a consumer before keyrotd would revoke it.
+            // An operator's deadline is kept to the second, counted from the promotion.
             let grace = match self.eng.policy.revoke_when {
                 crate::config::RevokeWhen::Grace => self.rule.grace_period,
                 crate::config::RevokeWhen::Unused => {
                     self.rule.grace_period.max(self.eng.policy.max_grace)
                 }
             };
-            let lifetime = grace + crate::config::EXPIRY_MARGIN;
-            self.set_expiry(&previous, lifetime.as_secs()).await;
+            let chrono = |d| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            let until = previous_until
+                .or_else(|| at.checked_add_signed(chrono(grace)))
+                .unwrap_or(at);
+            let lifetime = until - self.now() + chrono(crate::config::EXPIRY_MARGIN);
+            self.set_expiry(&previous, lifetime.num_seconds().max(1) as u64)
+                .await;
         }
         Ok(SlotOutcome::Rotated { key_id })
     }
@@ -2140,5 +2211,34 @@ fn listing_of(
                 role: None,
             }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RevokeOld;
+    use std::time::Duration;
+
+    #[test]
+    fn revoke_old_reads_now_grace_and_durations() {
+        assert_eq!(RevokeOld::parse("now"), Ok(RevokeOld::Now));
+        assert_eq!(RevokeOld::parse("grace"), Ok(RevokeOld::Grace));
+        assert_eq!(RevokeOld::parse("0s"), Ok(RevokeOld::Now));
+        assert_eq!(
+            RevokeOld::parse("1h 30m"),
+            Ok(RevokeOld::After(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            RevokeOld::After(Duration::from_secs(900)).to_string(),
+            "15m"
+        );
+        let e = RevokeOld::parse("soon").unwrap_err();
+        assert!(e.contains("now, grace or a duration"), "{e}");
+        let at = chrono::Utc::now();
+        assert_eq!(RevokeOld::Now.deadline(at), None);
+        assert_eq!(
+            RevokeOld::After(Duration::from_secs(60)).deadline(at),
+            Some(at + chrono::Duration::seconds(60))
+        );
     }
 }

@@ -19,6 +19,9 @@
 //!   `keyrotd:promoted-key-id` names the current key (a crash between the label move
 //!   and the tag write reads as "promoted, clock not started" and the engine's repeated
 //!   `Promote` fills it in).
+//! - `book.previous_until` (an operator's deadline for the previous key) is the tag
+//!   `keyrotd:previous-until`, written with `keyrotd:promoted-at` and honoured under
+//!   the same condition, while there is a previous key.
 //! - `book.intent` is the tags `keyrotd:intent-{key-name,owner,lease-until,attempt,
 //!   service-account-id}`; an empty value means unset, so every bookkeeping change is a
 //!   single `TagResource` call. Values outside the tag alphabet are stored as `hex:...`.
@@ -109,6 +112,7 @@ const TAG_INTENT_ATTEMPT: &str = "keyrotd:intent-attempt";
 const TAG_INTENT_SA: &str = "keyrotd:intent-service-account-id";
 const TAG_PROMOTED_KEY_ID: &str = "keyrotd:promoted-key-id";
 const TAG_PROMOTED_AT: &str = "keyrotd:promoted-at";
+const TAG_PREVIOUS_UNTIL: &str = "keyrotd:previous-until";
 const TAG_RETIRED_KEY_ID: &str = "keyrotd:retired-key-id";
 /// The project of the keys the secret serves: how a renamed slot finds the secret it
 /// was served from ([`SecretStore::find_by_project`]).
@@ -472,6 +476,18 @@ impl AwsStore {
                         format!("secret {path:?}: bad tag {TAG_PROMOTED_AT}"),
                     )
                 })?);
+                if let Some(until) = d
+                    .tag(TAG_PREVIOUS_UNTIL)
+                    .filter(|_| book.previous_key_id.is_some())
+                {
+                    book.previous_until =
+                        Some(parse_time(&decode_tag(until)).ok_or_else(|| {
+                            self.err(
+                                StoreErrorKind::InvalidData,
+                                format!("secret {path:?}: bad tag {TAG_PREVIOUS_UNTIL}"),
+                            )
+                        })?);
+                }
             }
         }
         if let Some(former) = d.tag(TAG_FORMER_PATH) {
@@ -682,8 +698,13 @@ impl AwsStore {
         d: &Described,
         key_id: &str,
         at: DateTime<Utc>,
+        previous_until: Option<DateTime<Utc>>,
     ) -> StoreResult<()> {
         let pending_is_key = state.pending.as_ref().is_some_and(|p| p.key_id == key_id);
+        let until = |t: Option<DateTime<Utc>>| {
+            t.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+                .unwrap_or_default()
+        };
         let mut tags = self.intent_tags(None)?;
         if pending_is_key {
             let to = d.pending.as_deref();
@@ -700,6 +721,7 @@ impl AwsStore {
                 TAG_PROMOTED_AT,
                 &at.to_rfc3339_opts(SecondsFormat::Secs, true),
             )?);
+            tags.push(self.tag(TAG_PREVIOUS_UNTIL, &until(previous_until))?);
         } else {
             // Already current: finish what a crashed promotion left undone.
             if d.stale_pending_on_current {
@@ -712,6 +734,9 @@ impl AwsStore {
                     TAG_PROMOTED_AT,
                     &at.to_rfc3339_opts(SecondsFormat::Secs, true),
                 )?);
+                tags.push(self.tag(TAG_PREVIOUS_UNTIL, &until(previous_until))?);
+            } else if state.book.previous_until.is_none() && previous_until.is_some() {
+                tags.push(self.tag(TAG_PREVIOUS_UNTIL, &until(previous_until))?);
             }
         }
         tags.push(self.managed_tag());
@@ -759,7 +784,7 @@ impl AwsStore {
         self.stage(path, &d, rec).await?;
         let (staged, d) = self.read_described(path).await?;
         let at = st.book.promoted_at.unwrap_or_else(Utc::now);
-        self.promote(path, &staged, &d, &rec.key_id, at).await
+        self.promote(path, &staged, &d, &rec.key_id, at, None).await
     }
 
     async fn abandon(&self, path: &str, d: &Described) -> StoreResult<()> {
@@ -843,8 +868,13 @@ impl SecretStore for AwsStore {
                 }
             }
             Transition::Stage(rec) => self.stage(path, &d, rec).await?,
-            Transition::Promote { key_id, at } => {
-                self.promote(path, &state, &d, key_id, *at).await?
+            Transition::Promote {
+                key_id,
+                at,
+                previous_until,
+            } => {
+                self.promote(path, &state, &d, key_id, *at, *previous_until)
+                    .await?
             }
             Transition::Abandon => self.abandon(path, &d).await?,
             Transition::Retired { key_id } => {

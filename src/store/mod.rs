@@ -111,6 +111,10 @@ pub struct Bookkeeping {
     pub previous_service_account_id: Option<String>,
     /// When the current key was promoted: the grace clock.
     pub promoted_at: Option<DateTime<Utc>>,
+    /// An operator's deadline for the previous key (`keyrotd rotate --revoke-old
+    /// DURATION`): revoked then, instead of by the rule's grace period and use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_until: Option<DateTime<Utc>>,
     /// Where this store serves the slot's current key (stores whose state record is
     /// separate from the consumer documents, [`Layout::Separate`]): the path the rule
     /// renders now, and paths it rendered before (a renamed project or account, an
@@ -198,9 +202,15 @@ pub enum Transition {
     /// Stage the new record as pending (the intent stays until promotion).
     Stage(SecretRecord),
     /// Make the pending record with this key id current; the old current becomes the
-    /// previous key; intent and pending are cleared; `promoted_at` is set. Idempotent:
-    /// when the key is already current it only sets a missing `promoted_at`.
-    Promote { key_id: String, at: DateTime<Utc> },
+    /// previous key; intent and pending are cleared; `promoted_at` is set, and the
+    /// previous key's deadline (`previous_until`, `None` for the rule's grace).
+    /// Idempotent: when the key is already current it only sets a missing
+    /// `promoted_at` and deadline.
+    Promote {
+        key_id: String,
+        at: DateTime<Utc>,
+        previous_until: Option<DateTime<Utc>>,
+    },
     /// Drop the intent and any pending record (verification failed, race lost, orphan
     /// cleaned up). The current record is untouched.
     Abandon,
@@ -239,7 +249,11 @@ impl SlotState {
         match t {
             Transition::Intent(intent) => next.book.intent = Some(intent.clone()),
             Transition::Stage(rec) => next.pending = Some(rec.clone()),
-            Transition::Promote { key_id, at } => {
+            Transition::Promote {
+                key_id,
+                at,
+                previous_until,
+            } => {
                 let pending = match (&self.pending, &self.current) {
                     (Some(p), _) if &p.key_id == key_id => p.clone(),
                     // Already promoted (a retry after a crash, or AWS's label moved but
@@ -250,6 +264,9 @@ impl SlotState {
                         }
                         next.book.intent = None;
                         next.book.promoted_at.get_or_insert(*at);
+                        if next.book.previous_key_id.is_some() {
+                            next.book.previous_until = next.book.previous_until.or(*previous_until);
+                        }
                         return Ok(next);
                     }
                     _ => return Err(TransitionError::NotPending(key_id.clone())),
@@ -265,6 +282,12 @@ impl SlotState {
                 next.pending = None;
                 next.book.intent = None;
                 next.book.promoted_at = Some(*at);
+                next.book.previous_until = next
+                    .book
+                    .previous_key_id
+                    .is_some()
+                    .then_some(*previous_until)
+                    .flatten();
             }
             Transition::Abandon => {
                 next.pending = None;
@@ -276,6 +299,7 @@ impl SlotState {
                 }
                 next.book.previous_key_id = None;
                 next.book.previous_service_account_id = None;
+                next.book.previous_until = None;
             }
             Transition::Import(state) => {
                 next = SlotState {

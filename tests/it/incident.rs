@@ -16,7 +16,11 @@ const DAY: Duration = Duration::from_secs(86400);
 /// `prod-payments` (backend, worker) and `prod-search` (backend), each account with one
 /// stale key, plus a user key in `prod-payments`; bootstrapped by one `once`.
 async fn bench(stores: &[StoreKind]) -> (Bench, String) {
-    let mut b = Bench::new(Spec::new(stores)).await;
+    bench_of(Spec::new(stores)).await
+}
+
+async fn bench_of(spec: Spec) -> (Bench, String) {
+    let mut b = Bench::new(spec).await;
     let now = b.sim.now();
     let mut user_key = String::new();
     for (project, sas) in [
@@ -265,6 +269,130 @@ async fn a_served_key_openai_disabled_is_replaced_within_one_cycle() {
     );
     // Only the dead key's slot rotated.
     assert_eq!(exit.events("key.minted").len(), 1, "{}", exit.tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoke_old_after_a_duration_is_kept_by_the_next_cycle_in_every_store() {
+    // The rule's grace period is an hour; the operator wants the old key gone in 4 s.
+    let spec = Spec::new(&[File, Vault, Aws]).policy("grace_period", "\"1h\"");
+    let (b, _) = bench_of(spec).await;
+    let slot = slot_of(&b, "prod-payments", "backend").clone();
+    let before = served(&b).await;
+    let old = before
+        .iter()
+        .find(|((_, p), _)| *p == slot.path)
+        .map(|(_, k)| k.clone())
+        .unwrap();
+
+    let bad = b
+        .run(&["rotate", "--all", "--revoke-old", "soon"], None)
+        .await;
+    assert_eq!(bad.code, Some(2), "{}", bad.tail());
+    assert!(
+        bad.stderr.contains("--revoke-old") && bad.stderr.contains("soon"),
+        "the error names the flag and the value: {}",
+        bad.stderr
+    );
+
+    let select = [
+        "rotate",
+        "--project",
+        "prod-payments",
+        "--service-account",
+        "backend",
+        "--revoke-old",
+        "4s",
+    ];
+    let dry = b
+        .run(
+            &[&select[..], &["--dry-run", "--format", "json"]].concat(),
+            None,
+        )
+        .await;
+    assert_eq!(dry.code, Some(0), "{}", dry.tail());
+    let doc: serde_json::Value = serde_json::from_str(&dry.stdout).expect("JSON actions");
+    let revoke = doc["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["action"] == "revoke")
+        .unwrap_or_else(|| panic!("the dry run names the revocation: {doc}"));
+    assert_eq!(revoke["key_id"], old.as_str(), "{doc}");
+
+    let exit = b.run(&select, None).await;
+    assert_eq!(exit.code, Some(0), "{}", exit.tail());
+    let started = exit.events("rotate.started");
+    assert_eq!(started[0]["revoke_old"], "4s", "{}", exit.tail());
+    // Every store serves the new key and records the deadline; the old key still
+    // works, and OpenAI will expire it at the deadline (plus the margin).
+    let snap = b.snapshot().await.unwrap();
+    let mut deadline = None;
+    for ((store, path), st) in &snap {
+        if *path != slot.path {
+            continue;
+        }
+        assert_ne!(
+            st.current.as_ref().map(|c| &c.key_id),
+            Some(&old),
+            "{store}"
+        );
+        assert_eq!(st.book.previous_key_id.as_ref(), Some(&old), "{store}");
+        let promoted = st.book.promoted_at.expect("promoted");
+        let until = st
+            .book
+            .previous_until
+            .unwrap_or_else(|| panic!("{store} records the deadline: {st:?}"));
+        assert_eq!(until, promoted + chrono::Duration::seconds(4), "{store}");
+        deadline = Some(until);
+    }
+    let deadline = deadline.expect("the slot's states");
+    assert!(b.sim.is_live(&old), "not revoked before its deadline");
+    // (To the second the engine asked in: the simulator counts from its receipt.)
+    let expires = b.sim.key(&old).and_then(|k| k.expires_at).unwrap_or(0);
+    let margin = expires - deadline.timestamp();
+    assert!(
+        (600..=602).contains(&margin),
+        "OpenAI expires the old key at the deadline plus the 10-minute margin: {margin} s"
+    );
+
+    // A cycle before the deadline keeps it; the plan says when it goes.
+    let early = b.run_once(None).await;
+    assert_eq!(early.code, Some(0), "{}", early.tail());
+    assert!(
+        b.sim.is_live(&old),
+        "kept until the deadline: {}",
+        early.tail()
+    );
+    let plan = b.run(&["plan", "--format", "json"], None).await;
+    assert_eq!(plan.code, Some(0), "{}", plan.tail());
+    assert!(
+        plan.stdout.contains(&old) && plan.stdout.contains("revoke"),
+        "the plan shows the revocation to come: {}",
+        plan.stdout
+    );
+
+    // After the deadline (an hour before the grace period would end) the next cycle
+    // revokes it.
+    let wait = (deadline - chrono::Utc::now()).num_milliseconds().max(0) as u64 + 1100;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let late = b.run_once(None).await;
+    assert_eq!(late.code, Some(0), "{}", late.tail());
+    assert!(
+        late.events("key.revoked")
+            .iter()
+            .any(|e| e["key_id"] == old.as_str()),
+        "{}",
+        late.tail()
+    );
+    assert!(!b.sim.is_live(&old));
+    let snap = b.snapshot().await.unwrap();
+    check_i1(&b, &snap).unwrap();
+    for ((store, path), st) in &snap {
+        if *path == slot.path {
+            assert_eq!(st.book.previous_key_id, None, "{store} forgot the old key");
+            assert_eq!(st.book.previous_until, None, "{store} forgot the deadline");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -92,6 +92,7 @@ async fn bootstrap_never_exposes_the_unverified_key() {
         Transition::Promote {
             key_id: "key_new".into(),
             at: at(5),
+            previous_until: None,
         },
     )
     .await;
@@ -140,6 +141,7 @@ async fn second_rotation_moves_the_standard_labels() {
         Transition::Promote {
             key_id: "key_2".into(),
             at: at(2),
+            previous_until: None,
         },
     )
     .await;
@@ -166,6 +168,7 @@ async fn stale_remove_from_version_id_is_a_conflict() {
         let t = Transition::Promote {
             key_id: key.clone(),
             at: at(n as i64),
+            previous_until: None,
         };
         let (ra, rb) = tokio::join!(
             a.apply(&path, &st.version, &t),
@@ -241,6 +244,7 @@ async fn promotion_cut_short_is_resumed() {
             &Transition::Promote {
                 key_id: "key_2".into(),
                 at: at(9),
+                previous_until: None,
             },
         )
         .await

@@ -41,6 +41,7 @@ async fn bootstrap(f: Fixture) {
         Transition::Promote {
             key_id: rec.key_id.clone(),
             at: at(60),
+            previous_until: None,
         },
     )
     .await;
@@ -73,6 +74,47 @@ async fn second_rotation(f: Fixture) {
     ids.sort();
     assert_eq!(ids, ["key_one", "key_two"]);
     consumer_view(&f, &path, &r2).await;
+}
+
+/// An operator's deadline for the previous key (`--revoke-old DURATION`) is kept with
+/// the promotion, survives a re-read and a repeated promotion, and goes with the
+/// previous key.
+async fn previous_deadline(f: Fixture) {
+    let (s, path) = (&f.store, unique("deadline"));
+    let (r1, r2) = (record("key_one"), record("key_two"));
+    rotate(s, &path, &r1, 1, at(10)).await;
+    step(s, &path, Transition::Intent(intent(2))).await;
+    step(s, &path, Transition::Stage(r2.clone())).await;
+    let promote = |until| Transition::Promote {
+        key_id: r2.key_id.clone(),
+        at: at(20),
+        previous_until: until,
+    };
+    let st = step(s, &path, promote(Some(at(80)))).await;
+    assert_eq!(st.book.previous_until, Some(at(80)));
+    let read = s.read(&path).await.expect("read back");
+    assert_eq!(read, st);
+    // A repeated promotion (a resumed run) keeps the deadline it does not know.
+    let again = step(s, &path, promote(None)).await;
+    assert_eq!(again.book.previous_until, Some(at(80)));
+    let gone = step(
+        s,
+        &path,
+        Transition::Retired {
+            key_id: "key_one".into(),
+        },
+    )
+    .await;
+    assert_eq!(gone.book.previous_key_id, None);
+    assert_eq!(
+        gone.book.previous_until, None,
+        "the deadline goes with the key"
+    );
+    assert_eq!(s.read(&path).await.expect("read"), gone);
+    // A rotation without one records none.
+    let third = rotate(s, &path, &record("key_three"), 3, at(90)).await;
+    assert_eq!(third.book.previous_key_id.as_deref(), Some("key_two"));
+    assert_eq!(third.book.previous_until, None);
 }
 
 /// What a consumer reading the store directly sees: the DESIGN.md §3 object.
@@ -171,6 +213,7 @@ async fn cas_conflict(f: Fixture) {
     let promote = Transition::Promote {
         key_id: "key_b".into(),
         at: at(30),
+        previous_until: None,
     };
     let (a, b) = tokio::join!(
         s.apply(&path, &staged.version, &promote),
@@ -232,6 +275,7 @@ async fn apply_to_conflict(f: Fixture) {
             &Transition::Promote {
                 key_id: "key_1".into(),
                 at: at(10),
+                previous_until: None,
             },
         )
         .await
@@ -289,6 +333,7 @@ async fn idempotent_restage(f: Fixture) {
     let p = Transition::Promote {
         key_id: "key_2".into(),
         at: at(20),
+        previous_until: None,
     };
     let once = step(s, &path, p.clone()).await;
     let twice = step(
@@ -297,6 +342,7 @@ async fn idempotent_restage(f: Fixture) {
         Transition::Promote {
             key_id: "key_2".into(),
             at: at(99),
+            previous_until: None,
         },
     )
     .await;
@@ -339,6 +385,7 @@ async fn interrupted_stage(f: Fixture) {
             &Transition::Promote {
                 key_id: "key_new".into(),
                 at: at(20),
+                previous_until: None,
             },
         )
         .await
@@ -435,6 +482,7 @@ macro_rules! suite {
             async fn fixture() -> Fixture { Fixture::new($backend).await }
             #[tokio::test] async fn bootstrap() { super::bootstrap(fixture().await).await }
             #[tokio::test] async fn second_rotation() { super::second_rotation(fixture().await).await }
+            #[tokio::test] async fn previous_deadline() { super::previous_deadline(fixture().await).await }
             #[tokio::test] async fn cas_conflict() { super::cas_conflict(fixture().await).await }
             #[tokio::test] async fn apply_to_conflict() { super::apply_to_conflict(fixture().await).await }
             #[tokio::test] async fn idempotent_restage() { super::idempotent_restage(fixture().await).await }

@@ -590,6 +590,7 @@ async fn a_read_is_one_request_and_a_write_one_more() {
             &Transition::Promote {
                 key_id: "key_1".into(),
                 at: at(5),
+                previous_until: None,
             },
         )
         .await

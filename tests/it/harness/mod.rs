@@ -538,6 +538,7 @@ impl Bench {
                     &keyrotd::store::Transition::Promote {
                         key_id: rec.key_id.clone(),
                         at,
+                        previous_until: None,
                     },
                 )
                 .await

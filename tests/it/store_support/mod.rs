@@ -245,6 +245,7 @@ pub async fn rotate(
         Transition::Promote {
             key_id: rec.key_id.clone(),
             at: when,
+            previous_until: None,
         },
     )
     .await
