@@ -9,7 +9,9 @@
 # - scan:    examples/bench_scan (2,000 projects × 10 keys, 20 ms latency, concurrency
 #            1, 4, 16, 64) against the in-process simulator.
 # - rotate:  examples/bench_rotate (500 stale slots, concurrency 16, 20 ms latency) into
-#            the file store, and into OpenBao when scripts/test-servers.sh can start it.
+#            the file store, and into OpenBao when scripts/test-servers.sh can start it;
+#            then examples/bench_incident (`keyrotd rotate --revoke-old now` of one slot,
+#            the real binary, 100 ms latency) into the same stores.
 # - memory:  peak RSS of `keyrotd once` (release) scanning 20,000 keys served by a
 #            separate `keyrotd sim` process, where its heap goes (examples/bench_memory),
 #            and RSS / CPU of an idle `keyrotd run`.
@@ -82,7 +84,7 @@ machine() {
 build() {
     echo "building release binary and examples ..." >&2
     cargo build --release --quiet --bin keyrotd --example bench_scan --example bench_rotate \
-        --example bench_memory
+        --example bench_incident --example bench_memory
 }
 
 scan() {
@@ -102,6 +104,9 @@ rotate() {
     fi
     say "Rotation (bench_rotate, $RUNS runs, median)"
     "$ROOT/target/release/examples/bench_rotate" --runs "$RUNS" --stores "$stores" 2>"$WORK/rotate.log"
+    say "Incident rotation (bench_incident, 5 runs, median)"
+    KEYROTD_BIN="$BIN" "$ROOT/target/release/examples/bench_incident" --runs 5 --stores "$stores" \
+        2>"$WORK/incident.log"
     if [ "$VAULT_STARTED" = 1 ]; then
         stop_test_servers
         VAULT_STARTED=0

@@ -429,7 +429,7 @@ async fn engine_and_survey(
 > {
     let (_, engine) = engine(cli, false, needs_rules).await?;
     let asked_at = engine.clock.now();
-    match engine.survey().await {
+    match engine.survey_for_incident().await {
         Ok(survey) => Ok((engine, asked_at, survey)),
         Err(e) => {
             fatal(&e);

@@ -168,16 +168,32 @@ pub async fn scan(
         }
         Ok::<_, crate::openai::ApiError>(())
     };
+    // A project's two listings go out together; at most `concurrency` listings are in
+    // flight across projects.
+    let permits = tokio::sync::Semaphore::new(concurrency.max(1));
+    let permits = &permits;
+    let permit = || async move {
+        permits
+            .acquire()
+            .await
+            .map_err(|_| crate::openai::ApiError::Cancelled)
+    };
     let listings = rx
         .map(|project| {
             let wants_sas = !project.is_archived() && rule_covers_project(rules, &project);
             async move {
-                let keys = client.list_api_keys(&project.id).await?;
-                let service_accounts = if wants_sas {
-                    Some(client.list_service_accounts(&project.id).await?)
-                } else {
-                    None
+                let keys = async {
+                    let _p = permit().await?;
+                    client.list_api_keys(&project.id).await
                 };
+                let service_accounts = async {
+                    if !wants_sas {
+                        return Ok(None);
+                    }
+                    let _p = permit().await?;
+                    client.list_service_accounts(&project.id).await.map(Some)
+                };
+                let (keys, service_accounts) = futures::try_join!(keys, service_accounts)?;
                 Ok::<_, crate::openai::ApiError>(ProjectInventory {
                     project,
                     keys,

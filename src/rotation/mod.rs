@@ -218,6 +218,17 @@ impl Engine {
     /// passed, and with [`ApiError::Cancelled`] as soon as shutdown is requested;
     /// either way its requests in flight are dropped.
     pub async fn survey(&self) -> Result<Survey, ApiError> {
+        self.survey_with(true).await
+    }
+
+    /// A survey for `keyrotd rotate` and `revoke`: without the audit log (the key
+    /// creators stay unknown, `key.created_outside` waits for the next cycle), which
+    /// would be one more round trip before the first rotation.
+    pub async fn survey_for_incident(&self) -> Result<Survey, ApiError> {
+        self.survey_with(false).await
+    }
+
+    async fn survey_with(&self, audit: bool) -> Result<Survey, ApiError> {
         let scan = plan::scan(
             &self.client,
             &self.rules,
@@ -240,11 +251,18 @@ impl Engine {
         let now = self.clock.now();
         let slots = plan::slots(&inventory, &self.rules);
         // The audit log is read while the stores are: it adds no round trip.
-        let (views, key_creations) =
-            tokio::join!(self.read_views(slots), self.key_creations(&inventory, now));
+        let creations = async {
+            if audit {
+                self.key_creations(&inventory, now).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        let (views, key_creations) = tokio::join!(self.read_views(slots), creations);
         inventory.creators = key_creations
             .as_ref()
             .ok()
+            .filter(|_| audit)
             .map(|c| plan::creators(&inventory, c));
         Ok(Survey {
             inventory,

@@ -1709,7 +1709,9 @@ impl SlotRun<'_> {
         }
         self.eng.metrics.rotation(RotationOutcome::Completed);
         info!(event = "rotation.completed", key_id = %key_id, outcome = "completed", stores = self.stores.len(), "every store serves the new key");
-        if let Some(previous) = self.replaced_key(&key_id) {
+        // A replaced key about to be revoked needs no expiry.
+        let revoking_now = self.forced.is_some_and(|f| f.revoke_old == RevokeOld::Now);
+        if let Some(previous) = self.replaced_key(&key_id).filter(|_| !revoking_now) {
             // Under `revoke_when = "unused"` a key in use is kept until `max_grace`: it
             // must not expire under a consumer before keyrotd would revoke it.
             // An operator's deadline is kept to the second, counted from the promotion.
