@@ -192,6 +192,7 @@ pub struct Metrics {
     still_in_use: Counter,
     key_invalid: Counter,
     created_outside: Counter,
+    usage_anomalies: Family<One, Counter>,
     keys_expiring: Family<One, Gauge>,
     cycle_duration_seconds: FloatGauge,
     last_success_timestamp_seconds: FloatGauge,
@@ -283,6 +284,7 @@ impl Metrics {
             still_in_use: Counter::default(),
             key_invalid: Counter::default(),
             created_outside: Counter::default(),
+            usage_anomalies: preset("kind", crate::usage::AnomalyKind::ALL.map(crate::usage::AnomalyKind::as_str)),
             keys_expiring: preset("state", ExpiryState::ALL.map(ExpiryState::as_str)),
             cycle_duration_seconds: FloatGauge::default(),
             last_success_timestamp_seconds: FloatGauge::default(),
@@ -377,6 +379,12 @@ impl Metrics {
             "keyrotd_keys_created_outside",
             "Keys created by a person (audit log: a dashboard session) on a service account a slot manages",
             m.created_outside.clone(),
+        );
+        register(
+            r,
+            "keyrotd_key_usage_anomalies",
+            "key.usage_anomaly events, by kind: spike (last-hour requests above usage.spike_factor x the key's hourly baseline), replaced_after_grace, stale_user_key_active, about_to_be_revoked",
+            m.usage_anomalies.clone(),
         );
         register(
             r,
@@ -489,6 +497,13 @@ impl Metrics {
     /// A key created outside keyrotd on a managed account (`key.created_outside`).
     pub fn created_outside(&self) {
         self.created_outside.inc();
+    }
+
+    /// A `key.usage_anomaly`.
+    pub fn usage_anomaly(&self, kind: crate::usage::AnomalyKind) {
+        self.usage_anomalies
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
     }
 
     /// Keys created outside keyrotd counted so far.

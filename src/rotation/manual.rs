@@ -178,7 +178,7 @@ impl Engine {
                 .projects
                 .iter()
                 .find(|p| p.project.id == v.slot.project_id);
-            for a in v.decide(project, &self.rules, &cx, Some(Why::Manual)) {
+            for a in v.decide(project, &self.rules, &cx, Some(Why::Manual), None) {
                 if !a.is_due(survey.now) {
                     continue;
                 }
