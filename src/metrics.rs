@@ -284,7 +284,10 @@ impl Metrics {
             still_in_use: Counter::default(),
             key_invalid: Counter::default(),
             created_outside: Counter::default(),
-            usage_anomalies: preset("kind", crate::usage::AnomalyKind::ALL.map(crate::usage::AnomalyKind::as_str)),
+            usage_anomalies: preset(
+                "kind",
+                crate::usage::AnomalyKind::ALL.map(crate::usage::AnomalyKind::as_str),
+            ),
             keys_expiring: preset("state", ExpiryState::ALL.map(ExpiryState::as_str)),
             cycle_duration_seconds: FloatGauge::default(),
             last_success_timestamp_seconds: FloatGauge::default(),

@@ -43,7 +43,9 @@ pub enum UsageState {
     #[default]
     Off,
     /// The fetch failed: usage is unknown this cycle.
-    Unknown { reason: String },
+    Unknown {
+        reason: String,
+    },
     Known(Arc<UsageView>),
 }
 
@@ -223,7 +225,10 @@ pub async fn fetch(
     let after = client.stats().snapshot();
     let count = |e: crate::openai::Endpoint| -> usize {
         let n = |s: &[(crate::openai::Endpoint, u16, u64)]| -> u64 {
-            s.iter().filter(|(x, _, _)| *x == e).map(|(_, _, n)| n).sum()
+            s.iter()
+                .filter(|(x, _, _)| *x == e)
+                .map(|(_, _, n)| n)
+                .sum()
         };
         n(&after).saturating_sub(n(&before)) as usize
     };

@@ -107,10 +107,7 @@ impl UsageConfig {
         if d < Duration::from_secs(86400) || d > Duration::from_secs(31 * 86400) {
             return Err(ConfigError::invalid(
                 "usage.lookback",
-                format!(
-                    "{} is outside 1d..=31d",
-                    humantime::format_duration(d)
-                ),
+                format!("{} is outside 1d..=31d", humantime::format_duration(d)),
             ));
         }
         if d.as_secs() % 3600 != 0 {

@@ -120,7 +120,12 @@ fn cost_view(out: &mut String, r: &Report, top: usize) {
         return;
     }
     let currency = escaped(&u.currency.clone().unwrap_or_default().to_ascii_uppercase());
-    let shown: Vec<_> = u.projects.iter().filter(|p| p.cost > 0.0).take(top).collect();
+    let shown: Vec<_> = u
+        .projects
+        .iter()
+        .filter(|p| p.cost > 0.0)
+        .take(top)
+        .collect();
     if shown.is_empty() {
         out.push_str("<p class=\"note\">No cost in the window.</p>\n");
         return;

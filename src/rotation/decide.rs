@@ -371,10 +371,7 @@ pub fn decide(f: &SlotFacts, cx: &Context) -> Vec<Action> {
             .filter(|s| s.book.previous_key_id.as_deref() == Some(key_id))
             .collect();
         // The Usage API's 1 m buckets since promotion when read, else `last_used_at`.
-        let last_used = match f
-            .usage
-            .and_then(|u| u.last_request_since_promotion(key_id))
-        {
+        let last_used = match f.usage.and_then(|u| u.last_request_since_promotion(key_id)) {
             Some(last) => last,
             None => f
                 .keys

@@ -364,7 +364,10 @@ impl Engine {
             Err(e @ ApiError::Forbidden { .. }) => {
                 warn!(event = "usage.forbidden", status = 403, permission = crate::usage::PERMISSION, error = %e, "the admin key may not read usage (it lacks the {} permission): usage and cost are unknown and usage anomalies go unnoticed", crate::usage::PERMISSION);
                 UsageState::Unknown {
-                    reason: format!("forbidden: the admin key lacks {}", crate::usage::PERMISSION),
+                    reason: format!(
+                        "forbidden: the admin key lacks {}",
+                        crate::usage::PERMISSION
+                    ),
                 }
             }
             Err(e) => {
@@ -521,9 +524,12 @@ impl Engine {
                 if self.shutdown.is_cancelled() {
                     return None;
                 }
-                let forced = incidents
-                    .get(&slot.id())
-                    .map(|k| (slot::Forced::incident(decide::Why::UsageAnomaly), Some(k.clone())));
+                let forced = incidents.get(&slot.id()).map(|k| {
+                    (
+                        slot::Forced::incident(decide::Why::UsageAnomaly),
+                        Some(k.clone()),
+                    )
+                });
                 Some(self.run_slot(slot, keys, forced).await)
             }
         }))
