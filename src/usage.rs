@@ -438,6 +438,32 @@ pub fn anomalies(
     out
 }
 
+/// `about_to_be_revoked` for every key of `key_ids` with requests in the last hour
+/// (only reported: `keyrotd revoke` goes on).
+pub fn about_to_revoke(inv: &crate::plan::Inventory, key_ids: &[String]) -> Vec<Anomaly> {
+    let Some(u) = inv.usage.known() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in &inv.projects {
+        for k in p.keys.iter().filter(|k| key_ids.contains(&k.id)) {
+            let n = u.keys.get(&k.id).map_or(0, |x| x.last_hour_requests);
+            if n > 0 {
+                out.push(Anomaly {
+                    kind: AnomalyKind::AboutToBeRevoked,
+                    project_id: p.project.id.clone(),
+                    key_id: k.id.clone(),
+                    owner_type: k.owner.kind.as_str(),
+                    last_hour_requests: n,
+                    baseline: None,
+                    slot: None,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// The hourly baseline of a key and whether its last hour is a spike. Pure.
 /// `created_at`: the key's creation (Unix seconds). `None`: too little history.
 pub fn spike(cfg: &UsageConfig, w: &Window, k: &KeyUsage, created_at: i64) -> Option<(f64, bool)> {

@@ -462,6 +462,7 @@ impl Engine {
         let plan = self.plan(&survey);
         self.record_key_metrics(&survey.inventory, &plan, survey.now);
         self.metrics.set_slots(&survey, &plan);
+        self.metrics.set_usage(&survey, &plan);
         for k in &plan.keys {
             if k.reasons.contains(&policy::Reason::Stale)
                 && k.owner_type() == "user"

@@ -363,3 +363,83 @@ async fn a_403_on_usage_is_one_warning_naming_the_permission_and_everything_else
     assert_eq!(plan.usage.status, "unknown");
     assert!(plan.usage.reason.unwrap().contains("api.usage.read"));
 }
+
+/// Usage-aware revocation reads the Usage API's 1 m buckets of the replaced key since
+/// its promotion: traffic there keeps the key although `last_used_at` says nothing
+/// (the simulator's injected usage does not move it); with `[usage]` off, the
+/// decision falls back to `last_used_at` and the key goes after `min_grace`.
+async fn replaced_key_with_usage_only_in_the_usage_api(usage_on: bool) -> bool {
+    let mut w = World::new(
+        Scenario::new(1805)
+            .projects(3)
+            .service_accounts_per_project(2)
+            .user_keys_per_project(0),
+        Stores::File,
+        "revoke_when = \"unused\"\nmin_grace = \"30m\"\nmax_grace = \"3d\"\nusage_report_delay = \"5m\"",
+    )
+    .await;
+    if !usage_on {
+        w.toml.push_str("\n[usage]\nenabled = false\n");
+    }
+    let engine = w.engine(false).await;
+    assert!(!engine.cycle().await.any_failed());
+    w.advance(91 * DAY);
+    assert!(!engine.cycle().await.any_failed());
+    let mut previous: Vec<String> = w
+        .store_states(&engine)
+        .await
+        .values()
+        .filter_map(|s| s.book.previous_key_id.clone())
+        .collect();
+    previous.sort();
+    assert!(previous.len() >= 2);
+    w.advance(Duration::from_secs(600));
+    assert!(w
+        .sim
+        .record_usage(&previous[0], w.sim.now() - 60, 3, 300, 100));
+    w.advance(HOUR);
+    let r = engine.cycle().await;
+    assert!(!r.any_failed(), "{:?}", r.slots);
+    for id in &previous[1..] {
+        assert!(!w.sim.is_live(id), "{id} drained: revoked after min_grace");
+    }
+    w.sim.is_live(&previous[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_aware_revocation_reads_the_usage_api_and_falls_back_to_last_used_at() {
+    assert!(
+        replaced_key_with_usage_only_in_the_usage_api(true).await,
+        "used per the Usage API: kept"
+    );
+    assert!(
+        !replaced_key_with_usage_only_in_the_usage_api(false).await,
+        "usage off: last_used_at shows no use, revoked"
+    );
+}
+
+#[test]
+fn usage_config_is_validated_naming_the_key() {
+    use keyrotd::config::Config;
+    for (toml, key) in [
+        ("[usage]\nlookback = \"2h\"\n", "usage.lookback"),
+        ("[usage]\nlookback = \"40d\"\n", "usage.lookback"),
+        ("[usage]\nlookback = \"36h 30m\"\n", "usage.lookback"),
+        ("[usage]\nspike_factor = 0.5\n", "usage.spike_factor"),
+        (
+            "[usage]\nspike_min_requests = 0\n",
+            "usage.spike_min_requests",
+        ),
+    ] {
+        let err = Config::from_toml(toml).expect_err(toml).to_string();
+        assert!(err.contains(key), "{toml}: {err}");
+    }
+    let cfg = keyrotd::config::UsageConfig::default();
+    assert!(cfg.enabled, "on by default");
+    assert_eq!(cfg.lookback, 7 * DAY);
+    assert!(cfg.validate().is_ok());
+    let err = Config::from_toml("[usage]\non_anomaly = \"panic\"\n")
+        .expect_err("unknown variant")
+        .to_string();
+    assert!(err.contains("usage"), "{err}");
+}
