@@ -34,7 +34,7 @@ pub const CHART_PROJECTS: usize = 30;
 pub enum Format {
     /// One self-contained page: summary, per-project age chart, table of every key.
     Html,
-    /// One document: `{"generated_at", "summary", "keys"}`.
+    /// One document: `{"generated_at", "summary", "keys", "usage"}`.
     Json,
     /// RFC 4180: a header row, then one row per key.
     Csv,
@@ -440,7 +440,7 @@ mod tests {
     }
 
     #[test]
-    fn html_escapes_names_everywhere_and_json_has_three_parts() {
+    fn html_escapes_names_everywhere_and_json_has_four_parts() {
         let r = sample();
         let html = render(&r, Format::Html);
         assert!(!html.contains("<a>"));
@@ -453,7 +453,7 @@ mod tests {
             .map(|k| k.as_str())
             .collect();
         fields.sort_unstable();
-        assert_eq!(fields, ["generated_at", "keys", "summary"]);
+        assert_eq!(fields, ["generated_at", "keys", "summary", "usage"]);
         let csv = render(&r, Format::Csv);
         assert_eq!(csv.matches("\r\n").count(), 3, "header + two rows");
         assert!(csv.contains("\"<a> & \"\"b\"\"\""));

@@ -256,11 +256,10 @@ impl Engine {
             .as_ref()
             .ok()
             .map(|c| plan::creators(&inventory, c));
-        *self.memory.usage.lock().unwrap_or_else(|p| p.into_inner()) =
-            usage.known().map(|_| match &usage {
-                crate::usage::UsageState::Known(v) => v.clone(),
-                _ => unreachable!(),
-            });
+        *self.memory.usage.lock().unwrap_or_else(|p| p.into_inner()) = match &usage {
+            crate::usage::UsageState::Known(v) => Some(v.clone()),
+            _ => None,
+        };
         inventory.usage = usage;
         Ok(Survey {
             inventory,
@@ -335,8 +334,11 @@ impl Engine {
         if !self.usage.enabled {
             return UsageState::Off;
         }
+        // Only `revoke_when = "unused"` asks whether a replaced key was used since.
+        let unused = self.policy.revoke_when == crate::config::RevokeWhen::Unused;
         let replaced: Vec<(String, i64)> = views
             .iter()
+            .filter(|_| unused)
             .flat_map(|v| v.ok_states())
             .filter_map(|(_, s)| {
                 Some((
