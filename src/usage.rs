@@ -162,12 +162,13 @@ pub fn window(lookback_secs: i64, now: i64) -> Window {
 }
 
 /// Reads usage and cost for `now` (Unix seconds). `replaced`: replaced keys to read
-/// 1 m buckets for, with when their replacement was promoted.
+/// 1 m buckets for, with when their replacement was promoted; the organization-wide
+/// requests do not wait for it (the survey starts them with the scan).
 pub async fn fetch(
     client: &Client,
     cfg: &UsageConfig,
     now: i64,
-    replaced: &[(String, i64)],
+    replaced: impl std::future::Future<Output = Vec<(String, i64)>>,
 ) -> Result<UsageView, ApiError> {
     let w = window(cfg.lookback.as_secs() as i64, now);
     let group = vec!["project_id".to_string(), "api_key_id".to_string()];
@@ -195,32 +196,38 @@ pub async fn fetch(
         limit: Some(DAY_PAGE),
         ..UsageQuery::default()
     };
-    // Replaced keys, by the first whole minute after their promotion (within the lookback).
-    let mut since: BTreeMap<String, i64> = BTreeMap::new();
-    for (k, promoted) in replaced {
-        let s = ceil(*promoted, 60).max(w.start);
-        let e = since.entry(k.clone()).or_insert(s);
-        *e = (*e).min(s);
-    }
-    let ids: Vec<&String> = since.keys().collect();
-    let replaced_queries: Vec<UsageQuery> = ids
-        .chunks(KEYS_PER_QUERY)
-        .map(|chunk| UsageQuery {
-            start_time: chunk.iter().map(|k| since[*k]).min().unwrap_or(now),
-            end_time: Some(now),
-            bucket_width: Some("1m".into()),
-            api_key_ids: chunk.iter().map(|k| (*k).clone()).collect(),
-            group_by: vec!["api_key_id".into()],
-            limit: Some(MINUTE_PAGE),
-            ..UsageQuery::default()
-        })
-        .collect();
+    let replaced = async {
+        // Replaced keys, by the first whole minute after their promotion (within the
+        // lookback).
+        let mut since: BTreeMap<String, i64> = BTreeMap::new();
+        for (k, promoted) in replaced.await {
+            let s = ceil(promoted, 60).max(w.start);
+            let e = since.entry(k).or_insert(s);
+            *e = (*e).min(s);
+        }
+        let ids: Vec<&String> = since.keys().collect();
+        let queries: Vec<UsageQuery> = ids
+            .chunks(KEYS_PER_QUERY)
+            .map(|chunk| UsageQuery {
+                start_time: chunk.iter().map(|k| since[*k]).min().unwrap_or(now),
+                end_time: Some(now),
+                bucket_width: Some("1m".into()),
+                api_key_ids: chunk.iter().map(|k| (*k).clone()).collect(),
+                group_by: vec!["api_key_id".into()],
+                limit: Some(MINUTE_PAGE),
+                ..UsageQuery::default()
+            })
+            .collect();
+        let buckets =
+            futures::future::join_all(queries.iter().map(|q| client.usage_completions(q))).await;
+        (since, queries, buckets)
+    };
     let before = client.stats().snapshot();
-    let (hourly, minutes, costs, replaced_buckets) = tokio::join!(
+    let (hourly, minutes, costs, (since, replaced_queries, replaced_buckets)) = tokio::join!(
         client.usage_completions(&hourly),
         client.usage_completions(&minutes),
         client.costs(&costs),
-        futures::future::join_all(replaced_queries.iter().map(|q| client.usage_completions(q)))
+        replaced
     );
     let after = client.stats().snapshot();
     let count = |e: crate::openai::Endpoint| -> usize {

@@ -222,40 +222,51 @@ impl Engine {
     /// passed, and with [`ApiError::Cancelled`] as soon as shutdown is requested;
     /// either way its requests in flight are dropped.
     pub async fn survey(&self) -> Result<Survey, ApiError> {
-        let scan = plan::scan(
-            &self.client,
-            &self.rules,
-            self.settings.include_archived,
-            self.settings.concurrency,
-        );
-        let before = self.client.stats().snapshot();
-        let inventory = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
-            r = tokio::time::timeout(self.settings.scan_timeout, scan) => match r {
-                Ok(r) => r,
-                Err(_) => Err(ApiError::ScanTimeout {
-                    timeout: self.settings.scan_timeout,
-                    progress: requests_since(&before, &self.client.stats().snapshot()),
-                }),
-            },
-        }?;
-        let mut inventory = inventory;
-        let now = self.clock.now();
-        let slots = plan::slots(&inventory, &self.rules);
-        // The audit log is read while the stores and usage are: it adds no round trip.
-        let ((views, usage), key_creations) = tokio::join!(
-            async {
-                let views = self.read_views(slots).await;
-                let usage = self.read_usage(&views, now).await;
-                (views, usage)
-            },
-            self.key_creations(&inventory, now)
-        );
-        inventory.creators = key_creations
-            .as_ref()
-            .ok()
-            .map(|c| plan::creators(&inventory, c));
+        // Usage is read from the start, beside the scan: only the replaced keys' 1 m
+        // buckets wait for the stores (sent once the views are read).
+        let (replaced_tx, replaced_rx) = tokio::sync::oneshot::channel::<Vec<(String, i64)>>();
+        let usage = self.read_usage(self.clock.now(), async move {
+            replaced_rx.await.unwrap_or_default()
+        });
+        let rest = async move {
+            let scan = plan::scan(
+                &self.client,
+                &self.rules,
+                self.settings.include_archived,
+                self.settings.concurrency,
+            );
+            let before = self.client.stats().snapshot();
+            let inventory = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
+                r = tokio::time::timeout(self.settings.scan_timeout, scan) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(ApiError::ScanTimeout {
+                        timeout: self.settings.scan_timeout,
+                        progress: requests_since(&before, &self.client.stats().snapshot()),
+                    }),
+                },
+            }?;
+            let mut inventory = inventory;
+            let now = self.clock.now();
+            let slots = plan::slots(&inventory, &self.rules);
+            // The audit log is read while the stores are: it adds no round trip.
+            let (views, key_creations) = tokio::join!(
+                async {
+                    let views = self.read_views(slots).await;
+                    let _ = replaced_tx.send(self.replaced_keys(&views));
+                    views
+                },
+                self.key_creations(&inventory, now)
+            );
+            inventory.creators = key_creations
+                .as_ref()
+                .ok()
+                .map(|c| plan::creators(&inventory, c));
+            Ok((inventory, views, now, key_creations))
+        };
+        let (rest, usage) = tokio::join!(rest, usage);
+        let (mut inventory, views, now, key_creations) = rest?;
         *self.memory.usage.lock().unwrap_or_else(|p| p.into_inner()) = match &usage {
             crate::usage::UsageState::Known(v) => Some(v.clone()),
             _ => None,
@@ -317,6 +328,24 @@ impl Engine {
         r
     }
 
+    /// The slots' replaced keys with their promotion, whose 1 m buckets usage-aware
+    /// revocation reads (only `revoke_when = "unused"` asks).
+    fn replaced_keys(&self, views: &[SlotView]) -> Vec<(String, i64)> {
+        if self.policy.revoke_when != crate::config::RevokeWhen::Unused {
+            return Vec::new();
+        }
+        views
+            .iter()
+            .flat_map(|v| v.ok_states())
+            .filter_map(|(_, s)| {
+                Some((
+                    s.book.previous_key_id.clone()?,
+                    s.book.promoted_at?.timestamp(),
+                ))
+            })
+            .collect()
+    }
+
     /// The usage the last survey read, for the slots' decisions.
     pub(crate) fn usage_seen(&self) -> Option<Arc<crate::usage::UsageView>> {
         self.memory
@@ -329,25 +358,16 @@ impl Engine {
     /// Usage and cost for the survey (`[usage]`), with the 1 m buckets of every
     /// replaced key the stores name. A 403 is one WARN naming the missing permission;
     /// any other failure one WARN: usage is unknown this time, nothing else changes.
-    async fn read_usage(&self, views: &[SlotView], now: DateTime<Utc>) -> crate::usage::UsageState {
+    async fn read_usage(
+        &self,
+        now: DateTime<Utc>,
+        replaced: impl std::future::Future<Output = Vec<(String, i64)>>,
+    ) -> crate::usage::UsageState {
         use crate::usage::UsageState;
         if !self.usage.enabled {
             return UsageState::Off;
         }
-        // Only `revoke_when = "unused"` asks whether a replaced key was used since.
-        let unused = self.policy.revoke_when == crate::config::RevokeWhen::Unused;
-        let replaced: Vec<(String, i64)> = views
-            .iter()
-            .filter(|_| unused)
-            .flat_map(|v| v.ok_states())
-            .filter_map(|(_, s)| {
-                Some((
-                    s.book.previous_key_id.clone()?,
-                    s.book.promoted_at?.timestamp(),
-                ))
-            })
-            .collect();
-        let fetch = crate::usage::fetch(&self.client, &self.usage, now.timestamp(), &replaced);
+        let fetch = crate::usage::fetch(&self.client, &self.usage, now.timestamp(), replaced);
         let r = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
