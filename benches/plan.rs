@@ -159,6 +159,7 @@ fn inventory(keys: usize, rules: &[Rule]) -> Inventory {
         scanned_at: now(),
         projects: out,
         creators: None,
+        usage: Default::default(),
     }
 }
 

@@ -202,6 +202,7 @@ pub async fn build_engine_in(
         unavailable,
         rules: cfg.rules(),
         policy: cfg.policy.clone(),
+        usage: cfg.usage.clone(),
         settings: Settings {
             concurrency: cfg.daemon.concurrency,
             include_archived: cfg.openai.include_archived,

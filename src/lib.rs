@@ -41,6 +41,7 @@ pub mod rotation;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 
 /// `<crate version> (commit <git commit>)`, as `keyrotd --version` prints it.
 pub const VERSION: &str = concat!(

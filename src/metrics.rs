@@ -29,6 +29,20 @@ use crate::rotation::Survey;
 
 pub use slots::{SlotLabels, SlotRow};
 
+/// Projects (and slots) with usage series: the most expensive (busiest) this many; the
+/// rest of the projects add up in `project_id = "other"`. Keeps a large organization
+/// within the series budget.
+pub const USAGE_SERIES_LIMIT: usize = 20;
+
+/// The labels of a project's usage series.
+#[derive(
+    Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, prometheus_client::encoding::EncodeLabelSet,
+)]
+pub struct ProjectLabels {
+    pub project_id: String,
+    pub project_name: String,
+}
+
 /// At most this many slots get per-slot series (4 each): beyond it the rest are counted
 /// in `keyrotd_slot_series_omitted` and not exported, so a scrape stays a few thousand
 /// series (README, "Metrics").
@@ -192,6 +206,10 @@ pub struct Metrics {
     still_in_use: Counter,
     key_invalid: Counter,
     created_outside: Counter,
+    usage_anomalies: Family<One, Counter>,
+    project_requests: Family<ProjectLabels, Gauge>,
+    project_cost: Family<ProjectLabels, FloatGauge>,
+    slot_requests: Family<SlotLabels, Gauge>,
     keys_expiring: Family<One, Gauge>,
     cycle_duration_seconds: FloatGauge,
     last_success_timestamp_seconds: FloatGauge,
@@ -283,6 +301,13 @@ impl Metrics {
             still_in_use: Counter::default(),
             key_invalid: Counter::default(),
             created_outside: Counter::default(),
+            project_requests: Family::default(),
+            project_cost: Family::default(),
+            slot_requests: Family::default(),
+            usage_anomalies: preset(
+                "kind",
+                crate::usage::AnomalyKind::ALL.map(crate::usage::AnomalyKind::as_str),
+            ),
             keys_expiring: preset("state", ExpiryState::ALL.map(ExpiryState::as_str)),
             cycle_duration_seconds: FloatGauge::default(),
             last_success_timestamp_seconds: FloatGauge::default(),
@@ -377,6 +402,30 @@ impl Metrics {
             "keyrotd_keys_created_outside",
             "Keys created by a person (audit log: a dashboard session) on a service account a slot manages",
             m.created_outside.clone(),
+        );
+        register(
+            r,
+            "keyrotd_key_usage_anomalies",
+            "key.usage_anomaly events, by kind: spike (last-hour requests above usage.spike_factor x the key's hourly baseline), replaced_after_grace, stale_user_key_active, about_to_be_revoked",
+            m.usage_anomalies.clone(),
+        );
+        register(
+            r,
+            "keyrotd_project_requests",
+            "Model requests in the last 24 h per project (Usage API), the most expensive projects and project_id=\"other\" for the rest",
+            m.project_requests.clone(),
+        );
+        register(
+            r,
+            "keyrotd_project_cost",
+            "Cost per project over the usage window (Costs API, in its currency, usually USD), the most expensive projects and project_id=\"other\" for the rest",
+            m.project_cost.clone(),
+        );
+        register(
+            r,
+            "keyrotd_slot_requests",
+            "Model requests in the last 24 h with the key a slot serves (Usage API), for the busiest slots",
+            m.slot_requests.clone(),
         );
         register(
             r,
@@ -489,6 +538,76 @@ impl Metrics {
     /// A key created outside keyrotd on a managed account (`key.created_outside`).
     pub fn created_outside(&self) {
         self.created_outside.inc();
+    }
+
+    /// The usage series of a survey's plan: per project (the [`USAGE_SERIES_LIMIT`]
+    /// most expensive, the rest as `other`) and per slot (the busiest served keys).
+    /// Cleared when usage is off or unknown.
+    pub fn set_usage(&self, survey: &Survey, plan: &crate::plan::Plan) {
+        self.project_requests.clear();
+        self.project_cost.clear();
+        self.slot_requests.clear();
+        if plan.usage.status != "known" {
+            return;
+        }
+        let (mut other_req, mut other_cost) = (0u64, 0.0f64);
+        for (i, p) in plan.usage.projects.iter().enumerate() {
+            if i < USAGE_SERIES_LIMIT {
+                let l = ProjectLabels {
+                    project_id: p.project_id.to_string(),
+                    project_name: p.project_name.to_string(),
+                };
+                self.project_requests
+                    .get_or_create(&l)
+                    .set(p.requests_24h as i64);
+                self.project_cost.get_or_create(&l).set(p.cost);
+            } else {
+                other_req += p.requests_24h;
+                other_cost += p.cost;
+            }
+        }
+        if plan.usage.projects.len() > USAGE_SERIES_LIMIT {
+            let l = ProjectLabels {
+                project_id: "other".into(),
+                project_name: "other".into(),
+            };
+            self.project_requests
+                .get_or_create(&l)
+                .set(other_req as i64);
+            self.project_cost.get_or_create(&l).set(other_cost);
+        }
+        let Some(u) = survey.inventory.usage.known() else {
+            return;
+        };
+        let mut busiest: Vec<(u64, SlotLabels)> = survey
+            .views
+            .iter()
+            .filter_map(|v| {
+                let k = v.agreed_current()?;
+                let s = &v.slot;
+                Some((
+                    u.keys.get(k).map_or(0, |k| k.requests_24h),
+                    SlotLabels {
+                        rule: s.rule_name.clone(),
+                        project_id: s.project_id.clone(),
+                        project_name: s.project_name.clone(),
+                        service_account_id: s.service_account_id.clone(),
+                        service_account_name: s.service_account_name.clone(),
+                    },
+                ))
+            })
+            .collect();
+        busiest.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (n, l) in busiest.into_iter().take(USAGE_SERIES_LIMIT) {
+            self.slot_requests.get_or_create(&l).set(n as i64);
+        }
+    }
+
+    /// A `key.usage_anomaly`.
+    pub fn usage_anomaly(&self, kind: crate::usage::AnomalyKind) {
+        self.usage_anomalies
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
     }
 
     /// Keys created outside keyrotd counted so far.

@@ -51,7 +51,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const STALE_USER_REPEAT: Duration = Duration::from_secs(24 * 3600);
 
 /// An event worth telling a human about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Notice {
     RotationCompleted {
         project_id: String,
@@ -98,6 +98,20 @@ pub enum Notice {
         /// The creator's e-mail as the audit log gives it; empty when it gives none.
         created_by: String,
     },
+    /// A key's traffic is anomalous (`key.usage_anomaly`).
+    KeyUsageAnomaly {
+        project_id: String,
+        key_id: String,
+        /// `service_account` or `user`.
+        owner_type: String,
+        /// `spike`, `replaced_after_grace`, `stale_user_key_active`, `about_to_be_revoked`.
+        kind: String,
+        last_hour_requests: u64,
+        /// Mean requests per hour before the last hour (spikes only).
+        baseline_per_hour: Option<f64>,
+        /// `reported` or `rotating`.
+        action: String,
+    },
 }
 
 impl Notice {
@@ -110,6 +124,7 @@ impl Notice {
             Notice::KeyStillInUse { .. } => NotifyEvent::KeyStillInUse,
             Notice::KeyInvalid { .. } => NotifyEvent::KeyInvalid,
             Notice::KeyCreatedOutside { .. } => NotifyEvent::KeyCreatedOutside,
+            Notice::KeyUsageAnomaly { .. } => NotifyEvent::KeyUsageAnomaly,
         }
     }
 
@@ -184,6 +199,23 @@ impl Notice {
                 "service_account_id": service_account_id,
                 "key_id": key_id,
                 "created_by": created_by,
+            }),
+            Notice::KeyUsageAnomaly {
+                project_id,
+                key_id,
+                owner_type,
+                kind,
+                last_hour_requests,
+                baseline_per_hour,
+                action,
+            } => json!({
+                "project_id": project_id,
+                "key_id": key_id,
+                "owner_type": owner_type,
+                "kind": kind,
+                "last_hour_requests": last_hour_requests,
+                "baseline_per_hour": baseline_per_hour,
+                "action": action,
             }),
         };
         v["event"] = json!(self.event().as_str());
@@ -271,6 +303,28 @@ impl Notice {
                     "keyrotd: {who} created key `{key_id}` by hand on service account \
                      `{service_account_id}` in project `{project_id}`, which keyrotd manages; \
                      it is not in any store and keyrotd does not rotate it"
+                )
+            }
+            Notice::KeyUsageAnomaly {
+                project_id,
+                key_id,
+                kind,
+                last_hour_requests,
+                baseline_per_hour,
+                action,
+                ..
+            } => {
+                let why = match baseline_per_hour {
+                    Some(b) => format!("{kind}: {last_hour_requests} requests in the last hour against a baseline of {b:.1}/h"),
+                    None => format!("{kind}: {last_hour_requests} requests in the last hour"),
+                };
+                let then = if action == "rotating" {
+                    "keyrotd is replacing it now and revoking it once every store serves the new key"
+                } else {
+                    "check who uses it; revoke it if it leaked"
+                };
+                format!(
+                    "keyrotd: key `{key_id}` in project `{project_id}` has anomalous traffic ({why}); {then}"
                 )
             }
         }

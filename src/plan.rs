@@ -41,6 +41,8 @@ pub struct Inventory {
     /// [`CREATOR_KEYROTD`]. `None` when the audit log could not be read; a key the
     /// audit log says nothing of is absent.
     pub creators: Option<BTreeMap<String, String>>,
+    /// Usage and cost per key and project (`[usage]`), read with the survey.
+    pub usage: crate::usage::UsageState,
 }
 
 /// The creator of a key keyrotd minted with the admin key.
@@ -214,6 +216,7 @@ pub async fn scan(
         scanned_at: Utc::now(),
         projects: out,
         creators: None,
+        usage: crate::usage::UsageState::Off,
     })
 }
 
@@ -491,7 +494,7 @@ pub struct SlotView {
 }
 
 impl SlotView {
-    fn ok_states(&self) -> impl Iterator<Item = (&str, &SlotState)> {
+    pub(crate) fn ok_states(&self) -> impl Iterator<Item = (&str, &SlotState)> {
         self.states
             .iter()
             .filter_map(|(n, s)| s.as_ref().ok().map(|s| (n.as_str(), s)))
@@ -532,6 +535,7 @@ impl SlotView {
         rules: &[Rule],
         cx: &decide::Context,
         forced: Option<Why>,
+        usage: Option<&crate::usage::UsageView>,
     ) -> Vec<Action> {
         if self.collides() || self.failed() {
             return Vec::new();
@@ -565,6 +569,7 @@ impl SlotView {
             also_referenced: Vec::new(),
             owner_gone,
             forced,
+            usage: project.and(usage),
         };
         decide::decide(&facts, cx)
     }
@@ -650,6 +655,84 @@ pub struct PlanKey<'a> {
     pub creator: Option<&'a str>,
     /// What its `expires_at` means, if anything.
     pub expiry: Option<ExpiryState>,
+    /// Its usage and cost (`None`: usage is off or unknown; zeros when the key had none).
+    pub usage: Option<&'a crate::usage::KeyUsage>,
+}
+
+/// The usage of a key with none in the window.
+static NO_USAGE: crate::usage::KeyUsage = crate::usage::KeyUsage {
+    requests_24h: 0,
+    input_tokens_24h: 0,
+    output_tokens_24h: 0,
+    requests_window: 0,
+    input_tokens_window: 0,
+    output_tokens_window: 0,
+    cost: 0.0,
+    last_hour_requests: 0,
+    before_last_hour: 0,
+    last_request_bucket: None,
+};
+
+/// The plan's usage section: whether usage is known, the window its figures cover,
+/// and every project's cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanUsage<'a> {
+    /// `known`, `unknown` (the fetch failed: see `reason`) or `off`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::usage::Window>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<&'a str>,
+    /// Projects of the inventory, most expensive first.
+    pub projects: Vec<PlanProjectUsage<'a>>,
+}
+
+/// One project's usage and cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanProjectUsage<'a> {
+    pub project_id: &'a str,
+    pub project_name: &'a str,
+    pub requests_24h: u64,
+    pub requests_window: u64,
+    pub cost: f64,
+}
+
+impl<'a> PlanUsage<'a> {
+    fn of(inv: &'a Inventory) -> PlanUsage<'a> {
+        use crate::usage::UsageState;
+        let mut u = PlanUsage {
+            status: inv.usage.status(),
+            reason: match &inv.usage {
+                UsageState::Unknown { reason } => Some(reason.as_str()),
+                _ => None,
+            },
+            window: None,
+            currency: None,
+            projects: Vec::new(),
+        };
+        if let UsageState::Known(v) = &inv.usage {
+            u.window = Some(v.window);
+            u.currency = Some(v.currency.as_str());
+            for p in &inv.projects {
+                let pu = v.projects.get(&p.project.id);
+                u.projects.push(PlanProjectUsage {
+                    project_id: &p.project.id,
+                    project_name: p.project.display_name(),
+                    requests_24h: pu.map_or(0, |x| x.requests_24h),
+                    requests_window: pu.map_or(0, |x| x.requests_window),
+                    cost: pu.map_or(0.0, |x| x.cost),
+                });
+            }
+            u.projects.sort_by(|a, b| {
+                b.cost
+                    .total_cmp(&a.cost)
+                    .then(a.project_id.cmp(b.project_id))
+            });
+        }
+        u
+    }
 }
 
 impl<'a> PlanKey<'a> {
@@ -703,6 +786,7 @@ impl Serialize for PlanKey<'_> {
             stores: &'b [&'b str],
             creator: Option<&'b str>,
             expiry: Option<ExpiryState>,
+            usage: Option<&'b crate::usage::KeyUsage>,
         }
         Doc {
             project_id: self.project_id(),
@@ -721,6 +805,7 @@ impl Serialize for PlanKey<'_> {
             stores: &self.stores,
             creator: self.creator,
             expiry: self.expiry,
+            usage: self.usage,
         }
         .serialize(s)
     }
@@ -879,6 +964,8 @@ pub struct Plan<'a> {
     pub slots: Vec<PlanSlot<'a>>,
     /// What the next cycle does, in the order it does it: every action due now.
     pub actions: Vec<PlannedAction>,
+    /// Usage and cost per project, and whether usage is known.
+    pub usage: PlanUsage<'a>,
 }
 
 /// Counts for the summary line: keys as scanned, and what the next cycle will do.
@@ -992,6 +1079,7 @@ impl<'a> Plan<'a> {
                     rules,
                     &cx,
                     None,
+                    inv.usage.known(),
                 )
             })
             .collect();
@@ -1118,6 +1206,10 @@ impl<'a> Plan<'a> {
                         policy.expiry_warning,
                         now,
                     ),
+                    usage: inv
+                        .usage
+                        .known()
+                        .map(|u| u.keys.get(&k.id).unwrap_or(&NO_USAGE)),
                 });
             }
         }
@@ -1184,6 +1276,7 @@ impl<'a> Plan<'a> {
             keys,
             slots,
             actions,
+            usage: PlanUsage::of(inv),
         }
     }
 
@@ -1241,12 +1334,32 @@ impl<'a> Plan<'a> {
                 .or_default()
                 .push(k);
         }
+        let costs: HashMap<&str, f64> = self
+            .usage
+            .projects
+            .iter()
+            .map(|p| (p.project_id, p.cost))
+            .collect();
+        let currency = self.usage.currency.unwrap_or("usd");
+        match self.usage.status {
+            "unknown" => writeln!(
+                out,
+                "usage: unknown ({})",
+                self.usage.reason.unwrap_or("could not be read")
+            )?,
+            "off" => writeln!(out, "usage: off")?,
+            _ => {}
+        }
         for ((name, id), keys) in by_project {
-            writeln!(out, "{} ({id})", paint("1", name))?;
+            match costs.get(id) {
+                Some(c) => writeln!(out, "{} ({id}) cost {c:.2} {currency}", paint("1", name))?,
+                None => writeln!(out, "{} ({id})", paint("1", name))?,
+            }
             writeln!(
                 out,
-                "  {:<kw$} {:<26} {:<16} {:<22} {:>5}  {:<8} {:<9} {:<24} REASONS",
-                "KEY", "NAME", "OWNER", "OWNER NAME", "AGE", "VERDICT", "EXPIRY", "CREATOR"
+                "  {:<kw$} {:<26} {:<16} {:<22} {:>5}  {:<8} {:<9} {:<24} {:>9} {:>9} {:>11} {:>11} {:>9} REASONS",
+                "KEY", "NAME", "OWNER", "OWNER NAME", "AGE", "VERDICT", "EXPIRY", "CREATOR",
+                "REQ 24H", "REQ WIN", "TOKENS 24H", "TOKENS WIN", "COST"
             )?;
             for k in keys {
                 let verdict = format!("{:<8}", k.verdict.as_str());
@@ -1257,9 +1370,19 @@ impl<'a> Plan<'a> {
                     Verdict::Report => paint("35", &verdict),
                 };
                 let reasons: Vec<&str> = k.reasons.iter().map(|r| r.as_str()).collect();
+                let (r24, rw, t24, tw, cost) = match k.usage {
+                    Some(u) => (
+                        u.requests_24h.to_string(),
+                        u.requests_window.to_string(),
+                        (u.input_tokens_24h + u.output_tokens_24h).to_string(),
+                        (u.input_tokens_window + u.output_tokens_window).to_string(),
+                        format!("{:.2}", u.cost),
+                    ),
+                    None => ("?".into(), "?".into(), "?".into(), "?".into(), "?".into()),
+                };
                 writeln!(
                     out,
-                    "  {:<kw$} {:<26} {:<16} {:<22} {:>4}d  {} {:<9} {:<24} {}",
+                    "  {:<kw$} {:<26} {:<16} {:<22} {:>4}d  {} {:<9} {:<24} {r24:>9} {rw:>9} {t24:>11} {tw:>11} {cost:>9} {}",
                     k.key_id(),
                     truncate(k.key_name().unwrap_or("-"), 26),
                     k.owner_type(),

@@ -55,6 +55,84 @@ pub struct Config {
     pub rotate: Vec<RuleConfig>,
     #[serde(default)]
     pub notify: NotifyConfig,
+    #[serde(default)]
+    pub usage: UsageConfig,
+}
+
+/// `[usage]`: usage and cost per key from the Usage and Costs APIs, and
+/// `key.usage_anomaly` (on by default; `enabled = false` switches it off).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    pub enabled: bool,
+    /// How far back usage and cost are read each cycle (1 h buckets; at most 31 days).
+    #[serde(with = "humantime_serde")]
+    pub lookback: Duration,
+    /// A key whose last-hour requests exceed this multiple of its own hourly baseline
+    /// (its mean over the lookback before the last hour) is anomalous.
+    pub spike_factor: f64,
+    /// ... and only when the last hour saw at least this many requests.
+    pub spike_min_requests: u64,
+    /// What an anomaly does: `report` (log, metric, webhook) or `rotate` (also rotate
+    /// the slot serving the key at once, its replaced key revoked once every store
+    /// has the new one; user keys are only reported).
+    pub on_anomaly: OnAnomaly,
+}
+
+/// `usage.on_anomaly`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAnomaly {
+    #[default]
+    Report,
+    Rotate,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            enabled: true,
+            lookback: Duration::from_secs(7 * 86400),
+            spike_factor: 10.0,
+            spike_min_requests: 100,
+            on_anomaly: OnAnomaly::Report,
+        }
+    }
+}
+
+impl UsageConfig {
+    /// Pure checks. Errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = self.lookback;
+        if d < Duration::from_secs(86400) || d > Duration::from_secs(31 * 86400) {
+            return Err(ConfigError::invalid(
+                "usage.lookback",
+                format!("{} is outside 1d..=31d", humantime::format_duration(d)),
+            ));
+        }
+        if d.as_secs() % 3600 != 0 {
+            return Err(ConfigError::invalid(
+                "usage.lookback",
+                format!(
+                    "{} is not a whole number of hours (usage is read in 1 h buckets)",
+                    humantime::format_duration(d)
+                ),
+            ));
+        }
+        if !self.spike_factor.is_finite() || self.spike_factor <= 1.0 {
+            return Err(ConfigError::invalid(
+                "usage.spike_factor",
+                format!("{} must be a number greater than 1", self.spike_factor),
+            ));
+        }
+        if self.spike_min_requests == 0 {
+            return Err(ConfigError::invalid(
+                "usage.spike_min_requests",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -441,6 +519,9 @@ pub enum NotifyEvent {
     /// A key was created by a person (not keyrotd) on a service account a slot manages.
     #[serde(rename = "key.created_outside")]
     KeyCreatedOutside,
+    /// A key's traffic is anomalous (a spike, or traffic on a key that should be quiet).
+    #[serde(rename = "key.usage_anomaly")]
+    KeyUsageAnomaly,
 }
 
 impl NotifyEvent {
@@ -453,6 +534,7 @@ impl NotifyEvent {
             NotifyEvent::KeyStillInUse => "key.still_in_use",
             NotifyEvent::KeyInvalid => "key.invalid",
             NotifyEvent::KeyCreatedOutside => "key.created_outside",
+            NotifyEvent::KeyUsageAnomaly => "key.usage_anomaly",
         }
     }
 }
@@ -557,6 +639,7 @@ impl Config {
     /// Pure checks that serde cannot express. Errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.notify.validate()?;
+        self.usage.validate()?;
         parse_schedule(&self.daemon.schedule)
             .map_err(|m| ConfigError::invalid("daemon.schedule", m))?;
         if self.daemon.concurrency == 0 || self.daemon.concurrency > 256 {

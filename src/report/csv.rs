@@ -3,7 +3,7 @@
 
 use super::Report;
 
-const CSV_HEADER: [&str; 19] = [
+const CSV_HEADER: [&str; 27] = [
     "project_id",
     "project_name",
     "key_id",
@@ -23,6 +23,14 @@ const CSV_HEADER: [&str; 19] = [
     "stores",
     "creator",
     "expiry",
+    "requests_24h",
+    "input_tokens_24h",
+    "output_tokens_24h",
+    "requests_window",
+    "input_tokens_window",
+    "output_tokens_window",
+    "cost",
+    "last_hour_requests",
 ];
 
 /// One RFC 4180 field: quoted when it holds a comma, quote, CR or LF (quotes doubled).
@@ -70,6 +78,20 @@ pub(super) fn render(report: &Report) -> String {
         let max_age = k.max_age_days.to_string();
         let reasons = join(k.reasons.iter().map(|r| r.as_str()), ";");
         let stores = k.stores.join(";");
+        // Empty cells when usage is off or unknown.
+        let u: Vec<String> = match &k.usage {
+            Some(u) => vec![
+                u.requests_24h.to_string(),
+                u.input_tokens_24h.to_string(),
+                u.output_tokens_24h.to_string(),
+                u.requests_window.to_string(),
+                u.input_tokens_window.to_string(),
+                u.output_tokens_window.to_string(),
+                format!("{:.6}", u.cost),
+                u.last_hour_requests.to_string(),
+            ],
+            None => vec![String::new(); 8],
+        };
         csv_row(
             &mut out,
             [
@@ -92,6 +114,14 @@ pub(super) fn render(report: &Report) -> String {
                 &stores,
                 o(&k.creator),
                 k.expiry.map_or("", |e| e.as_str()),
+                &u[0],
+                &u[1],
+                &u[2],
+                &u[3],
+                &u[4],
+                &u[5],
+                &u[6],
+                &u[7],
             ],
         );
     }

@@ -98,7 +98,68 @@ td.d{white-space:nowrap;font-variant-numeric:tabular-nums}
 .stale{color:#e03131;font-weight:600}
 .never{color:var(--muted);font-style:italic}
 footer{margin-top:28px;color:var(--muted);font-size:12px}
+.cost{display:grid;grid-template-columns:minmax(120px,240px) 1fr minmax(80px,auto);gap:4px 12px;align-items:center;font-size:13px}
+.cost .cb{height:14px;border-radius:3px;background:#1971c2}
+.cost .ck{grid-column:2 / 4;color:var(--muted);font-size:11.5px;margin:-2px 0 6px}
 ";
+
+/// Per-project cost bars, most expensive first, each with the keys that drive it.
+fn cost_view(out: &mut String, r: &Report, top: usize) {
+    let u = &r.usage;
+    out.push_str("<h2>Cost by project</h2>\n");
+    if u.status != "known" {
+        let _ = writeln!(
+            out,
+            "<p class=\"note\">Usage is {}{}.</p>",
+            u.status,
+            u.reason
+                .as_deref()
+                .map(|m| format!(": {}", escaped(m)))
+                .unwrap_or_default()
+        );
+        return;
+    }
+    let currency = escaped(&u.currency.clone().unwrap_or_default().to_ascii_uppercase());
+    let shown: Vec<_> = u
+        .projects
+        .iter()
+        .filter(|p| p.cost > 0.0)
+        .take(top)
+        .collect();
+    if shown.is_empty() {
+        out.push_str("<p class=\"note\">No cost in the window.</p>\n");
+        return;
+    }
+    let since = u
+        .window
+        .map(|w| crate::plan::Timestamp(w.cost_start).to_string())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "<p class=\"note\">Cost since {} ({currency}), the {} most expensive projects; under each bar, the keys that drive it.</p>",
+        escaped(&since),
+        shown.len()
+    );
+    let max = shown.iter().map(|p| p.cost).fold(0.0_f64, f64::max);
+    out.push_str("<div class=\"cost\">\n");
+    for p in shown {
+        let pct = if max > 0.0 { p.cost / max * 100.0 } else { 0.0 };
+        let _ = writeln!(
+            out,
+            "<div>{}<span class=\"id\">{}</span></div><div><div class=\"cb\" style=\"width:{pct:.1}%\"></div></div><div class=\"num\">{:.2} {currency}</div>",
+            escaped(&truncate(&p.project_name, 40)),
+            escaped(&p.project_id),
+            p.cost
+        );
+        let keys: Vec<String> = p
+            .top_keys
+            .iter()
+            .map(|(k, c)| format!("{} {c:.2}", escaped(k)))
+            .collect();
+        let _ = writeln!(out, "<div class=\"ck\">{}</div>", keys.join(" · "));
+    }
+    out.push_str("</div>\n");
+}
 
 /// The report as one self-contained HTML page.
 pub(super) fn render(r: &Report) -> String {
@@ -126,6 +187,7 @@ pub(super) fn render(r: &Report) -> String {
     summary_cards(&mut out, r);
     verdict_bar(&mut out, s);
     age_chart(&mut out, r, CHART_PROJECTS);
+    cost_view(&mut out, r, CHART_PROJECTS);
     key_table(&mut out, r);
 
     out.push_str(

@@ -34,7 +34,7 @@ pub const CHART_PROJECTS: usize = 30;
 pub enum Format {
     /// One self-contained page: summary, per-project age chart, table of every key.
     Html,
-    /// One document: `{"generated_at", "summary", "keys"}`.
+    /// One document: `{"generated_at", "summary", "keys", "usage"}`.
     Json,
     /// RFC 4180: a header row, then one row per key.
     Csv,
@@ -98,7 +98,7 @@ pub struct Summary {
 }
 
 /// One key of the report: the plan's key plus owner e-mail, expiry and max age.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ReportKey {
     pub project_id: String,
     pub project_name: String,
@@ -127,14 +127,48 @@ pub struct ReportKey {
     /// `expired`, `expiring` (within `policy.expiry_warning`), `protected` (a replaced
     /// key expiring at the end of its grace period); `null` otherwise.
     pub expiry: Option<crate::plan::ExpiryState>,
+    /// Requests and tokens over the last 24 h and the window, cost over the window;
+    /// `null` when usage is off or unknown (see the document's `usage.status`).
+    pub usage: Option<crate::usage::KeyUsage>,
+}
+
+/// One project's cost and the keys that drive it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReportProjectUsage {
+    pub project_id: String,
+    pub project_name: String,
+    pub requests_24h: u64,
+    pub requests_window: u64,
+    pub cost: f64,
+    /// The project's keys with a cost, most expensive first (at most [`TOP_KEYS`]).
+    pub top_keys: Vec<(String, f64)>,
+}
+
+/// Keys listed per project in the cost view.
+pub const TOP_KEYS: usize = 5;
+
+/// The report's usage section.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReportUsage {
+    /// `known`, `unknown` or `off`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::usage::Window>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// Every project, most expensive first.
+    pub projects: Vec<ReportProjectUsage>,
 }
 
 /// The report document.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Report {
     pub generated_at: String,
     pub summary: Summary,
     pub keys: Vec<ReportKey>,
+    pub usage: ReportUsage,
 }
 
 fn days(d: std::time::Duration) -> u64 {
@@ -176,6 +210,7 @@ impl Report {
                     stores: k.stores.iter().map(|s| s.to_string()).collect(),
                     creator: k.creator.map(str::to_string),
                     expiry: k.expiry,
+                    usage: k.usage.cloned(),
                 }
             })
             .collect();
@@ -201,10 +236,43 @@ impl Report {
                 summary.oldest_key_id = Some(k.key_id.clone());
             }
         }
+        let mut top: std::collections::HashMap<&str, Vec<(String, f64)>> = Default::default();
+        for k in &keys {
+            if let Some(u) = k.usage.as_ref().filter(|u| u.cost > 0.0) {
+                top.entry(k.project_id.as_str())
+                    .or_default()
+                    .push((k.key_id.clone(), u.cost));
+            }
+        }
+        let usage = ReportUsage {
+            status: plan.usage.status,
+            reason: plan.usage.reason.map(str::to_string),
+            window: plan.usage.window,
+            currency: plan.usage.currency.map(str::to_string),
+            projects: plan
+                .usage
+                .projects
+                .iter()
+                .map(|p| {
+                    let mut keys = top.remove(p.project_id).unwrap_or_default();
+                    keys.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                    keys.truncate(TOP_KEYS);
+                    ReportProjectUsage {
+                        project_id: p.project_id.to_string(),
+                        project_name: p.project_name.to_string(),
+                        requests_24h: p.requests_24h,
+                        requests_window: p.requests_window,
+                        cost: p.cost,
+                        top_keys: keys,
+                    }
+                })
+                .collect(),
+        };
         Report {
             generated_at: plan.generated_at.to_string(),
             summary,
             keys,
+            usage,
         }
     }
 }
@@ -331,6 +399,7 @@ mod tests {
                     .into_iter()
                     .collect(),
             ),
+            usage: Default::default(),
         };
         let policy = PolicyConfig::default();
         let plan = Plan::build(&inv, &[], &[], &policy, policy::ts(NOW));
@@ -371,7 +440,7 @@ mod tests {
     }
 
     #[test]
-    fn html_escapes_names_everywhere_and_json_has_three_parts() {
+    fn html_escapes_names_everywhere_and_json_has_four_parts() {
         let r = sample();
         let html = render(&r, Format::Html);
         assert!(!html.contains("<a>"));
@@ -384,7 +453,7 @@ mod tests {
             .map(|k| k.as_str())
             .collect();
         fields.sort_unstable();
-        assert_eq!(fields, ["generated_at", "keys", "summary"]);
+        assert_eq!(fields, ["generated_at", "keys", "summary", "usage"]);
         let csv = render(&r, Format::Csv);
         assert_eq!(csv.matches("\r\n").count(), 3, "header + two rows");
         assert!(csv.contains("\"<a> & \"\"b\"\"\""));
@@ -396,6 +465,7 @@ mod tests {
             scanned_at: policy::ts(NOW),
             projects: vec![],
             creators: None,
+            usage: Default::default(),
         };
         let policy = PolicyConfig::default();
         let plan = Plan::build(&inv, &[], &[], &policy, policy::ts(NOW));

@@ -87,6 +87,10 @@ pub enum Why {
     /// replaced at once, and the dead key revoked as soon as every store serves the new
     /// one.
     KeyInvalid,
+    /// The served key's traffic is anomalous (`key.usage_anomaly` under
+    /// `usage.on_anomaly = "rotate"`): replaced at once, and the old key revoked as soon
+    /// as every store serves the new one.
+    UsageAnomaly,
     /// A replaced key whose grace period (or `max_grace`) is over.
     GraceOver,
     /// A replaced key not used since its replacement was promoted
@@ -132,6 +136,7 @@ impl Why {
             Why::StrategyFallback => "strategy_fallback",
             Why::Manual => "manual",
             Why::KeyInvalid => "key_invalid",
+            Why::UsageAnomaly => "usage_anomaly",
             Why::GraceOver => "grace_over",
             Why::UnusedSincePromotion => "unused_since_promotion",
             Why::Orphan => "orphan",
@@ -225,8 +230,13 @@ pub struct SlotFacts<'a> {
     pub also_referenced: Vec<&'a str>,
     /// The owner of the slot's intent provably died ([`super::owner_is_gone`]).
     pub owner_gone: bool,
-    /// Rotate now whatever the key's age (`Why::Manual`, `Why::KeyInvalid`).
+    /// Rotate now whatever the key's age (`Why::Manual`, `Why::KeyInvalid`,
+    /// `Why::UsageAnomaly`).
     pub forced: Option<Why>,
+    /// What the Usage API says of the slot's replaced keys (`[usage]` on and read):
+    /// their last request since promotion per its 1 m buckets. Where it says nothing,
+    /// `last_used_at` decides.
+    pub usage: Option<&'a crate::usage::UsageView>,
 }
 
 /// Who is asking, and when.
@@ -360,11 +370,15 @@ pub fn decide(f: &SlotFacts, cx: &Context) -> Vec<Action> {
             .iter()
             .filter(|s| s.book.previous_key_id.as_deref() == Some(key_id))
             .collect();
-        let last_used = f
-            .keys
-            .iter()
-            .find(|k| k.id == key_id)
-            .and_then(|k| k.last_used_at);
+        // The Usage API's 1 m buckets since promotion when read, else `last_used_at`.
+        let last_used = match f.usage.and_then(|u| u.last_request_since_promotion(key_id)) {
+            Some(last) => last,
+            None => f
+                .keys
+                .iter()
+                .find(|k| k.id == key_id)
+                .and_then(|k| k.last_used_at),
+        };
         // Every holder's clock must be over; one that lost its clock starts it now.
         let mut ret: Option<policy::Retirement> = None;
         for h in &holders {

@@ -178,7 +178,7 @@ impl Engine {
                 .projects
                 .iter()
                 .find(|p| p.project.id == v.slot.project_id);
-            for a in v.decide(project, &self.rules, &cx, Some(Why::Manual)) {
+            for a in v.decide(project, &self.rules, &cx, Some(Why::Manual), None) {
                 if !a.is_due(survey.now) {
                     continue;
                 }
@@ -250,6 +250,8 @@ impl Engine {
         let mut to_rotate: Vec<&SlotView> = Vec::new();
         let mut plain: Vec<(String, String)> = Vec::new();
         let mut refused = Vec::new();
+        // Traffic on a key about to be revoked: its consumers are about to break.
+        self.raise_anomalies(&crate::usage::about_to_revoke(&survey.inventory, key_ids));
         for k in key_ids {
             let Some(p) = survey
                 .inventory

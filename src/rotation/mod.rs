@@ -181,6 +181,8 @@ pub struct Memory {
     pub(crate) expiry_unsupported: std::sync::atomic::AtomicBool,
     /// How far the audit log was read for keys created outside.
     pub(crate) outside: std::sync::Mutex<outside::Seen>,
+    /// The usage the last survey read (`None`: off or unknown).
+    pub(crate) usage: std::sync::Mutex<Option<Arc<crate::usage::UsageView>>>,
 }
 
 /// The rotation engine.
@@ -192,6 +194,8 @@ pub struct Engine {
     pub unavailable: Vec<String>,
     pub rules: Vec<Rule>,
     pub policy: PolicyConfig,
+    /// `[usage]`.
+    pub usage: crate::config::UsageConfig,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
@@ -229,41 +233,64 @@ impl Engine {
     }
 
     async fn survey_with(&self, audit: bool) -> Result<Survey, ApiError> {
-        let scan = plan::scan(
-            &self.client,
-            &self.rules,
-            self.settings.include_archived,
-            self.settings.concurrency,
-        );
-        let before = self.client.stats().snapshot();
-        let inventory = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
-            r = tokio::time::timeout(self.settings.scan_timeout, scan) => match r {
-                Ok(r) => r,
-                Err(_) => Err(ApiError::ScanTimeout {
-                    timeout: self.settings.scan_timeout,
-                    progress: requests_since(&before, &self.client.stats().snapshot()),
-                }),
-            },
-        }?;
-        let mut inventory = inventory;
-        let now = self.clock.now();
-        let slots = plan::slots(&inventory, &self.rules);
-        // The audit log is read while the stores are: it adds no round trip.
-        let creations = async {
-            if audit {
-                self.key_creations(&inventory, now).await
-            } else {
-                Ok(Vec::new())
-            }
+        // Usage is read from the start, beside the scan: only the replaced keys' 1 m
+        // buckets wait for the stores (sent once the views are read).
+        let (replaced_tx, replaced_rx) = tokio::sync::oneshot::channel::<Vec<(String, i64)>>();
+        let usage = self.read_usage(self.clock.now(), async move {
+            replaced_rx.await.unwrap_or_default()
+        });
+        let rest = async move {
+            let scan = plan::scan(
+                &self.client,
+                &self.rules,
+                self.settings.include_archived,
+                self.settings.concurrency,
+            );
+            let before = self.client.stats().snapshot();
+            let inventory = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
+                r = tokio::time::timeout(self.settings.scan_timeout, scan) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(ApiError::ScanTimeout {
+                        timeout: self.settings.scan_timeout,
+                        progress: requests_since(&before, &self.client.stats().snapshot()),
+                    }),
+                },
+            }?;
+            let mut inventory = inventory;
+            let now = self.clock.now();
+            let slots = plan::slots(&inventory, &self.rules);
+            // The audit log is read while the stores are: it adds no round trip.
+            let creations = async {
+                if audit {
+                    self.key_creations(&inventory, now).await
+                } else {
+                    Ok(Vec::new())
+                }
+            };
+            let (views, key_creations) = tokio::join!(
+                async {
+                    let views = self.read_views(slots).await;
+                    let _ = replaced_tx.send(self.replaced_keys(&views));
+                    views
+                },
+                creations
+            );
+            inventory.creators = key_creations
+                .as_ref()
+                .ok()
+                .filter(|_| audit)
+                .map(|c| plan::creators(&inventory, c));
+            Ok((inventory, views, now, key_creations))
         };
-        let (views, key_creations) = tokio::join!(self.read_views(slots), creations);
-        inventory.creators = key_creations
-            .as_ref()
-            .ok()
-            .filter(|_| audit)
-            .map(|c| plan::creators(&inventory, c));
+        let (rest, usage) = tokio::join!(rest, usage);
+        let (mut inventory, views, now, key_creations) = rest?;
+        *self.memory.usage.lock().unwrap_or_else(|p| p.into_inner()) = match &usage {
+            crate::usage::UsageState::Known(v) => Some(v.clone()),
+            _ => None,
+        };
+        inventory.usage = usage;
         Ok(Survey {
             inventory,
             views,
@@ -318,6 +345,81 @@ impl Engine {
             }
         }
         r
+    }
+
+    /// The slots' replaced keys with their promotion, whose 1 m buckets usage-aware
+    /// revocation reads (only `revoke_when = "unused"` asks).
+    fn replaced_keys(&self, views: &[SlotView]) -> Vec<(String, i64)> {
+        if self.policy.revoke_when != crate::config::RevokeWhen::Unused {
+            return Vec::new();
+        }
+        views
+            .iter()
+            .flat_map(|v| v.ok_states())
+            .filter_map(|(_, s)| {
+                Some((
+                    s.book.previous_key_id.clone()?,
+                    s.book.promoted_at?.timestamp(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The usage the last survey read, for the slots' decisions.
+    pub(crate) fn usage_seen(&self) -> Option<Arc<crate::usage::UsageView>> {
+        self.memory
+            .usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Usage and cost for the survey (`[usage]`), with the 1 m buckets of every
+    /// replaced key the stores name. A 403 is one WARN naming the missing permission;
+    /// any other failure one WARN: usage is unknown this time, nothing else changes.
+    async fn read_usage(
+        &self,
+        now: DateTime<Utc>,
+        replaced: impl std::future::Future<Output = Vec<(String, i64)>>,
+    ) -> crate::usage::UsageState {
+        use crate::usage::UsageState;
+        if !self.usage.enabled {
+            return UsageState::Off;
+        }
+        let fetch = crate::usage::fetch(&self.client, &self.usage, now.timestamp(), replaced);
+        let r = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
+            r = tokio::time::timeout(self.settings.scan_timeout, fetch) => {
+                r.unwrap_or_else(|_| Err(ApiError::Network {
+                    endpoint: crate::openai::Endpoint::UsageCompletions.as_str().into(),
+                    message: format!(
+                        "no answer within {} (openai.scan_timeout)",
+                        humantime::format_duration(self.settings.scan_timeout)
+                    ),
+                }))
+            }
+        };
+        match r {
+            Ok(v) => UsageState::Known(Arc::new(v)),
+            Err(e @ ApiError::Forbidden { .. }) => {
+                warn!(event = "usage.forbidden", status = 403, permission = crate::usage::PERMISSION, error = %e, "the admin key may not read usage (it lacks the {} permission): usage and cost are unknown and usage anomalies go unnoticed", crate::usage::PERMISSION);
+                UsageState::Unknown {
+                    reason: format!(
+                        "forbidden: the admin key lacks {}",
+                        crate::usage::PERMISSION
+                    ),
+                }
+            }
+            Err(e) => {
+                if !matches!(e, ApiError::Cancelled) {
+                    warn!(event = "usage.failed", status = e.status().unwrap_or(0), error = %e, "could not read usage: usage and cost are unknown this time");
+                }
+                UsageState::Unknown {
+                    reason: e.to_string(),
+                }
+            }
+        }
     }
 
     /// The plan of a [`Survey`] under this engine's rules and policy.
@@ -401,6 +503,7 @@ impl Engine {
         let plan = self.plan(&survey);
         self.record_key_metrics(&survey.inventory, &plan, survey.now);
         self.metrics.set_slots(&survey, &plan);
+        self.metrics.set_usage(&survey, &plan);
         for k in &plan.keys {
             if k.reasons.contains(&policy::Reason::Stale)
                 && k.owner_type() == "user"
@@ -427,6 +530,9 @@ impl Engine {
                 );
             }
         }
+        let anomalies = crate::usage::anomalies(&self.usage, &plan, &survey.views, &self.rules);
+        let incidents = self.raise_anomalies(&anomalies);
+        let incidents = &incidents;
         report.plan = Some(plan.summary());
         report.planned = plan.actions.clone();
         report.later = plan
@@ -460,7 +566,13 @@ impl Engine {
                 if self.shutdown.is_cancelled() {
                     return None;
                 }
-                Some(self.run_slot(slot, keys, None).await)
+                let forced = incidents.get(&slot.id()).map(|k| {
+                    (
+                        slot::Forced::incident(decide::Why::UsageAnomaly),
+                        Some(k.clone()),
+                    )
+                });
+                Some(self.run_slot(slot, keys, forced).await)
             }
         }))
         .buffer_unordered(self.settings.concurrency.max(1))
@@ -549,6 +661,49 @@ impl Engine {
             outcome: outcome.map_err(SlotFailure::from),
             performed,
         }
+    }
+
+    /// Logs every `key.usage_anomaly` (WARN) and, unless a dry run, counts it and
+    /// sends its notice. Under `usage.on_anomaly = "rotate"` (not in a dry run), the
+    /// slots to rotate at once: slot id → the anomalous key it serves. User keys and
+    /// keys no slot serves are only reported.
+    fn raise_anomalies(&self, anomalies: &[crate::usage::Anomaly]) -> BTreeMap<String, String> {
+        let mut rotate = BTreeMap::new();
+        for a in anomalies {
+            let rotating = self.usage.on_anomaly == crate::config::OnAnomaly::Rotate
+                && a.slot.is_some()
+                && !self.settings.dry_run;
+            let action = if rotating { "rotating" } else { "reported" };
+            warn!(
+                event = "key.usage_anomaly",
+                kind = a.kind.as_str(),
+                project_id = %a.project_id,
+                key_id = %a.key_id,
+                owner_type = a.owner_type,
+                last_hour_requests = a.last_hour_requests,
+                baseline_per_hour = a.baseline,
+                slot = a.slot.as_deref().unwrap_or(""),
+                outcome = action,
+                "anomalous traffic on a key"
+            );
+            if self.settings.dry_run {
+                continue;
+            }
+            self.metrics.usage_anomaly(a.kind);
+            self.notifier.send(Notice::KeyUsageAnomaly {
+                project_id: a.project_id.clone(),
+                key_id: a.key_id.clone(),
+                owner_type: a.owner_type.to_string(),
+                kind: a.kind.as_str().to_string(),
+                last_hour_requests: a.last_hour_requests,
+                baseline_per_hour: a.baseline,
+                action: action.to_string(),
+            });
+            if let (true, Some(slot)) = (rotating, &a.slot) {
+                rotate.insert(slot.clone(), a.key_id.clone());
+            }
+        }
+        rotate
     }
 
     /// Records the cycle's end (metrics, `cycle.finished`).

@@ -280,6 +280,7 @@ async fn run_slot(
         state_keys,
         docs: Vec::new(),
         others: Vec::new(),
+        usage: eng.usage_seen(),
     };
     run.new_account = run.rule.strategy == Strategy::NewServiceAccount;
     run.read_all().await?;
@@ -322,6 +323,8 @@ async fn run_slot(
 
 struct SlotRun<'a> {
     eng: &'a Engine,
+    /// What the survey read of usage (the replaced keys' 1 m buckets), if anything.
+    usage: Option<std::sync::Arc<crate::usage::UsageView>>,
     slot: &'a Slot,
     rule: Rule,
     keys: Vec<ProjectApiKey>,
@@ -1000,6 +1003,7 @@ impl SlotRun<'_> {
             also_referenced,
             owner_gone,
             forced: self.forced.map(|f| f.why),
+            usage: self.usage.as_deref(),
         }
     }
 

@@ -1092,16 +1092,28 @@ impl State {
                 })?,
         };
         let mut data = Vec::new();
+        // The page's records, by bucket, in one pass over the usage (a page of many
+        // buckets over much usage stays linear).
+        let (first, page_end) = (
+            cur,
+            end.min(cur.saturating_add(limit.saturating_mul(width))),
+        );
+        let mut by_bucket: BTreeMap<i64, Vec<&UsageRec>> = BTreeMap::new();
+        for u in self.usage.iter().filter(|u| {
+            (start.max(first)..page_end).contains(&u.at)
+                && (keys.is_empty() || keys.contains(&u.key_id.as_str()))
+                && (projects.is_empty() || projects.contains(&u.project_id.as_str()))
+        }) {
+            by_bucket
+                .entry(first + (u.at - first).div_euclid(width) * width)
+                .or_default()
+                .push(u);
+        }
         while cur < end && (data.len() as i64) < limit {
-            let (lo, hi) = (cur.max(start), (cur + width).min(end));
             // (project, key, model or line item) -> requests, input, output.
             type Group<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
             let mut groups: BTreeMap<Group<'_>, [u64; 3]> = BTreeMap::new();
-            for u in self.usage.iter().filter(|u| {
-                (lo..hi).contains(&u.at)
-                    && (keys.is_empty() || keys.contains(&u.key_id.as_str()))
-                    && (projects.is_empty() || projects.contains(&u.project_id.as_str()))
-            }) {
+            for u in by_bucket.get(&cur).into_iter().flatten() {
                 let project = by("project_id").then_some(u.project_id.as_str());
                 let key = by("api_key_id").then_some(u.key_id.as_str());
                 if costs && by("line_item") {

@@ -49,4 +49,5 @@ mod store_file;
 mod store_secrets;
 mod store_vault;
 mod usage;
+mod usage_cost;
 mod walkthrough;

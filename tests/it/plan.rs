@@ -534,7 +534,10 @@ async fn plan_report_and_metrics_show_expired_expiring_and_protected_keys() {
     assert_eq!(rk(expiring).expiry.map(|s| s.as_str()), Some("expiring"));
     let csv = keyrotd::report::render(&report, keyrotd::report::Format::Csv);
     assert!(
-        csv.lines().next().unwrap().ends_with(",creator,expiry"),
+        csv.lines()
+            .next()
+            .unwrap()
+            .contains(",creator,expiry,requests_24h,"),
         "{csv}"
     );
     let html = keyrotd::report::render(&report, keyrotd::report::Format::Html);
