@@ -139,20 +139,7 @@ impl SecretStore for Counting {
 fn store_toml(kind: &str, dir: &std::path::Path) -> String {
     match kind {
         "file" => format!("[stores.s]\ntype = \"file\"\ndir = \"{}\"\n", dir.display()),
-        "vault" => {
-            let addr = std::env::var("KEYROTD_TEST_VAULT_ADDR").unwrap_or_default();
-            if addr.is_empty() || std::env::var("KEYROTD_TEST_VAULT_TOKEN").is_err() {
-                eprintln!(
-                    "--stores vault: KEYROTD_TEST_VAULT_ADDR / KEYROTD_TEST_VAULT_TOKEN are not set \
-                     (source scripts/test-servers.sh)"
-                );
-                std::process::exit(2);
-            }
-            format!(
-                "[stores.s]\ntype = \"vault\"\naddress = \"{addr}\"\nmount = \"secret\"\n\
-                 auth = {{ method = \"token\", token_env = \"KEYROTD_TEST_VAULT_TOKEN\" }}\n"
-            )
-        }
+        "vault" => vault_store_toml("s"),
         other => {
             eprintln!("unknown store kind {other:?} (file, vault)");
             std::process::exit(2);

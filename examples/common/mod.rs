@@ -259,3 +259,20 @@ pub async fn bare_rtt(urls: &[String], concurrency: usize, n: usize) -> Duration
         .elapsed()
         .mul_f64(concurrency.max(1) as f64 / done as f64)
 }
+
+/// A `[stores.NAME]` section for the OpenBao that `scripts/test-servers.sh` started
+/// (`KEYROTD_TEST_VAULT_ADDR`, `KEYROTD_TEST_VAULT_TOKEN`); exits 2 when it is not there.
+pub fn vault_store_toml(name: &str) -> String {
+    let addr = std::env::var("KEYROTD_TEST_VAULT_ADDR").unwrap_or_default();
+    if addr.is_empty() || std::env::var("KEYROTD_TEST_VAULT_TOKEN").is_err() {
+        eprintln!(
+            "--stores vault: KEYROTD_TEST_VAULT_ADDR / KEYROTD_TEST_VAULT_TOKEN are not set \
+             (source scripts/test-servers.sh)"
+        );
+        std::process::exit(2);
+    }
+    format!(
+        "[stores.{name}]\ntype = \"vault\"\naddress = \"{addr}\"\nmount = \"secret\"\n\
+         auth = {{ method = \"token\", token_env = \"KEYROTD_TEST_VAULT_TOKEN\" }}\n"
+    )
+}

@@ -292,12 +292,8 @@ impl Run<'_> {
             Err(e) => return Err(e.into()),
         }
         let at = self.now();
-        self.apply(&Transition::Promote {
-            key_id: listed.id.clone(),
-            at,
-            previous_until: None,
-        })
-        .await?;
+        self.apply(&Transition::promote(listed.id.clone(), at))
+            .await?;
         info!(event = "admin_key.seeded", key_id = %listed.id, store = %self.cfg.store, outcome = "ok", "stored the configured admin key; the store is its source from now on");
         self.report.seeded = Some(listed.id);
         Ok(())
@@ -323,11 +319,7 @@ impl Run<'_> {
                 .is_some_and(|c| c.key_id == pending.key_id)
             {
                 if !self.dry_run() {
-                    let t = Transition::Promote {
-                        key_id: pending.key_id,
-                        at: now,
-                        previous_until: None,
-                    };
+                    let t = Transition::promote(pending.key_id, now);
                     self.apply(&t).await?;
                 }
                 return Ok(self.dry_run());
@@ -436,12 +428,7 @@ impl Run<'_> {
             // Promotion landed without its clock (a crash): start it now.
             if !self.dry_run() {
                 let at = self.now();
-                self.apply(&Transition::Promote {
-                    key_id: cur.key_id,
-                    at,
-                    previous_until: None,
-                })
-                .await?;
+                self.apply(&Transition::promote(cur.key_id, at)).await?;
             }
             return Ok(());
         };
@@ -591,11 +578,7 @@ impl Run<'_> {
         info!(event = "admin_key.verified", key_id = %key_id, outcome = "ok", "the new admin key works");
         failpoint!("admin_key_after_verify");
         let at = self.now();
-        let t = Transition::Promote {
-            key_id: key_id.clone(),
-            at,
-            previous_until: None,
-        };
+        let t = Transition::promote(key_id.clone(), at);
         match self.apply(&t).await {
             Ok(()) => {}
             Err(e) if e.kind == StoreErrorKind::Conflict => self.reread().await?,

@@ -640,15 +640,7 @@ impl SlotRun<'_> {
                     b.previous_key_id.is_some() && b.promoted_at.is_none()
                 });
             if let Some(key_id) = marker.or(clockless) {
-                self.apply(
-                    i,
-                    &Transition::Promote {
-                        key_id,
-                        at: now,
-                        previous_until: None,
-                    },
-                )
-                .await?;
+                self.apply(i, &Transition::promote(key_id, now)).await?;
             }
         }
         Ok(())
@@ -675,15 +667,7 @@ impl SlotRun<'_> {
         info!(event = "slot.moved", store = %self.stores[i].0, to = %self.slot.path, key_id = %rec.key_id, "serving the slot's current key at a path that held nothing; nothing minted");
         let key_id = rec.key_id.clone();
         self.apply(i, &Transition::Stage(rec)).await?;
-        self.apply(
-            i,
-            &Transition::Promote {
-                key_id,
-                at: now,
-                previous_until: None,
-            },
-        )
-        .await?;
+        self.apply(i, &Transition::promote(key_id, now)).await?;
         Ok(())
     }
 
@@ -1304,11 +1288,7 @@ impl SlotRun<'_> {
                 // promotion where the key is current (clears the intent, starts the
                 // grace clock); stores that disagree are reconciled by a rotation.
                 info!(event = "rotation.resumed", service_account_id = %intent.service_account_id, key_id = %key_id, "the interrupted rotation's key is already in the stores; finishing it");
-                let t = Transition::Promote {
-                    key_id: key_id.clone(),
-                    at: self.now(),
-                    previous_until: None,
-                };
+                let t = Transition::promote(key_id.clone(), self.now());
                 for i in 0..self.stores.len() {
                     let current = self.states[i]
                         .current

@@ -232,6 +232,19 @@ pub enum Transition {
     Release { until: DateTime<Utc> },
 }
 
+impl Transition {
+    /// The promotion of `key_id` at `at` with no deadline for the previous key (its
+    /// grace period and use decide): every promotion but an operator's
+    /// `--revoke-old DURATION`.
+    pub fn promote(key_id: impl Into<String>, at: DateTime<Utc>) -> Transition {
+        Transition::Promote {
+            key_id: key_id.into(),
+            at,
+            previous_until: None,
+        }
+    }
+}
+
 /// Why a transition cannot be applied to a state; a bug or a concurrent writer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransitionError {
