@@ -19,7 +19,8 @@
 //!
 //! The bound counts only the Admin API's round trips: the scan's (project pages in
 //! sequence, then key and service-account pages `concurrency` at a time) plus, per
-//! slot, its chain of sequential API calls (mint, then verify: 2 × latency) spread
+//! slot, its chain of sequential API calls (mint, verify, then the replaced key's expiry,
+//! `policy.expire_replaced`: 3 × latency) spread
 //! over `concurrency` slots at a time. Store round trips are not in the bound: they
 //! are what the ratio shows beside the API's latency. The simulator runs on its own
 //! thread and runtime, like a remote API.
@@ -45,8 +46,9 @@ use secrecy::SecretString;
 const USAGE: &str = "bench_rotate [--slots N] [--accounts N (per project)] [--concurrency N] \
 [--latency-ms MS] [--runs N] [--stores file,vault]";
 
-/// Sequential Admin API calls in one slot's rotation: mint, verify.
-const CHAIN: usize = 2;
+/// Sequential Admin API calls in one slot's rotation: mint, verify, and the replaced
+/// key's expiry (`policy.expire_replaced`, on by default).
+const CHAIN: usize = 3;
 
 struct Run {
     wall: Duration,
