@@ -422,29 +422,46 @@ struct Other {
 }
 
 /// The consumer documents a [`Layout::Separate`] store holds for a state: at `path`
-/// (the rendered path; empty: none) first, then at the state's other locations.
+/// first (`first`, already read; `None`: none), then at the state's other locations.
 async fn read_docs(
     store: &DynStore,
     path: &str,
+    first: Option<ConsumerDoc>,
     state: &SlotState,
 ) -> Result<Vec<(String, ConsumerDoc)>, StoreError> {
     let mut out = Vec::new();
     if store.layout() != Layout::Separate {
         return Ok(out);
     }
-    let mut paths: Vec<&str> = Vec::new();
-    if !path.is_empty() {
-        paths.push(path);
+    if let Some(doc) = first {
+        out.push((path.to_string(), doc));
     }
     for l in &state.book.locations {
-        if !paths.contains(&l.path.as_str()) {
-            paths.push(&l.path);
+        if l.path != path && !out.iter().any(|(p, _)| *p == l.path) {
+            out.push((l.path.clone(), store.read_consumer(&l.path).await?));
         }
     }
-    for p in paths {
-        out.push((p.to_string(), store.read_consumer(p).await?));
-    }
     Ok(out)
+}
+
+/// What [`SlotRun::read_all`] reads of one store: where the state is, the state, and
+/// the consumer documents. The state and the document at the rendered path are read
+/// together (neither needs the other); documents at the state's other locations once
+/// the state names them.
+async fn read_store(
+    store: &DynStore,
+    slot: &Slot,
+) -> Result<(String, SlotState, Vec<(String, ConsumerDoc)>), StoreError> {
+    let separate = store.layout() == Layout::Separate;
+    let (state, first) = tokio::join!(read_state(store, slot), async {
+        match separate {
+            true => store.read_consumer(&slot.path).await.map(Some),
+            false => Ok(None),
+        }
+    });
+    let (key, state) = state?;
+    let docs = read_docs(store, &slot.path, first?, &state).await?;
+    Ok((key, state, docs))
 }
 
 impl SlotRun<'_> {
@@ -461,17 +478,19 @@ impl SlotRun<'_> {
         e
     }
 
+    /// Reads every store of the slot (all at once: they are independent).
     async fn read_all(&mut self) -> SlotResult<()> {
-        let mut states = Vec::with_capacity(self.stores.len());
-        let mut docs = Vec::with_capacity(self.stores.len());
-        for (i, (_, s)) in self.stores.iter().enumerate() {
-            let (key, state) = read_state(s, self.slot).await?;
+        let slot = self.slot;
+        let read =
+            futures::future::try_join_all(self.stores.iter().map(|(_, s)| read_store(s, slot)))
+                .await?;
+        self.states = Vec::with_capacity(read.len());
+        self.docs = Vec::with_capacity(read.len());
+        for (i, (key, state, docs)) in read.into_iter().enumerate() {
             self.state_keys[i] = key;
-            docs.push(read_docs(s, &self.slot.path, &state).await?);
-            states.push(state);
+            self.states.push(state);
+            self.docs.push(docs);
         }
-        self.states = states;
-        self.docs = docs;
         self.check_owned().await
     }
 
@@ -496,7 +515,7 @@ impl SlotRun<'_> {
             if state.is_empty() {
                 continue;
             }
-            let docs = read_docs(store, "", &state).await?;
+            let docs = read_docs(store, "", None, &state).await?;
             others.push(Other {
                 name: name.clone(),
                 store: store.clone(),
@@ -1170,7 +1189,7 @@ impl SlotRun<'_> {
             return Ok(None);
         }
         info!(event = "rotation.resumed", key_id = %key_id, "resuming an interrupted rotation");
-        self.finish(p).await.map(Some)
+        self.finish(p, None).await.map(Some)
     }
 
     /// Whether the slot's intent belongs to another process (this run took over a key
@@ -1454,6 +1473,39 @@ impl SlotRun<'_> {
             &sa_id,
             &self.slot.service_account_name,
         ));
+        // The new key is verified while it is staged: the two are independent, and
+        // both must succeed before any consumer sees it.
+        let eng = self.eng;
+        let verify = self.rule.verify;
+        let (staged, verified) = {
+            let checking = async {
+                match verify {
+                    true => Some(verify_key(eng, &record.api_key).await),
+                    false => None,
+                }
+            };
+            let stage = self.stage_everywhere(&record);
+            tokio::pin!(stage, checking);
+            // A run that stops while staging (lost the slot, a store failed) no longer
+            // waits for the verification.
+            tokio::select! {
+                s = &mut stage => match s {
+                    Ok(None) => (Ok(None), checking.await),
+                    stopped => (stopped, None),
+                },
+                v = &mut checking => (stage.await, v),
+            }
+        };
+        if let Some(outcome) = staged? {
+            return Ok(outcome);
+        }
+        failpoint!("after_stage");
+        self.finish(record, verified).await
+    }
+
+    /// Stages `record` (a key this run minted) in every store. `Some(outcome)`: the run
+    /// stops there (another writer owns the slot; the key was revoked).
+    async fn stage_everywhere(&mut self, record: &SecretRecord) -> SlotResult<Option<SlotOutcome>> {
         let mut staged_anywhere = false;
         for i in 0..self.stores.len() {
             match self.apply(i, &Transition::Stage(record.clone())).await {
@@ -1469,7 +1521,7 @@ impl SlotRun<'_> {
                     self.revoke(&record.key_id, "conflict").await.ok();
                     self.eng.metrics.rotation(RotationOutcome::Conflict);
                     info!(event = "rotation.conflict", key_id = %record.key_id, store = %e.store, outcome = "conflict", "lost check-and-set while staging; revoked our key");
-                    return Ok(SlotOutcome::Busy);
+                    return Ok(Some(SlotOutcome::Busy));
                 }
                 Err(e) => {
                     if !staged_anywhere {
@@ -1487,8 +1539,7 @@ impl SlotRun<'_> {
                 }
             }
         }
-        failpoint!("after_stage");
-        self.finish(record).await
+        Ok(None)
     }
 
     async fn mint_on_account(
@@ -1592,8 +1643,13 @@ impl SlotRun<'_> {
         }
     }
 
-    /// Stages where missing, verifies, promotes everywhere and reads back.
-    async fn finish(&mut self, record: SecretRecord) -> SlotResult<SlotOutcome> {
+    /// Stages where missing, verifies (unless `verified` says how the verification
+    /// went already), promotes everywhere and reads back.
+    async fn finish(
+        &mut self,
+        record: SecretRecord,
+        verified: Option<SlotResult<Result<(), String>>>,
+    ) -> SlotResult<SlotOutcome> {
         let key_id = record.key_id.clone();
         for i in 0..self.stores.len() {
             let has = self.states[i]
@@ -1613,7 +1669,11 @@ impl SlotRun<'_> {
             return self.finished_elsewhere(&key_id).await;
         }
         if self.rule.verify {
-            if let Err(reason) = self.verify(&record.api_key).await? {
+            let verdict = match verified {
+                Some(v) => v?,
+                None => verify_key(self.eng, &record.api_key).await?,
+            };
+            if let Err(reason) = verdict {
                 warn!(event = "key.verify_failed", key_id = %key_id, outcome = "failed", reason = %reason, "new key never verified; revoking it");
                 self.abandon_pending(&key_id).await?;
                 self.revoke(&key_id, "verify_failed").await?;
@@ -1643,13 +1703,25 @@ impl SlotRun<'_> {
             at,
             previous_until,
         };
+        // What each store's consumers read, read back while the state is promoted.
+        let mut served_back = Vec::with_capacity(self.stores.len());
         for i in 0..self.stores.len() {
             // Consumers first, then the state: a crash in between leaves the state
             // pending with the consumer documents already serving the new key, which
             // the next run finishes (the previous key is recorded by the promotion).
             self.publish(i, &record).await?;
             failpoint!("after_publish");
-            match self.apply(i, &t).await {
+            let store = self.stores[i].1.clone();
+            let path = self.slot.path.clone();
+            let read_back = async move {
+                match store.layout() {
+                    Layout::Separate => Some(store.read_consumer(&path).await),
+                    _ => None,
+                }
+            };
+            let (promoted, back) = tokio::join!(self.apply(i, &t), read_back);
+            served_back.push(back);
+            match promoted {
                 Ok(()) => {}
                 Err(e) if e.kind == StoreErrorKind::Conflict => {
                     // Someone else wrote in between: see whether the promotion landed.
@@ -1669,11 +1741,11 @@ impl SlotRun<'_> {
             info!(event = "secret.promoted", key_id = %key_id, store = %self.stores[i].0, outcome = "ok", "promoted the new key");
             failpoint!("after_promote_one");
         }
-        // Read every store back: what consumers will read must be the new key.
-        for i in 0..self.stores.len() {
+        // Every store read back: what consumers will read must be the new key.
+        for (i, back) in served_back.into_iter().enumerate() {
             let (name, store) = &self.stores[i];
-            let found = if store.layout() == Layout::Separate {
-                let doc = store.read_consumer(&self.slot.path).await?;
+            let found = if let Some(doc) = back {
+                let doc = doc?;
                 let found = doc.record.as_ref().map(|c| c.key_id.clone());
                 self.docs[i][0].1 = doc;
                 found
@@ -1820,17 +1892,6 @@ impl SlotRun<'_> {
             }
         }
         Ok(())
-    }
-
-    /// `Ok(Ok(()))` verified; `Ok(Err(reason))` rejected for good; `Err` could not tell.
-    async fn verify(&self, key: &SecretString) -> SlotResult<Result<(), String>> {
-        let eng = self.eng;
-        Ok(super::verify_with_retries(
-            eng.policy.verify_timeout,
-            eng.settings.verify_backoff,
-            || eng.client.verify_key(key),
-        )
-        .await?)
     }
 
     /// DELETEs a key; 404 counts as done. A revoked key leaves `keys`, so a later step
@@ -2169,6 +2230,17 @@ impl SlotRun<'_> {
             }
         }
     }
+}
+
+/// Checks that a new key works: `Ok(Ok(()))` verified; `Ok(Err(reason))` rejected for
+/// good; `Err` could not tell.
+async fn verify_key(eng: &Engine, key: &SecretString) -> SlotResult<Result<(), String>> {
+    Ok(super::verify_with_retries(
+        eng.policy.verify_timeout,
+        eng.settings.verify_backoff,
+        || eng.client.verify_key(key),
+    )
+    .await?)
 }
 
 /// A listing object for a key minted in this run, so later steps of the same run see it.
