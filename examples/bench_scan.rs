@@ -9,15 +9,18 @@
 //! plan` and the first half of every cycle do: list every project, list every
 //! project's keys, list service accounts for the projects a rule covers, derive the
 //! slots, read their stores and build the plan. The config's one rule matches no
-//! project (`no-such-project-*`), so only the listings touch the network: there are no
-//! service-account listings, no slots and no store reads. `--sa-listing C` adds rows at
+//! project (`no-such-project-*`), so only the listings touch the network (with the
+//! keys' creators from the audit log, one request per 100 listed keys, and the usage
+//! and costs requests beside them): there are no service-account listings, no slots
+//! and no store reads. `--sa-listing C` adds rows at
 //! concurrency C whose rule covers every project but no service account
 //! (`project = "*"`, `service_account = "no-such-sa-*"`): one service-account listing
 //! per project, still no slots.
 //!
 //! Per concurrency it prints the median of `--runs` runs (a fresh engine, so a fresh
 //! connection pool, each run): requests made (the client's `ApiStats`), the minimum
-//! the pagination needs, requests the simulator saw more than once, wall time, and two
+//! the pagination needs (listings and creators; the 3 usage and costs requests are
+//! not counted: they wait for nothing and nothing waits for them), requests the simulator saw more than once, wall time, and two
 //! round-trip lower bounds:
 //!
 //! - `bound`: min requests × latency / concurrency, as if every request could be in
@@ -148,6 +151,9 @@ async fn main() {
 
     let project_pages = pages(projects);
     let key_pages = projects * pages(keys);
+    // The keys' creators: one audit-log request per 100 listed keys, sent during the
+    // listing under the same concurrency limit (`plan::CREATIONS_PER_REQUEST`).
+    let creation_requests = (projects * keys).div_ceil(keyrotd::plan::CREATIONS_PER_REQUEST);
     println!(
         "# scan: {projects} projects × {keys} keys = {} keys, latency {} ms, {runs} run(s) each, median shown",
         projects * keys,
@@ -170,8 +176,9 @@ async fn main() {
 
     let mut rows = Vec::new();
     for (label, c, pglob, sglob, sa_pages) in cases {
-        let min = project_pages + key_pages + sa_pages;
-        let b = bound(project_pages, key_pages + sa_pages, latency, c);
+        let min = project_pages + key_pages + sa_pages + creation_requests;
+        let rest = key_pages + sa_pages + creation_requests;
+        let b = bound(project_pages, rest, latency, c);
         let mut walls = Vec::new();
         let mut requests = Vec::new();
         let mut rtts = Vec::new();
@@ -193,12 +200,7 @@ async fn main() {
         }
         let wall = median(&walls);
         let rtt = median(&rtts);
-        let floor = bound(
-            project_pages,
-            key_pages + sa_pages,
-            Duration::from_secs_f64(rtt),
-            c,
-        );
+        let floor = bound(project_pages, rest, Duration::from_secs_f64(rtt), c);
         rows.push(vec![
             label,
             format!("{}", median(&requests)),

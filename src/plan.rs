@@ -11,12 +11,14 @@ use std::io::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::stream::{StreamExt, TryStreamExt};
+use futures::FutureExt;
 use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
 
 use crate::config::{PathVars, PolicyConfig, Rule};
 use crate::openai::models::{
-    AuditActorType, AuditEvent, AuditLog, OwnerType, Project, ProjectApiKey, ServiceAccount,
+    AuditActorType, AuditEvent, AuditLog, AuditLogQuery, OwnerType, Project, ProjectApiKey,
+    ServiceAccount,
 };
 use crate::openai::{ApiResult, Client};
 use crate::policy::{self, Evaluation, Reason, Reasons, Verdict};
@@ -157,6 +159,30 @@ pub async fn scan(
     include_archived: bool,
     concurrency: usize,
 ) -> ApiResult<Inventory> {
+    scan_with_creations(client, rules, include_archived, concurrency, false)
+        .await
+        .map(|(inv, _)| inv)
+}
+
+/// Listed keys per audit-log request for their creations: one page of entries (a key
+/// has one `api_key.created` entry), and a URL of about 5 KB.
+pub const CREATIONS_PER_REQUEST: usize = 100;
+
+/// [`scan`], and with `creations` the audit log's `api_key.created` entries of every
+/// listed key, read while the listing goes on: each time [`CREATIONS_PER_REQUEST`]
+/// listed keys are waiting, one request asks for theirs (`resource_ids[]`), under the
+/// same `concurrency` limit as the listings. None of these requests waits for another,
+/// and the log's entries for keys deleted long ago are never read. An audit-log
+/// failure (e.g. 403 for an admin key without the permission) fails only the entries
+/// (`Some(Err)`; no request is made after it), not the scan.
+pub async fn scan_with_creations(
+    client: &Client,
+    rules: &[Rule],
+    include_archived: bool,
+    concurrency: usize,
+    creations: bool,
+) -> ApiResult<(Inventory, Option<ApiResult<Vec<AuditLog>>>)> {
+    let concurrency = concurrency.max(1);
     // The project pages are sequential (each needs the previous cursor); listing keys
     // only after the last of them would add pages × latency to every scan.
     let (tx, rx) = futures::channel::mpsc::unbounded::<Project>();
@@ -170,9 +196,9 @@ pub async fn scan(
         }
         Ok::<_, crate::openai::ApiError>(())
     };
-    // A project's two listings go out together; at most `concurrency` listings are in
-    // flight across projects.
-    let permits = tokio::sync::Semaphore::new(concurrency.max(1));
+    // A project's two listings go out together; at most `concurrency` requests are in
+    // flight across projects (and the audit log).
+    let permits = tokio::sync::Semaphore::new(concurrency);
     let permits = &permits;
     let permit = || async move {
         permits
@@ -180,13 +206,30 @@ pub async fn scan(
             .await
             .map_err(|_| crate::openai::ApiError::Cancelled)
     };
+    // Listed key ids waiting for their audit-log request, and the requests' queue.
+    let (ids_tx, ids_rx) = futures::channel::mpsc::unbounded::<Vec<String>>();
+    let waiting = std::sync::Mutex::new(Vec::<String>::new());
+    let (ids_tx, waiting) = (&ids_tx, &waiting);
+    let queue = move |ids: &[ProjectApiKey], flush: bool| {
+        if !creations {
+            return;
+        }
+        let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+        w.extend(ids.iter().map(|k| k.id.clone()));
+        while w.len() >= CREATIONS_PER_REQUEST || (flush && !w.is_empty()) {
+            let n = w.len().min(CREATIONS_PER_REQUEST);
+            let _ = ids_tx.unbounded_send(w.drain(..n).collect());
+        }
+    };
     let listings = rx
         .map(|project| {
             let wants_sas = !project.is_archived() && rule_covers_project(rules, &project);
             async move {
                 let keys = async {
                     let _p = permit().await?;
-                    client.list_api_keys(&project.id).await
+                    let keys = client.list_api_keys(&project.id).await?;
+                    queue(&keys, false);
+                    Ok(keys)
                 };
                 let service_accounts = async {
                     if !wants_sas {
@@ -203,21 +246,59 @@ pub async fn scan(
                 })
             }
         })
-        .buffer_unordered(concurrency.max(1))
-        .try_collect::<Vec<ProjectInventory>>();
-    let ((), mut out) = futures::try_join!(pages, listings)?;
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<ProjectInventory>>()
+        .inspect(|_| {
+            queue(&[], true);
+            ids_tx.close_channel();
+        });
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let failed = &failed;
+    let entries = ids_rx
+        .map(|ids| async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            if failed.load(Relaxed) {
+                return None;
+            }
+            let q = AuditLogQuery {
+                event_types: vec!["api_key.created".into()],
+                resource_ids: ids,
+                ..AuditLogQuery::default()
+            };
+            let r = match permit().await {
+                Ok(_p) => client.audit_logs(&q).await,
+                Err(e) => Err(e),
+            };
+            failed.fetch_or(r.is_err(), Relaxed);
+            Some(r)
+        })
+        .buffer_unordered(concurrency)
+        .filter_map(futures::future::ready)
+        .collect::<Vec<ApiResult<Vec<AuditLog>>>>()
+        .map(Ok::<_, crate::openai::ApiError>);
+    let ((), mut out, read) = futures::try_join!(pages, listings, entries)?;
     out.sort_by(|a, b| {
         a.project
             .display_name()
             .cmp(b.project.display_name())
             .then(a.project.id.cmp(&b.project.id))
     });
-    Ok(Inventory {
-        scanned_at: Utc::now(),
-        projects: out,
-        creators: None,
-        usage: crate::usage::UsageState::Off,
-    })
+    let creations = creations.then(|| {
+        let mut all = Vec::new();
+        for r in read {
+            all.extend(r?);
+        }
+        Ok(all)
+    });
+    Ok((
+        Inventory {
+            scanned_at: Utc::now(),
+            projects: out,
+            creators: None,
+            usage: crate::usage::UsageState::Off,
+        },
+        creations,
+    ))
 }
 
 /// A (project, service account) pair a rule manages, bound to one path in each store.

@@ -38,7 +38,7 @@ use crate::backoff::Backoff;
 use crate::config::{PolicyConfig, Rule, UserKeys};
 use crate::metrics::{Metrics, RevocationOutcome, SlotStatus};
 use crate::notify::{Notice, Notifier};
-use crate::openai::models::{AuditLog, AuditLogQuery, EffectiveAt, OwnerType, ProjectApiKey};
+use crate::openai::models::{AuditLog, OwnerType, ProjectApiKey};
 use crate::openai::{ApiError, Client};
 use crate::plan::{self, Inventory, Plan, Slot, SlotView, Summary};
 use crate::policy::{self, Verdict};
@@ -129,10 +129,10 @@ pub struct Survey {
     pub inventory: Inventory,
     pub views: Vec<SlotView>,
     pub now: DateTime<Utc>,
-    /// The audit log's `api_key.created` entries since the oldest listed key was
-    /// created (at least a day back), or why they could not be read.
+    /// The audit log's `api_key.created` entries of the listed keys, or why they
+    /// could not be read; `None`: not read (`keyrotd rotate` and `revoke`).
     /// The key creators of the inventory come from them.
-    pub key_creations: Result<Vec<AuditLog>, ApiError>,
+    pub key_creations: Option<Result<Vec<AuditLog>, ApiError>>,
 }
 
 /// What a cycle did.
@@ -240,14 +240,16 @@ impl Engine {
             replaced_rx.await.unwrap_or_default()
         });
         let rest = async move {
-            let scan = plan::scan(
+            // The listed keys' creations come from the audit log during the listing.
+            let scan = plan::scan_with_creations(
                 &self.client,
                 &self.rules,
                 self.settings.include_archived,
                 self.settings.concurrency,
+                audit,
             );
             let before = self.client.stats().snapshot();
-            let inventory = tokio::select! {
+            let (mut inventory, key_creations) = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
                 r = tokio::time::timeout(self.settings.scan_timeout, scan) => match r {
@@ -258,30 +260,23 @@ impl Engine {
                     }),
                 },
             }?;
-            let mut inventory = inventory;
+            match &key_creations {
+                None | Some(Ok(_)) => {}
+                Some(Err(e @ ApiError::Forbidden { .. })) => {
+                    warn!(event = "audit_log.forbidden", status = 403, error = %e, "the admin key may not read the audit log: key creators are unknown and keys created by hand go unnoticed");
+                }
+                Some(Err(e)) => {
+                    warn!(event = "audit_log.failed", status = e.status().unwrap_or(0), error = %e, "could not read the audit log: key creators are unknown this time");
+                }
+            }
             let now = self.clock.now();
             let slots = plan::slots(&inventory, &self.rules);
-            // The audit log is read while the stores are: it adds no round trip.
-            let creations = async {
-                if audit {
-                    self.key_creations(&inventory, now).await
-                } else {
-                    Ok(Vec::new())
-                }
+            let views = self.read_views(slots).await;
+            let _ = replaced_tx.send(self.replaced_keys(&views));
+            inventory.creators = match &key_creations {
+                Some(Ok(c)) => Some(plan::creators(&inventory, c)),
+                _ => None,
             };
-            let (views, key_creations) = tokio::join!(
-                async {
-                    let views = self.read_views(slots).await;
-                    let _ = replaced_tx.send(self.replaced_keys(&views));
-                    views
-                },
-                creations
-            );
-            inventory.creators = key_creations
-                .as_ref()
-                .ok()
-                .filter(|_| audit)
-                .map(|c| plan::creators(&inventory, c));
             Ok((inventory, views, now, key_creations))
         };
         let (rest, usage) = tokio::join!(rest, usage);
@@ -297,54 +292,6 @@ impl Engine {
             now,
             key_creations,
         })
-    }
-
-    /// One audit-log listing of `api_key.created` since the oldest listed key was
-    /// created, or [`outside::LOOKBACK_SECS`] before `now` if that is earlier. A
-    /// failure is logged (WARN, once per survey) and degrades creators to unknown.
-    async fn key_creations(
-        &self,
-        inv: &Inventory,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<AuditLog>, ApiError> {
-        let oldest = inv
-            .projects
-            .iter()
-            .flat_map(|p| p.keys.iter())
-            .map(|k| k.created_at)
-            .min()
-            .unwrap_or(i64::MAX);
-        let q = AuditLogQuery {
-            event_types: vec!["api_key.created".into()],
-            effective_at: EffectiveAt {
-                gte: Some(oldest.min(now.timestamp() - outside::LOOKBACK_SECS)),
-                ..EffectiveAt::default()
-            },
-            ..AuditLogQuery::default()
-        };
-        let r = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => Err(ApiError::Cancelled),
-            r = tokio::time::timeout(self.settings.scan_timeout, self.client.audit_logs(&q)) => {
-                r.unwrap_or_else(|_| Err(ApiError::Network {
-                    endpoint: crate::openai::Endpoint::ListAuditLogs.as_str().into(),
-                    message: format!(
-                        "no answer within {} (openai.scan_timeout)",
-                        humantime::format_duration(self.settings.scan_timeout)
-                    ),
-                }))
-            }
-        };
-        match &r {
-            Ok(_) | Err(ApiError::Cancelled) => {}
-            Err(e @ ApiError::Forbidden { .. }) => {
-                warn!(event = "audit_log.forbidden", status = 403, error = %e, "the admin key may not read the audit log: key creators are unknown and keys created by hand go unnoticed");
-            }
-            Err(e) => {
-                warn!(event = "audit_log.failed", status = e.status().unwrap_or(0), error = %e, "could not read the audit log: key creators are unknown this time");
-            }
-        }
-        r
     }
 
     /// The slots' replaced keys with their promotion, whose 1 m buckets usage-aware

@@ -33,10 +33,10 @@ pub(crate) struct Seen {
 
 /// Raises `key.created_outside` for every key created by a person on a service
 /// account one of the survey's slots manages, since the last look. Reads nothing: the
-/// entries are the survey's ([`Survey::key_creations`]); when those could not be read
-/// the survey said so and nothing happens.
+/// entries are the survey's ([`Survey::key_creations`]); when those were not read, or
+/// could not be (the survey said so), nothing happens.
 pub(super) fn check(eng: &Engine, survey: &Survey) {
-    let Ok(entries) = &survey.key_creations else {
+    let Some(Ok(entries)) = &survey.key_creations else {
         return;
     };
     let managed: BTreeSet<(&str, &str)> = survey

@@ -223,6 +223,8 @@ pub(crate) struct State {
     /// The audit log by (effective_at, creation sequence); listed newest first.
     pub audit: BTreeMap<(i64, u64), AuditRec>,
     audit_idx: HashMap<String, (i64, u64)>,
+    /// The audit log's keys by resource acted on (for `resource_ids[]`).
+    audit_by_resource: HashMap<String, Vec<(i64, u64)>>,
 }
 
 impl State {
@@ -248,6 +250,7 @@ impl State {
             call_usage: HashMap::new(),
             audit: BTreeMap::new(),
             audit_idx: HashMap::new(),
+            audit_by_resource: HashMap::new(),
         };
         let now = st.now();
         st.org_owner = st.new_user("Org Owner", "owner@example.com", "owner", now);
@@ -316,6 +319,10 @@ impl State {
         let seq = self.next_seq();
         let id = format!("audit_log-{seq:012}");
         self.audit_idx.insert(id.clone(), (at, seq));
+        self.audit_by_resource
+            .entry(resource_id.to_owned())
+            .or_default()
+            .push((at, seq));
         self.audit.insert(
             (at, seq),
             AuditRec {
@@ -1381,24 +1388,33 @@ impl State {
                 return Ok(list_json(Vec::new(), false));
             }
         }
-        let range = self.audit.range((
+        let bounds = (
             before.map_or(Unbounded, Excluded),
             after.map_or(Unbounded, Excluded),
-        ));
+        );
+        // With `resource_ids[]`, only those resources' entries are looked at.
+        let subset: Option<BTreeMap<(i64, u64), &AuditRec>> = (!resources.is_empty()).then(|| {
+            resources
+                .iter()
+                .filter_map(|r| self.audit_by_resource.get(*r))
+                .flatten()
+                .filter_map(|k| self.audit.get_key_value(k))
+                .map(|(k, a)| (*k, a))
+                .collect()
+        });
+        let range: Box<dyn DoubleEndedIterator<Item = &AuditRec>> = match &subset {
+            Some(sub) => Box::new(sub.range(bounds).map(|(_, a)| *a)),
+            None => Box::new(self.audit.range(bounds).map(|(_, a)| a)),
+        };
         if before.is_some() && after.is_none() {
-            let mut items: Vec<&AuditRec> =
-                range.map(|(_, a)| a).filter(keep).take(limit + 1).collect();
+            let mut items: Vec<&AuditRec> = range.filter(keep).take(limit + 1).collect();
             let has_more = items.len() > limit;
             items.truncate(limit);
             let data = items.iter().rev().map(|a| self.audit_json(a)).collect();
             return Ok(list_json(data, has_more));
         }
         Ok(page(
-            range
-                .rev()
-                .map(|(_, a)| a)
-                .filter(keep)
-                .map(|a| self.audit_json(a)),
+            range.rev().filter(keep).map(|a| self.audit_json(a)),
             limit,
         ))
     }

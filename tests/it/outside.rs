@@ -150,7 +150,7 @@ async fn without_audit_log_permission_everything_else_works() {
         .survey()
         .await
         .expect("the survey works without the audit log");
-    assert!(survey.key_creations.is_err());
+    assert!(matches!(survey.key_creations, Some(Err(_))));
     assert!(survey.inventory.creators.is_none());
     let plan = e.plan(&survey);
     assert!(plan.keys.iter().all(|k| k.creator.is_none()));
@@ -159,4 +159,64 @@ async fn without_audit_log_permission_everything_else_works() {
     let dry = w.engine(true).await;
     assert!(!dry.cycle().await.any_failed());
     assert_eq!(dry.metrics.keys_created_outside(), 0);
+}
+
+/// The creators come from the audit log while the scan lists: one request per 100
+/// listed keys (`resource_ids[]`), one page each, and none for entries of keys
+/// deleted since (the log keeps every creation; a scan reads only the listed keys').
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creators_are_read_for_the_listed_keys_only_one_request_per_hundred() {
+    let w = World::new(
+        Scenario::new(84)
+            .projects(30)
+            .service_accounts_per_project(2)
+            .keys_per_service_account(4)
+            .user_keys_per_project(1),
+        Stores::File,
+        "",
+    )
+    .await;
+    // A tenth of the keys deleted: their creation entries stay in the log.
+    let all = w.sim.all_keys();
+    let deleted: Vec<String> = all.iter().step_by(10).map(|k| k.id.clone()).collect();
+    for k in &deleted {
+        assert!(w.sim.delete_key(k));
+    }
+    let listed = all.len() - deleted.len();
+    let e = w.engine(true).await;
+    let before = w.sim.requests_to(Route::ListAuditLogs).len();
+    let survey = e.survey().await.expect("survey");
+    let audit: Vec<_> = w.sim.requests_to(Route::ListAuditLogs)[before..].to_vec();
+    assert_eq!(
+        audit.len(),
+        listed.div_ceil(100),
+        "one request per 100 listed keys"
+    );
+    for r in &audit {
+        assert_eq!(r.status, 200);
+        let ids = r.query.matches("resource_ids%5B%5D=").count();
+        assert!((1..=100).contains(&ids), "{ids} ids in {}", r.query);
+        assert!(!r.query.contains("after="), "one page each: {}", r.query);
+    }
+    let Some(Ok(entries)) = &survey.key_creations else {
+        panic!(
+            "creations read: {:?}",
+            survey.key_creations.as_ref().map(|r| r.is_ok())
+        );
+    };
+    assert_eq!(entries.len(), listed, "one creation per listed key");
+    let read: std::collections::BTreeSet<String> = entries
+        .iter()
+        .filter_map(|e| match &e.event {
+            keyrotd::openai::models::AuditEvent::ApiKeyCreated { id: Some(id), .. } => {
+                Some(id.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    for k in &deleted {
+        assert!(!read.contains(k), "deleted key {k} read");
+    }
+    let creators = survey.inventory.creators.as_ref().expect("creators");
+    assert_eq!(creators.len(), listed, "every listed key's creator");
 }
