@@ -57,7 +57,35 @@ struct Run {
     api_scan: u64,
     store_reads: u64,
     store_writes: u64,
+    /// CPU seconds during the timed cycle: this process (keyrotd and the simulator),
+    /// and the OpenBao server when the store is Vault and its pid is known.
+    cpu_self: f64,
+    cpu_store: Option<f64>,
     detail: String,
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from `/proc`.
+fn cpu_of(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime
+    // the 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+/// The OpenBao server's pid, from the pid file `scripts/test-servers.sh` writes for
+/// the address in `KEYROTD_TEST_VAULT_ADDR`.
+fn openbao_pid() -> Option<String> {
+    let addr = std::env::var("KEYROTD_TEST_VAULT_ADDR").ok()?;
+    let port = addr.rsplit(':').next()?.trim_end_matches('/');
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pid =
+        std::fs::read_to_string(root.join(format!(".test-servers/openbao-{port}.pid"))).ok()?;
+    Some(pid.trim().to_string())
 }
 
 /// Counts the store calls of the timed cycle. For the Vault store each is one request
@@ -243,9 +271,18 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
     engine
         .stores
         .insert("s".to_string(), counting.clone() as DynStore);
+    let store_pid = (kind == "vault").then(openbao_pid).flatten();
+    let cpu = || {
+        (
+            cpu_of("self").unwrap_or(0.0),
+            store_pid.as_deref().and_then(cpu_of),
+        )
+    };
+    let (self0, store0) = cpu();
     let started = Instant::now();
     let report = engine.cycle().await;
     let wall = started.elapsed();
+    let (self1, store1) = cpu();
     assert!(
         report.scan_error.is_none(),
         "scan failed: {:?}",
@@ -282,6 +319,8 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
         api_scan,
         store_reads: counting.reads.load(Relaxed),
         store_writes: counting.writes.load(Relaxed),
+        cpu_self: self1 - self0,
+        cpu_store: store0.zip(store1).map(|(a, b)| b - a),
         detail: by_endpoint(stats),
     };
     drop(server);
@@ -330,17 +369,24 @@ async fn main() {
         let mut per_rotation = Vec::new();
         let mut scan_reqs = Vec::new();
         let mut store_calls = Vec::new();
+        let (mut cpu_self, mut cpu_store) = (Vec::new(), Vec::new());
         for i in 0..runs {
             let r = run_once(kind, &scenario, concurrency, latency).await;
             assert_eq!(r.rotated, slots, "every slot rotated");
+            let store_cpu = r
+                .cpu_store
+                .map_or(String::new(), |c| format!(", OpenBao {c:.2} s"));
             eprintln!(
-                "  {kind} run {}: {:.3} s, {} rotated, {} requests ({})",
+                "  {kind} run {}: {:.3} s, {} rotated, {} requests ({}); CPU: bench process {:.2} s{store_cpu}",
                 i + 1,
                 secs(r.wall),
                 r.rotated,
                 r.api_total,
-                r.detail
+                r.detail,
+                r.cpu_self,
             );
+            cpu_self.push(r.cpu_self);
+            cpu_store.extend(r.cpu_store);
             walls.push(secs(r.wall));
             per_rotation.push((r.api_total - r.api_scan) as f64 / r.rotated.max(1) as f64);
             scan_reqs.push(r.api_scan as f64);
@@ -357,6 +403,10 @@ async fn main() {
             format!("{reads:.2} / {writes:.2}"),
             format!("{wall:.3}"),
             format!("{:.1}", slots as f64 / wall),
+            match cpu_store.is_empty() {
+                true => format!("{:.2} / -", median(&cpu_self)),
+                false => format!("{:.2} / {:.2}", median(&cpu_self), median(&cpu_store)),
+            },
             format!("{total_bound:.3}"),
             format!("{:.2}", wall / total_bound),
         ]);
@@ -370,6 +420,7 @@ async fn main() {
             "store reads / writes per rotation",
             "wall s",
             "rotations/s",
+            "CPU s: bench / OpenBao",
             "bound s",
             "ratio",
         ],
