@@ -159,7 +159,7 @@ pub async fn scan(
     include_archived: bool,
     concurrency: usize,
 ) -> ApiResult<Inventory> {
-    scan_with_creations(client, rules, include_archived, concurrency, false)
+    scan_with_creations(client, rules, include_archived, concurrency, None)
         .await
         .map(|(inv, _)| inv)
 }
@@ -169,7 +169,8 @@ pub async fn scan(
 pub const CREATIONS_PER_REQUEST: usize = 100;
 
 /// [`scan`], and with `creations` the audit log's `api_key.created` entries of every
-/// listed key, read while the listing goes on: each time [`CREATIONS_PER_REQUEST`]
+/// listed key it does not say to skip (`Some(skip)`: `skip(key)` true for a key whose
+/// entry the caller has already), read while the listing goes on: each time [`CREATIONS_PER_REQUEST`]
 /// listed keys are waiting, one request asks for theirs (`resource_ids[]`), under the
 /// same `concurrency` limit as the listings. None of these requests waits for another,
 /// and the log's entries for keys deleted long ago are never read. An audit-log
@@ -180,7 +181,7 @@ pub async fn scan_with_creations(
     rules: &[Rule],
     include_archived: bool,
     concurrency: usize,
-    creations: bool,
+    creations: Option<&(dyn Fn(&ProjectApiKey) -> bool + Sync)>,
 ) -> ApiResult<(Inventory, Option<ApiResult<Vec<AuditLog>>>)> {
     let concurrency = concurrency.max(1);
     // The project pages are sequential (each needs the previous cursor); listing keys
@@ -211,11 +212,11 @@ pub async fn scan_with_creations(
     let waiting = std::sync::Mutex::new(Vec::<String>::new());
     let (ids_tx, waiting) = (&ids_tx, &waiting);
     let queue = move |ids: &[ProjectApiKey], flush: bool| {
-        if !creations {
+        let Some(skip) = creations else {
             return;
-        }
+        };
         let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
-        w.extend(ids.iter().map(|k| k.id.clone()));
+        w.extend(ids.iter().filter(|k| !skip(k)).map(|k| k.id.clone()));
         while w.len() >= CREATIONS_PER_REQUEST || (flush && !w.is_empty()) {
             let n = w.len().min(CREATIONS_PER_REQUEST);
             let _ = ids_tx.unbounded_send(w.drain(..n).collect());
@@ -283,7 +284,7 @@ pub async fn scan_with_creations(
             .cmp(b.project.display_name())
             .then(a.project.id.cmp(&b.project.id))
     });
-    let creations = creations.then(|| {
+    let creations = creations.map(|_| {
         let mut all = Vec::new();
         for r in read {
             all.extend(r?);

@@ -181,6 +181,8 @@ pub struct Memory {
     pub(crate) expiry_unsupported: std::sync::atomic::AtomicBool,
     /// How far the audit log was read for keys created outside.
     pub(crate) outside: std::sync::Mutex<outside::Seen>,
+    /// The keys' creations read so far (each cycle asks only for keys not seen).
+    pub(crate) creations: std::sync::Mutex<outside::Creations>,
     /// The usage the last survey read (`None`: off or unknown).
     pub(crate) usage: std::sync::Mutex<Option<Arc<crate::usage::UsageView>>>,
 }
@@ -240,13 +242,22 @@ impl Engine {
             replaced_rx.await.unwrap_or_default()
         });
         let rest = async move {
-            // The listed keys' creations come from the audit log during the listing.
+            // The listed keys' creations come from the audit log during the listing,
+            // for the keys this process has not seen yet.
+            let lock = || {
+                self.memory
+                    .creations
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+            };
+            let known = |k: &ProjectApiKey| lock().known(k);
+            let asked_at = self.clock.now().timestamp();
             let scan = plan::scan_with_creations(
                 &self.client,
                 &self.rules,
                 self.settings.include_archived,
                 self.settings.concurrency,
-                audit,
+                audit.then_some(&known as &(dyn Fn(&ProjectApiKey) -> bool + Sync)),
             );
             let before = self.client.stats().snapshot();
             let (mut inventory, key_creations) = tokio::select! {
@@ -260,6 +271,8 @@ impl Engine {
                     }),
                 },
             }?;
+            let key_creations =
+                key_creations.map(|r| r.map(|read| lock().update(&inventory, read, asked_at)));
             match &key_creations {
                 None | Some(Ok(_)) => {}
                 Some(Err(e @ ApiError::Forbidden { .. })) => {

@@ -6,13 +6,14 @@
 //! for every key a dashboard session created on an account a slot manages. keyrotd's
 //! own mints are made with the admin key (actor `api_key`) and never raise it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tracing::warn;
 
 use super::{Engine, Survey};
 use crate::notify::Notice;
-use crate::openai::models::{AuditActorType, AuditEvent, OwnerType, ProjectApiKey};
+use crate::openai::models::{AuditActorType, AuditEvent, AuditLog, OwnerType, ProjectApiKey};
+use crate::plan::Inventory;
 
 /// How far back the first look of a process reads (seconds).
 pub(crate) const LOOKBACK_SECS: i64 = 86_400;
@@ -29,6 +30,65 @@ pub(crate) struct Seen {
     /// Audit-log entries examined, by id, with their `effective_at` (pruned once
     /// older than the window).
     examined: BTreeMap<String, i64>,
+}
+
+/// The `api_key.created` entries this process has read, by key id: a daemon asks the
+/// audit log only for keys it has not seen yet (one request per 100 new keys a cycle,
+/// not per 100 keys), and remembers them only while the keys are listed.
+#[derive(Debug, Default)]
+pub(crate) struct Creations {
+    /// Entries read, by the created key's id.
+    found: HashMap<String, AuditLog>,
+    /// Keys asked for whose entry the log did not hold, with when they were last asked
+    /// for (Unix seconds). An entry may show late: a key is asked for again until it
+    /// was already [`OVERLAP_SECS`] old when last asked for.
+    missing: HashMap<String, i64>,
+}
+
+impl Creations {
+    /// Whether the audit log need not be asked about `k` again.
+    pub(crate) fn known(&self, k: &ProjectApiKey) -> bool {
+        self.found.contains_key(&k.id)
+            || self
+                .missing
+                .get(&k.id)
+                .is_some_and(|asked| k.created_at < asked - OVERLAP_SECS)
+    }
+
+    /// Takes in what a survey read at `asked_at` (the entries of the listed keys that
+    /// were not [`known`](Self::known) before it) and returns the entries of every
+    /// listed key.
+    pub(crate) fn update(
+        &mut self,
+        inv: &Inventory,
+        read: Vec<AuditLog>,
+        asked_at: i64,
+    ) -> Vec<AuditLog> {
+        let listed: Vec<&ProjectApiKey> = inv.projects.iter().flat_map(|p| p.keys.iter()).collect();
+        let asked: Vec<&str> = listed
+            .iter()
+            .filter(|k| !self.known(k))
+            .map(|k| k.id.as_str())
+            .collect();
+        for e in read {
+            if let AuditEvent::ApiKeyCreated { id: Some(id), .. } = &e.event {
+                self.missing.remove(id);
+                self.found.insert(id.clone(), e);
+            }
+        }
+        for id in asked {
+            if !self.found.contains_key(id) {
+                self.missing.insert(id.to_string(), asked_at);
+            }
+        }
+        let ids: BTreeSet<&str> = listed.iter().map(|k| k.id.as_str()).collect();
+        self.found.retain(|id, _| ids.contains(id.as_str()));
+        self.missing.retain(|id, _| ids.contains(id.as_str()));
+        listed
+            .iter()
+            .filter_map(|k| self.found.get(&k.id).cloned())
+            .collect()
+    }
 }
 
 /// Raises `key.created_outside` for every key created by a person on a service

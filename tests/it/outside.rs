@@ -220,3 +220,56 @@ async fn creators_are_read_for_the_listed_keys_only_one_request_per_hundred() {
     let creators = survey.inventory.creators.as_ref().expect("creators");
     assert_eq!(creators.len(), listed, "every listed key's creator");
 }
+
+/// A process asks the audit log only for keys it has not seen: a daemon's second look
+/// sends one request, for the one key made since, and still knows every creator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_survey_asks_only_for_keys_not_seen_yet() {
+    let w = World::new(
+        Scenario::new(85)
+            .projects(30)
+            .service_accounts_per_project(2)
+            .keys_per_service_account(4)
+            .user_keys_per_project(1),
+        Stores::File,
+        "",
+    )
+    .await;
+    let e = w.engine(true).await;
+    let first = e.survey().await.expect("survey");
+    let listed = first.inventory.key_count();
+    assert!(listed > 200, "{listed} keys");
+    let before = w.sim.requests_to(Route::ListAuditLogs).len();
+    let (project, sa) = account_of(&w, "prod-payments");
+    let hand = w
+        .sim
+        .create_service_account_key_by_hand(&project, &sa, "carol@example.com", "laptop")
+        .expect("a key by hand");
+    w.advance(Duration::from_secs(600));
+    let second = e.survey().await.expect("survey");
+    let audit: Vec<_> = w.sim.requests_to(Route::ListAuditLogs)[before..].to_vec();
+    assert_eq!(audit.len(), 1, "one request for the new key");
+    assert_eq!(
+        audit[0].query.matches("resource_ids").count(),
+        1,
+        "{}",
+        audit[0].query
+    );
+    assert!(audit[0].query.contains(&hand.id), "{}", audit[0].query);
+    let creators = second.inventory.creators.as_ref().expect("creators");
+    assert_eq!(
+        creators.len(),
+        listed + 1,
+        "every creator, the cached ones too"
+    );
+    assert_eq!(
+        creators.get(&hand.id).map(String::as_str),
+        Some("carol@example.com")
+    );
+    // A fresh process (`keyrotd plan`, `once`) asks for every key again.
+    let before = w.sim.requests_to(Route::ListAuditLogs).len();
+    let fresh = w.engine(true).await;
+    fresh.survey().await.expect("survey");
+    let n = w.sim.requests_to(Route::ListAuditLogs).len() - before;
+    assert_eq!(n, (listed + 1).div_ceil(100));
+}
