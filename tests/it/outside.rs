@@ -18,6 +18,15 @@ fn scenario(seed: u64) -> Scenario {
         .user_keys_per_project(1)
 }
 
+/// 30 projects of 9 keys each (270: three audit-log requests for their creators).
+fn many_keys(seed: u64) -> Scenario {
+    Scenario::new(seed)
+        .projects(30)
+        .service_accounts_per_project(2)
+        .keys_per_service_account(4)
+        .user_keys_per_project(1)
+}
+
 /// The first service account of the project named `name`: (project id, account id).
 fn account_of(w: &World, name: &str) -> (String, String) {
     let p = w
@@ -166,16 +175,7 @@ async fn without_audit_log_permission_everything_else_works() {
 /// deleted since (the log keeps every creation; a scan reads only the listed keys').
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creators_are_read_for_the_listed_keys_only_one_request_per_hundred() {
-    let w = World::new(
-        Scenario::new(84)
-            .projects(30)
-            .service_accounts_per_project(2)
-            .keys_per_service_account(4)
-            .user_keys_per_project(1),
-        Stores::File,
-        "",
-    )
-    .await;
+    let w = World::new(many_keys(84), Stores::File, "").await;
     // A tenth of the keys deleted: their creation entries stay in the log.
     let all = w.sim.all_keys();
     let deleted: Vec<String> = all.iter().step_by(10).map(|k| k.id.clone()).collect();
@@ -225,16 +225,7 @@ async fn creators_are_read_for_the_listed_keys_only_one_request_per_hundred() {
 /// sends one request, for the one key made since, and still knows every creator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_survey_asks_only_for_keys_not_seen_yet() {
-    let w = World::new(
-        Scenario::new(85)
-            .projects(30)
-            .service_accounts_per_project(2)
-            .keys_per_service_account(4)
-            .user_keys_per_project(1),
-        Stores::File,
-        "",
-    )
-    .await;
+    let w = World::new(many_keys(85), Stores::File, "").await;
     let e = w.engine(true).await;
     let first = e.survey().await.expect("survey");
     let listed = first.inventory.key_count();
