@@ -41,10 +41,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use keyrotd::config::Config;
 use keyrotd::sim::{Scenario, Sim};
 
 const USAGE: &str = "bench_scan [--projects N] [--keys N (per project, even, >= 2)] \
@@ -65,40 +64,17 @@ async fn run_once(
     project_glob: &str,
     sa_glob: &str,
 ) -> Run {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let toml = format!(
-        r#"
-[daemon]
-concurrency = {concurrency}
-[openai]
-base_url = "{base_url}"
-admin_key_env = "{ADMIN_KEY_ENV}"
-[stores.file]
-type = "file"
-dir = "{dir}"
-[[rotate]]
-name = "bench"
-project = "{project_glob}"
-service_account = "{sa_glob}"
-stores = ["file"]
-path = "bench/{{project_name}}/{{service_account_name}}"
-"#,
-        dir = dir.path().display()
-    );
-    let cfg = Config::from_toml(&toml).expect("bench config is valid");
-    let engine = keyrotd::app::build_engine(&cfg, true)
-        .await
-        .expect("engine builds");
-    sim.clear_requests();
-    let started = Instant::now();
-    let survey = engine.survey().await.expect("scan succeeds");
-    let plan = engine.plan(&survey);
-    let wall = started.elapsed();
+    let TimedSurvey {
+        engine,
+        survey,
+        planned_keys,
+        wall,
+    } = timed_survey(sim, base_url, concurrency, project_glob, sa_glob, "").await;
     assert!(
         survey.views.is_empty(),
         "the bench rule must define no slot"
     );
-    assert_eq!(plan.keys.len(), survey.inventory.key_count());
+    assert_eq!(planned_keys, survey.inventory.key_count());
     let stats = engine.client.stats();
     Run {
         requests: stats.total(),

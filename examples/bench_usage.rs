@@ -15,10 +15,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use keyrotd::config::Config;
 use keyrotd::sim::{Scenario, Sim};
 
 const USAGE: &str = "bench_usage [--projects N] [--keys N (per project, even, >= 2)] \
@@ -30,37 +29,20 @@ async fn run_once(
     concurrency: usize,
     usage: bool,
 ) -> (Duration, String) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let toml = format!(
-        r#"
-[daemon]
-concurrency = {concurrency}
-[openai]
-base_url = "{base_url}"
-admin_key_env = "{ADMIN_KEY_ENV}"
-[usage]
-enabled = {usage}
-[stores.file]
-type = "file"
-dir = "{dir}"
-[[rotate]]
-name = "bench"
-project = "no-such-project-*"
-service_account = "*"
-stores = ["file"]
-path = "bench/{{project_name}}/{{service_account_name}}"
-"#,
-        dir = dir.path().display()
-    );
-    let cfg = Config::from_toml(&toml).expect("bench config is valid");
-    let engine = keyrotd::app::build_engine(&cfg, true)
-        .await
-        .expect("engine builds");
-    sim.clear_requests();
-    let started = Instant::now();
-    let survey = engine.survey().await.expect("scan succeeds");
-    let _plan = engine.plan(&survey);
-    let wall = started.elapsed();
+    let TimedSurvey {
+        engine,
+        survey,
+        wall,
+        ..
+    } = timed_survey(
+        sim,
+        base_url,
+        concurrency,
+        "no-such-project-*",
+        "*",
+        &format!("[usage]\nenabled = {usage}"),
+    )
+    .await;
     assert_eq!(survey.inventory.usage.known().is_some(), usage);
     (wall, by_endpoint(engine.client.stats()))
 }

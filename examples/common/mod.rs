@@ -276,3 +276,60 @@ pub fn vault_store_toml(name: &str) -> String {
          auth = {{ method = \"token\", token_env = \"KEYROTD_TEST_VAULT_TOKEN\" }}\n"
     )
 }
+
+/// One timed scan as `keyrotd plan` runs it: a fresh dry-run engine (fresh connections)
+/// over a file store and one rule (`project_glob` / `sa_glob`, plus `extra` TOML, e.g. a
+/// `[usage]` section), then `Engine::survey` and its plan, timed together.
+pub struct TimedSurvey {
+    pub engine: keyrotd::rotation::Engine,
+    pub survey: keyrotd::rotation::Survey,
+    /// Keys the plan shows.
+    pub planned_keys: usize,
+    pub wall: Duration,
+}
+
+pub async fn timed_survey(
+    sim: &Sim,
+    base_url: &str,
+    concurrency: usize,
+    project_glob: &str,
+    sa_glob: &str,
+    extra: &str,
+) -> TimedSurvey {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = format!(
+        r#"
+[daemon]
+concurrency = {concurrency}
+[openai]
+base_url = "{base_url}"
+admin_key_env = "{ADMIN_KEY_ENV}"
+[stores.file]
+type = "file"
+dir = "{dir}"
+[[rotate]]
+name = "bench"
+project = "{project_glob}"
+service_account = "{sa_glob}"
+stores = ["file"]
+path = "bench/{{project_name}}/{{service_account_name}}"
+{extra}
+"#,
+        dir = dir.path().display()
+    );
+    let cfg = keyrotd::config::Config::from_toml(&toml).expect("bench config is valid");
+    let engine = keyrotd::app::build_engine(&cfg, true)
+        .await
+        .expect("engine builds");
+    sim.clear_requests();
+    let started = std::time::Instant::now();
+    let survey = engine.survey().await.expect("scan succeeds");
+    let planned_keys = engine.plan(&survey).keys.len();
+    let wall = started.elapsed();
+    TimedSurvey {
+        engine,
+        survey,
+        planned_keys,
+        wall,
+    }
+}
