@@ -321,3 +321,357 @@ async fn idle_old_keys_go_in_the_second_cycle_a_busy_one_is_kept() {
         "{kept:?}"
     );
 }
+
+/// One action of `once --dry-run --format json` or `plan --format json`, as compared:
+/// (action, project id, service account id, key id, reason).
+type Listed = (String, String, String, String, String);
+
+fn listed(actions: &serde_json::Value) -> BTreeSet<Listed> {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    actions
+        .as_array()
+        .unwrap_or_else(|| panic!("an actions list: {actions}"))
+        .iter()
+        .map(|a| {
+            (
+                s(&a["action"]),
+                s(&a["project_id"]),
+                s(&a["service_account_id"]),
+                s(&a["key_id"]),
+                s(&a["reason"]),
+            )
+        })
+        .collect()
+}
+
+/// Whether the listed action deletes a key (`PlannedAction::revokes`, from its JSON).
+fn deletes(a: &Listed) -> bool {
+    match a.0.as_str() {
+        "revoke" | "delete_service_account" => true,
+        "cleanup_intent" => a.4 == Why::Unrecorded.as_str() && !a.3.is_empty(),
+        _ => false,
+    }
+}
+
+/// (key id, deleted) for every key the bench's simulator ever held.
+fn bench_keys(b: &crate::harness::Bench) -> BTreeMap<String, bool> {
+    b.sim
+        .all_keys()
+        .into_iter()
+        .map(|k| (k.id, k.deleted_at.is_some()))
+        .collect()
+}
+
+/// Runs `keyrotd <args> --format json` and parses its stdout.
+async fn json_of(b: &crate::harness::Bench, args: &[&str]) -> serde_json::Value {
+    let exit = b.run(&[args, &["--format", "json"]].concat(), None).await;
+    assert_eq!(exit.code, Some(0), "{args:?}: {}", exit.tail());
+    serde_json::from_str(&exit.stdout)
+        .unwrap_or_else(|e| panic!("{args:?} prints JSON ({e}): {}", exit.stdout))
+}
+
+/// The earliest `due_at` of the plan's later actions that is a fixed time: not those of
+/// a slot whose mint is due now (they count from that mint, so from each run's now).
+fn next_due(plan: &serde_json::Value) -> Option<chrono::DateTime<Utc>> {
+    let minting: BTreeSet<(String, String)> = listed(&plan["actions"])
+        .into_iter()
+        .filter(|a| a.0 == "mint")
+        .map(|a| (a.1, a.2))
+        .collect();
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    plan["slots"]
+        .as_array()?
+        .iter()
+        .flat_map(|s| s["later"].as_array().into_iter().flatten())
+        .filter(|a| !minting.contains(&(s(&a["project_id"]), s(&a["service_account_id"]))))
+        .filter_map(|a| a["due_at"].as_str()?.parse().ok())
+        .min()
+}
+
+/// Through the binary, as an operator sees it: the actions `once --dry-run --format
+/// json` lists are those `plan --format json` lists as due, and exactly the mints and
+/// revocations the real `once` then performs on the simulated organization, while the
+/// organization changes between cycles (new projects to bootstrap, keys made and
+/// deleted by hand, orphans, consumers on old keys, grace periods ending, rotations
+/// interrupted at a step boundary), under both
+/// revocation policies and with a consumer-document store beside a separate-state one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_binary_the_dry_run_json_lists_what_once_then_does() {
+    use crate::harness::{Bench, Spec, StoreKind};
+    let seed: u64 = std::env::var("KEYROTD_DECIDE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("KEYROTD_DECIDE_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut compared = (0, 0, 0);
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for unused in [false, true] {
+        let mut spec = Spec::new(&[StoreKind::File, StoreKind::Vault])
+            .sa_glob("backend")
+            .policy("grace_period", "\"3s\"");
+        if unused {
+            spec = spec
+                .policy("revoke_when", "\"unused\"")
+                .policy("min_grace", "\"0s\"")
+                .policy("usage_report_delay", "\"0s\"")
+                .policy("max_grace", "\"6s\"");
+        }
+        let b = Bench::new(spec).await;
+        let day = 86_400;
+        let add_project = |name: &str| {
+            let p = b.sim.add_project(name);
+            for sa in ["backend", "worker"] {
+                let id = b.sim.add_service_account(&p, sa).unwrap();
+                b.sim
+                    .add_key_at(
+                        &p,
+                        OwnerRef::ServiceAccount(id),
+                        "legacy",
+                        b.sim.now() - 200 * day,
+                        None,
+                    )
+                    .unwrap();
+            }
+        };
+        add_project("prod-payments");
+        add_project("staging-web");
+        let mut projects = 1;
+        for step in 0..8 {
+            // The world changes between cycles.
+            let managed: Vec<(String, String)> = b
+                .sim
+                .projects()
+                .into_iter()
+                .filter(|p| p.name.starts_with("prod-"))
+                .flat_map(|p| {
+                    b.sim
+                        .service_accounts(&p.id)
+                        .into_iter()
+                        .filter(|sa| sa.name == "backend")
+                        .map(move |sa| (p.id.clone(), sa.id))
+                })
+                .collect();
+            let (p, sa) = managed[rng.gen_range(0..managed.len())].clone();
+            let change = rng.gen_range(0..7);
+            match change {
+                0 => {
+                    projects += 1;
+                    add_project(&format!("prod-new-{projects}"));
+                }
+                1 => {
+                    b.sim.add_key_at(
+                        &p,
+                        OwnerRef::ServiceAccount(sa),
+                        "by-hand",
+                        b.sim.now() - 120 * day,
+                        None,
+                    );
+                }
+                2 => {
+                    b.sim.add_key_at(
+                        &p,
+                        OwnerRef::ServiceAccount(sa),
+                        &format!("keyrotd-20260101T000000Z-{:04x}", rng.gen::<u16>()),
+                        b.sim.now() - 3 * day,
+                        None,
+                    );
+                }
+                3 => {
+                    for k in b.sim.keys(&p) {
+                        b.sim.use_key(&k.value);
+                    }
+                }
+                4 => {
+                    if let Some(k) = b.sim.keys(&p).first() {
+                        b.sim.delete_key(&k.id);
+                    }
+                }
+                // A rotation interrupted at a step boundary (abort, like SIGKILL).
+                5 => {
+                    projects += 1;
+                    add_project(&format!("prod-new-{projects}"));
+                    let at = ["after_intent", "after_mint", "after_stage", "after_publish"]
+                        [rng.gen_range(0..4)];
+                    let exit = b.run_once(Some(&format!("{at}=return"))).await;
+                    assert!(exit.crashed(), "stopped {at}: {}", exit.tail());
+                    // Its lease (1 s) runs out: before, the same resume is a takeover.
+                    tokio::time::sleep(Duration::from_millis(1100)).await;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(3500)).await,
+            }
+            // No deadline falls between the dry run and the cycle: wait past one that
+            // is close (what "due" means is the clock's, not the test's, business).
+            let mut tries = 0;
+            let plan = loop {
+                let plan = json_of(&b, &["plan"]).await;
+                tries += 1;
+                match next_due(&plan) {
+                    Some(t) if t < Utc::now() + chrono::Duration::seconds(4) => {
+                        assert!(tries < 10, "a later action stays due soon: {plan}");
+                        let wait = (t - Utc::now()).to_std().unwrap_or_default();
+                        tokio::time::sleep(wait + Duration::from_millis(1100)).await;
+                    }
+                    _ => break plan,
+                }
+            };
+            let before = bench_keys(&b);
+            let dry = json_of(&b, &["once", "--dry-run"]).await;
+            assert!(dry["generated_at"].is_string(), "{dry}");
+            assert_eq!(bench_keys(&b), before, "the dry run changed nothing");
+            let actions = listed(&dry["actions"]);
+            let ctx = format!(
+                "seed {seed}, unused={unused}, step {step}, change {change}\ndry run: {dry}"
+            );
+            assert_eq!(listed(&plan["actions"]), actions, "plan vs dry run\n{ctx}");
+
+            let exit = b.run_once(None).await;
+            assert_eq!(exit.code, Some(0), "{ctx}\n{}", exit.tail());
+            let after = bench_keys(&b);
+            let minted = after.keys().filter(|k| !before.contains_key(*k)).count();
+            let mints = actions.iter().filter(|a| a.0 == "mint").count();
+            assert_eq!(minted, mints, "mints\n{ctx}");
+            let revoked: BTreeSet<&str> = before
+                .iter()
+                .filter(|(k, gone)| !**gone && after.get(*k).is_none_or(|g| *g))
+                .map(|(k, _)| k.as_str())
+                .collect();
+            let expected: BTreeSet<&str> = actions
+                .iter()
+                .filter(|a| deletes(a) && before.get(&a.3) == Some(&false))
+                .map(|a| a.3.as_str())
+                .collect();
+            assert_eq!(revoked, expected, "revocations\n{ctx}");
+            compared.0 += 1;
+            compared.1 += mints;
+            compared.2 += expected.len();
+            for a in &actions {
+                *kinds.entry(format!("{} ({})", a.0, a.4)).or_default() += 1;
+            }
+        }
+    }
+    println!(
+        "compared {} cycles: {} mints, {} revocations; actions {kinds:?}",
+        compared.0, compared.1, compared.2
+    );
+    assert!(
+        compared.1 > 0 && compared.2 > 0,
+        "the cases mint and revoke"
+    );
+}
+
+/// `keyrotd <args>` on a pseudo-terminal (util-linux `script`), as an operator types
+/// it: what the terminal showed.
+fn on_a_tty(b: &crate::harness::Bench, args: &str) -> String {
+    use crate::harness::{ADMIN_KEY, ADMIN_KEY_ENV, BIN};
+    let cmd = format!(
+        "'{BIN}' --config '{}' --log-format json {args} 2>/dev/null",
+        b.config_path.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env(ADMIN_KEY_ENV, ADMIN_KEY)
+        .env_remove("RUST_LOG")
+        .env_remove("FAILPOINTS")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script (util-linux) runs");
+    assert!(out.status.success(), "{args}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).replace('\r', "")
+}
+
+/// On a terminal, `once --dry-run` prints its actions as a table and `once` ends with
+/// the one-screen summary: what it minted and revoked, what waits until when, what
+/// failed, in the counts the dry run announced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_the_dry_run_is_a_table_and_once_ends_with_a_summary() {
+    use crate::harness::{Bench, Spec, StoreKind};
+    let b = Bench::new(Spec::new(&[StoreKind::File]).policy("grace_period", "\"2s\"")).await;
+    let legacy_key = |project: &str| {
+        let p = b.sim.add_project(project);
+        let sa = b.sim.add_service_account(&p, "backend").unwrap();
+        let key = b
+            .sim
+            .add_key_at(
+                &p,
+                OwnerRef::ServiceAccount(sa.clone()),
+                "legacy",
+                b.sim.now() - 200 * 86_400,
+                None,
+            )
+            .unwrap();
+        (p, sa, key)
+    };
+    let (p, sa, first) = legacy_key("prod-payments");
+    let exit = b.run_once(None).await;
+    assert_eq!(exit.code, Some(0), "bootstrap: {}", exit.tail());
+    // Past the grace period: a new project to bootstrap, an orphan on the managed
+    // account.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, _, legacy) = legacy_key("prod-search");
+    let orphan = b
+        .sim
+        .add_key_at(
+            &p,
+            OwnerRef::ServiceAccount(sa),
+            "keyrotd-20260101T000000Z-beef",
+            b.sim.now() - 3 * 86_400,
+            None,
+        )
+        .unwrap();
+
+    let table = on_a_tty(&b, "once --dry-run");
+    let header = table.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("ACTION") && header.contains("REASON") && header.ends_with("DUE"),
+        "{table}"
+    );
+    let row = |kind: &str, project: &str, what: &str| {
+        table
+            .lines()
+            .any(|l| l.starts_with(kind) && l.contains(project) && l.contains(what))
+    };
+    assert!(row("mint", "prod-search", "bootstrap"), "{table}");
+    assert!(row("revoke", "prod-payments", &orphan.id), "{table}");
+    assert!(row("revoke", "prod-payments", &first.id), "{table}");
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(b.sim.is_live(&orphan.id), "the dry run revoked nothing");
+
+    let summary = on_a_tty(&b, "once");
+    let lines: Vec<&str> = summary.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("minted")
+            && l.contains("prod-search / backend")
+            && l.contains("bootstrap")),
+        "{summary}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("revoked")
+            && l.contains("prod-payments / backend")
+            && l.contains(&orphan.id)
+            && l.contains("orphan")),
+        "{summary}"
+    );
+    // The new project's legacy key waits the grace period, and the summary says until
+    // when.
+    assert!(
+        lines.iter().any(|l| l.starts_with("later: revoke")
+            && l.contains(&legacy.id)
+            && l.contains(" at 20")),
+        "{summary}"
+    );
+    // And when the bootstrapped slot's key is due for rotation.
+    assert!(
+        lines.iter().any(|l| l.starts_with("later: mint")
+            && l.contains("prod-payments / backend")
+            && l.contains("(stale)")),
+        "{summary}"
+    );
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(
+        last.starts_with("2 slots: 1 minted, 2 revoked, 2 later, 0 busy, 0 failed"),
+        "{summary}"
+    );
+    assert!(lines.len() < 25, "one screen: {summary}");
+    assert!(!b.sim.is_live(&orphan.id) && !b.sim.is_live(&first.id) && b.sim.is_live(&legacy.id));
+}
