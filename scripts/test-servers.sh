@@ -11,9 +11,14 @@
 #   `keyrotd` whose policy may manage `secret/*`.
 # - moto (AWS Secrets Manager emulator), `moto[server]`.
 #
-# Both live in .venv-test (created on first use; pinned versions, installed only when
-# missing or different), listen on free loopback ports, and log to
-# .test-servers/{openbao,moto}-<port>.log (with a .pid beside each while running).
+# Both live in a Python venv (created on first use; pinned versions, installed only
+# when missing or different) that .venv-test in the checkout points at: installed
+# tools, like the apt packages, are kept per machine, so a fresh clone or worktree
+# does not install them again. The venv is $KEYROTD_TOOLS_DIR/venv-test
+# (default ${XDG_CACHE_HOME:-~/.cache}/keyrotd/venv-test); a .venv-test that is a
+# directory of its own (an older checkout's) is used as it is. The servers listen on
+# free loopback ports and log to .test-servers/{openbao,moto}-<port>.log (with a .pid
+# beside each while running).
 #
 # Exports: KEYROTD_TEST_VAULT_ADDR, KEYROTD_TEST_VAULT_TOKEN,
 #   KEYROTD_TEST_VAULT_ROLE_ID, KEYROTD_TEST_VAULT_SECRET_ID (AppRole at auth/approle),
@@ -25,7 +30,12 @@ KEYROTD_OPENBAO_VERSION=2.7.2
 KEYROTD_MOTO_VERSION=5.2.5
 
 _kts_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-_kts_venv="$_kts_root/.venv-test"
+_kts_link="$_kts_root/.venv-test"
+if [ -d "$_kts_link" ] && [ ! -L "$_kts_link" ]; then
+    _kts_venv="$_kts_link"
+else
+    _kts_venv="${KEYROTD_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keyrotd}/venv-test"
+fi
 _kts_state="$_kts_root/.test-servers"
 
 _kts_say() { printf 'test-servers: %s\n' "$*" >&2; }
@@ -49,9 +59,26 @@ _kts_ensure_venv_module() {
     fi
 }
 
-# Creates .venv-test and installs the pinned servers unless already there.
+# Creates the venv and installs the pinned servers unless already there, one checkout
+# at a time (flock), and points .venv-test at it.
 _kts_ensure_tools() {
     command -v python3 >/dev/null 2>&1 || { _kts_say "python3 not found"; return 1; }
+    mkdir -p "$(dirname "$_kts_venv")" || { _kts_say "cannot create $(dirname "$_kts_venv")"; return 1; }
+    local rc=0
+    if command -v flock >/dev/null 2>&1; then
+        {
+            flock 9 && _kts_install_tools
+        } 9>"$_kts_venv.lock" || rc=$?
+    else
+        _kts_install_tools || rc=$?
+    fi
+    [ "$rc" -eq 0 ] || return "$rc"
+    if [ "$_kts_venv" != "$_kts_link" ]; then
+        ln -sfn "$_kts_venv" "$_kts_link" || { _kts_say "cannot link $_kts_link to $_kts_venv"; return 1; }
+    fi
+}
+
+_kts_install_tools() {
     if [ -e "$_kts_venv" ] && ! "$_kts_venv/bin/python" -m pip --version >/dev/null 2>&1; then
         _kts_say "$_kts_venv is broken (no pip, or python moved); recreating it"
         rm -rf "$_kts_venv"
