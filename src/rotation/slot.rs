@@ -140,7 +140,7 @@ pub struct Forced {
     /// When the replaced key is revoked.
     pub revoke_old: RevokeOld,
     /// When it was asked for (to the second): a slot every store promoted a key in
-    /// since then has been rotated already.
+    /// since, in a later second, has been rotated already ([`promoted_after`]).
     pub asked_at: Option<DateTime<Utc>>,
 }
 
@@ -165,6 +165,15 @@ impl Forced {
             asked_at: None,
         }
     }
+}
+
+/// Whether a promotion recorded at `promoted_at` came after a rotation asked for at
+/// `asked_at`, both kept to the second (AWS tags hold whole seconds): only a later
+/// second is sure to be after. A promotion in the second of the ask may have come
+/// before it, so it does not answer the ask and the slot is rotated again (a second
+/// new key, never a missed incident rotation).
+fn promoted_after(promoted_at: DateTime<Utc>, asked_at: DateTime<Utc>) -> bool {
+    promoted_at.timestamp() > asked_at.timestamp()
 }
 
 /// When a forced rotation's replaced key is revoked (`keyrotd rotate --revoke-old`).
@@ -293,9 +302,9 @@ async fn run_slot(
         let states: Vec<&SlotState> = run.states.iter().collect();
         let moved_on = decide::agreed_current(&states) != Some(k.as_str());
         let promoted_since = f.asked_at.is_some_and(|at| {
-            run.states
-                .iter()
-                .all(|s| s.current.is_some() && s.book.promoted_at.is_some_and(|p| p >= at))
+            run.states.iter().all(|s| {
+                s.current.is_some() && s.book.promoted_at.is_some_and(|p| promoted_after(p, at))
+            })
         });
         if moved_on || promoted_since {
             info!(event = "rotation.already_replaced", key_id = %k, "another process rotated the slot since this rotation was asked for");
@@ -2274,8 +2283,24 @@ fn listing_of(
 
 #[cfg(test)]
 mod tests {
-    use super::RevokeOld;
+    use super::{promoted_after, DateTime, Forced, RevokeOld, Utc};
     use std::time::Duration;
+
+    #[test]
+    fn only_a_promotion_in_a_later_second_answers_a_rotation_asked_for() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let asked = at("2026-12-02T10:00:00.700Z");
+        // The second of the ask: maybe before it (10:00:00.2), so not an answer.
+        assert!(!promoted_after(at("2026-12-02T10:00:00Z"), asked));
+        assert!(!promoted_after(at("2026-12-02T09:59:59Z"), asked));
+        assert!(promoted_after(at("2026-12-02T10:00:01Z"), asked));
+        // Forced::manual keeps the ask to the second; the same holds.
+        let f = Forced::manual(RevokeOld::Now, asked);
+        assert!(!promoted_after(
+            at("2026-12-02T10:00:00Z"),
+            f.asked_at.unwrap()
+        ));
+    }
 
     #[test]
     fn revoke_old_reads_now_grace_and_durations() {
