@@ -934,6 +934,7 @@ pub(crate) fn new_intent(
         lease_until: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
         attempt: 1,
         service_account_id,
+        revoke_old: None,
     }
 }
 

@@ -140,7 +140,7 @@ pub struct Forced {
     /// When the replaced key is revoked.
     pub revoke_old: RevokeOld,
     /// When it was asked for (to the second): a slot every store promoted a key in
-    /// since, in a later second, has been rotated already ([`promoted_after`]).
+    /// since, in a later second, has been rotated already (`promoted_after`).
     pub asked_at: Option<DateTime<Utc>>,
 }
 
@@ -1408,13 +1408,20 @@ impl SlotRun<'_> {
         } else {
             self.mint_on.clone()
         };
-        let intent = super::new_intent(
+        let mut intent = super::new_intent(
             policy::KEY_NAME_PREFIX,
             self.my_id(),
             now,
             self.eng.policy.lease,
             account,
         );
+        // Whoever finishes the rotation keeps the operator's (or the incident's) word
+        // on the replaced key.
+        intent.revoke_old = self
+            .forced
+            .map(|f| f.revoke_old)
+            .filter(|r| *r != RevokeOld::Grace)
+            .map(|r| r.to_string());
         let key_name = intent.key_name.clone();
         info!(event = "rotation.started", reason, "rotating slot");
         failpoint!("before_intent");
@@ -1705,8 +1712,14 @@ impl SlotRun<'_> {
             }
         }
         let at = self.now();
-        // An operator's `--revoke-old DURATION` is recorded with the promotion.
-        let previous_until = self.forced.and_then(|f| f.revoke_old.deadline(at));
+        // An operator's `--revoke-old DURATION` is recorded with the promotion. A run
+        // finishing another's `now` cannot revoke at once (it never saw the ask): the
+        // promotion itself is the deadline, which the next decision keeps.
+        let previous_until = match self.revoke_old() {
+            Some(RevokeOld::Now) if self.forced.is_none() => Some(at),
+            Some(r) => r.deadline(at),
+            None => None,
+        };
         let t = Transition::Promote {
             key_id: key_id.clone(),
             at,
@@ -1795,6 +1808,26 @@ impl SlotRun<'_> {
                 .await;
         }
         Ok(SlotOutcome::Rotated { key_id })
+    }
+
+    /// The `--revoke-old` this rotation carries: this run's own forced one, else the one
+    /// recorded in the intent of the run it finishes (a crash, a takeover); `None`: the
+    /// rule's grace period.
+    fn revoke_old(&self) -> Option<RevokeOld> {
+        if let Some(f) = self.forced {
+            return (f.revoke_old != RevokeOld::Grace).then_some(f.revoke_old);
+        }
+        let recorded = self
+            .states
+            .iter()
+            .find_map(|s| s.book.intent.as_ref()?.revoke_old.as_deref())?;
+        match RevokeOld::parse(recorded) {
+            Ok(r) => (r != RevokeOld::Grace).then_some(r),
+            Err(e) => {
+                warn!(event = "rotation.revoke_old_unreadable", recorded, error = %e, "the intent's revoke_old is not understood; the rule's grace period applies");
+                None
+            }
+        }
     }
 
     /// Another process promoted its own key in store `name` while this run promoted

@@ -23,7 +23,8 @@
 //!   `keyrotd:previous-until`, written with `keyrotd:promoted-at` and honoured under
 //!   the same condition, while there is a previous key.
 //! - `book.intent` is the tags `keyrotd:intent-{key-name,owner,lease-until,attempt,
-//!   service-account-id}`; an empty value means unset, so every bookkeeping change is a
+//!   service-account-id}` and, when an operator set it, `keyrotd:intent-revoke-old`;
+//!   an empty value means unset, so every bookkeeping change is a
 //!   single `TagResource` call. Values outside the tag alphabet are stored as `hex:...`.
 //! - Every secret keyrotd creates or writes is tagged `managed-by = keyrotd`.
 //!
@@ -110,6 +111,8 @@ const TAG_INTENT_OWNER: &str = "keyrotd:intent-owner";
 const TAG_INTENT_LEASE_UNTIL: &str = "keyrotd:intent-lease-until";
 const TAG_INTENT_ATTEMPT: &str = "keyrotd:intent-attempt";
 const TAG_INTENT_SA: &str = "keyrotd:intent-service-account-id";
+/// Optional beside the other intent tags: an operator's `--revoke-old`.
+const TAG_INTENT_REVOKE_OLD: &str = "keyrotd:intent-revoke-old";
 const TAG_PROMOTED_KEY_ID: &str = "keyrotd:promoted-key-id";
 const TAG_PROMOTED_AT: &str = "keyrotd:promoted-at";
 const TAG_PREVIOUS_UNTIL: &str = "keyrotd:previous-until";
@@ -533,6 +536,7 @@ impl AwsStore {
             lease_until: parse_time(&get(2)?).ok_or_else(bad)?,
             attempt: get(3)?.parse().map_err(|_| bad())?,
             service_account_id: get(4)?,
+            revoke_old: d.tag(TAG_INTENT_REVOKE_OLD).map(decode_tag),
         }))
     }
 
@@ -547,9 +551,11 @@ impl AwsStore {
             ],
             None => vec![String::new(); INTENT_TAGS.len()],
         };
+        let revoke_old = i.and_then(|i| i.revoke_old.clone()).unwrap_or_default();
         INTENT_TAGS
             .iter()
             .zip(vals)
+            .chain(std::iter::once((&TAG_INTENT_REVOKE_OLD, revoke_old)))
             .map(|(k, v)| self.tag(k, &v))
             .collect()
     }

@@ -98,6 +98,11 @@ pub struct Intent {
     /// The service account the key is minted on (differs from the current record's
     /// with strategy `new_service_account`).
     pub service_account_id: String,
+    /// An operator's `--revoke-old` for the key this rotation replaces (`now`, `15m`),
+    /// so that whichever process finishes the rotation keeps it; `None`: the rule's
+    /// grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_old: Option<String>,
 }
 
 /// Rotation bookkeeping kept beside the six fields (`rotation` in the JSON document).

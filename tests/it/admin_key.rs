@@ -302,6 +302,7 @@ async fn process_killed_between_create_and_store_leaves_a_working_key_and_a_foun
         lease_until: now + chrono::Duration::minutes(10),
         attempt: 1,
         service_account_id: RECORD_OWNER_ID.into(),
+        revoke_old: None,
     };
     dead.stores["vault"]
         .apply(&path, &st.version, &Transition::Intent(intent.clone()))

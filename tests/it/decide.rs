@@ -93,6 +93,7 @@ async fn perturb(w: &World, rng: &mut rand::rngs::StdRng, engine: &keyrotd::rota
                 },
                 attempt: 1,
                 service_account_id: sa.id.clone(),
+                revoke_old: None,
             };
             let state = store
                 .apply_to(&key, &state, &Transition::Intent(intent))

@@ -457,3 +457,82 @@ async fn rotate_racing_a_cycle_rotates_each_slot_once() {
         assert!(accounted.contains(&k), "orphan {k}");
     }
 }
+
+/// An operator's `rotate --revoke-old 4s` killed after staging (SIGKILL-like abort at
+/// the failpoint), then a plain `once` with no flag finishes the rotation: it keeps the
+/// operator's deadline (recorded in the intent, in every store), not the rule's hour;
+/// likewise `--revoke-old now`, whose deadline becomes the promotion itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_operator_rotation_keeps_its_deadline_when_another_run_finishes_it() {
+    crate::harness::require_failpoints_binary();
+    let spec = Spec::new(&[File, Vault, Aws]).policy("grace_period", "\"1h\"");
+    let (b, _) = bench_of(spec).await;
+    let slot = slot_of(&b, "prod-payments", "backend").clone();
+    for (revoke_old, after) in [("4s", 4), ("now", 0)] {
+        let old = served(&b)
+            .await
+            .into_iter()
+            .find(|((_, p), _)| *p == slot.path)
+            .map(|(_, k)| k)
+            .unwrap();
+        let select = [
+            "rotate",
+            "--project",
+            "prod-payments",
+            "--service-account",
+            "backend",
+            "--revoke-old",
+            revoke_old,
+        ];
+        let killed = b.run(&select, Some("after_stage=return")).await;
+        assert!(killed.crashed(), "stopped after staging: {}", killed.tail());
+        // Its lease (1 s) runs out; then a cycle that was asked for nothing finishes it.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let exit = b.run_once(None).await;
+        assert_eq!(exit.code, Some(0), "{}", exit.tail());
+        assert!(
+            !exit.events("rotation.completed").is_empty(),
+            "the cycle finished the rotation: {}",
+            exit.tail()
+        );
+        let snap = b.snapshot().await.unwrap();
+        let mut stores = 0;
+        for ((store, path), st) in &snap {
+            if *path != slot.path {
+                continue;
+            }
+            stores += 1;
+            assert_ne!(
+                st.current.as_ref().map(|c| &c.key_id),
+                Some(&old),
+                "{store}"
+            );
+            assert!(st.book.intent.is_none(), "{store}: {st:?}");
+            if after > 0 {
+                assert_eq!(st.book.previous_key_id.as_ref(), Some(&old), "{store}");
+                let promoted = st.book.promoted_at.expect("promoted");
+                assert_eq!(
+                    st.book.previous_until,
+                    Some(promoted + chrono::Duration::seconds(after)),
+                    "{store} keeps the operator's deadline, not the rule's hour: {st:?}"
+                );
+            }
+        }
+        assert_eq!(stores, 3, "{snap:?}");
+        if after > 0 {
+            assert!(b.sim.is_live(&old), "kept until the deadline");
+            tokio::time::sleep(Duration::from_millis(after as u64 * 1000 + 1100)).await;
+        }
+        // `now`: the promotion is the deadline, so this cycle revokes the old key;
+        // `4s`: the first cycle after the deadline does.
+        let late = b.run_once(None).await;
+        assert_eq!(late.code, Some(0), "{}", late.tail());
+        assert!(
+            !b.sim.is_live(&old),
+            "{revoke_old}: the old key is gone at the operator's deadline, an hour before \
+             the grace period would end: {}",
+            late.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+}

@@ -214,6 +214,7 @@ pub fn intent(n: u32) -> Intent {
         lease_until: at(600),
         attempt: n,
         service_account_id: "svc_acct_1".into(),
+        revoke_old: None,
     }
 }
 
