@@ -120,6 +120,24 @@ async fn perturb(w: &World, rng: &mut rand::rngs::StdRng, engine: &keyrotd::rota
     }
 }
 
+/// The run's seed (`KEYROTD_DECIDE_SEED` replays one; printed) and its generator.
+fn seeded() -> (u64, rand::rngs::StdRng) {
+    let seed: u64 = std::env::var("KEYROTD_DECIDE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("KEYROTD_DECIDE_SEED={seed}");
+    (seed, rand::rngs::StdRng::seed_from_u64(seed))
+}
+
+/// Prints what a run compared, (cycles, mints, revocations), and fails a run that
+/// compared no mint or no revocation.
+fn tally(compared: (usize, usize, usize), more: &str) {
+    let (cycles, mints, revocations) = compared;
+    println!("compared {cycles} cycles: {mints} mints, {revocations} revocations{more}");
+    assert!(mints > 0 && revocations > 0, "the cases mint and revoke");
+}
+
 fn describe(actions: &[PlannedAction]) -> String {
     actions
         .iter()
@@ -130,12 +148,7 @@ fn describe(actions: &[PlannedAction]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dry_run_lists_exactly_what_the_cycle_then_does() {
-    let seed: u64 = std::env::var("KEYROTD_DECIDE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("KEYROTD_DECIDE_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded();
     let mut compared = (0, 0, 0);
     for case in 0..12 {
         let unused = rng.gen_bool(0.5);
@@ -217,14 +230,7 @@ async fn the_dry_run_lists_exactly_what_the_cycle_then_does() {
             compared.2 += revokes;
         }
     }
-    println!(
-        "compared {} cycles: {} mints, {} revocations",
-        compared.0, compared.1, compared.2
-    );
-    assert!(
-        compared.1 > 0 && compared.2 > 0,
-        "the cases mint and revoke"
-    );
+    tally(compared, "");
 }
 
 /// `revoke_when = "unused"` with no minimum grace: the cycle after a bootstrap revokes
@@ -399,12 +405,7 @@ fn next_due(plan: &serde_json::Value) -> Option<chrono::DateTime<Utc>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_the_binary_the_dry_run_json_lists_what_once_then_does() {
     use crate::harness::{Bench, Spec, StoreKind};
-    let seed: u64 = std::env::var("KEYROTD_DECIDE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("KEYROTD_DECIDE_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded();
     let mut compared = (0, 0, 0);
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     for unused in [false, true] {
@@ -423,16 +424,7 @@ async fn through_the_binary_the_dry_run_json_lists_what_once_then_does() {
         let add_project = |name: &str| {
             let p = b.sim.add_project(name);
             for sa in ["backend", "worker"] {
-                let id = b.sim.add_service_account(&p, sa).unwrap();
-                b.sim
-                    .add_key_at(
-                        &p,
-                        OwnerRef::ServiceAccount(id),
-                        "legacy",
-                        b.sim.now() - 200 * day,
-                        None,
-                    )
-                    .unwrap();
+                b.add_legacy_account(&p, sa);
             }
         };
         add_project("prod-payments");
@@ -551,14 +543,7 @@ async fn through_the_binary_the_dry_run_json_lists_what_once_then_does() {
             }
         }
     }
-    println!(
-        "compared {} cycles: {} mints, {} revocations; actions {kinds:?}",
-        compared.0, compared.1, compared.2
-    );
-    assert!(
-        compared.1 > 0 && compared.2 > 0,
-        "the cases mint and revoke"
-    );
+    tally(compared, &format!("; actions {kinds:?}"));
 }
 
 /// `keyrotd <args>` on a pseudo-terminal (util-linux `script`), as an operator types
@@ -590,17 +575,10 @@ async fn on_a_terminal_the_dry_run_is_a_table_and_once_ends_with_a_summary() {
     let b = Bench::new(Spec::new(&[StoreKind::File]).policy("grace_period", "\"2s\"")).await;
     let legacy_key = |project: &str| {
         let p = b.sim.add_project(project);
-        let sa = b.sim.add_service_account(&p, "backend").unwrap();
-        let key = b
-            .sim
-            .add_key_at(
-                &p,
-                OwnerRef::ServiceAccount(sa.clone()),
-                "legacy",
-                b.sim.now() - 200 * 86_400,
-                None,
-            )
-            .unwrap();
+        let key = b.add_legacy_account(&p, "backend");
+        let OwnerRef::ServiceAccount(sa) = key.owner.clone() else {
+            unreachable!("a service account's key")
+        };
         (p, sa, key)
     };
     let (p, sa, first) = legacy_key("prod-payments");

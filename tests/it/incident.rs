@@ -29,16 +29,7 @@ async fn bench_of(spec: Spec) -> (Bench, String) {
     ] {
         let p = b.sim.add_project(project);
         for sa in sas {
-            let id = b.sim.add_service_account(&p, sa).unwrap();
-            b.sim
-                .add_key_at(
-                    &p,
-                    OwnerRef::ServiceAccount(id),
-                    "legacy",
-                    now - 200 * DAY_SECS,
-                    None,
-                )
-                .unwrap();
+            b.add_legacy_account(&p, sa);
         }
         if project == "prod-payments" {
             let u = b.sim.add_user("Dana", "dana@example.com");
@@ -67,6 +58,21 @@ async fn served(b: &Bench) -> BTreeMap<(String, String), String> {
         .collect()
 }
 
+/// `keyrotd rotate` of prod-payments/backend with `--revoke-old revoke_old`, then `more`.
+fn rotate_payments_backend<'a>(revoke_old: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "rotate",
+        "--project",
+        "prod-payments",
+        "--service-account",
+        "backend",
+        "--revoke-old",
+        revoke_old,
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
 fn slot_of<'a>(b: &'a Bench, project: &str, sa: &str) -> &'a SlotRef {
     b.slots
         .iter()
@@ -90,18 +96,7 @@ async fn rotate_now_replaces_one_slot_everywhere_and_revokes_the_old_key() {
     // The dry run says what it would do and does nothing.
     let dry = b
         .run(
-            &[
-                "rotate",
-                "--project",
-                "prod-payments",
-                "--service-account",
-                "backend",
-                "--revoke-old",
-                "now",
-                "--dry-run",
-                "--format",
-                "json",
-            ],
+            &rotate_payments_backend("now", &["--dry-run", "--format", "json"]),
             None,
         )
         .await;
@@ -117,20 +112,7 @@ async fn rotate_now_replaces_one_slot_everywhere_and_revokes_the_old_key() {
     assert_eq!(served(&b).await, before, "the dry run changed nothing");
 
     let exit = b
-        .run(
-            &[
-                "rotate",
-                "--project",
-                "prod-payments",
-                "--service-account",
-                "backend",
-                "--revoke-old",
-                "now",
-                "--format",
-                "json",
-            ],
-            None,
-        )
+        .run(&rotate_payments_backend("now", &["--format", "json"]), None)
         .await;
     assert_eq!(exit.code, Some(0), "{}", exit.tail());
     let after = served(&b).await;
@@ -294,15 +276,7 @@ async fn revoke_old_after_a_duration_is_kept_by_the_next_cycle_in_every_store() 
         bad.stderr
     );
 
-    let select = [
-        "rotate",
-        "--project",
-        "prod-payments",
-        "--service-account",
-        "backend",
-        "--revoke-old",
-        "4s",
-    ];
+    let select = rotate_payments_backend("4s", &[]);
     let dry = b
         .run(
             &[&select[..], &["--dry-run", "--format", "json"]].concat(),
@@ -475,15 +449,7 @@ async fn a_crashed_operator_rotation_keeps_its_deadline_when_another_run_finishe
             .find(|((_, p), _)| *p == slot.path)
             .map(|(_, k)| k)
             .unwrap();
-        let select = [
-            "rotate",
-            "--project",
-            "prod-payments",
-            "--service-account",
-            "backend",
-            "--revoke-old",
-            revoke_old,
-        ];
+        let select = rotate_payments_backend(revoke_old, &[]);
         let killed = b.run(&select, Some("after_stage=return")).await;
         assert!(killed.crashed(), "stopped after staging: {}", killed.tail());
         // Its lease (1 s) runs out; then a cycle that was asked for nothing finishes it.

@@ -344,6 +344,24 @@ impl Bench {
         std::fs::read_to_string(&self.config_path).unwrap_or_default()
     }
 
+    /// A service account `sa_name` in `project_id` with one key, "legacy", created 200
+    /// days ago and never used (stale under the harness's 90-day `max_age`).
+    pub fn add_legacy_account(&self, project_id: &str, sa_name: &str) -> keyrotd::sim::SimKey {
+        let id = self
+            .sim
+            .add_service_account(project_id, sa_name)
+            .expect("project exists");
+        self.sim
+            .add_key_at(
+                project_id,
+                keyrotd::sim::OwnerRef::ServiceAccount(id),
+                "legacy",
+                self.sim.now() - 200 * DAY,
+                None,
+            )
+            .expect("key")
+    }
+
     /// Registers the slots the rule covers, from the simulator's organization.
     pub fn register_slots(&mut self) {
         let proj = globset::Glob::new(&self.spec.project_glob)
