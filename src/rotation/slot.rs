@@ -1417,11 +1417,7 @@ impl SlotRun<'_> {
         );
         // Whoever finishes the rotation keeps the operator's (or the incident's) word
         // on the replaced key.
-        intent.revoke_old = self
-            .forced
-            .map(|f| f.revoke_old)
-            .filter(|r| *r != RevokeOld::Grace)
-            .map(|r| r.to_string());
+        intent.revoke_old = self.forced_revoke_old().map(|r| r.to_string());
         let key_name = intent.key_name.clone();
         info!(event = "rotation.started", reason, "rotating slot");
         failpoint!("before_intent");
@@ -1810,12 +1806,19 @@ impl SlotRun<'_> {
         Ok(SlotOutcome::Rotated { key_id })
     }
 
+    /// This run's own forced `--revoke-old`, unless it is the rule's grace period.
+    fn forced_revoke_old(&self) -> Option<RevokeOld> {
+        self.forced
+            .map(|f| f.revoke_old)
+            .filter(|r| *r != RevokeOld::Grace)
+    }
+
     /// The `--revoke-old` this rotation carries: this run's own forced one, else the one
     /// recorded in the intent of the run it finishes (a crash, a takeover); `None`: the
     /// rule's grace period.
     fn revoke_old(&self) -> Option<RevokeOld> {
-        if let Some(f) = self.forced {
-            return (f.revoke_old != RevokeOld::Grace).then_some(f.revoke_old);
+        if self.forced.is_some() {
+            return self.forced_revoke_old();
         }
         let recorded = self
             .states

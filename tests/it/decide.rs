@@ -19,9 +19,8 @@ const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86400);
 
 /// (key id, deleted) for every key the simulator ever held.
-fn keys(w: &World) -> BTreeMap<String, bool> {
-    w.sim
-        .all_keys()
+fn keys(sim: &keyrotd::sim::Sim) -> BTreeMap<String, bool> {
+    sim.all_keys()
         .into_iter()
         .map(|k| (k.id, k.deleted_at.is_some()))
         .collect()
@@ -181,7 +180,7 @@ async fn the_dry_run_lists_exactly_what_the_cycle_then_does() {
             let survey = engine.survey().await.expect("survey");
             let summary = engine.plan(&survey).summary();
             drop(survey);
-            let before = keys(&w);
+            let before = keys(&w.sim);
             let report = engine.cycle().await;
             let ctx = format!(
                 "seed {seed}, case {case}, step {step} (+{step_by:?}, unused={unused})\nplanned:\n{}\nreport: {:?}",
@@ -189,7 +188,7 @@ async fn the_dry_run_lists_exactly_what_the_cycle_then_does() {
                 report.slots.iter().map(|s| (&s.outcome, &s.performed)).collect::<Vec<_>>()
             );
             assert!(!report.any_failed(), "{ctx}");
-            let after = keys(&w);
+            let after = keys(&w.sim);
 
             // Mints: one new key per planned mint (verification never fails here).
             let minted = after.keys().filter(|k| !before.contains_key(*k)).count();
@@ -360,15 +359,6 @@ fn deletes(a: &Listed) -> bool {
     }
 }
 
-/// (key id, deleted) for every key the bench's simulator ever held.
-fn bench_keys(b: &crate::harness::Bench) -> BTreeMap<String, bool> {
-    b.sim
-        .all_keys()
-        .into_iter()
-        .map(|k| (k.id, k.deleted_at.is_some()))
-        .collect()
-}
-
 /// Runs `keyrotd <args> --format json` and parses its stdout.
 async fn json_of(b: &crate::harness::Bench, args: &[&str]) -> serde_json::Value {
     let exit = b.run(&[args, &["--format", "json"]].concat(), None).await;
@@ -508,10 +498,10 @@ async fn through_the_binary_the_dry_run_json_lists_what_once_then_does() {
                     _ => break plan,
                 }
             };
-            let before = bench_keys(&b);
+            let before = keys(&b.sim);
             let dry = json_of(&b, &["once", "--dry-run"]).await;
             assert!(dry["generated_at"].is_string(), "{dry}");
-            assert_eq!(bench_keys(&b), before, "the dry run changed nothing");
+            assert_eq!(keys(&b.sim), before, "the dry run changed nothing");
             let actions = listed(&dry["actions"]);
             let ctx = format!(
                 "seed {seed}, unused={unused}, step {step}, change {change}\ndry run: {dry}"
@@ -520,7 +510,7 @@ async fn through_the_binary_the_dry_run_json_lists_what_once_then_does() {
 
             let exit = b.run_once(None).await;
             assert_eq!(exit.code, Some(0), "{ctx}\n{}", exit.tail());
-            let after = bench_keys(&b);
+            let after = keys(&b.sim);
             let minted = after.keys().filter(|k| !before.contains_key(*k)).count();
             let mints = actions.iter().filter(|a| a.0 == "mint").count();
             assert_eq!(minted, mints, "mints\n{ctx}");
