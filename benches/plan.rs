@@ -202,6 +202,7 @@ fn views(inv: &Inventory, rules: &[Rule]) -> Vec<SlotView> {
             SlotView {
                 slot,
                 states: vec![("file".to_string(), Ok(state))],
+                record_keys: vec![None],
             }
         })
         .collect()

@@ -573,6 +573,9 @@ impl SlotStatus {
 pub struct SlotView {
     pub slot: Slot,
     pub states: Vec<(String, Result<SlotState, StoreError>)>,
+    /// Beside each of `states`: where it was read, when it is the store's state
+    /// record for the slot's path (`slot::view`), which the slot's run may start from.
+    pub record_keys: Vec<Option<String>>,
 }
 
 impl SlotView {

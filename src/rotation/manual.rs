@@ -222,7 +222,7 @@ impl Engine {
             let slot = v.slot.clone();
             let replacing = v.agreed_current().map(str::to_string);
             let keys = super::slot_keys(&by_sa, &slot);
-            self.run_slot(slot, keys, Some((forced, replacing)))
+            self.run_slot(slot, keys, Some((forced, replacing)), Vec::new())
         });
         use futures::stream::StreamExt;
         let done: Vec<SlotReport> = futures::stream::iter(runs)

@@ -396,6 +396,7 @@ impl Engine {
     async fn read_views(&self, slots: Vec<Slot>) -> Vec<SlotView> {
         stream::iter(slots.into_iter().map(|slot| async move {
             let mut states = Vec::new();
+            let mut record_keys = Vec::new();
             for name in &slot.stores {
                 let r = match self.stores.get(name) {
                     Some(s) => slot::view(s, &slot).await,
@@ -405,9 +406,18 @@ impl Engine {
                         "store is not configured",
                     )),
                 };
+                let (r, key) = match r {
+                    Ok((state, key)) => (Ok(state), key),
+                    Err(e) => (Err(e), None),
+                };
                 states.push((name.clone(), r));
+                record_keys.push(key);
             }
-            SlotView { slot, states }
+            SlotView {
+                slot,
+                states,
+                record_keys,
+            }
         }))
         .buffered(self.settings.concurrency.max(1))
         .collect()
@@ -511,33 +521,38 @@ impl Engine {
         }
         outside::check(self, &survey);
         drop(plan);
-        // The slots go on; what their stores held is read again by each slot's run.
+        // The slots go on. Each slot's run reads its stores again, but for a state
+        // record at rest that its consumer document agrees with (`slot::Seen`): a
+        // rotation starts from the survey's read of it.
         let Survey {
             inventory: inv,
             views,
             ..
         } = survey;
-        let slots: Vec<Slot> = views.into_iter().map(|v| v.slot).collect();
+        let slots: Vec<(Slot, Vec<slot::Seen>)> = views.into_iter().map(slot::Seen::of).collect();
 
         let by_sa = keys_by_service_account(&inv);
-        let results: Vec<Option<SlotReport>> = stream::iter(slots.into_iter().map(|slot| {
-            let keys = slot_keys(&by_sa, &slot);
-            async move {
-                if self.shutdown.is_cancelled() {
-                    return None;
+        let results: Vec<Option<SlotReport>> =
+            stream::iter(slots.into_iter().map(|(slot, seen)| {
+                let keys = slot_keys(&by_sa, &slot);
+                async move {
+                    if self.shutdown.is_cancelled() {
+                        return None;
+                    }
+                    let forced = incidents.get(&slot.id()).map(|k| {
+                        (
+                            slot::Forced::incident(decide::Why::UsageAnomaly),
+                            Some(k.clone()),
+                        )
+                    });
+                    // An incident's rotation reads everything afresh.
+                    let seen = if forced.is_some() { Vec::new() } else { seen };
+                    Some(self.run_slot(slot, keys, forced, seen).await)
                 }
-                let forced = incidents.get(&slot.id()).map(|k| {
-                    (
-                        slot::Forced::incident(decide::Why::UsageAnomaly),
-                        Some(k.clone()),
-                    )
-                });
-                Some(self.run_slot(slot, keys, forced).await)
-            }
-        }))
-        .buffer_unordered(self.settings.concurrency.max(1))
-        .collect()
-        .await;
+            }))
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .collect()
+            .await;
         for r in results {
             match r {
                 Some(r) => report.slots.push(r),
@@ -567,6 +582,7 @@ impl Engine {
         slot: Slot,
         keys: Vec<ProjectApiKey>,
         forced: Option<(slot::Forced, Option<String>)>,
+        seen: Vec<slot::Seen>,
     ) -> SlotReport {
         // Every line of the slot's run carries its ids and names. At ERROR so that no
         // level filter drops it while it would keep the events inside.
@@ -583,8 +599,9 @@ impl Engine {
             trigger = if manual { "manual" } else { "schedule" },
             operator = manual.then(manual::operator),
         );
-        let slot::RunResult { outcome, performed } =
-            slot::run(self, &slot, keys, forced).instrument(span).await;
+        let slot::RunResult { outcome, performed } = slot::run(self, &slot, keys, forced, seen)
+            .instrument(span)
+            .await;
         match &outcome {
             Ok(SlotOutcome::Rotated { key_id }) => self.notifier.send(Notice::RotationCompleted {
                 project_id: slot.project_id.clone(),

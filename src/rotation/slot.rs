@@ -19,7 +19,7 @@ use crate::config::{Rule, Strategy};
 use crate::metrics::{FailureKind, RevocationOutcome, RotationOutcome};
 use crate::openai::models::{CreateKeyRequest, ProjectApiKey};
 use crate::openai::ApiError;
-use crate::plan::Slot;
+use crate::plan::{Slot, SlotView};
 use crate::policy;
 use crate::store::{
     ConsumerDoc, DynStore, Intent, Layout, Location, SecretRecord, SlotState, StoreError,
@@ -120,15 +120,17 @@ pub struct RunResult {
 }
 
 /// Runs the state machine for one slot. `keys` are the service account's keys as
-/// scanned at the start of the cycle.
+/// scanned at the start of the cycle; `seen`, what the cycle's survey read of its
+/// stores' states (empty: the run reads them all).
 pub async fn run(
     eng: &Engine,
     slot: &Slot,
     keys: Vec<ProjectApiKey>,
     forced: Option<(Forced, Option<String>)>,
+    seen: Vec<Seen>,
 ) -> RunResult {
     let mut performed = Vec::new();
-    let outcome = run_slot(eng, slot, keys, forced, &mut performed).await;
+    let outcome = run_slot(eng, slot, keys, forced, seen, &mut performed).await;
     RunResult { outcome, performed }
 }
 
@@ -229,6 +231,7 @@ async fn run_slot(
     slot: &Slot,
     keys: Vec<ProjectApiKey>,
     forced: Option<(Forced, Option<String>)>,
+    seen: Vec<Seen>,
     performed: &mut Vec<Performed>,
 ) -> SlotResult<SlotOutcome> {
     // With the key the asker saw served: a rotation asked for replaces that key, and
@@ -290,12 +293,10 @@ async fn run_slot(
         docs: Vec::new(),
         others: Vec::new(),
         usage: eng.usage_seen(),
+        reused: false,
     };
     run.new_account = run.rule.strategy == Strategy::NewServiceAccount;
-    run.read_all().await?;
-    run.read_others().await?;
-    run.settle().await?;
-    run.refresh_keys().await?;
+    run.prepare(seen).await?;
     if let (Some(f), Some(k)) = (run.forced, &replacing) {
         // Another process rotated the slot since the operator asked: the key they
         // wanted replaced is no longer served (or every store promoted a key since).
@@ -315,6 +316,14 @@ async fn run_slot(
         }
     }
     let mut actions = decide::decide(&run.facts(), &run.context());
+    if !run.fresh(&actions) {
+        debug!(
+            event = "slot.reread",
+            "acting on more than a rotation: reading the stores again"
+        );
+        run.prepare(Vec::new()).await?;
+        actions = decide::decide(&run.facts(), &run.context());
+    }
     // A slot about to rotate anyway is not checked: the check is a call with the key,
     // which the API counts as a use, and the key it replaces must not look in use.
     let now = run.now();
@@ -362,24 +371,34 @@ struct SlotRun<'a> {
     /// identity (the rule moved to other stores): they keep serving through a grace
     /// period, then their documents are removed.
     others: Vec<Other>,
+    /// Some store's state is the survey's read of it ([`Seen`]), not read by this run.
+    reused: bool,
 }
 
 /// What `store` holds for `slot`, as the plan shows it: the state record, or, before
 /// one exists, what the consumer document at the rendered path holds (a 0.1-layout
 /// document's bookkeeping, or a record of someone else, which the plan shows as a
 /// collision). One read of the state, and of the consumer document unless the state
-/// records the path.
-pub async fn view(store: &DynStore, slot: &Slot) -> Result<SlotState, StoreError> {
-    let (_, state) = read_state(store, slot).await?;
+/// records the path. With the state, where it was read when it is the state record of
+/// a [`Layout::Separate`] store serving the slot's path (what [`Seen`] can carry to the
+/// slot's run).
+pub async fn view(
+    store: &DynStore,
+    slot: &Slot,
+) -> Result<(SlotState, Option<String>), StoreError> {
+    let (key, state) = read_state(store, slot).await?;
     let serving_here = state
         .book
         .locations
         .iter()
         .any(|l| l.path == slot.path && l.retire_after.is_none());
-    if store.layout() != Layout::Separate || serving_here {
+    if store.layout() != Layout::Separate {
+        return Ok((state, None));
+    }
+    if serving_here {
         // The document at a path the state records is the slot's own (the slot's run
         // reads and checks it before acting); the plan needs only the state.
-        return Ok(state);
+        return Ok((state, Some(key)));
     }
     let doc = store.read_consumer(&slot.path).await?;
     let foreign = doc
@@ -387,16 +406,76 @@ pub async fn view(store: &DynStore, slot: &Slot) -> Result<SlotState, StoreError
         .as_ref()
         .is_some_and(|r| r.project_id != slot.project_id);
     if foreign || state.is_empty() {
-        return Ok(match doc.legacy {
-            Some(legacy) if !foreign => legacy,
-            _ => SlotState {
-                current: doc.record,
-                version: doc.version,
-                ..SlotState::default()
+        return Ok((
+            match doc.legacy {
+                Some(legacy) if !foreign => legacy,
+                _ => SlotState {
+                    current: doc.record,
+                    version: doc.version,
+                    ..SlotState::default()
+                },
             },
-        });
+            None,
+        ));
     }
-    Ok(state)
+    Ok((state, None))
+}
+
+/// A state record the cycle's survey read for a slot (`key` in store `store`), which
+/// the slot's run starts from instead of reading it again, when it is quiet and the
+/// consumer document agrees ([`reusable`]): one store request fewer per rotation.
+#[derive(Debug)]
+pub struct Seen {
+    pub store: String,
+    pub key: String,
+    pub state: SlotState,
+}
+
+impl Seen {
+    /// A survey's view of a slot: the slot, and the state records its run may start
+    /// from.
+    pub(crate) fn of(view: SlotView) -> (Slot, Vec<Seen>) {
+        let seen = view
+            .states
+            .into_iter()
+            .zip(view.record_keys)
+            .filter_map(|((store, state), key)| {
+                Some(Seen {
+                    store,
+                    key: key?,
+                    state: state.ok()?,
+                })
+            })
+            .collect();
+        (view.slot, seen)
+    }
+}
+
+/// Whether the survey's read of `state` may stand for the slot's own: a state at rest
+/// (a promoted key with its clock, no intent, nothing staged, served at the slot's
+/// path only, the rule still naming the store, one account), whose consumer document
+/// `doc`, read now, serves its current key. Any other state is read again, since
+/// settling it or resuming from it acts on what it says. A state that changed since
+/// the survey still cannot be overwritten (every write is compare-and-set on the
+/// version read), and a run whose actions are anything but a rotation reads again
+/// before acting ([`SlotRun::fresh`]).
+fn reusable(state: &SlotState, slot: &Slot, doc: &ConsumerDoc) -> bool {
+    let Some(current) = &state.current else {
+        return false;
+    };
+    let at_rest = state.pending.is_none()
+        && state.book.intent.is_none()
+        && state.book.promoted_at.is_some()
+        && state.book.released_until.is_none()
+        && slot.service_accounts.len() == 1
+        && matches!(state.book.locations.as_slice(),
+            [l] if l.path == slot.path && l.retire_after.is_none());
+    at_rest
+        && doc.legacy.is_none()
+        && doc
+            .record
+            .as_ref()
+            .is_some_and(|r| r.key_id == current.key_id)
 }
 
 /// Reads the slot's state record in `store`, and where it is (the key). A slot with
@@ -460,8 +539,18 @@ async fn read_docs(
 async fn read_store(
     store: &DynStore,
     slot: &Slot,
-) -> Result<(String, SlotState, Vec<(String, ConsumerDoc)>), StoreError> {
+    seen: Option<Seen>,
+) -> Result<(String, SlotState, Vec<(String, ConsumerDoc)>, bool), StoreError> {
     let separate = store.layout() == Layout::Separate;
+    if let Some(seen) = seen.filter(|_| separate) {
+        let doc = store.read_consumer(&slot.path).await?;
+        if reusable(&seen.state, slot, &doc) {
+            return Ok((seen.key, seen.state, vec![(slot.path.clone(), doc)], true));
+        }
+        let (key, state) = read_state(store, slot).await?;
+        let docs = read_docs(store, &slot.path, Some(doc), &state).await?;
+        return Ok((key, state, docs, false));
+    }
     let (state, first) = tokio::join!(read_state(store, slot), async {
         match separate {
             true => store.read_consumer(&slot.path).await.map(Some),
@@ -470,7 +559,7 @@ async fn read_store(
     });
     let (key, state) = state?;
     let docs = read_docs(store, &slot.path, first?, &state).await?;
-    Ok((key, state, docs))
+    Ok((key, state, docs, false))
 }
 
 impl SlotRun<'_> {
@@ -487,20 +576,48 @@ impl SlotRun<'_> {
         e
     }
 
-    /// Reads every store of the slot (all at once: they are independent).
-    async fn read_all(&mut self) -> SlotResult<()> {
+    /// Reads every store of the slot (all at once: they are independent), starting
+    /// from what the survey read of a store's state where that may stand (`seen`).
+    async fn read_all(&mut self, mut seen: Vec<Seen>) -> SlotResult<()> {
         let slot = self.slot;
-        let read =
-            futures::future::try_join_all(self.stores.iter().map(|(_, s)| read_store(s, slot)))
-                .await?;
+        let read = futures::future::try_join_all(self.stores.iter().map(|(name, s)| {
+            let seen = seen
+                .iter()
+                .position(|v| v.store == *name)
+                .map(|j| seen.swap_remove(j));
+            read_store(s, slot, seen)
+        }))
+        .await?;
         self.states = Vec::with_capacity(read.len());
         self.docs = Vec::with_capacity(read.len());
-        for (i, (key, state, docs)) in read.into_iter().enumerate() {
+        self.reused = false;
+        for (i, (key, state, docs, reused)) in read.into_iter().enumerate() {
             self.state_keys[i] = key;
             self.states.push(state);
             self.docs.push(docs);
+            self.reused |= reused;
         }
         self.check_owned().await
+    }
+
+    /// Reads the slot's stores and brings them in line: everything the decision reads.
+    async fn prepare(&mut self, seen: Vec<Seen>) -> SlotResult<()> {
+        self.read_all(seen).await?;
+        self.read_others().await?;
+        self.settle().await?;
+        self.refresh_keys().await
+    }
+
+    /// Whether `actions` may run on states the survey read: only a rotation may, whose
+    /// first write (the intent) is compare-and-set on the version the survey saw.
+    /// Anything else due (a revocation, a resume, a clean-up) is decided again on
+    /// states read now.
+    fn fresh(&self, actions: &[Action]) -> bool {
+        let now = self.now();
+        !self.reused
+            || actions
+                .iter()
+                .all(|a| a.kind == ActionKind::Mint || !a.is_due(now))
     }
 
     /// Reads this identity's state in every configured store the rule does not name
@@ -2173,7 +2290,7 @@ impl SlotRun<'_> {
     /// may have recorded it since this run's read. `Some(outcome)` when the API refused
     /// the deletion and strategy `auto` rotated the slot to a new service account.
     async fn sweep_key(&mut self, key_id: &str, why: Why) -> SlotResult<Option<SlotOutcome>> {
-        self.read_all().await?;
+        self.read_all(Vec::new()).await?;
         self.read_others().await?;
         if self.referenced(key_id) {
             return Ok(None);

@@ -39,6 +39,7 @@ mod outside;
 mod plan;
 mod replicas;
 mod report;
+mod reread;
 mod rotation;
 mod scan_bounds;
 mod shutdown;
