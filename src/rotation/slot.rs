@@ -423,7 +423,8 @@ pub async fn view(
 
 /// A state record the cycle's survey read for a slot (`key` in store `store`), which
 /// the slot's run starts from instead of reading it again, when it is quiet and the
-/// consumer document agrees ([`reusable`]): one store request fewer per rotation.
+/// consumer document agrees ([`at_rest`], [`agrees`]): one store request fewer per
+/// rotation.
 #[derive(Debug)]
 pub struct Seen {
     pub store: String,
@@ -453,29 +454,28 @@ impl Seen {
 
 /// Whether the survey's read of `state` may stand for the slot's own: a state at rest
 /// (a promoted key with its clock, no intent, nothing staged, served at the slot's
-/// path only, the rule still naming the store, one account), whose consumer document
-/// `doc`, read now, serves its current key. Any other state is read again, since
+/// path only, the rule still naming the store, one account), whose consumer document,
+/// read now, serves its current key ([`agrees`]). Any other state is read again, since
 /// settling it or resuming from it acts on what it says. A state that changed since
 /// the survey still cannot be overwritten (every write is compare-and-set on the
 /// version read), and a run whose actions are anything but a rotation reads again
 /// before acting ([`SlotRun::fresh`]).
-fn reusable(state: &SlotState, slot: &Slot, doc: &ConsumerDoc) -> bool {
-    let Some(current) = &state.current else {
-        return false;
-    };
-    let at_rest = state.pending.is_none()
+fn at_rest(state: &SlotState, slot: &Slot) -> bool {
+    state.current.is_some()
+        && state.pending.is_none()
         && state.book.intent.is_none()
         && state.book.promoted_at.is_some()
         && state.book.released_until.is_none()
         && slot.service_accounts.len() == 1
         && matches!(state.book.locations.as_slice(),
-            [l] if l.path == slot.path && l.retire_after.is_none());
-    at_rest
-        && doc.legacy.is_none()
-        && doc
-            .record
-            .as_ref()
-            .is_some_and(|r| r.key_id == current.key_id)
+            [l] if l.path == slot.path && l.retire_after.is_none())
+}
+
+/// Whether the consumer document `doc` serves `state`'s current key (and carries no
+/// 0.1 bookkeeping): what lets a survey's read of a state at rest stand.
+fn agrees(state: &SlotState, doc: &ConsumerDoc) -> bool {
+    doc.legacy.is_none()
+        && matches!((&state.current, &doc.record), (Some(c), Some(r)) if r.key_id == c.key_id)
 }
 
 /// Reads the slot's state record in `store`, and where it is (the key). A slot with
@@ -542,9 +542,10 @@ async fn read_store(
     seen: Option<Seen>,
 ) -> Result<(String, SlotState, Vec<(String, ConsumerDoc)>, bool), StoreError> {
     let separate = store.layout() == Layout::Separate;
-    if let Some(seen) = seen.filter(|_| separate) {
+    // A state that is not at rest is read again at once, beside the document.
+    if let Some(seen) = seen.filter(|s| separate && at_rest(&s.state, slot)) {
         let doc = store.read_consumer(&slot.path).await?;
-        if reusable(&seen.state, slot, &doc) {
+        if agrees(&seen.state, &doc) {
             return Ok((seen.key, seen.state, vec![(slot.path.clone(), doc)], true));
         }
         let (key, state) = read_state(store, slot).await?;
