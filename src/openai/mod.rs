@@ -94,6 +94,16 @@ pub enum ApiError {
     Cancelled,
 }
 
+/// The API's default buckets per page of `q` on `endpoint` when it sends no `limit`:
+/// 7 daily buckets (usage and costs), 24 hourly, 60 one-minute ones.
+fn default_buckets(endpoint: Endpoint, q: &UsageQuery) -> u32 {
+    match (endpoint, q.bucket_width.as_deref()) {
+        (Endpoint::UsageCompletions, Some("1h")) => 24,
+        (Endpoint::UsageCompletions, Some("1m")) => 60,
+        _ => 7,
+    }
+}
+
 /// Which key a 401 on `endpoint` refers to.
 fn rejected_key(endpoint: &str) -> &'static str {
     if endpoint == Endpoint::ListModels.as_str() {
@@ -750,6 +760,12 @@ impl Client {
     }
 
     /// The buckets of a `page` / `next_page` listing (usage, costs), to the last page.
+    ///
+    /// A page's size grows with the organization (every bucket holds a result per
+    /// group: per key, with `group_by = api_key_id`), so a page larger than
+    /// `openai.max_response_bytes` is asked for again with half as many buckets, down
+    /// to one (`api.page_shrunk`, INFO); the rest of the listing keeps the smaller
+    /// size. Only a single bucket over the cap is [`ApiError::ResponseTooLarge`].
     async fn bucket_pages<T: DeserializeOwned>(
         &self,
         endpoint: Endpoint,
@@ -763,9 +779,7 @@ impl Client {
         if let Some(width) = &q.bucket_width {
             base.push(("bucket_width", width.clone()));
         }
-        if let Some(limit) = q.limit {
-            base.push(("limit", limit.to_string()));
-        }
+        let mut limit = q.limit;
         for (name, values) in [
             ("api_key_ids", &q.api_key_ids),
             ("project_ids", &q.project_ids),
@@ -777,12 +791,32 @@ impl Client {
         let mut page: Option<String> = None;
         let mut buckets = Vec::new();
         loop {
+            let shown = limit.map(|n| n.to_string());
             let mut query: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if let Some(n) = &shown {
+                query.push(("limit", n));
+            }
             if let Some(p) = &page {
                 query.push(("page", p));
             }
             let url = self.url(path, &query);
-            let got: UsagePage<T> = self.get(endpoint, url).await?;
+            let got = self.get(endpoint, url).await;
+            if let Err(ApiError::ResponseTooLarge { .. }) = &got {
+                let current = limit.unwrap_or_else(|| default_buckets(endpoint, q));
+                if current > 1 {
+                    limit = Some(current / 2);
+                    tracing::info!(
+                        event = "api.page_shrunk",
+                        endpoint = endpoint.as_str(),
+                        limit = current / 2,
+                        max_response_bytes = self.cfg.max_response_bytes,
+                        "a page of buckets was larger than openai.max_response_bytes; \
+                         asking again for fewer buckets a page"
+                    );
+                    continue;
+                }
+            }
+            let got: UsagePage<T> = got?;
             buckets.extend(got.data);
             let next = match (got.has_more, got.next_page) {
                 (false, _) => None,

@@ -317,3 +317,114 @@ async fn usage_costs_and_audit_logs_of_2000_keys_over_a_week_match_the_simulator
         "{stats:?}"
     );
 }
+
+/// A page of hourly buckets grows with the organization (one result per key and
+/// bucket): one larger than `openai.max_response_bytes` is asked for again with fewer
+/// buckets until it fits, and the totals still equal the simulator's; only a single
+/// bucket over the cap is an error, naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_page_over_max_response_bytes_is_read_again_in_smaller_pages() {
+    use std::collections::BTreeMap;
+
+    use keyrotd::openai::models::UsageQuery;
+    use keyrotd::openai::{ApiError, Client, ClientConfig};
+    use keyrotd::sim::{OwnerRef, Route, Sim};
+    use secrecy::SecretString;
+
+    const ADMIN: &str = "sk-admin-usage-pages-0123456789";
+    const CAP: u64 = 64 << 10;
+    let sim = Sim::with_seed(ADMIN, 17);
+    let server = sim.start().await.expect("start sim");
+    let client = Client::new(
+        ClientConfig {
+            base_url: server.base_url.clone(),
+            request_timeout: Duration::from_secs(10),
+            max_retries: 0,
+            max_retry_after: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(5),
+            max_pages: keyrotd::openai::DEFAULT_MAX_PAGES,
+            max_response_bytes: CAP,
+        },
+        SecretString::from(ADMIN),
+    )
+    .unwrap();
+    // 120 keys used in every one of 48 hours: about 30 KB a bucket, 1.5 MB in all.
+    let project = sim.add_project("prod-usage");
+    let sa = sim.add_service_account(&project, "backend").unwrap();
+    let now = sim.now();
+    let start = (now / 3600 - 48) * 3600;
+    let mut keys = Vec::new();
+    for i in 0..120 {
+        let k = sim.add_key(
+            &project,
+            OwnerRef::ServiceAccount(sa.clone()),
+            &format!("k{i}"),
+        );
+        keys.push(k.unwrap().id);
+    }
+    for h in 0..48 {
+        for (i, k) in keys.iter().enumerate() {
+            let n = 1 + (h * 7 + i as i64) as u64 % 13;
+            assert!(sim.record_usage(k, start + h * 3600 + 60, n, 100 * n, 10 * n));
+        }
+    }
+    let hourly = |limit| UsageQuery {
+        start_time: start,
+        end_time: Some(now),
+        bucket_width: Some("1h".into()),
+        group_by: vec!["project_id".into(), "api_key_id".into()],
+        limit,
+        ..UsageQuery::default()
+    };
+    for limit in [Some(168), None] {
+        sim.clear_requests();
+        let buckets = client.usage_completions(&hourly(limit)).await.unwrap();
+        let mut got: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+        for r in buckets.iter().flat_map(|b| &b.results) {
+            let t = got.entry(r.api_key_id.clone().unwrap()).or_default();
+            t.0 += r.num_model_requests;
+            t.1 += r.input_tokens;
+            t.2 += r.output_tokens;
+        }
+        let want: BTreeMap<String, (u64, u64, u64)> = sim
+            .usage_totals(start, now)
+            .iter()
+            .map(|(k, t)| (k.clone(), (t.requests, t.input_tokens, t.output_tokens)))
+            .collect();
+        assert_eq!(got.len(), 120, "limit {limit:?}");
+        assert_eq!(got, want, "limit {limit:?}");
+        let sent: Vec<String> = sim
+            .requests()
+            .iter()
+            .filter(|r| r.route == Some(Route::UsageCompletions))
+            .map(|r| r.query.clone())
+            .collect();
+        // Halving from 168 (or the default 24) to 1: a few refused pages, then the
+        // buckets one page at a time; nothing asked for twice once it fitted.
+        let fitted = sent
+            .iter()
+            .filter(|q| q.split('&').any(|p| p == "limit=1"))
+            .count();
+        assert!(fitted >= 48, "limit {limit:?}: {sent:?}");
+        assert!(sent.len() <= fitted + 8, "limit {limit:?}: {sent:?}");
+    }
+
+    // A single bucket over the cap: 400 more keys in the last hour.
+    for i in 0..400 {
+        let k = sim.add_key(
+            &project,
+            OwnerRef::ServiceAccount(sa.clone()),
+            &format!("m{i}"),
+        );
+        assert!(sim.record_usage(&k.unwrap().id, now - 60, 1, 1, 1));
+    }
+    let err = client
+        .usage_completions(&hourly(Some(168)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::ResponseTooLarge { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("openai.max_response_bytes"),
+        "{err}"
+    );
+}
