@@ -514,12 +514,21 @@ pub fn decide(f: &SlotFacts, cx: &Context) -> Vec<Action> {
         if policy::is_keyrotd_key(k) {
             // Only once the slot's key has been served for a full grace period: a key
             // keyrotd minted before may still be served at a place no state record
-            // names (an AWS secret at a former path).
+            // names (an AWS secret at a former path), or be the previous key of a
+            // rotation another rotation replaced within its grace period. One still in
+            // use since the promotion is kept as a replaced key in use is
+            // (`revoke_when = "unused"`: until `max_grace`).
             if intents.contains(k.name.as_deref().unwrap_or_default()) {
                 continue;
             }
             let old_enough = policy::ts(k.created_at) + dur(cx.policy.orphan_min_age);
-            let at = settled_at.max(old_enough);
+            let r = policy::retirement(cx.policy, grace, promoted, k.last_used_at, now);
+            let kept = if matches!(r.reason, Reason::InUse | Reason::GraceOver) {
+                settled_at.max(r.due_at)
+            } else {
+                settled_at
+            };
+            let at = kept.max(old_enough);
             let at = if at <= now && !minting_now {
                 at.min(now)
             } else {

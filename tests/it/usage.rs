@@ -428,3 +428,77 @@ async fn a_usage_page_over_max_response_bytes_is_read_again_in_smaller_pages() {
         "{err}"
     );
 }
+
+/// A manual rotation within the previous rotation's grace period replaces the slot's
+/// previous key in its state record; the key it forgets (minted by keyrotd, served by
+/// no store) is an orphan to the sweep, and an orphan still in use since the latest
+/// promotion is kept as a replaced key in use is: until `max_grace`, not only for the
+/// grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_key_forgotten_by_a_manual_rotation_in_use_is_kept_until_max_grace() {
+    use keyrotd::rotation::RevokeOld;
+
+    let w = World::new(
+        Scenario::new(52).projects(1).service_accounts_per_project(1).user_keys_per_project(0),
+        Stores::File,
+        "revoke_when = \"unused\"\nmin_grace = \"30m\"\nmax_grace = \"3d\"\nusage_report_delay = \"5m\"",
+    )
+    .await;
+    let engine = w.engine(false).await;
+    assert!(!engine.cycle().await.any_failed());
+    let served =
+        |states: &std::collections::BTreeMap<(String, String), keyrotd::store::SlotState>| {
+            assert_eq!(states.len(), 1, "{:?}", states.keys());
+            let st = states.values().next().unwrap();
+            let cur = st.current.as_ref().expect("served");
+            (cur.key_id.clone(), cur.api_key.expose_secret().to_string())
+        };
+    // The first key keyrotd served, two hours old.
+    w.advance(2 * HOUR);
+    let (k0, k0_value) = served(&w.store_states(&engine).await);
+
+    // Two manual rotations, the second within the first one's grace period.
+    for _ in 0..2 {
+        let survey = engine.survey().await.unwrap();
+        let picked: Vec<_> = survey.views.iter().collect();
+        let asked = w.clock_now();
+        let r = engine
+            .rotate_now(&picked, &survey, RevokeOld::Grace, asked)
+            .await;
+        assert!(!r.any_failed(), "{:?}", r.slots);
+        w.advance(Duration::from_secs(60));
+    }
+    let states = w.store_states(&engine).await;
+    let (k2, _) = served(&states);
+    let st = states.values().next().unwrap();
+    let k1 = st.book.previous_key_id.clone().expect("previous");
+    assert!(k0 != k1 && k1 != k2 && k0 != k2);
+    assert!(w.sim.is_live(&k0), "forgotten, not revoked at once");
+
+    // A consumer that never switched keeps calling with the first key, past the grace
+    // period (24 h) but within max_grace.
+    w.advance(HOUR);
+    assert!(w.sim.use_key(&k0_value));
+    w.advance(DAY);
+    assert!(w.sim.use_key(&k0_value));
+    let r = engine.cycle().await;
+    assert!(!r.any_failed(), "{:?}", r.slots);
+    assert!(
+        w.sim.is_live(&k0),
+        "an orphan in use is kept until max_grace"
+    );
+    assert!(
+        !w.sim.is_live(&k1),
+        "the unused previous key goes after min_grace"
+    );
+    assert!(w.sim.is_live(&k2));
+
+    // At max_grace it goes, in use or not.
+    w.advance(2 * DAY);
+    let r = engine.cycle().await;
+    assert!(!r.any_failed(), "{:?}", r.slots);
+    assert!(!w.sim.is_live(&k0), "revoked at max_grace");
+    assert!(w
+        .sim
+        .use_key(served(&w.store_states(&engine).await).1.as_str()));
+}
