@@ -9,7 +9,7 @@
 //! records. Every text is searched for every secret and for every 16-character piece of
 //! one, so a truncated value counts as a leak too.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -21,7 +21,7 @@ const TOKEN_ENV: &str = "KEYROTD_HYGIENE_VAULT_TOKEN";
 /// Where in `text` a secret, or a 16-character piece of one, appears.
 fn leaks(what: &str, text: &str, secrets: &[String]) -> Vec<String> {
     const W: usize = 16;
-    let mut pieces: HashMap<&[u8], usize> = HashMap::new();
+    let mut pieces: FxHashMap<&[u8], usize> = FxHashMap::default();
     let mut out = Vec::new();
     for (i, s) in secrets.iter().enumerate() {
         let b = s.as_bytes();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use keyrotd::config::Config;
-use keyrotd::rotation::{Engine, ManualClock};
+use keyrotd::rotation::{Clock, Engine};
 use keyrotd::sim::{GroundTruth, OwnerRef, Scenario, Sim, SimServer};
 use keyrotd::store::SlotState;
 use secrecy::ExposeSecret;
@@ -39,7 +39,7 @@ pub struct World {
     pub dir: tempfile::TempDir,
     pub prefix: String,
     pub toml: String,
-    pub clock: ManualClock,
+    pub clock: WorldClock,
 }
 
 impl World {
@@ -113,7 +113,7 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
             dir,
             prefix,
             toml,
-            clock: ManualClock::new(Utc::now()),
+            clock: WorldClock::default(),
         }
     }
 
@@ -135,7 +135,7 @@ path = "{prefix}/{{project_name}}/{{service_account_name}}"
     /// The engine's clock, to the second (what stores record).
     pub fn clock_now(&self) -> chrono::DateTime<Utc> {
         use chrono::SubsecRound;
-        keyrotd::rotation::Clock::now(&self.clock).trunc_subsecs(0)
+        self.clock.now().trunc_subsecs(0)
     }
 
     pub fn advance(&self, d: Duration) {
@@ -286,4 +286,25 @@ pub fn captured_logs() -> Option<Logs> {
             .map(|()| logs)
     })
     .clone()
+}
+
+/// A world's clock for the engine: the simulator's, wall time plus what the test
+/// advanced both by. (A clock frozen between advances lagged the simulator by the
+/// test's real running time, seconds on a loaded machine, so a request the simulator
+/// counted "now" could fall in a usage bucket after the engine's now, outside the
+/// window the engine read.)
+#[derive(Debug, Clone, Default)]
+pub struct WorldClock(Arc<std::sync::Mutex<chrono::Duration>>);
+
+impl WorldClock {
+    pub fn advance(&self, d: Duration) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *g += chrono::Duration::from_std(d).expect("a test's advance");
+    }
+}
+
+impl Clock for WorldClock {
+    fn now(&self) -> chrono::DateTime<Utc> {
+        Utc::now() + *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
