@@ -41,6 +41,11 @@ enum Command {
         /// How --dry-run prints its actions [default: table on a TTY, json otherwise]
         #[arg(long, value_enum)]
         format: Option<PlanFormat>,
+        /// At exit, write the run's metrics (what `keyrotd run` serves on /metrics) to
+        /// this file, atomically, for node_exporter's textfile collector (systemd
+        /// timer); exit 1 when it cannot be written
+        #[arg(long, value_name = "PATH", conflicts_with = "dry_run")]
+        metrics_textfile: Option<PathBuf>,
     },
     /// Rotate chosen slots now, whatever their keys' age (incident response)
     Rotate(RotateArgs),
@@ -301,7 +306,11 @@ async fn dispatch(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::Once { dry_run, format } => {
+        Command::Once {
+            dry_run,
+            format,
+            metrics_textfile,
+        } => {
             let engine = match engine(&cli, *dry_run, true).await {
                 Ok((_, e)) => Arc::new(e),
                 Err(code) => return code,
@@ -336,11 +345,20 @@ async fn dispatch(cli: Cli) -> i32 {
             } else if tty {
                 let _ = keyrotd::rotation::render_summary(&mut std::io::stdout().lock(), &report);
             }
-            if report.any_failed() {
-                EXIT_FAILED
-            } else {
-                0
+            let mut code = if report.any_failed() { EXIT_FAILED } else { 0 };
+            if let Some(path) = metrics_textfile {
+                let text = engine.metrics.render(Some(engine.client.stats()));
+                match keyrotd::metrics::write_textfile(path, &text) {
+                    Ok(()) => {
+                        tracing::debug!(event = "metrics.textfile_written", path = %path.display(), "wrote the run's metrics")
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "metrics.textfile_failed", path = %path.display(), error = %e, "cannot write the run's metrics (--metrics-textfile); alerts that read them go blind");
+                        code = EXIT_FAILED;
+                    }
+                }
             }
+            code
         }
         Command::Run => {
             // Before anything else: a SIGHUP during start-up must not kill the daemon.

@@ -21,7 +21,7 @@ fn scenario(seed: u64) -> Scenario {
 }
 
 /// Writes the world's config (plus `daemon_extra` in `[daemon]` and `tail` at the end).
-fn write_config(w: &World, daemon_extra: &str, tail: &str) -> std::path::PathBuf {
+pub(crate) fn write_config(w: &World, daemon_extra: &str, tail: &str) -> std::path::PathBuf {
     let path = w.dir.path().join("keyrotd.toml");
     let toml = w
         .toml
@@ -30,7 +30,7 @@ fn write_config(w: &World, daemon_extra: &str, tail: &str) -> std::path::PathBuf
     path
 }
 
-fn keyrotd(config: &std::path::Path, args: &[&str]) -> Command {
+pub(crate) fn keyrotd(config: &std::path::Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_keyrotd"));
     c.arg("--config")
         .arg(config)
@@ -43,7 +43,7 @@ fn keyrotd(config: &std::path::Path, args: &[&str]) -> Command {
 }
 
 /// Runs `cmd` to completion, killing it (and failing) after `limit`.
-fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+pub(crate) fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
     use std::io::Read;
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -78,7 +78,7 @@ fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
 }
 
 /// Every secret value the simulator knows of, and the admin key.
-fn secrets(w: &World) -> Vec<String> {
+pub(crate) fn secrets(w: &World) -> Vec<String> {
     let mut out: Vec<String> = w.sim.all_keys().into_iter().map(|k| k.value).collect();
     out.extend(
         w.sim

@@ -844,3 +844,155 @@ async fn two_thousand_projects_stay_within_the_series_budget() {
     );
     promtool_check(&text);
 }
+
+/// `keyrotd once --metrics-textfile` (the systemd timer's metrics, for node_exporter's
+/// textfile collector): a good run, a failed one and an unwritable path, through the
+/// binary. The file is replaced whole each run (no temporary file left beside it),
+/// passes the exposition checks, says how the run went, and holds no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_writes_its_metrics_for_the_textfile_collector() {
+    use crate::daemon::{keyrotd, output_within, secrets, write_config};
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new(
+        Scenario::new(64)
+            .projects(3)
+            .service_accounts_per_project(2)
+            .stale_fraction(0.5),
+        Stores::File,
+        "",
+    )
+    .await;
+    let config = write_config(&w, "", "");
+    let dir = w.dir.path().join("textfile");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("keyrotd.prom");
+    let run = |config: &std::path::Path, extra: &[(&str, &str)], path: &std::path::Path| {
+        let mut cmd = keyrotd(
+            config,
+            &[
+                "--log-format",
+                "json",
+                "once",
+                "--metrics-textfile",
+                path.to_str().unwrap(),
+            ],
+        );
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        // The umask of the systemd unit (UMask=0077).
+        // SAFETY: umask(2) is async-signal-safe and touches only the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
+        output_within(cmd, Duration::from_secs(60))
+    };
+    let check = |text: &str| -> Exposition {
+        let m = parse_exposition(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        promtool_check(text);
+        for s in secrets(&w) {
+            assert!(!text.contains(&s), "a secret value in the metrics file");
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(left, ["keyrotd.prom"], "only the metrics file is left");
+        m
+    };
+
+    // A good run: one ok cycle, its rotations, a last success of now.
+    let before = chrono::Utc::now().timestamp() as f64;
+    let (c, f) = (config.clone(), file.clone());
+    let out = tokio::task::spawn_blocking(move || run(&c, &[], &f))
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o644,
+        "node_exporter (another user) reads it, umask 077 or not"
+    );
+    let m = check(&text);
+    assert_eq!(m.get("keyrotd_cycles_total", &[("result", "ok")]), 1.0);
+    assert_eq!(m.get("keyrotd_cycles_total", &[("result", "failed")]), 0.0);
+    let minted = w.sim.all_keys().iter().filter(|k| k.minted).count();
+    assert!(minted >= 1);
+    assert_eq!(
+        m.get("keyrotd_rotations_total", &[("outcome", "completed")]),
+        minted as f64
+    );
+    let last = m.get("keyrotd_last_success_timestamp_seconds", &[]);
+    assert!(
+        last >= before - 1.0 && last <= chrono::Utc::now().timestamp() as f64 + 1.0,
+        "{last}"
+    );
+    assert!(!m.family("keyrotd_api_requests_total").is_empty(), "{text}");
+
+    // A failed run (the admin key refused: the scan fails) replaces it: a failed cycle,
+    // no success in this run (alerts carry the last one with max_over_time).
+    let (c, f) = (config.clone(), file.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            &c,
+            &[(crate::e2e::ADMIN_KEY_ENV, "sk-admin-wrong-0000000000000000")],
+            &f,
+        )
+    })
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let m = check(&std::fs::read_to_string(&file).unwrap());
+    assert_eq!(m.get("keyrotd_cycles_total", &[("result", "failed")]), 1.0);
+    assert_eq!(m.get("keyrotd_cycles_total", &[("result", "ok")]), 0.0);
+    assert_eq!(m.get("keyrotd_last_success_timestamp_seconds", &[]), 0.0);
+    assert!(
+        m.family("keyrotd_api_requests_total").iter().any(|s| s
+            .labels
+            .get("status")
+            .map(String::as_str)
+            == Some("401")),
+        "the refused requests are counted"
+    );
+
+    // A path that cannot be written: the cycle still runs, the run exits 1 and says
+    // which file and why.
+    let missing = w.dir.path().join("no-such-dir").join("keyrotd.prom");
+    let (c, f) = (config.clone(), missing.clone());
+    let out = tokio::task::spawn_blocking(move || run(&c, &[], &f))
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"metrics.textfile_failed\""))
+        .unwrap_or_else(|| panic!("no metrics.textfile_failed in\n{log}"));
+    assert!(line.contains("\"level\":\"ERROR\""), "{line}");
+    assert!(line.contains(&missing.display().to_string()), "{line}");
+    assert!(line.contains("No such file or directory"), "{line}");
+    assert!(log.contains("\"cycle.finished\""), "{log}");
+    assert!(!missing.parent().unwrap().exists());
+
+    // It describes a cycle that ran: a dry run, which performs nothing, refuses it.
+    let out = tokio::task::spawn_blocking(move || {
+        output_within(
+            keyrotd(
+                &config,
+                &["once", "--dry-run", "--metrics-textfile", "/tmp/x.prom"],
+            ),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--metrics-textfile"), "{err}");
+}
