@@ -377,7 +377,10 @@ pub struct Anomaly {
 /// grace periods.
 ///
 /// - `spike`: last-hour requests ≥ `spike_min_requests` and above `spike_factor` × the
-///   key's hourly baseline (keys with at least [`MIN_BASELINE_HOURS`] of history);
+///   key's hourly baseline (keys with at least [`MIN_BASELINE_HOURS`] of history). A
+///   slot's key younger than that, whose predecessor (the key its promotion replaced)
+///   is still listed, is judged by the slot's traffic instead: the two keys' requests
+///   together against the predecessor's history ([`slot_spike`]);
 /// - `replaced_after_grace`: a request on a slot's replaced key in a bucket that
 ///   starts after its grace period ended;
 /// - `stale_user_key_active`: last-hour requests on a stale user key the listing says
@@ -409,9 +412,28 @@ pub fn anomalies(
             }
         }
     }
+    // The key each slot's current one replaced, while it is still listed.
+    let by_id: BTreeMap<&str, &crate::plan::PlanKey> =
+        plan.keys.iter().map(|k| (k.key_id(), k)).collect();
+    let mut predecessor: BTreeMap<&str, &crate::plan::PlanKey> = BTreeMap::new();
+    for v in views {
+        let Some(current) = v.agreed_current() else {
+            continue;
+        };
+        for (_, s) in v.ok_states() {
+            let before = s.book.previous_key_id.as_deref().filter(|p| *p != current);
+            if let Some(p) = before.and_then(|p| by_id.get(p)) {
+                predecessor.entry(current).or_insert(p);
+            }
+        }
+    }
     let mut out = Vec::new();
     for k in &plan.keys {
         let Some(u) = k.usage else { continue };
+        let judged = spike(cfg, &w, u, k.api.created_at).or_else(|| {
+            let p = predecessor.get(k.key_id())?;
+            slot_spike(cfg, &w, (u, k.api.created_at), (p.usage?, p.api.created_at))
+        });
         let mut found = |kind, baseline| {
             out.push(Anomaly {
                 kind,
@@ -438,7 +460,7 @@ pub fn anomalies(
             found(AnomalyKind::StaleUserKeyActive, None);
             continue;
         }
-        if let Some((baseline, true)) = spike(cfg, &w, u, k.api.created_at) {
+        if let Some((baseline, true)) = judged {
             found(AnomalyKind::Spike, Some(baseline));
         }
     }
@@ -485,6 +507,25 @@ pub fn spike(cfg: &UsageConfig, w: &Window, k: &KeyUsage, created_at: i64) -> Op
     Some((baseline, spiking))
 }
 
+/// [`spike`] for a slot's key too young for a baseline of its own: the slot's traffic,
+/// the key's requests and its predecessor's (`(usage, created_at)` each) together,
+/// against the history since the predecessor's creation. A promotion moves consumers
+/// from one key to the other without changing the sum, so only traffic the slot's
+/// consumers did not send before counts. `None`: too little history for both. Pure.
+pub fn slot_spike(
+    cfg: &UsageConfig,
+    w: &Window,
+    key: (&KeyUsage, i64),
+    predecessor: (&KeyUsage, i64),
+) -> Option<(f64, bool)> {
+    let both = KeyUsage {
+        last_hour_requests: key.0.last_hour_requests + predecessor.0.last_hour_requests,
+        before_last_hour: key.0.before_last_hour + predecessor.0.before_last_hour,
+        ..KeyUsage::default()
+    };
+    spike(cfg, w, &both, key.1.min(predecessor.1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,5 +558,42 @@ mod tests {
             ..k
         };
         assert!(!spike(&cfg, &w, &quiet, 0).unwrap().1);
+    }
+
+    #[test]
+    fn a_young_key_is_judged_by_its_slot_traffic() {
+        let cfg = UsageConfig::default();
+        let w = window(7 * 86_400, 1_800_000_000);
+        let young = w.end - 5 * 3600;
+        // The predecessor sent 10 an hour for the week until the promotion 5 h ago;
+        // since then the new key does (and the old one still a little).
+        let old = KeyUsage {
+            before_last_hour: 162 * 10 + 4 * 2,
+            last_hour_requests: 2,
+            ..KeyUsage::default()
+        };
+        let steady = KeyUsage {
+            before_last_hour: 4 * 8,
+            last_hour_requests: 8,
+            ..KeyUsage::default()
+        };
+        assert!(
+            spike(&cfg, &w, &steady, young).is_none(),
+            "no baseline of its own"
+        );
+        let (b, s) = slot_spike(&cfg, &w, (&steady, young), (&old, 0)).unwrap();
+        assert!(!s, "the slot's traffic moved, it did not grow: {b}");
+        let leaked = KeyUsage {
+            last_hour_requests: 1000,
+            ..steady.clone()
+        };
+        let (b, s) = slot_spike(&cfg, &w, (&leaked, young), (&old, 0)).unwrap();
+        assert!(s, "{b}");
+        assert!(
+            (b - 10.0).abs() < 0.5,
+            "the slot's baseline, about 10 an hour: {b}"
+        );
+        // A predecessor as young has no history to judge by either.
+        assert!(slot_spike(&cfg, &w, (&leaked, young), (&old, young - 3600)).is_none());
     }
 }

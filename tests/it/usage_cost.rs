@@ -250,6 +250,88 @@ async fn with_on_anomaly_rotate_the_spiking_key_is_replaced_and_revoked_within_t
     }
 }
 
+/// A key keyrotd promoted hours ago has no day of history of its own: its slot's
+/// traffic (it and the key it replaced, still listed in the grace period) is judged
+/// against the replaced key's history. The traffic that moved to it at the promotion
+/// is no spike; 1,000 requests more in the last minutes are, on the new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_key_is_judged_by_its_slot_traffic() {
+    let logs = captured_logs();
+    let mut w = World::new(
+        Scenario::new(1803)
+            .projects(1)
+            .service_accounts_per_project(1)
+            .user_keys_per_project(0),
+        Stores::File,
+        "",
+    )
+    .await;
+    // The default grace period: the replaced key stays listed for the fresh key's
+    // first day.
+    w.toml = w
+        .toml
+        .replace("grace_period = \"1h\"", "grace_period = \"24h\"");
+    w.toml.push_str("\n[usage]\non_anomaly = \"report\"\n");
+    let engine = w.engine(false).await;
+    assert!(!engine.cycle().await.any_failed());
+    let served = |states: &BTreeMap<(String, String), keyrotd::store::SlotState>| {
+        assert_eq!(states.len(), 1, "{:?}", states.keys());
+        let st = states.values().next().unwrap();
+        st.current.as_ref().expect("served").key_id.clone()
+    };
+    let old = served(&w.store_states(&engine).await);
+    // Two days of 10 requests an hour on the served key, then a manual rotation.
+    let t0 = w.sim.now();
+    w.advance(2 * DAY);
+    let mut at = t0 + 60;
+    while at < w.sim.now() {
+        assert!(w.sim.record_usage(&old, at, 10, 1000, 400));
+        at += 3600;
+    }
+    let survey = engine.survey().await.unwrap();
+    let picked: Vec<_> = survey.views.iter().collect();
+    let r = engine
+        .rotate_now(
+            &picked,
+            &survey,
+            keyrotd::rotation::RevokeOld::Grace,
+            w.clock_now(),
+        )
+        .await;
+    assert!(!r.any_failed(), "{:?}", r.slots);
+    let fresh = served(&w.store_states(&engine).await);
+    assert_ne!(fresh, old);
+    // The consumers move to the new key: 10 an hour on it for four hours.
+    let promoted = w.sim.now();
+    w.advance(4 * HOUR);
+    let mut at = promoted + 60;
+    while at < w.sim.now() {
+        assert!(w.sim.record_usage(&fresh, at, 10, 1000, 400));
+        at += 3600;
+    }
+    let r = engine.cycle().await;
+    assert!(!r.any_failed(), "{:?}", r.slots);
+    assert_eq!(
+        anomalies(&engine, "spike"),
+        0.0,
+        "moved traffic is no spike"
+    );
+
+    assert!(w
+        .sim
+        .record_usage(&fresh, w.sim.now() - 300, 1000, 100_000, 40_000));
+    let r = engine.cycle().await;
+    assert!(!r.any_failed(), "{:?}", r.slots);
+    assert_eq!(anomalies(&engine, "spike"), 1.0, "a spike on the fresh key");
+    assert!(w.sim.is_live(&fresh) && w.sim.is_live(&old), "report only");
+    if let Some(logs) = logs {
+        let lines = logs.lines_with(&["key.usage_anomaly", &fresh]);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("spike"), "{}", lines[0]);
+        assert!(logs.lines_with(&["key.usage_anomaly", &old]).is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_on_a_replaced_key_after_its_grace_period_is_an_anomaly() {
     let w = World::new(
