@@ -23,6 +23,7 @@
 //! - [`redact`], [`backoff`]: the one rule that masks secret-shaped values in outgoing
 //!   text; the one exponential backoff with jitter every retry loop waits by.
 //! - [`check`], [`demo`]: `check-config --connect` and `keyrotd demo`.
+//! - [`files`]: the one way a file others read is replaced (reports, metrics).
 
 pub mod app;
 pub mod backoff;
@@ -30,6 +31,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod files;
 pub mod metrics;
 pub mod notify;
 pub mod openai;

@@ -348,7 +348,8 @@ async fn dispatch(cli: Cli) -> i32 {
             let mut code = if report.any_failed() { EXIT_FAILED } else { 0 };
             if let Some(path) = metrics_textfile {
                 let text = engine.metrics.render(Some(engine.client.stats()));
-                match keyrotd::metrics::write_textfile(path, &text) {
+                // 0644: node_exporter reads it as another user; it holds no secret.
+                match keyrotd::files::replace(path, text.as_bytes(), 0o644) {
                     Ok(()) => {
                         tracing::debug!(event = "metrics.textfile_written", path = %path.display(), "wrote the run's metrics")
                     }

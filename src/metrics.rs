@@ -815,33 +815,5 @@ impl Metrics {
     }
 }
 
-/// Writes `text` (a [`Metrics::render`]) to `path` for node_exporter's textfile
-/// collector (`keyrotd once --metrics-textfile`), atomically: into a temporary file
-/// beside it (`<name>.<pid>.tmp`, which the collector ignores: it reads `*.prom`),
-/// mode 0644 whatever the umask, synced, then renamed over `path`, so a scrape reads the previous run's
-/// file or this one's, never half of one. The temporary file is removed on failure.
-pub fn write_textfile(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("the path names no file"))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        // Set, not asked of open(2): the service's umask (systemd's UMask=0077) would
-        // take the group and other bits away.
-        #[cfg(unix)]
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
 #[cfg(test)]
 mod tests;

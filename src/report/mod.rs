@@ -298,16 +298,9 @@ pub fn emit(text: &str, output: Option<&Path>) -> io::Result<()> {
         }
         return out.flush();
     };
-    let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(context)?;
-    tmp.write_all(text.as_bytes()).map_err(context)?;
-    tmp.as_file().sync_all().map_err(context)?;
-    tmp.persist(path).map_err(|e| context(e.error))?;
-    Ok(())
+    // 0600: a report lists every key and who made it.
+    crate::files::replace(path, text.as_bytes(), 0o600)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]

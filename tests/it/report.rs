@@ -254,6 +254,14 @@ async fn report_numbers_are_the_plans() {
     let from_file: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(from_file["summary"], rep["summary"]);
     assert_eq!(from_file["keys"], rep["keys"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the report lists every key: owner-only");
+    let names: Vec<_> = std::fs::read_dir(file.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["report.json"], "no temporary file left");
 }
 
 /// A minimal RFC 4180 reader: quoted fields, doubled quotes, CRLF or LF records.
