@@ -395,35 +395,31 @@ pub fn anomalies(
     let Some(w) = plan.usage.window else {
         return Vec::new();
     };
+    let by_id: BTreeMap<&str, &crate::plan::PlanKey> =
+        plan.keys.iter().map(|k| (k.key_id(), k)).collect();
     let mut served: BTreeMap<&str, String> = BTreeMap::new();
     let mut grace_end: BTreeMap<&str, i64> = BTreeMap::new();
+    // The key each slot's current one replaced, while it is still listed.
+    let mut predecessor: BTreeMap<&str, &crate::plan::PlanKey> = BTreeMap::new();
     for v in views {
-        if let Some(k) = v.agreed_current() {
+        let current = v.agreed_current();
+        if let Some(k) = current {
             served.insert(k, v.slot.id());
         }
         let grace = rules
             .get(v.slot.rule)
             .map_or(0, |r| r.grace_period.as_secs() as i64);
         for (_, s) in v.ok_states() {
-            if let (Some(k), Some(p)) = (&s.book.previous_key_id, s.book.promoted_at) {
+            let Some(k) = s.book.previous_key_id.as_deref() else {
+                continue;
+            };
+            if let Some(p) = s.book.promoted_at {
                 let end = p.timestamp().saturating_add(grace);
-                let e = grace_end.entry(k.as_str()).or_insert(end);
+                let e = grace_end.entry(k).or_insert(end);
                 *e = (*e).max(end);
             }
-        }
-    }
-    // The key each slot's current one replaced, while it is still listed.
-    let by_id: BTreeMap<&str, &crate::plan::PlanKey> =
-        plan.keys.iter().map(|k| (k.key_id(), k)).collect();
-    let mut predecessor: BTreeMap<&str, &crate::plan::PlanKey> = BTreeMap::new();
-    for v in views {
-        let Some(current) = v.agreed_current() else {
-            continue;
-        };
-        for (_, s) in v.ok_states() {
-            let before = s.book.previous_key_id.as_deref().filter(|p| *p != current);
-            if let Some(p) = before.and_then(|p| by_id.get(p)) {
-                predecessor.entry(current).or_insert(p);
+            if let (Some(c), Some(p)) = (current.filter(|c| *c != k), by_id.get(k)) {
+                predecessor.entry(c).or_insert(p);
             }
         }
     }
