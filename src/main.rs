@@ -46,6 +46,11 @@ enum Command {
         /// timer); exit 1 when it cannot be written
         #[arg(long, value_name = "PATH", conflicts_with = "dry_run")]
         metrics_textfile: Option<PathBuf>,
+        /// At exit, PUT the run's metrics to this Pushgateway URL
+        /// (`http://host:9091/metrics/job/<job>`, replacing that group; CronJob); exit 1
+        /// when the push fails
+        #[arg(long, value_name = "URL", conflicts_with = "dry_run")]
+        metrics_push: Option<String>,
     },
     /// Rotate chosen slots now, whatever their keys' age (incident response)
     Rotate(RotateArgs),
@@ -310,7 +315,21 @@ async fn dispatch(cli: Cli) -> i32 {
             dry_run,
             format,
             metrics_textfile,
+            metrics_push,
         } => {
+            // Checked here, not by clap, whose message would repeat the value and with
+            // it a password the URL may hold.
+            let metrics_push = match metrics_push
+                .as_deref()
+                .map(keyrotd::metrics::push::parse_push_url)
+                .transpose()
+            {
+                Ok(u) => u,
+                Err(e) => {
+                    fatal(format_args!("--metrics-push: {e}"));
+                    return EXIT_BAD_CONFIG;
+                }
+            };
             let engine = match engine(&cli, *dry_run, true).await {
                 Ok((_, e)) => Arc::new(e),
                 Err(code) => return code,
@@ -346,8 +365,20 @@ async fn dispatch(cli: Cli) -> i32 {
                 let _ = keyrotd::rotation::render_summary(&mut std::io::stdout().lock(), &report);
             }
             let mut code = if report.any_failed() { EXIT_FAILED } else { 0 };
+            let text = || engine.metrics.render(Some(engine.client.stats()));
+            if let Some(url) = &metrics_push {
+                match keyrotd::metrics::push::push(url, text()).await {
+                    Ok(()) => {
+                        tracing::debug!(event = "metrics.pushed", url = %keyrotd::metrics::push::shown(url), "pushed the run's metrics")
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "metrics.push_failed", error = %e, "cannot push the run's metrics (--metrics-push); alerts that read them go blind");
+                        code = EXIT_FAILED;
+                    }
+                }
+            }
             if let Some(path) = metrics_textfile {
-                let text = engine.metrics.render(Some(engine.client.stats()));
+                let text = text();
                 // 0644: node_exporter reads it as another user; it holds no secret.
                 match keyrotd::files::replace(path, text.as_bytes(), 0o644) {
                     Ok(()) => {

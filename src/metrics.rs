@@ -7,6 +7,7 @@
 //! API request counters live in the client's [`ApiStats`] and are encoded with the rest
 //! at each scrape.
 
+pub mod push;
 mod slots;
 
 use std::collections::{BTreeMap, BTreeSet};

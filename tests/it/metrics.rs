@@ -996,3 +996,161 @@ async fn once_writes_its_metrics_for_the_textfile_collector() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--metrics-textfile"), "{err}");
 }
+
+/// `keyrotd once --metrics-push` (the CronJob's metrics, for a Pushgateway): the run's
+/// metrics arrive as one PUT to the grouping key's URL, credentials in the URL as basic
+/// auth; a refused push (HTTP 400 with the gateway's reason) and an unreachable gateway
+/// fail the run (exit 1) naming the URL without its password; a URL without a grouping
+/// key is a usage error (exit 2) before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_pushes_its_metrics_to_a_pushgateway() {
+    use crate::daemon::{keyrotd, output_within, secrets, write_config};
+    use std::sync::{Arc, Mutex};
+    type Got = Arc<Mutex<Vec<(String, String, Option<String>, Option<String>, String)>>>;
+    let got: Got = Arc::default();
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sink, no) = (got.clone(), refuse.clone());
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method,
+              uri: axum::http::Uri,
+              headers: axum::http::HeaderMap,
+              body: String| {
+            let (sink, no) = (sink.clone(), no.clone());
+            async move {
+                let h = |n: &str| {
+                    headers
+                        .get(n)
+                        .map(|v| v.to_str().unwrap_or_default().to_string())
+                };
+                sink.lock().unwrap().push((
+                    method.to_string(),
+                    uri.path().to_string(),
+                    h("authorization"),
+                    h("content-type"),
+                    body,
+                ));
+                if no.load(std::sync::atomic::Ordering::SeqCst) {
+                    (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "pushed metrics are invalid or inconsistent with existing metrics",
+                    )
+                } else {
+                    (axum::http::StatusCode::OK, "")
+                }
+            }
+        },
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let w = World::new(
+        Scenario::new(65)
+            .projects(2)
+            .service_accounts_per_project(2)
+            .stale_fraction(0.5),
+        Stores::File,
+        "",
+    )
+    .await;
+    let config = write_config(&w, "", "");
+    let run = |url: String| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            output_within(
+                keyrotd(
+                    &config,
+                    &["--log-format", "json", "once", "--metrics-push", &url],
+                ),
+                Duration::from_secs(60),
+            )
+        })
+    };
+    let url = format!("http://ops:pg-s3cret@{addr}/metrics/job/keyrotd-cron/org/acme");
+
+    let out = run(url.clone()).await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let pushes = got.lock().unwrap().clone();
+    assert_eq!(pushes.len(), 1, "one push per run");
+    let (method, path, auth, ctype, body) = &pushes[0];
+    assert_eq!(method, "PUT", "PUT replaces the group");
+    assert_eq!(path, "/metrics/job/keyrotd-cron/org/acme");
+    // base64("ops:pg-s3cret")
+    assert_eq!(auth.as_deref(), Some("Basic b3BzOnBnLXMzY3JldA=="));
+    assert!(
+        ctype
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("text/plain; version=0.0.4"),
+        "{ctype:?}"
+    );
+    let m = parse_exposition(body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    promtool_check(body);
+    assert_eq!(m.get("keyrotd_cycles_total", &[("result", "ok")]), 1.0);
+    for s in secrets(&w) {
+        assert!(!body.contains(&s), "a secret value in the pushed metrics");
+    }
+    assert!(
+        !log.contains("pg-s3cret"),
+        "the gateway's password in the log"
+    );
+
+    // Refused: exit 1, the gateway's reason and status, the URL without the password.
+    refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = run(url.clone()).await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"metrics.push_failed\""))
+        .unwrap_or_else(|| panic!("no metrics.push_failed in\n{log}"));
+    assert!(line.contains("HTTP 400"), "{line}");
+    assert!(
+        line.contains("inconsistent with existing metrics"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("{addr}/metrics/job/keyrotd-cron")),
+        "{line}"
+    );
+    assert!(!log.contains("pg-s3cret"), "{line}");
+    assert!(log.contains("\"cycle.finished\""), "the cycle ran first");
+
+    // Unreachable: exit 1 within the push timeout, saying so.
+    let closed = free_port();
+    let out = run(format!(
+        "http://ops:pg-s3cret@127.0.0.1:{closed}/metrics/job/keyrotd"
+    ))
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"metrics.push_failed\""))
+        .unwrap_or_else(|| panic!("no metrics.push_failed in\n{log}"));
+    assert!(line.contains(&format!("127.0.0.1:{closed}")), "{line}");
+    assert!(!log.contains("pg-s3cret"), "{line}");
+
+    // No grouping key: a usage error naming the flag, nothing run, nothing pushed.
+    let before = got.lock().unwrap().len();
+    let out = run(format!("http://ops:pg-s3cret@{addr}/metrics"))
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--metrics-push"), "{err}");
+    assert!(err.contains("/metrics/job/<job>"), "{err}");
+    assert!(!err.contains("pg-s3cret"), "{err}");
+    assert_eq!(got.lock().unwrap().len(), before);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
