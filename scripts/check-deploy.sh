@@ -914,6 +914,24 @@ else
     check "metrics: rules and dashboard name exported metrics" metric_names
 fi
 
+# once_against_sim DIR ARGS...: one `keyrotd once ARGS...` against `keyrotd sim`
+# (serve_sim in DIR), the simulator stopped after it; on failure, says how it ended.
+once_against_sim() {
+    local dir=$1 rc=0
+    shift
+    serve_sim "$KEYROTD" "$dir" "$(free_port)" || return 1
+    env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD_CHECK_ADMIN_KEY="$CHECK_ADMIN_KEY" \
+        "$KEYROTD" --log-format json --config "$dir/keyrotd.toml" once "$@" \
+        2>"$dir/once.log" || rc=$?
+    stop "$SIM_PID"
+    SIM_PID=""
+    if [ "$rc" -ne 0 ]; then
+        echo "keyrotd once exited $rc"
+        grep -v '"level":"INFO"' "$dir/once.log" | tail -n 10
+        return 1
+    fi
+}
+
 # The systemd timer's metrics (`keyrotd once --metrics-textfile`, keyrotd-once.service)
 # through node_exporter's textfile collector, as Prometheus would scrape them: one
 # `keyrotd once` against the simulator writes the file into a directory, node_exporter
@@ -922,18 +940,8 @@ textfile_collector() {
     trap 'stop "$SIM_PID"; stop "$NODE_PID"' EXIT
     local dir="$TMP/textfile" port rc=0
     port="$(free_port)"
-    serve_sim "$KEYROTD" "$dir" "$(free_port)" || return 1
     mkdir -p "$dir/collect"
-    env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD_CHECK_ADMIN_KEY="$CHECK_ADMIN_KEY" \
-        "$KEYROTD" --log-format json --config "$dir/keyrotd.toml" once \
-        --metrics-textfile "$dir/collect/keyrotd.prom" 2>"$dir/once.log" || rc=$?
-    stop "$SIM_PID"
-    SIM_PID=""
-    if [ "$rc" -ne 0 ]; then
-        echo "keyrotd once exited $rc"
-        grep -v '"level":"INFO"' "$dir/once.log" | tail -n 10
-        return 1
-    fi
+    once_against_sim "$dir" --metrics-textfile "$dir/collect/keyrotd.prom" || return 1
     prometheus-node-exporter --collector.disable-defaults --collector.textfile \
         --collector.textfile.directory="$dir/collect" \
         --web.listen-address="127.0.0.1:$port" >"$dir/node.log" 2>&1 &
@@ -974,7 +982,6 @@ pushgateway_push() {
     mkdir -p "$dir"
     prometheus-pushgateway --web.listen-address="127.0.0.1:$port" >"$dir/pg.log" 2>&1 &
     PG_PID=$!
-    serve_sim "$KEYROTD" "$dir" "$(free_port)" || return 1
     python3 - "http://127.0.0.1:$port/-/ready" <<'PY' || { tail -n 5 "$dir/pg.log"; return 1; }
 import sys, time, urllib.request
 deadline = time.time() + 30
@@ -987,16 +994,8 @@ while True:
             sys.exit("the Pushgateway did not answer")
         time.sleep(0.1)
 PY
-    env -i PATH="$PATH" HOME="${HOME:-/root}" KEYROTD_CHECK_ADMIN_KEY="$CHECK_ADMIN_KEY" \
-        "$KEYROTD" --log-format json --config "$dir/keyrotd.toml" once \
-        --metrics-push "http://127.0.0.1:$port/metrics/job/keyrotd/org/check" 2>"$dir/once.log" || rc=$?
-    stop "$SIM_PID"
-    SIM_PID=""
-    if [ "$rc" -ne 0 ]; then
-        echo "keyrotd once exited $rc"
-        grep -v '"level":"INFO"' "$dir/once.log" | tail -n 10
+    once_against_sim "$dir" --metrics-push "http://127.0.0.1:$port/metrics/job/keyrotd/org/check" ||
         return 1
-    fi
     python3 - "http://127.0.0.1:$port/metrics" <<'PY' || rc=$?
 import re, sys, urllib.request
 text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()

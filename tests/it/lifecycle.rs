@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::e2e::{Stores, World, ADMIN_KEY, ADMIN_KEY_ENV};
+use crate::e2e::{free_port, Stores, World, ADMIN_KEY, ADMIN_KEY_ENV};
 use keyrotd::config::Config;
 use keyrotd::sim::{Faults, Scenario};
 
@@ -35,14 +35,6 @@ pub fn daemon_on(w: &World, cfg: Config, path: Option<PathBuf>) -> keyrotd::daem
         })
     });
     d
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A `keyrotd` child whose stderr goes to a file the test reads while it runs.

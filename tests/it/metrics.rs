@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::e2e::{Stores, World};
+use crate::e2e::{free_port, Stores, World};
 use keyrotd::daemon::{serve_http, HttpState};
 use keyrotd::rotation::SlotOutcome;
 use keyrotd::sim::{Route, Scenario};
@@ -970,10 +970,7 @@ async fn once_writes_its_metrics_for_the_textfile_collector() {
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{log}");
-    let line = log
-        .lines()
-        .find(|l| l.contains("\"metrics.textfile_failed\""))
-        .unwrap_or_else(|| panic!("no metrics.textfile_failed in\n{log}"));
+    let line = event_line(&log, "metrics.textfile_failed");
     assert!(line.contains("\"level\":\"ERROR\""), "{line}");
     assert!(line.contains(&missing.display().to_string()), "{line}");
     assert!(line.contains("No such file or directory"), "{line}");
@@ -1102,10 +1099,7 @@ async fn once_pushes_its_metrics_to_a_pushgateway() {
     let out = run(url.clone()).await.unwrap();
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{log}");
-    let line = log
-        .lines()
-        .find(|l| l.contains("\"metrics.push_failed\""))
-        .unwrap_or_else(|| panic!("no metrics.push_failed in\n{log}"));
+    let line = event_line(&log, "metrics.push_failed");
     assert!(line.contains("HTTP 400"), "{line}");
     assert!(
         line.contains("inconsistent with existing metrics"),
@@ -1127,10 +1121,7 @@ async fn once_pushes_its_metrics_to_a_pushgateway() {
     .unwrap();
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{log}");
-    let line = log
-        .lines()
-        .find(|l| l.contains("\"metrics.push_failed\""))
-        .unwrap_or_else(|| panic!("no metrics.push_failed in\n{log}"));
+    let line = event_line(&log, "metrics.push_failed");
     assert!(line.contains(&format!("127.0.0.1:{closed}")), "{line}");
     assert!(!log.contains("pg-s3cret"), "{line}");
 
@@ -1147,10 +1138,11 @@ async fn once_pushes_its_metrics_to_a_pushgateway() {
     assert_eq!(got.lock().unwrap().len(), before);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The one JSON log line of `log` whose event is `event`; panics, showing the log, when
+/// there is none.
+fn event_line<'a>(log: &'a str, event: &str) -> &'a str {
+    let needle = format!("\"event\":\"{event}\"");
+    log.lines()
+        .find(|l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("no {event} in\n{log}"))
 }

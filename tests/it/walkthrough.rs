@@ -5,6 +5,7 @@
 //! [`EXPECTED`] must be there, in that order, and print their key lines; so a README
 //! edit that breaks the walkthrough, or drops one of its steps, fails this test.
 
+use crate::e2e::free_port;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -128,13 +129,6 @@ fn commands(block: &str) -> Vec<String> {
 fn bare(cmd: &str) -> &str {
     let first = cmd.lines().next().unwrap_or_default();
     first.split_once(" #").map_or(first, |(c, _)| c).trim()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// A shell that keyrotd runs in; its whole process group is stopped when dropped.

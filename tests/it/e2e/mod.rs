@@ -308,3 +308,11 @@ impl Clock for WorldClock {
         Utc::now() + *self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// A loopback port free a moment ago (for a server a test starts, or a closed port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
